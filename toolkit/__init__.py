@@ -1,0 +1,28 @@
+"""Look inside the attention of real pretrained Transformers.
+
+The public API is imported lazily so that `toolkit --help` starts without loading torch.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+_PUBLIC = {
+    "load_attention": "toolkit.attention",
+    "AttentionModel": "toolkit.attention",
+    "AttentionLayer": "toolkit.attention",
+    "inspect_model": "toolkit.analysis.summary",
+    "extract": "toolkit.analysis.summary",
+    "verify": "toolkit.analysis.verify",
+    "ToolkitError": "toolkit.errors",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        return getattr(import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'toolkit' has no attribute {name!r}")

@@ -1,0 +1,1 @@
+"""Computations on the standard per-head tensors; each returns plain data for the renderers."""

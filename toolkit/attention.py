@@ -1,0 +1,202 @@
+"""The standard per-head attention tensors of a checkpoint, read lazily layer by layer.
+
+    >>> import toolkit
+    >>> model = toolkit.load_attention("minilm")
+    >>> layer = model.layer(0)
+    >>> layer.wq.shape            # [n_heads, d_model, d_head]
+    (12, 384, 32)
+
+Arrays are float32 numpy; `AttentionLayer.as_torch()` gives torch tensors sharing the memory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from toolkit.checkpoint import Checkpoint
+from toolkit.errors import ToolkitError
+from toolkit.families import Dimensions, Family, family_by_name, family_for_config
+from toolkit.sources import ModelSource, resolve_source
+
+WEIGHT_ROLES = ("wq", "wk", "wv", "w0")
+BIAS_ROLES = ("bq", "bk", "bv", "b0")
+ROLES = WEIGHT_ROLES + BIAS_ROLES
+STANDARD_FORMAT = "toolkit-attention/1"
+
+
+@dataclass
+class AttentionLayer:
+    """One layer's attention in the standard layout (see `toolkit.families.base`)."""
+
+    index: int
+    wq: np.ndarray  # [n_heads, d_model, d_head]
+    wk: np.ndarray  # [n_heads, d_model, d_head]
+    wv: np.ndarray  # [n_heads, d_model, d_head]
+    w0: np.ndarray  # [n_heads, d_head, d_model]
+    bq: np.ndarray  # [n_heads, d_head]
+    bk: np.ndarray  # [n_heads, d_head]
+    bv: np.ndarray  # [n_heads, d_head]
+    b0: np.ndarray  # [d_model]
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        return {role: getattr(self, role) for role in ROLES}
+
+    def full(self, role: str) -> np.ndarray:
+        """A weight as one matrix in x @ W form: wq/wk/wv [d_model, h*d_head], w0 [h*d_head, d_model]."""
+        weight = getattr(self, role)
+        if role == "w0":
+            return weight.reshape(-1, weight.shape[-1])
+        return weight.transpose(1, 0, 2).reshape(weight.shape[1], -1)
+
+    def as_torch(self) -> dict[str, torch.Tensor]:  # noqa: F821
+        import torch
+
+        return {role: torch.from_numpy(np.ascontiguousarray(t)) for role, t in self.tensors().items()}
+
+
+@dataclass
+class AttentionModel:
+    """A checkpoint's attention, described by its dimensions and read one layer at a time."""
+
+    source: ModelSource
+    family: Family
+    dims: Dimensions
+    config: dict
+    checkpoint: Checkpoint = field(repr=False)
+    prefix: str = ""
+    layer_indices: tuple[int, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return self.source.name
+
+    def layer(self, index: int) -> AttentionLayer:
+        if index not in self.layer_indices:
+            raise ToolkitError(self._layer_range_message(index))
+        if self.source.is_standard_file:
+            tensors = {role: self.checkpoint.get(f"layers.{index}.{role}") for role in ROLES}
+        else:
+            names = self.family.layer_names(index)
+            raw = {role: self.checkpoint.get(self.prefix + name) for role, name in names.items()}
+            tensors = self.family.convert(raw, self.dims)
+        return AttentionLayer(index=index, **tensors)
+
+    def layers(self, indices: Sequence[int] | None = None) -> Iterator[AttentionLayer]:
+        for index in self.select_layers(indices):
+            yield self.layer(index)
+
+    def select_layers(self, indices: Sequence[int] | None) -> list[int]:
+        """Validate a user's layer selection (None means all) against the model."""
+        if not indices:
+            return list(self.layer_indices)
+        for index in indices:
+            if index not in self.layer_indices:
+                raise ToolkitError(self._layer_range_message(index))
+        return sorted(set(indices))
+
+    def _layer_range_message(self, index: int) -> str:
+        if self.layer_indices == tuple(range(self.dims.n_layers)):
+            available = f"0-{self.dims.n_layers - 1}"
+        else:
+            available = ", ".join(map(str, self.layer_indices))
+        return f"layer {index} is out of range: {self.name} has layers {available}"
+
+    def attention_parameters(self) -> int:
+        """Values in the attention weights and biases of all layers."""
+        d = self.dims
+        per_layer = 4 * d.d_model * d.n_heads * d.d_head + 3 * d.n_heads * d.d_head + d.d_model
+        return per_layer * d.n_layers
+
+    def total_parameters(self) -> int | None:
+        """Values in the whole checkpoint (headers only); None for a standard-tensor file."""
+        if self.source.is_standard_file:
+            return None
+        return self.checkpoint.num_parameters()
+
+
+def load_attention(model: str | Path | None = None, *, revision: str | None = None,
+                   allow_pickle: bool = False) -> AttentionModel:
+    """Open a model's attention weights lazily: nothing is read until `layer()` is called.
+
+    `model` is "minilm" (the default, the embedded MiniLM-L6-H384), a folder written by
+    `save_pretrained`, a `.safetensors` file written by `toolkit extract`, or a Hub id.
+    """
+    source = resolve_source(None if model is None else str(model), revision, allow_pickle)
+    checkpoint = Checkpoint(source.path, allow_pickle=allow_pickle)
+    if source.is_standard_file:
+        return _open_standard_file(source, checkpoint)
+    family = family_for_config(source.config)
+    try:
+        dims = family.dimensions(source.config)
+    except (KeyError, TypeError) as err:
+        raise ToolkitError(f"{source.path}/config.json lacks {err} for a {family.name} model") from None
+    prefix = _find_prefix(checkpoint, family)
+    return AttentionModel(source, family, dims, source.config, checkpoint, prefix,
+                          tuple(range(dims.n_layers)))
+
+
+def _find_prefix(checkpoint: Checkpoint, family: Family) -> str:
+    """Base and task models name the same tensor with different prefixes (`bert.`, `transformer.`)."""
+    probe = next(iter(family.layer_names(0).values()))
+    prefixes = {name[: -len(probe)] for name in checkpoint.names()
+                if name.endswith(probe) and (name == probe or name[-len(probe) - 1] == ".")}
+    if len(prefixes) != 1:
+        found = "none" if not prefixes else ", ".join(sorted(prefixes))
+        raise ToolkitError(
+            f"cannot find the {family.name} attention tensors in {checkpoint.path} "
+            f"(looked for '*{probe}', found prefixes: {found}): the checkpoint does not match "
+            "its config.json"
+        )
+    return prefixes.pop()
+
+
+def _open_standard_file(source: ModelSource, checkpoint: Checkpoint) -> AttentionModel:
+    meta = checkpoint.metadata
+    if meta.get("format") != STANDARD_FORMAT:
+        raise ToolkitError(
+            f"{source.path} is not a standard-tensor file written by 'toolkit extract': "
+            "pass a model folder instead"
+        )
+    config = json.loads(meta.get("config", "{}"))
+    family = family_by_name(meta["family"])
+    dims = Dimensions(int(meta["n_layers"]), int(meta["n_heads"]), int(meta["d_model"]),
+                      int(meta["d_head"]))
+    layers = tuple(sorted({int(name.split(".")[1]) for name in checkpoint.names()
+                           if name.startswith("layers.")}))
+    named = ModelSource(name=meta.get("source", source.name), path=source.path, config=config)
+    return AttentionModel(named, family, dims, config, checkpoint, "", layers)
+
+
+def standard_tensor_dict(layers: Sequence[AttentionLayer]) -> dict[str, np.ndarray]:
+    """`layers.{l}.{role}` -> contiguous float32 array, as `extract` writes them."""
+    return {
+        f"layers.{layer.index}.{role}": np.ascontiguousarray(tensor, dtype=np.float32)
+        for layer in layers
+        for role, tensor in layer.tensors().items()
+    }
+
+
+def standard_metadata(model: AttentionModel) -> dict[str, str]:
+    d = model.dims
+    return {
+        "format": STANDARD_FORMAT,
+        "family": model.family.name,
+        "source": str(model.name),
+        "n_layers": str(d.n_layers),
+        "n_heads": str(d.n_heads),
+        "d_model": str(d.d_model),
+        "d_head": str(d.d_head),
+        "config": json.dumps(model.config, sort_keys=True),
+    }
+
+
+def frobenius(array: np.ndarray, axis: tuple[int, ...] | None = None) -> np.ndarray | float:
+    """Frobenius norm accumulated in float64, so large matrices lose no precision."""
+    squares = np.square(array, dtype=np.float64)
+    return math.sqrt(squares.sum()) if axis is None else np.sqrt(squares.sum(axis=axis))

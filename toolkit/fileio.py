@@ -1,0 +1,51 @@
+"""Atomic file writes: a reader never sees a half-written output, even after a kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from toolkit.errors import ToolkitError
+
+
+def check_output_path(path: str | Path) -> Path:
+    """Fail before any work when `path`'s folder does not exist or `path` is a folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise ToolkitError(f"output path {path} is a directory: give a file name")
+    if not path.parent.is_dir():
+        raise ToolkitError(
+            f"output folder {path.parent} does not exist: create it first or choose another path"
+        )
+    return path
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; move it into place only if the block succeeds."""
+    path = Path(path)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_atomic(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Call `write(tmp_path)` and move the result to `path` atomically."""
+    with atomic_path(path) as tmp:
+        write(tmp)
+
+
+def write_json(path: str | Path, data: object) -> None:
+    """Write `data` as indented JSON, atomically."""
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))

