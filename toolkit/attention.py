@@ -141,6 +141,18 @@ def load_attention(model: str | Path | None = None, *, revision: str | None = No
                           tuple(range(dims.n_layers)))
 
 
+def attention_from_state_dict(state_dict: dict, config: dict,
+                              name: str = "<in-memory model>") -> AttentionModel:
+    """The standard tensors of an in-memory model: `state_dict` name -> torch tensor, `config`
+    as in config.json (`model.config.to_dict()`). Used to track a model while it trains."""
+    checkpoint = Checkpoint.from_state_dict(state_dict, name)
+    family = family_for_config(config)
+    dims = family.dimensions(config)
+    source = ModelSource(name=name, path=Path(name), config=config)
+    return AttentionModel(source, family, dims, config, checkpoint,
+                          _find_prefix(checkpoint, family), tuple(range(dims.n_layers)))
+
+
 def _find_prefix(checkpoint: Checkpoint, family: Family) -> str:
     """Base and task models name the same tensor with different prefixes (`bert.`, `transformer.`)."""
     probe = next(iter(family.layer_names(0).values()))

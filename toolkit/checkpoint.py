@@ -49,6 +49,16 @@ class Checkpoint:
                 "(as written by save_pretrained)"
             )
 
+    @classmethod
+    def from_state_dict(cls, state_dict: dict, label: str = "<in-memory model>") -> Checkpoint:
+        """Wrap an in-memory state dict (name -> torch tensor), e.g. a model being trained."""
+        checkpoint = cls.__new__(cls)
+        checkpoint.path = Path(label)
+        checkpoint._state_dict = state_dict
+        checkpoint._handles = {}
+        checkpoint._file_of = {}
+        return checkpoint
+
     def _open_safetensors(self, weight_map: dict[str, str], files: list[Path]) -> None:
         from safetensors import SafetensorError, safe_open
 
@@ -124,7 +134,7 @@ class Checkpoint:
         if name not in self:
             raise ToolkitError(f"tensor {name} is missing from {self.path}: the checkpoint is incomplete")
         if self._state_dict is not None:
-            return self._state_dict[name].float().numpy()
+            return self._state_dict[name].detach().float().cpu().numpy()
         handle = self._handles[self._file_of[name]]
         if handle.get_slice(name).get_dtype() == "BF16":
             # numpy has no bfloat16: widen the raw 16 bits into the top half of a float32.

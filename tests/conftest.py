@@ -1,0 +1,86 @@
+"""Tiny real models of unusual shapes, built from configs and saved with save_pretrained."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+
+BERT_SHAPE = {"hidden_size": 48, "num_attention_heads": 3, "num_hidden_layers": 2,
+              "intermediate_size": 40, "vocab_size": 120, "max_position_embeddings": 64}
+GPT2_SHAPE = {"n_embd": 64, "n_head": 4, "n_layer": 2, "vocab_size": 120, "n_positions": 64}
+
+
+def _save(model, folder):
+    import torch
+
+    torch.manual_seed(0)
+    # Random init gives tiny biases; make them large enough that a wrong bias would show.
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias"):
+                parameter.normal_(0, 0.5)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory):
+    """BertModel: 2 layers, 3 heads, d_model 48 (d_head 16)."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(1)
+    return _save(BertModel(BertConfig(**BERT_SHAPE)), tmp_path_factory.mktemp("tiny_bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_classifier(tmp_path_factory):
+    """BertForSequenceClassification: tensor names carry the 'bert.' prefix."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(2)
+    model = BertForSequenceClassification(BertConfig(**BERT_SHAPE, num_labels=3))
+    return _save(model, tmp_path_factory.mktemp("tiny_bert_cls"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory):
+    """GPT2Model: 2 layers, 4 heads, d_model 64 (d_head 16)."""
+    import torch
+    from transformers import GPT2Config, GPT2Model
+
+    torch.manual_seed(3)
+    return _save(GPT2Model(GPT2Config(**GPT2_SHAPE)), tmp_path_factory.mktemp("tiny_gpt2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_lm_scaled(tmp_path_factory):
+    """GPT2LMHeadModel ('transformer.' prefix) with scaling by 1/(layer+1), 3 layers."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(4)
+    config = GPT2Config(**{**GPT2_SHAPE, "n_layer": 3}, scale_attn_by_inverse_layer_idx=True)
+    return _save(GPT2LMHeadModel(config), tmp_path_factory.mktemp("tiny_gpt2_lm"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_unscaled(tmp_path_factory):
+    """GPT2Model with scale_attn_weights=False (no 1/sqrt(d_head))."""
+    import torch
+    from transformers import GPT2Config, GPT2Model
+
+    torch.manual_seed(5)
+    config = GPT2Config(**{**GPT2_SHAPE, "n_embd": 24, "n_head": 2}, scale_attn_weights=False)
+    return _save(GPT2Model(config), tmp_path_factory.mktemp("tiny_gpt2_unscaled"))
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    from toolkit.sources import embedded_model_dir
+
+    return embedded_model_dir()

@@ -1,0 +1,122 @@
+"""The standard tensors equal what the model's own projection modules compute."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from toolkit import load_attention
+
+
+def _heads(t: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """[batch, tokens, h*d_head] -> [batch, h, tokens, d_head]"""
+    b, n, width = t.shape
+    return t.view(b, n, n_heads, width // n_heads).transpose(1, 2)
+
+
+def _standard_projection(layer, role, x):
+    t = layer.as_torch()
+    return torch.einsum("btd,hde->bhte", x, t["w" + role]) + t["b" + role][None, :, None, :]
+
+
+def _bert_modules(model, index):
+    block = model.encoder.layer[index].attention
+    return {"q": block.self.query, "k": block.self.key, "v": block.self.value}, block.output.dense
+
+
+def _gpt2_modules(model, index):
+    block = model.h[index].attn
+    d_model = block.c_proj.weight.shape[0]
+
+    def part(i):
+        return lambda x: block.c_attn(x)[..., i * d_model:(i + 1) * d_model]
+
+    return {"q": part(0), "k": part(1), "v": part(2)}, block.c_proj
+
+
+@pytest.mark.parametrize(("fixture", "modules"), [
+    ("tiny_bert", _bert_modules), ("tiny_gpt2", _gpt2_modules),
+    ("tiny_gpt2_unscaled", _gpt2_modules), ("minilm", _bert_modules),
+])
+def test_per_head_qkv_and_w0_match_the_models_own_modules(request, fixture, modules):
+    from transformers import AutoModel
+
+    path = request.getfixturevalue(fixture)
+    model = AutoModel.from_pretrained(path).eval()
+    attention = load_attention(str(path))
+    d = attention.dims
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, d.d_model, generator=generator)
+    z = torch.randn(2, d.n_heads, 5, d.d_head, generator=generator)
+    with torch.no_grad():
+        for index in attention.layer_indices:
+            layer = attention.layer(index)
+            projections, output = modules(model, index)
+            for role, module in projections.items():
+                expected = _heads(module(x), d.n_heads)
+                assert torch.allclose(_standard_projection(layer, role, x), expected, atol=1e-5)
+            concat = z.transpose(1, 2).reshape(2, 5, d.n_heads * d.d_head)
+            t = layer.as_torch()
+            per_head_sum = torch.einsum("bhte,hed->btd", z, t["w0"]) + t["b0"]
+            assert torch.allclose(per_head_sum, output(concat), atol=1e-5)
+
+
+def test_shapes_follow_the_standard_layout(tiny_bert):
+    attention = load_attention(str(tiny_bert))
+    layer = attention.layer(1)
+    h, d_model, d_head = 3, 48, 16
+    assert (attention.dims.n_heads, attention.dims.d_model, attention.dims.d_head) == (h, d_model, d_head)
+    assert layer.wq.shape == layer.wk.shape == layer.wv.shape == (h, d_model, d_head)
+    assert layer.w0.shape == (h, d_head, d_model)
+    assert layer.bq.shape == (h, d_head) and layer.b0.shape == (d_model,)
+
+
+@pytest.mark.parametrize(("base", "task"), [
+    ("tiny_bert", "tiny_bert_classifier"), ("tiny_gpt2", "tiny_gpt2_lm_scaled")])
+def test_task_model_prefixes_are_found(request, base, task):
+    from safetensors import safe_open
+
+    path = request.getfixturevalue(task)
+    attention = load_attention(str(path))
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        prefixed = [k for k in f.keys() if k.startswith(("bert.", "transformer."))]
+    assert prefixed, "the task model should store prefixed names"
+    assert attention.prefix in {"bert.", "transformer."}
+    assert attention.layer(0).wq.shape[0] == attention.dims.n_heads
+
+
+def test_sharded_checkpoint_reads_the_same_tensors(tiny_gpt2, tmp_path):
+    from transformers import AutoModel
+
+    AutoModel.from_pretrained(tiny_gpt2).save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    whole, sharded = load_attention(str(tiny_gpt2)), load_attention(str(tmp_path))
+    for index in whole.layer_indices:
+        for role, tensor in whole.layer(index).tensors().items():
+            assert (sharded.layer(index).tensors()[role] == tensor).all()
+
+
+def test_attention_parameter_count_matches_the_modules(tiny_bert):
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(tiny_bert)
+    expected = sum(
+        p.numel() for name, p in model.named_parameters()
+        if ".attention.self." in name or ".attention.output.dense." in name
+    )
+    attention = load_attention(str(tiny_bert))
+    assert attention.attention_parameters() == expected
+    assert attention.total_parameters() == sum(p.numel() for p in model.parameters()) + sum(
+        b.numel() for name, b in model.named_buffers() if name in attention.checkpoint.names())
+
+
+def test_in_memory_model_gives_the_same_tensors_as_its_checkpoint(tiny_bert_classifier):
+    from transformers import AutoModelForSequenceClassification
+
+    from toolkit.attention import attention_from_state_dict
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_classifier)
+    live = attention_from_state_dict(model.state_dict(), model.config.to_dict())
+    saved = load_attention(str(tiny_bert_classifier))
+    for role, tensor in saved.layer(1).tensors().items():
+        assert (live.layer(1).tensors()[role] == tensor).all()
