@@ -8,8 +8,14 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 
-BERT_SHAPE = {"hidden_size": 48, "num_attention_heads": 3, "num_hidden_layers": 2,
-              "intermediate_size": 40, "vocab_size": 120, "max_position_embeddings": 64}
+BERT_SHAPE = {
+    "hidden_size": 48,
+    "num_attention_heads": 3,
+    "num_hidden_layers": 2,
+    "intermediate_size": 40,
+    "vocab_size": 120,
+    "max_position_embeddings": 64,
+}
 GPT2_SHAPE = {"n_embd": 64, "n_head": 4, "n_layer": 2, "vocab_size": 120, "n_positions": 64}
 
 
@@ -17,11 +23,14 @@ def _save(model, folder):
     import torch
 
     torch.manual_seed(0)
-    # Random init gives tiny biases; make them large enough that a wrong bias would show.
+    # The default init (std 0.02, zero biases) gives nearly uniform attention and no bias
+    # signal; larger weights make a wrong head, scale or bias show up clearly.
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if name.endswith("bias"):
                 parameter.normal_(0, 0.5)
+            elif parameter.dim() >= 2:
+                parameter.normal_(0, 0.2)
     model.save_pretrained(folder)
     return folder
 

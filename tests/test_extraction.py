@@ -29,15 +29,20 @@ def _gpt2_modules(model, index):
     d_model = block.c_proj.weight.shape[0]
 
     def part(i):
-        return lambda x: block.c_attn(x)[..., i * d_model:(i + 1) * d_model]
+        return lambda x: block.c_attn(x)[..., i * d_model : (i + 1) * d_model]
 
     return {"q": part(0), "k": part(1), "v": part(2)}, block.c_proj
 
 
-@pytest.mark.parametrize(("fixture", "modules"), [
-    ("tiny_bert", _bert_modules), ("tiny_gpt2", _gpt2_modules),
-    ("tiny_gpt2_unscaled", _gpt2_modules), ("minilm", _bert_modules),
-])
+@pytest.mark.parametrize(
+    ("fixture", "modules"),
+    [
+        ("tiny_bert", _bert_modules),
+        ("tiny_gpt2", _gpt2_modules),
+        ("tiny_gpt2_unscaled", _gpt2_modules),
+        ("minilm", _bert_modules),
+    ],
+)
 def test_per_head_qkv_and_w0_match_the_models_own_modules(request, fixture, modules):
     from transformers import AutoModel
 
@@ -65,14 +70,19 @@ def test_shapes_follow_the_standard_layout(tiny_bert):
     attention = load_attention(str(tiny_bert))
     layer = attention.layer(1)
     h, d_model, d_head = 3, 48, 16
-    assert (attention.dims.n_heads, attention.dims.d_model, attention.dims.d_head) == (h, d_model, d_head)
+    assert (attention.dims.n_heads, attention.dims.d_model, attention.dims.d_head) == (
+        h,
+        d_model,
+        d_head,
+    )
     assert layer.wq.shape == layer.wk.shape == layer.wv.shape == (h, d_model, d_head)
     assert layer.w0.shape == (h, d_head, d_model)
     assert layer.bq.shape == (h, d_head) and layer.b0.shape == (d_model,)
 
 
-@pytest.mark.parametrize(("base", "task"), [
-    ("tiny_bert", "tiny_bert_classifier"), ("tiny_gpt2", "tiny_gpt2_lm_scaled")])
+@pytest.mark.parametrize(
+    ("base", "task"), [("tiny_bert", "tiny_bert_classifier"), ("tiny_gpt2", "tiny_gpt2_lm_scaled")]
+)
 def test_task_model_prefixes_are_found(request, base, task):
     from safetensors import safe_open
 
@@ -101,13 +111,15 @@ def test_attention_parameter_count_matches_the_modules(tiny_bert):
 
     model = AutoModel.from_pretrained(tiny_bert)
     expected = sum(
-        p.numel() for name, p in model.named_parameters()
+        p.numel()
+        for name, p in model.named_parameters()
         if ".attention.self." in name or ".attention.output.dense." in name
     )
     attention = load_attention(str(tiny_bert))
     assert attention.attention_parameters() == expected
     assert attention.total_parameters() == sum(p.numel() for p in model.parameters()) + sum(
-        b.numel() for name, b in model.named_buffers() if name in attention.checkpoint.names())
+        b.numel() for name, b in model.named_buffers() if name in attention.checkpoint.names()
+    )
 
 
 def test_in_memory_model_gives_the_same_tensors_as_its_checkpoint(tiny_bert_classifier):

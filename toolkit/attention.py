@@ -48,7 +48,7 @@ class AttentionLayer:
         return {role: getattr(self, role) for role in ROLES}
 
     def full(self, role: str) -> np.ndarray:
-        """A weight as one matrix in x @ W form: wq/wk/wv [d_model, h*d_head], w0 [h*d_head, d_model]."""
+        """A weight as one x @ W matrix: wq/wk/wv [d_model, h*d_head], w0 [h*d_head, d_model]."""
         weight = getattr(self, role)
         if role == "w0":
             return weight.reshape(-1, weight.shape[-1])
@@ -57,7 +57,9 @@ class AttentionLayer:
     def as_torch(self) -> dict[str, torch.Tensor]:  # noqa: F821
         import torch
 
-        return {role: torch.from_numpy(np.ascontiguousarray(t)) for role, t in self.tensors().items()}
+        return {
+            role: torch.from_numpy(np.ascontiguousarray(t)) for role, t in self.tensors().items()
+        }
 
 
 @dataclass
@@ -120,8 +122,9 @@ class AttentionModel:
         return self.checkpoint.num_parameters()
 
 
-def load_attention(model: str | Path | None = None, *, revision: str | None = None,
-                   allow_pickle: bool = False) -> AttentionModel:
+def load_attention(
+    model: str | Path | None = None, *, revision: str | None = None, allow_pickle: bool = False
+) -> AttentionModel:
     """Open a model's attention weights lazily: nothing is read until `layer()` is called.
 
     `model` is "minilm" (the default, the embedded MiniLM-L6-H384), a folder written by
@@ -135,29 +138,43 @@ def load_attention(model: str | Path | None = None, *, revision: str | None = No
     try:
         dims = family.dimensions(source.config)
     except (KeyError, TypeError) as err:
-        raise ToolkitError(f"{source.path}/config.json lacks {err} for a {family.name} model") from None
+        raise ToolkitError(
+            f"{source.path}/config.json lacks {err} for a {family.name} model"
+        ) from None
     prefix = _find_prefix(checkpoint, family)
-    return AttentionModel(source, family, dims, source.config, checkpoint, prefix,
-                          tuple(range(dims.n_layers)))
+    return AttentionModel(
+        source, family, dims, source.config, checkpoint, prefix, tuple(range(dims.n_layers))
+    )
 
 
-def attention_from_state_dict(state_dict: dict, config: dict,
-                              name: str = "<in-memory model>") -> AttentionModel:
+def attention_from_state_dict(
+    state_dict: dict, config: dict, name: str = "<in-memory model>"
+) -> AttentionModel:
     """The standard tensors of an in-memory model: `state_dict` name -> torch tensor, `config`
     as in config.json (`model.config.to_dict()`). Used to track a model while it trains."""
     checkpoint = Checkpoint.from_state_dict(state_dict, name)
     family = family_for_config(config)
     dims = family.dimensions(config)
     source = ModelSource(name=name, path=Path(name), config=config)
-    return AttentionModel(source, family, dims, config, checkpoint,
-                          _find_prefix(checkpoint, family), tuple(range(dims.n_layers)))
+    return AttentionModel(
+        source,
+        family,
+        dims,
+        config,
+        checkpoint,
+        _find_prefix(checkpoint, family),
+        tuple(range(dims.n_layers)),
+    )
 
 
 def _find_prefix(checkpoint: Checkpoint, family: Family) -> str:
-    """Base and task models name the same tensor with different prefixes (`bert.`, `transformer.`)."""
+    """Base and task models prefix the same names differently (`bert.`, `transformer.`)."""
     probe = next(iter(family.layer_names(0).values()))
-    prefixes = {name[: -len(probe)] for name in checkpoint.names()
-                if name.endswith(probe) and (name == probe or name[-len(probe) - 1] == ".")}
+    prefixes = {
+        name[: -len(probe)]
+        for name in checkpoint.names()
+        if name.endswith(probe) and (name == probe or name[-len(probe) - 1] == ".")
+    }
     if len(prefixes) != 1:
         found = "none" if not prefixes else ", ".join(sorted(prefixes))
         raise ToolkitError(
@@ -177,10 +194,14 @@ def _open_standard_file(source: ModelSource, checkpoint: Checkpoint) -> Attentio
         )
     config = json.loads(meta.get("config", "{}"))
     family = family_by_name(meta["family"])
-    dims = Dimensions(int(meta["n_layers"]), int(meta["n_heads"]), int(meta["d_model"]),
-                      int(meta["d_head"]))
-    layers = tuple(sorted({int(name.split(".")[1]) for name in checkpoint.names()
-                           if name.startswith("layers.")}))
+    dims = Dimensions(
+        int(meta["n_layers"]), int(meta["n_heads"]), int(meta["d_model"]), int(meta["d_head"])
+    )
+    layers = tuple(
+        sorted(
+            {int(name.split(".")[1]) for name in checkpoint.names() if name.startswith("layers.")}
+        )
+    )
     named = ModelSource(name=meta.get("source", source.name), path=source.path, config=config)
     return AttentionModel(named, family, dims, config, checkpoint, "", layers)
 

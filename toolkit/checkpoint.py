@@ -66,7 +66,9 @@ class Checkpoint:
         self._file_of: dict[str, Path] = {}
         for file in files:
             if not file.is_file():
-                raise ToolkitError(f"shard {file} listed in the index is missing: download it again")
+                raise ToolkitError(
+                    f"shard {file} listed in the index is missing: download it again"
+                )
             try:
                 handle = safe_open(str(file), framework="np")
                 names = list(handle.keys())
@@ -132,7 +134,9 @@ class Checkpoint:
     def get(self, name: str) -> np.ndarray:
         """One tensor as a float32 numpy array."""
         if name not in self:
-            raise ToolkitError(f"tensor {name} is missing from {self.path}: the checkpoint is incomplete")
+            raise ToolkitError(
+                f"tensor {name} is missing from {self.path}: the checkpoint is incomplete"
+            )
         if self._state_dict is not None:
             return self._state_dict[name].detach().float().cpu().numpy()
         handle = self._handles[self._file_of[name]]
@@ -142,7 +146,9 @@ class Checkpoint:
         try:
             array = handle.get_tensor(name)
         except Exception as err:
-            raise ToolkitError(f"cannot read {name} from {self._file_of[name]} ({_first_line(err)})") from None
+            raise ToolkitError(
+                f"cannot read {name} from {self._file_of[name]} ({_first_line(err)})"
+            ) from None
         return array.astype(np.float32, copy=False)
 
 
@@ -160,7 +166,9 @@ def _read_index(index: Path) -> tuple[dict[str, str], list[Path]]:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as err:
-        raise ToolkitError(f"{index} is not a valid shard index ({err}): download it again") from None
+        raise ToolkitError(
+            f"{index} is not a valid shard index ({err}): download it again"
+        ) from None
     files = [index.parent / f for f in sorted(set(weight_map.values()))]
     return weight_map, files
 

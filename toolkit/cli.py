@@ -9,8 +9,10 @@ import click
 
 from toolkit.errors import ToolkitError
 
-MODEL_HELP = ("MODEL: 'minilm' (default, the embedded MiniLM-L6-H384), a folder written by "
-              "save_pretrained, or a Hugging Face Hub id.")
+MODEL_HELP = (
+    "MODEL: 'minilm' (default, the embedded MiniLM-L6-H384), a folder written by "
+    "save_pretrained, or a Hugging Face Hub id."
+)
 
 
 class _Group(click.Group):
@@ -28,9 +30,14 @@ class _Group(click.Group):
 
 
 def _model_options(command):
-    command = click.option("--allow-pickle", is_flag=True,
-                           help="Allow pickled pytorch_model.bin weights (loaded with weights_only=True).")(command)
-    command = click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")(command)
+    command = click.option(
+        "--allow-pickle",
+        is_flag=True,
+        help="Allow pickled pytorch_model.bin weights (loaded with weights_only=True).",
+    )(command)
+    command = click.option(
+        "--revision", default=None, help="Hub revision (branch, tag or commit)."
+    )(command)
     return click.argument("model", required=False)(command)
 
 
@@ -75,21 +82,30 @@ def inspect(model, revision, allow_pickle, layers, heads, as_json):
 
 @main.command()
 @_model_options
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
-              help="The .safetensors file to write.")
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="The .safetensors file to write.",
+)
 @click.option("--layer", "layers", type=int, multiple=True, help="Only this layer (repeatable).")
 def extract(model, revision, allow_pickle, output, layers):
     """Write the standard per-head tensors (layers.{l}.wq ... b0) to a safetensors file."""
     from toolkit.analysis.summary import extract as extract_tensors
 
     result = extract_tensors(model, output, layers, revision=revision, allow_pickle=allow_pickle)
-    click.echo(f"wrote {result['tensors']} tensors ({result['bytes'] / 1e6:.1f} MB) of layers "
-               f"{', '.join(map(str, result['layers']))} from {result['model']} to {result['output']}")
+    click.echo(
+        f"wrote {result['tensors']} tensors ({result['bytes'] / 1e6:.1f} MB) of layers "
+        f"{', '.join(map(str, result['layers']))} from {result['model']} to {result['output']}"
+    )
 
 
 @main.command()
 @_model_options
-@click.option("--text", "texts", multiple=True, help="Input text (repeatable); default: two sentences.")
+@click.option(
+    "--text", "texts", multiple=True, help="Input text (repeatable); default: two sentences."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
 def verify(model, revision, allow_pickle, texts, as_json):
     """Recompute attention from the extracted tensors alone and compare with the real model.

@@ -61,8 +61,9 @@ def embedded_model_dir() -> Path:
     return Path(spec.origin).parent / "model"
 
 
-def resolve_source(model: str | None, revision: str | None = None,
-                   allow_pickle: bool = False) -> ModelSource:
+def resolve_source(
+    model: str | None, revision: str | None = None, allow_pickle: bool = False
+) -> ModelSource:
     """Turn what the user typed (None for the default) into a local `ModelSource`."""
     spec = model or DEFAULT_MODEL
     if spec == EMBEDDED_NAME:
@@ -89,13 +90,13 @@ def _looks_like_path(spec: str) -> bool:
 def _from_folder(name: str, folder: Path) -> ModelSource:
     config_file = folder / "config.json"
     if not config_file.is_file():
-        raise ToolkitError(
-            f"{folder} has no config.json: pass a folder written by save_pretrained"
-        )
+        raise ToolkitError(f"{folder} has no config.json: pass a folder written by save_pretrained")
     try:
         config = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ToolkitError(f"{config_file} is not valid JSON ({err}): the checkpoint is damaged") from None
+        raise ToolkitError(
+            f"{config_file} is not valid JSON ({err}): the checkpoint is damaged"
+        ) from None
     return ModelSource(name=name, path=folder, config=config)
 
 
@@ -115,8 +116,11 @@ def _download_from_hub(repo_id: str, revision: str | None, allow_pickle: bool) -
     patterns = _HUB_PATTERNS + (_PICKLE_PATTERNS if allow_pickle else [])
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
-                                      local_files_only=True))
+        return Path(
+            snapshot_download(
+                repo_id, revision=revision, allow_patterns=patterns, local_files_only=True
+            )
+        )
     except (LocalEntryNotFoundError, FileNotFoundError):
         if offline:
             raise ToolkitError(
@@ -138,7 +142,9 @@ def _download_from_hub(repo_id: str, revision: str | None, allow_pickle: bool) -
             "check the name, or pass a folder written by save_pretrained"
         ) from None
     except RevisionNotFoundError:
-        raise ToolkitError(f"revision '{revision}' of '{repo_id}' does not exist on the Hub") from None
+        raise ToolkitError(
+            f"revision '{revision}' of '{repo_id}' does not exist on the Hub"
+        ) from None
     except Exception as err:  # connection failures come in several types across versions
         reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
         raise ToolkitError(

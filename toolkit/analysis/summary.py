@@ -53,8 +53,12 @@ def summarize(model: AttentionModel, layers: Sequence[int] | None = None) -> Mod
     """Per-layer shapes and Frobenius norms (whole matrix and per head) of wq/wk/wv/w0."""
     d = model.dims
     summary = ModelSummary(
-        model=str(model.name), family=model.family.name, n_layers=d.n_layers,
-        n_heads=d.n_heads, d_model=d.d_model, d_head=d.d_head,
+        model=str(model.name),
+        family=model.family.name,
+        n_layers=d.n_layers,
+        n_heads=d.n_heads,
+        d_model=d.d_model,
+        d_head=d.d_head,
         attention_parameters=model.attention_parameters(),
         total_parameters=model.total_parameters(),
     )
@@ -71,14 +75,25 @@ def summarize(model: AttentionModel, layers: Sequence[int] | None = None) -> Mod
     return summary
 
 
-def inspect_model(model: str | None = None, layers: Sequence[int] | None = None, *,
-                  revision: str | None = None, allow_pickle: bool = False) -> ModelSummary:
+def inspect_model(
+    model: str | None = None,
+    layers: Sequence[int] | None = None,
+    *,
+    revision: str | None = None,
+    allow_pickle: bool = False,
+) -> ModelSummary:
     """`toolkit inspect` as a function."""
     return summarize(load_attention(model, revision=revision, allow_pickle=allow_pickle), layers)
 
 
-def extract(model: str | None, output: str | Path, layers: Sequence[int] | None = None, *,
-            revision: str | None = None, allow_pickle: bool = False) -> dict:
+def extract(
+    model: str | None,
+    output: str | Path,
+    layers: Sequence[int] | None = None,
+    *,
+    revision: str | None = None,
+    allow_pickle: bool = False,
+) -> dict:
     """Write the standard tensors of `model` to a safetensors file; return what was written."""
     from safetensors.numpy import save_file
 

@@ -44,9 +44,7 @@ class VerifyReport:
 
     @property
     def passed(self) -> bool:
-        return all(
-            max(c.max_abs_diff.values()) <= self.tolerance for c in self.layers
-        )
+        return all(max(c.max_abs_diff.values()) <= self.tolerance for c in self.layers)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "passed": self.passed}
@@ -80,12 +78,20 @@ def concat_then_w0(layer: AttentionLayer, z):
 
     batch, heads, tokens, d_head = z.shape
     concat = z.transpose(1, 2).reshape(batch, tokens, heads * d_head)
-    return concat @ torch.from_numpy(np.ascontiguousarray(layer.full("w0"))) + torch.from_numpy(layer.b0)
+    return concat @ torch.from_numpy(np.ascontiguousarray(layer.full("w0"))) + torch.from_numpy(
+        layer.b0
+    )
 
 
-def verify(model: str | None = None, texts: Sequence[str] | None = None, *,
-           attention: AttentionModel | None = None, revision: str | None = None,
-           allow_pickle: bool = False, seed: int = 0) -> VerifyReport:
+def verify(
+    model: str | None = None,
+    texts: Sequence[str] | None = None,
+    *,
+    attention: AttentionModel | None = None,
+    revision: str | None = None,
+    allow_pickle: bool = False,
+    seed: int = 0,
+) -> VerifyReport:
     """Run the real model (eager attention) and check each layer against `recompute_layer`.
 
     `attention` overrides the extracted tensors (tests use it to feed a deliberately wrong one).
@@ -105,14 +111,21 @@ def verify(model: str | None = None, texts: Sequence[str] | None = None, *,
     for handle in captured.pop("handles"):
         handle.remove()
     if outputs.attentions is None or len(outputs.attentions) != attention.dims.n_layers:
-        raise ToolkitError("the model returned no attention probabilities: it does not use eager attention")
+        raise ToolkitError(
+            "the model returned no attention probabilities: it does not use eager attention"
+        )
 
     mask = _allowed(padding, attention.family.causal)
     d = attention.dims
     report = VerifyReport(
-        model=str(attention.name), family=attention.family.name, n_heads=d.n_heads,
-        d_head=d.d_head, d_model=d.d_model, w0_shape=[d.n_heads * d.d_head, d.d_model],
-        tolerance=TOLERANCE, inputs=inputs_info,
+        model=str(attention.name),
+        family=attention.family.name,
+        n_heads=d.n_heads,
+        d_head=d.d_head,
+        d_model=d.d_model,
+        w0_shape=[d.n_heads * d.d_head, d.d_model],
+        tolerance=TOLERANCE,
+        inputs=inputs_info,
     )
     valid = padding.bool()  # compare only real (not padding) query positions
     for index in attention.layer_indices:
@@ -124,7 +137,9 @@ def verify(model: str | None = None, texts: Sequence[str] | None = None, *,
         probs_diff = (probs - model_probs).abs().amax(dim=(1, 3))[valid].max().item()
         output_diff = (output - model_output).abs().amax(dim=-1)[valid].max().item()
         concat_diff = (concat_then_w0(layer, z) - output).abs().max().item()
-        report.layers.append(LayerCheck(index, {"probs": probs_diff, "output": output_diff}, concat_diff))
+        report.layers.append(
+            LayerCheck(index, {"probs": probs_diff, "output": output_diff}, concat_diff)
+        )
     return report
 
 
@@ -138,11 +153,15 @@ def _load_model(attention: AttentionModel, allow_pickle: bool):
     has_safetensors = any(path.glob("*.safetensors"))
     try:
         net = AutoModel.from_pretrained(
-            path, attn_implementation="eager", dtype=torch.float32,
+            path,
+            attn_implementation="eager",
+            dtype=torch.float32,
             use_safetensors=True if has_safetensors or not allow_pickle else None,
         )
     except Exception as err:
-        raise ToolkitError(f"transformers cannot load {path} ({str(err).splitlines()[0][:200]})") from None
+        raise ToolkitError(
+            f"transformers cannot load {path} ({str(err).splitlines()[0][:200]})"
+        ) from None
     return net.eval()
 
 
@@ -164,14 +183,24 @@ def _make_inputs(attention: AttentionModel, texts: Sequence[str] | None, seed: i
         input_ids = torch.randint(0, vocab, (2, 12), generator=generator)
         padding = torch.ones_like(input_ids)
         padding[1, 7:] = 0  # second sequence shorter: exercises the padding mask
-        return input_ids, padding, {"kind": "random token ids (no tokenizer)", "seed": seed,
-                                    "shape": list(input_ids.shape)}
+        return (
+            input_ids,
+            padding,
+            {
+                "kind": "random token ids (no tokenizer)",
+                "seed": seed,
+                "shape": list(input_ids.shape),
+            },
+        )
     texts = list(texts or DEFAULT_TEXTS)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     encoded = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=128)
-    return encoded["input_ids"], encoded["attention_mask"], {
-        "kind": "texts", "texts": texts, "shape": list(encoded["input_ids"].shape)}
+    return (
+        encoded["input_ids"],
+        encoded["attention_mask"],
+        {"kind": "texts", "texts": texts, "shape": list(encoded["input_ids"].shape)},
+    )
 
 
 def _load_tokenizer(path):
@@ -197,7 +226,9 @@ def _capture(net, attention: AttentionModel) -> dict:
         def save_output(module, args, output, index=index):
             captured["outputs"][index] = output.float()
 
-        captured["handles"].append(input_module.register_forward_pre_hook(save_input, with_kwargs=True))
+        captured["handles"].append(
+            input_module.register_forward_pre_hook(save_input, with_kwargs=True)
+        )
         captured["handles"].append(output_module.register_forward_hook(save_output))
     return captured
 

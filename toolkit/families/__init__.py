@@ -30,7 +30,9 @@ def family_by_name(name: str) -> Family:
     for family in FAMILIES:
         if family.name == name:
             return family
-    raise ToolkitError(f"unknown family '{name}': known families are {', '.join(f.name for f in FAMILIES)}")
+    raise ToolkitError(
+        f"unknown family '{name}': known families are {', '.join(f.name for f in FAMILIES)}"
+    )
 
 
 __all__ = ["FAMILIES", "Dimensions", "Family", "family_by_name", "family_for_config"]

@@ -19,16 +19,23 @@ def _shape(shape: list[int]) -> str:
 def render_summary(summary: ModelSummary, heads: bool, console: Console) -> None:
     s = summary
     total = f"{s.total_parameters:,}" if s.total_parameters is not None else "n/a"
-    share = (f" ({100 * s.attention_parameters / s.total_parameters:.1f}% of {total})"
-             if s.total_parameters else "")
-    console.print(f"[bold]{s.model}[/bold]  family [cyan]{s.family}[/cyan]  "
-                  f"layers {s.n_layers}  heads {s.n_heads}  d_model {s.d_model}  d_head {s.d_head}")
+    share = (
+        f" ({100 * s.attention_parameters / s.total_parameters:.1f}% of {total})"
+        if s.total_parameters
+        else ""
+    )
+    console.print(
+        f"[bold]{s.model}[/bold]  family [cyan]{s.family}[/cyan]  "
+        f"layers {s.n_layers}  heads {s.n_heads}  d_model {s.d_model}  d_head {s.d_head}"
+    )
     console.print(f"attention parameters {s.attention_parameters:,}{share}")
     table = Table(title="Frobenius norms of the attention weights (standard layout)")
     table.add_column("layer", justify="right")
     for role in WEIGHTS:
-        table.add_column(f"{role} {_shape(getattr(s.layers[0], role).shape)}" if s.layers else role,
-                         justify="right")
+        table.add_column(
+            f"{role} {_shape(getattr(s.layers[0], role).shape)}" if s.layers else role,
+            justify="right",
+        )
     for layer in s.layers:
         table.add_row(str(layer.layer), *(f"{getattr(layer, role).fro:.3f}" for role in WEIGHTS))
     console.print(table)
@@ -39,17 +46,22 @@ def render_summary(summary: ModelSummary, heads: bool, console: Console) -> None
             for role in WEIGHTS:
                 per_head.add_column(role, justify="right")
             for head in range(s.n_heads):
-                per_head.add_row(str(head), *(f"{getattr(layer, role).head_fro[head]:.3f}"
-                                               for role in WEIGHTS))
+                per_head.add_row(
+                    str(head), *(f"{getattr(layer, role).head_fro[head]:.3f}" for role in WEIGHTS)
+                )
             console.print(per_head)
 
 
 def render_verify(report: VerifyReport, console: Console) -> None:
     r = report
-    console.print(f"[bold]{r.model}[/bold]  family [cyan]{r.family}[/cyan]  input {r.inputs['kind']} "
-                  f"{_shape(r.inputs['shape'])}")
-    table = Table(title="Attention recomputed from the extracted tensors vs the real model "
-                        f"(max |difference|, tolerance {r.tolerance:g})")
+    console.print(
+        f"[bold]{r.model}[/bold]  family [cyan]{r.family}[/cyan]  input {r.inputs['kind']} "
+        f"{_shape(r.inputs['shape'])}"
+    )
+    table = Table(
+        title="Attention recomputed from the extracted tensors vs the real model "
+        f"(max |difference|, tolerance {r.tolerance:g})"
+    )
     table.add_column("layer", justify="right")
     table.add_column("probabilities", justify="right")
     table.add_column("block output", justify="right")
@@ -57,14 +69,19 @@ def render_verify(report: VerifyReport, console: Console) -> None:
     table.add_column("", justify="center")
     for check in r.layers:
         ok = max(check.max_abs_diff.values()) <= r.tolerance
-        table.add_row(str(check.layer), f"{check.max_abs_diff['probs']:.2e}",
-                      f"{check.max_abs_diff['output']:.2e}",
-                      f"{check.concat_vs_sum_max_abs_diff:.2e}",
-                      "[green]ok[/green]" if ok else "[red]FAIL[/red]")
+        table.add_row(
+            str(check.layer),
+            f"{check.max_abs_diff['probs']:.2e}",
+            f"{check.max_abs_diff['output']:.2e}",
+            f"{check.concat_vs_sum_max_abs_diff:.2e}",
+            "[green]ok[/green]" if ok else "[red]FAIL[/red]",
+        )
     console.print(table)
-    console.print(escape(
-        f"W0 is one {_shape(r.w0_shape)} matrix: rows {{i*{r.d_head} .. (i+1)*{r.d_head}-1}} belong "
-        f"to head i, so Concat(z_0..z_{r.n_heads - 1}) @ W0 = Σ_i z_i @ W0[rows of head i]; each head "
-        f"writes into all {r.d_model} output dimensions and the sum mixes the heads."
-    ))
+    console.print(
+        escape(
+            f"W0 is one {_shape(r.w0_shape)} matrix: rows {{i*{r.d_head} .. (i+1)*{r.d_head}-1}} "
+            f"belong to head i, so Concat(z_0..z_{r.n_heads - 1}) @ W0 = "
+            f"Σ_i z_i @ W0[rows of head i]; each head writes into all {r.d_model} output dimensions and the sum mixes the heads."
+        )
+    )
     console.print("[green]verified[/green]" if r.passed else "[red]verification FAILED[/red]")
