@@ -81,7 +81,8 @@ def render_verify(report: VerifyReport, console: Console) -> None:
         escape(
             f"W0 is one {_shape(r.w0_shape)} matrix: rows {{i*{r.d_head} .. (i+1)*{r.d_head}-1}} "
             f"belong to head i, so Concat(z_0..z_{r.n_heads - 1}) @ W0 = "
-            f"Σ_i z_i @ W0[rows of head i]; each head writes into all {r.d_model} output dimensions and the sum mixes the heads."
+            f"Σ_i z_i @ W0[rows of head i]; each head writes into all {r.d_model} output "
+            "dimensions and the sum mixes the heads."
         )
     )
     console.print("[green]verified[/green]" if r.passed else "[red]verification FAILED[/red]")

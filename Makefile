@@ -1,0 +1,34 @@
+# One command each: `make demo` sets everything up and runs the main job on the embedded
+# MiniLM; `make test` sets everything up and runs the tests.
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU build of torch that lies on this project's machines; elsewhere, override it
+# (make TORCH_SPEC=torch) or install torch yourself first.
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+OUT ?= out
+
+.PHONY: setup demo test lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e '.[dev,data]'
+	touch $@
+
+demo: setup
+	$(BIN)/toolkit inspect
+	$(BIN)/toolkit verify
+
+test: setup
+	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff check toolkit tests
+	$(BIN)/ruff format --check toolkit tests
+
+clean:
+	rm -rf $(VENV) $(OUT) .pytest_cache
