@@ -206,13 +206,52 @@ def _open_standard_file(source: ModelSource, checkpoint: Checkpoint) -> Attentio
     return AttentionModel(named, family, dims, config, checkpoint, "", layers)
 
 
+def standard_shapes(dims: Dimensions) -> dict[str, tuple[int, ...]]:
+    """The shape of each standard tensor of one layer."""
+    h, d_model, d_head = dims.n_heads, dims.d_model, dims.d_head
+    return {
+        "wq": (h, d_model, d_head),
+        "wk": (h, d_model, d_head),
+        "wv": (h, d_model, d_head),
+        "w0": (h, d_head, d_model),
+        "bq": (h, d_head),
+        "bk": (h, d_head),
+        "bv": (h, d_head),
+        "b0": (d_model,),
+    }
+
+
 def standard_tensor_dict(layers: Sequence[AttentionLayer]) -> dict[str, np.ndarray]:
-    """`layers.{l}.{role}` -> contiguous float32 array, as `extract` writes them."""
+    """`layers.{l}.{role}` -> contiguous float32 array, the names `extract` writes."""
     return {
         f"layers.{layer.index}.{role}": np.ascontiguousarray(tensor, dtype=np.float32)
         for layer in layers
         for role, tensor in layer.tensors().items()
     }
+
+
+def write_standard_file(
+    path: str | Path, model: AttentionModel, layers: Sequence[int] | None = None
+) -> int:
+    """Write the standard tensors of `layers` (default all) as a safetensors file, atomically,
+    reading and holding one layer at a time. Returns the number of bytes of tensor data."""
+    from toolkit.fileio import write_atomic
+    from toolkit.safetensors_format import write_stream
+
+    selected = model.select_layers(layers)
+    shapes = {
+        f"layers.{index}.{role}": shape
+        for index in selected
+        for role, shape in standard_shapes(model.dims).items()
+    }
+
+    def tensors():
+        for layer in model.layers(selected):
+            for role, tensor in layer.tensors().items():
+                yield f"layers.{layer.index}.{role}", tensor
+
+    write_atomic(path, lambda tmp: write_stream(tmp, shapes, tensors(), standard_metadata(model)))
+    return sum(math.prod(shape) * 4 for shape in shapes.values())
 
 
 def standard_metadata(model: AttentionModel) -> dict[str, str]:
@@ -229,7 +268,11 @@ def standard_metadata(model: AttentionModel) -> dict[str, str]:
     }
 
 
-def frobenius(array: np.ndarray, axis: tuple[int, ...] | None = None) -> np.ndarray | float:
-    """Frobenius norm accumulated in float64, so large matrices lose no precision."""
-    squares = np.square(array, dtype=np.float64)
-    return math.sqrt(squares.sum()) if axis is None else np.sqrt(squares.sum(axis=axis))
+def frobenius(array: np.ndarray) -> float:
+    """Frobenius norm of the whole array."""
+    return float(np.linalg.norm(array.reshape(-1)))
+
+
+def head_frobenius(array: np.ndarray) -> np.ndarray:
+    """[n_heads, ...] -> [n_heads]: the Frobenius norm of each head's slice."""
+    return np.linalg.norm(array.reshape(array.shape[0], -1), axis=1)

@@ -10,11 +10,11 @@ from toolkit.attention import (
     WEIGHT_ROLES,
     AttentionModel,
     frobenius,
+    head_frobenius,
     load_attention,
-    standard_metadata,
-    standard_tensor_dict,
+    write_standard_file,
 )
-from toolkit.fileio import check_output_path, write_atomic
+from toolkit.fileio import check_output_path
 
 
 @dataclass
@@ -67,7 +67,7 @@ def summarize(model: AttentionModel, layers: Sequence[int] | None = None) -> Mod
             role: MatrixSummary(
                 shape=list(getattr(layer, role).shape),
                 fro=frobenius(getattr(layer, role)),
-                head_fro=frobenius(getattr(layer, role), axis=(1, 2)).tolist(),
+                head_fro=head_frobenius(getattr(layer, role)).tolist(),
             )
             for role in WEIGHT_ROLES
         }
@@ -95,19 +95,15 @@ def extract(
     allow_pickle: bool = False,
 ) -> dict:
     """Write the standard tensors of `model` to a safetensors file; return what was written."""
-    from safetensors.numpy import save_file
-
     output = check_output_path(output)
     attention = load_attention(model, revision=revision, allow_pickle=allow_pickle)
     selected = attention.select_layers(layers)
-    tensors = standard_tensor_dict(list(attention.layers(selected)))
-    metadata = standard_metadata(attention)
-    write_atomic(output, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    nbytes = write_standard_file(output, attention, selected)
     return {
         "model": str(attention.name),
         "family": attention.family.name,
         "output": str(output),
         "layers": selected,
-        "tensors": len(tensors),
-        "bytes": int(sum(t.nbytes for t in tensors.values())),
+        "tensors": len(selected) * 8,
+        "bytes": nbytes,
     }

@@ -1,0 +1,47 @@
+"""The route people take today: build the whole model, then slice the attention weights per head.
+
+python automodel_route.py MODEL_DIR            # per-head norms, as `toolkit inspect --json`
+python automodel_route.py MODEL_DIR OUT_FILE   # also save the per-head tensors, as `extract`
+"""
+
+import json
+import sys
+
+import torch
+from safetensors.torch import save_file
+from transformers import AutoModel
+
+model = AutoModel.from_pretrained(sys.argv[1])
+config = model.config
+n_heads = config.num_attention_heads
+tensors, norms = {}, []
+with torch.no_grad():
+    if config.model_type == "gpt2":  # Conv1D weights are stored [in, out]
+        blocks = [
+            (*b.attn.c_attn.weight.split(config.n_embd, dim=1), b.attn.c_proj.weight)
+            for b in model.h
+        ]
+    else:  # nn.Linear weights are stored [out, in]
+        blocks = [
+            (
+                a.self.query.weight.T,
+                a.self.key.weight.T,
+                a.self.value.weight.T,
+                a.output.dense.weight.T,
+            )
+            for a in (layer.attention for layer in model.encoder.layer)
+        ]
+    for index, (q, k, v, o) in enumerate(blocks):
+        d_model = q.shape[0]
+        per_head = {
+            name: m.reshape(d_model, n_heads, -1).permute(1, 0, 2)
+            for name, m in (("wq", q), ("wk", k), ("wv", v))
+        }
+        per_head["w0"] = o.reshape(n_heads, -1, d_model)
+        norms.append(
+            {name: torch.linalg.norm(w, dim=(1, 2)).tolist() for name, w in per_head.items()}
+        )
+        tensors.update({f"layers.{index}.{name}": w.contiguous() for name, w in per_head.items()})
+if len(sys.argv) > 2:
+    save_file(tensors, sys.argv[2])
+json.dump({"layers": norms}, sys.stdout)
