@@ -33,7 +33,7 @@ def bert_one_head_moved(tiny_bert, tmp_path_factory):
     noise = 0.05 * torch.randn(D_HEAD, 48, generator=generator)  # [head's out rows, in]
 
     def edit(model):
-        model.encoder.layer[1].attention.self.query.weight[2 * D_HEAD: 3 * D_HEAD] += noise
+        model.encoder.layer[1].attention.self.query.weight[2 * D_HEAD : 3 * D_HEAD] += noise
 
     folder = modified_copy(tiny_bert, tmp_path_factory.mktemp("bert_moved"), edit)
     return folder, noise.numpy().astype(np.float64)
@@ -78,10 +78,16 @@ def test_identical_models_show_exactly_zero_change(tiny_bert):
         assert layer.relative_change() == 0.0
         assert layer.head_relative_change() == [0.0, 0.0, 0.0]
         for matrix in layer.matrices.values():
-            assert (matrix.fro_delta, matrix.relative_change, matrix.stable_rank_delta,
-                    matrix.effective_rank_delta, matrix.top_k_energy_delta,
-                    matrix.subspace_similarity_input, matrix.subspace_similarity_output,
-                    matrix.amplification) == (0.0,) * 8
+            assert (
+                matrix.fro_delta,
+                matrix.relative_change,
+                matrix.stable_rank_delta,
+                matrix.effective_rank_delta,
+                matrix.top_k_energy_delta,
+                matrix.subspace_similarity_input,
+                matrix.subspace_similarity_output,
+                matrix.amplification,
+            ) == (0.0,) * 8
             assert matrix.cosine == 1.0
             assert set(matrix.delta_singular_values) == {0.0}
             for head in matrix.heads:
@@ -97,7 +103,7 @@ def test_one_moved_head_is_the_top_head_with_the_expected_change(tiny_bert, bert
 
     folder, noise = bert_one_head_moved
     original = AutoModel.from_pretrained(tiny_bert).encoder.layer[1].attention.self.query.weight
-    rows = original[2 * D_HEAD: 3 * D_HEAD].detach().numpy().astype(np.float64)
+    rows = original[2 * D_HEAD : 3 * D_HEAD].detach().numpy().astype(np.float64)
     expected = np.linalg.norm(noise) / np.linalg.norm(rows)
 
     result = compare(tiny_bert, folder, top_k=3)
@@ -110,13 +116,18 @@ def test_one_moved_head_is_the_top_head_with_the_expected_change(tiny_bert, bert
     assert head.fro_delta == pytest.approx(np.linalg.norm(noise), rel=1e-5)
     whole_query = np.linalg.norm(original.detach().numpy().astype(np.float64))
     assert result.layers[1].matrices["wq"].relative_change == pytest.approx(
-        np.linalg.norm(noise) / whole_query, rel=1e-5)
+        np.linalg.norm(noise) / whole_query, rel=1e-5
+    )
     # the head's QK circuit moved, its OV circuit and every other head did not
     assert result.layers[1].circuits["qk"][2].fro_delta > 0
     assert result.layers[1].circuits["ov"][2].fro_delta == 0.0
-    moved = [(layer.layer, role, h.head) for layer in result.layers
-             for role in ("wq", "wk", "wv", "w0") for h in layer.matrices[role].heads
-             if h.fro_delta > 0]
+    moved = [
+        (layer.layer, role, h.head)
+        for layer in result.layers
+        for role in ("wq", "wk", "wv", "w0")
+        for h in layer.matrices[role].heads
+        if h.fro_delta > 0
+    ]
     assert moved == [(1, "wq", 2)]
 
 
@@ -157,7 +168,8 @@ def test_lora_measures_match_numpy(tiny_gpt2, gpt2_all_moved):
         assert got.amplification == pytest.approx(np.linalg.norm(delta) / projected, rel=1e-6)
         flat_a, flat_b = w_a.ravel(), w_b.ravel()
         assert got.cosine == pytest.approx(
-            flat_a @ flat_b / np.linalg.norm(flat_a) / np.linalg.norm(flat_b), rel=1e-12)
+            flat_a @ flat_b / np.linalg.norm(flat_a) / np.linalg.norm(flat_b), rel=1e-12
+        )
 
 
 def test_circuit_changes_equal_the_explicit_products(tiny_gpt2, gpt2_all_moved):
@@ -167,20 +179,27 @@ def test_circuit_changes_equal_the_explicit_products(tiny_gpt2, gpt2_all_moved):
         a, b = model_a.layer(index), model_b.layer(index)
         for h in range(4):
             circuits = {  # the d_model x d_model products the toolkit avoids building
-                "qk": (_heads(a, "wq")[h] @ _heads(a, "wk")[h].T,
-                       _heads(b, "wq")[h] @ _heads(b, "wk")[h].T),
-                "ov": (_heads(a, "wv")[h] @ _heads(a, "w0")[h],
-                       _heads(b, "wv")[h] @ _heads(b, "w0")[h]),
+                "qk": (
+                    _heads(a, "wq")[h] @ _heads(a, "wk")[h].T,
+                    _heads(b, "wq")[h] @ _heads(b, "wk")[h].T,
+                ),
+                "ov": (
+                    _heads(a, "wv")[h] @ _heads(a, "w0")[h],
+                    _heads(b, "wv")[h] @ _heads(b, "w0")[h],
+                ),
             }
             for name, (product_a, product_b) in circuits.items():
                 got = result.layers[index].circuits[name][h]
                 assert got.fro_a == pytest.approx(np.linalg.norm(product_a), rel=1e-9)
-                assert got.fro_delta == pytest.approx(np.linalg.norm(product_b - product_a),
-                                                      rel=1e-9)
+                assert got.fro_delta == pytest.approx(
+                    np.linalg.norm(product_b - product_a), rel=1e-9
+                )
                 assert got.relative_change == pytest.approx(
-                    np.linalg.norm(product_b - product_a) / np.linalg.norm(product_a), rel=1e-9)
-                cosine = (product_a * product_b).sum() / (np.linalg.norm(product_a)
-                                                          * np.linalg.norm(product_b))
+                    np.linalg.norm(product_b - product_a) / np.linalg.norm(product_a), rel=1e-9
+                )
+                cosine = (product_a * product_b).sum() / (
+                    np.linalg.norm(product_a) * np.linalg.norm(product_b)
+                )
                 assert got.cosine == pytest.approx(cosine, rel=1e-9)
 
 
@@ -192,12 +211,18 @@ def test_symmetric_measures_are_symmetric(tiny_gpt2, gpt2_all_moved):
             assert back.fro_delta == pytest.approx(there.fro_delta, rel=1e-9)
             assert back.cosine == pytest.approx(there.cosine, rel=1e-12)
             continue
-        for name in ("fro_delta", "cosine", "stable_rank_delta", "effective_rank_delta",
-                     "top_k_energy_delta"):
+        for name in (
+            "fro_delta",
+            "cosine",
+            "stable_rank_delta",
+            "effective_rank_delta",
+            "top_k_energy_delta",
+        ):
             assert getattr(back, name) == pytest.approx(getattr(there, name), rel=1e-9), name
         assert back.fro_a == pytest.approx(there.fro_b, rel=1e-12)
-        assert back.delta_singular_values == pytest.approx(there.delta_singular_values, rel=1e-9,
-                                                           abs=1e-12)
+        assert back.delta_singular_values == pytest.approx(
+            there.delta_singular_values, rel=1e-9, abs=1e-12
+        )
 
 
 def test_layer_selection_and_opened_models(tiny_gpt2, gpt2_all_moved):
@@ -231,21 +256,27 @@ def test_bert_vs_gpt2_takes_the_structural_path(tiny_bert, tiny_gpt2):
     profile = result.pairs[1].b
     for role in ("wq", "w0"):
         s = np.linalg.svd(gpt2.full(role).astype(np.float64), compute_uv=False)
-        assert profile.matrices[role].spectrum == pytest.approx(s / np.linalg.norm(s), rel=1e-9)
-        assert profile.matrices[role].stable_rank == pytest.approx((s**2).sum() / s[0] ** 2,
-                                                                   rel=1e-9)
+        rms = np.sqrt(np.mean(s**2))
+        assert profile.matrices[role].spectrum == pytest.approx(s / rms, rel=1e-9)
+        assert profile.matrices[role].stable_rank == pytest.approx(
+            (s**2).sum() / s[0] ** 2, rel=1e-9
+        )
         head_norms = np.linalg.norm(_heads(gpt2, role), axis=(1, 2))
         assert profile.matrices[role].head_fro_spread == pytest.approx(
-            head_norms.std() / head_norms.mean(), rel=1e-9)
+            head_norms.std() / head_norms.mean(), rel=1e-9
+        )
     for h in range(4):  # circuit spectra from QR cores equal those of the explicit products
         qk = _heads(gpt2, "wq")[h] @ _heads(gpt2, "wk")[h].T
         ov = _heads(gpt2, "wv")[h] @ _heads(gpt2, "w0")[h]
         for name, product in (("qk", qk), ("ov", ov)):
             s = np.linalg.svd(product, compute_uv=False)[:D_HEAD]
-            assert profile.circuits[name].head_fro[h] == pytest.approx(np.linalg.norm(product),
-                                                                       rel=1e-9)
-            assert profile.circuits[name].head_spectra[h] == pytest.approx(s / np.linalg.norm(s),
-                                                                           rel=1e-7, abs=1e-12)
+            rms = np.sqrt(np.mean(s**2))
+            assert profile.circuits[name].head_fro[h] == pytest.approx(
+                np.linalg.norm(product), rel=1e-9
+            )
+            assert profile.circuits[name].head_spectra[h] == pytest.approx(
+                s / rms, rel=1e-7, abs=1e-12
+            )
 
 
 def test_different_sizes_of_one_family_take_the_structural_path(minilm, tiny_bert):
@@ -254,7 +285,13 @@ def test_different_sizes_of_one_family_take_the_structural_path(minilm, tiny_ber
     assert "different sizes" in result.note and "d_model 384 vs 48" in result.note
     # six MiniLM layers at relative depths 0, .2, ... 1 against the two of tiny_bert at 0 and 1
     assert [(p.a.layer, p.b.layer) for p in result.pairs] == [
-        (0, 0), (1, 0), (2, 0), (3, 1), (4, 1), (5, 1)]
+        (0, 0),
+        (1, 0),
+        (2, 0),
+        (3, 1),
+        (4, 1),
+        (5, 1),
+    ]
     assert len(result.pairs[0].a.matrices["wq"].spectrum) == 384
     assert len(result.pairs[0].b.circuits["qk"].head_spectra) == 3
 
@@ -293,8 +330,10 @@ def test_cli_bad_input_is_one_line(tiny_bert, tmp_path):
     unsupported = tmp_path / "t5"
     unsupported.mkdir()
     (unsupported / "config.json").write_text('{"model_type": "t5"}')
-    save_file({"shared.weight": np.zeros((2, 2), dtype=np.float32)},
-              str(unsupported / "model.safetensors"))
+    save_file(
+        {"shared.weight": np.zeros((2, 2), dtype=np.float32)},
+        str(unsupported / "model.safetensors"),
+    )
     assert_clean_error(run("compare", str(unsupported), str(tiny_bert)), "t5", "not supported")
     assert_clean_error(run("compare", str(tiny_bert), str(tiny_bert), "--layer", "7"), "layer 7")
     blocker = tmp_path / "a_file"
@@ -305,8 +344,9 @@ def test_cli_bad_input_is_one_line(tiny_bert, tmp_path):
 def test_cli_json_and_plots(tiny_bert, bert_one_head_moved, tmp_path):
     folder, _ = bert_one_head_moved
     plots = tmp_path / "plots"
-    result = run("compare", str(tiny_bert), str(folder), "--json", "--plot", str(plots),
-                 "--top-k", "2")
+    result = run(
+        "compare", str(tiny_bert), str(folder), "--json", "--plot", str(plots), "--top-k", "2"
+    )
     assert result.exit_code == 0, result.stderr
     data = json.loads(result.stdout)
     top = data["summary"]["top_heads"][0]
@@ -314,7 +354,8 @@ def test_cli_json_and_plots(tiny_bert, bert_one_head_moved, tmp_path):
     # only wq moved: the head's change over all four matrices is ||Δwq[2]|| / ||all four of head 2||
     assert (top["layer"], top["head"]) == (1, 2)
     assert top["relative_change"] == pytest.approx(
-        heads["wq"]["fro_delta"] / np.sqrt(sum(h["fro_a"] ** 2 for h in heads.values())))
+        heads["wq"]["fro_delta"] / np.sqrt(sum(h["fro_a"] ** 2 for h in heads.values()))
+    )
     written = sorted(plots.glob("*.png"))
     assert len(written) == 4
     for path in written:
@@ -331,8 +372,9 @@ def test_cli_table_and_structural_plots(tiny_bert, tiny_gpt2, tmp_path):
 def test_markdown_section_embeds_the_plots(tiny_bert, bert_one_head_moved, tmp_path):
     from toolkit.render.compare_plots import comparison_markdown
 
-    section = comparison_markdown(compare(tiny_bert, bert_one_head_moved[0]), tmp_path / "figs",
-                                  link_base=tmp_path)
+    section = comparison_markdown(
+        compare(tiny_bert, bert_one_head_moved[0]), tmp_path / "figs", link_base=tmp_path
+    )
     assert "layer 1 head 2" in section
     assert "](figs/relative_change_heatmaps.png)" in section
     assert (tmp_path / "figs" / "relative_change_heatmaps.png").stat().st_size > 0

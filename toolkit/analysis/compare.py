@@ -87,21 +87,28 @@ class LayerChange:
     def head_relative_change(self) -> list[float | None]:
         """Per head, all four matrices together: sqrt(sum ||ΔW_m[h]||^2 / sum ||W_a,m[h]||^2)."""
         heads = zip(*(self.matrices[role].heads for role in WEIGHT_ROLES), strict=True)
-        return [_relative(_root_sum_square(h.fro_delta for h in per_role),
-                          _root_sum_square(h.fro_a for h in per_role)) for per_role in heads]
+        return [
+            _relative(
+                _root_sum_square(h.fro_delta for h in per_role),
+                _root_sum_square(h.fro_a for h in per_role),
+            )
+            for per_role in heads
+        ]
 
     def relative_change(self) -> float | None:
         """The whole layer, all four matrices together."""
-        return _relative(_root_sum_square(m.fro_delta for m in self.matrices.values()),
-                         _root_sum_square(m.fro_a for m in self.matrices.values()))
+        return _relative(
+            _root_sum_square(m.fro_delta for m in self.matrices.values()),
+            _root_sum_square(m.fro_a for m in self.matrices.values()),
+        )
 
 
 @dataclass
 class MatrixProfile:
     """One model's full matrix, described on its own (structural mode).
 
-    spectrum: singular values divided by their root sum of squares (||W||_F), largest first, so
-    spectra of matrices of different sizes and scales overlay.
+    spectrum: singular values divided by their root mean square (||W||_F / sqrt(n)), largest
+    first, so that spectra of matrices of different sizes and scales overlay.
     head_fro_spread: standard deviation / mean of the per-head norms.
     """
 
@@ -111,6 +118,15 @@ class MatrixProfile:
     spectrum: list[float]
     head_fro: list[float]
     head_fro_spread: float
+
+    @property
+    def stable_rank_share(self) -> float:
+        """Stable rank / number of singular values: comparable across sizes."""
+        return self.stable_rank / len(self.spectrum)
+
+    @property
+    def effective_rank_share(self) -> float:
+        return self.effective_rank / len(self.spectrum)
 
 
 @dataclass
@@ -164,11 +180,16 @@ class Comparison:
 
     def top_heads(self) -> list[dict]:
         """The `top_k` heads that moved most (all four matrices together), largest first."""
-        ranked = [{"layer": layer.layer, "head": head, "relative_change": change}
-                  for layer in self.layers
-                  for head, change in enumerate(layer.head_relative_change())]
-        return sorted(ranked, key=lambda h: -math.inf if h["relative_change"] is None
-                      else h["relative_change"], reverse=True)[: self.top_k]
+        ranked = [
+            {"layer": layer.layer, "head": head, "relative_change": change}
+            for layer in self.layers
+            for head, change in enumerate(layer.head_relative_change())
+        ]
+        return sorted(
+            ranked,
+            key=lambda h: -math.inf if h["relative_change"] is None else h["relative_change"],
+            reverse=True,
+        )[: self.top_k]
 
     def depth_profile(self) -> list[dict]:
         """Per layer: the mean over heads of each matrix's relative change, and of all together."""
@@ -182,16 +203,26 @@ class Comparison:
 
     def top_layers(self) -> list[dict]:
         """All layers, the one that moved most first."""
-        ranked = [{"layer": layer.layer, "relative_change": layer.relative_change()}
-                  for layer in self.layers]
-        return sorted(ranked, key=lambda entry: -math.inf if entry["relative_change"] is None
-                      else entry["relative_change"], reverse=True)
+        ranked = [
+            {"layer": layer.layer, "relative_change": layer.relative_change()}
+            for layer in self.layers
+        ]
+        return sorted(
+            ranked,
+            key=lambda entry: (
+                -math.inf if entry["relative_change"] is None else entry["relative_change"]
+            ),
+            reverse=True,
+        )
 
     def to_dict(self) -> dict:
         data = asdict(self)
         if self.mode == ELEMENTWISE:
-            data["summary"] = {"top_heads": self.top_heads(), "top_layers": self.top_layers(),
-                               "depth_profile": self.depth_profile()}
+            data["summary"] = {
+                "top_heads": self.top_heads(),
+                "top_layers": self.top_layers(),
+                "depth_profile": self.depth_profile(),
+            }
         return data
 
     @classmethod
@@ -224,10 +255,18 @@ def _build(kind, value):
 # The computation.
 
 
-def compare(a: str | Path | AttentionModel, b: str | Path | AttentionModel, *,
-            revision_a: str | None = None, revision_b: str | None = None,
-            allow_pickle: bool = False, rank: int = 8, top_k: int = 8,
-            layers: Sequence[int] | None = None, progress: bool = False) -> Comparison:
+def compare(
+    a: str | Path | AttentionModel,
+    b: str | Path | AttentionModel,
+    *,
+    revision_a: str | None = None,
+    revision_b: str | None = None,
+    allow_pickle: bool = False,
+    rank: int = 8,
+    top_k: int = 8,
+    layers: Sequence[int] | None = None,
+    progress: bool = False,
+) -> Comparison:
     """Compare the attention weights of model `a` (the reference) with those of model `b`.
 
     `a` and `b` are model specs (as `load_attention` takes) or opened `AttentionModel`s.
@@ -242,29 +281,40 @@ def compare(a: str | Path | AttentionModel, b: str | Path | AttentionModel, *,
     model_b = _open(b, revision_b, allow_pickle)
     info_a, info_b = _info(model_a), _info(model_b)
     note = _structural_reason(info_a, info_b)
-    result = Comparison(a=info_a, b=info_b, mode=STRUCTURAL if note else ELEMENTWISE, note=note,
-                        rank=rank, top_k=top_k)
+    result = Comparison(
+        a=info_a,
+        b=info_b,
+        mode=STRUCTURAL if note else ELEMENTWISE,
+        note=note,
+        rank=rank,
+        top_k=top_k,
+    )
     selected = model_a.select_layers(layers)
     if note is None:
         missing = [i for i in selected if i not in model_b.layer_indices]
         if missing:
             raise ToolkitError(f"layer {missing[0]} is in {info_a.name} but not in {info_b.name}")
         for index in _track(selected, progress, "comparing layers"):
-            result.layers.append(layer_change(model_a.layer(index), model_b.layer(index),
-                                              rank, top_k))
+            result.layers.append(
+                layer_change(model_a.layer(index), model_b.layer(index), rank, top_k)
+            )
         return result
     profile_b: LayerProfile | None = None
     for index in _track(selected, progress, "profiling layers"):
         index_b = _matched_layer(index, model_a, model_b)
         if profile_b is None or profile_b.layer != index_b:
             profile_b = layer_profile(model_b.layer(index_b), _relative_depth(index_b, model_b))
-        result.pairs.append(LayerPair(
-            a=layer_profile(model_a.layer(index), _relative_depth(index, model_a)), b=profile_b))
+        result.pairs.append(
+            LayerPair(
+                a=layer_profile(model_a.layer(index), _relative_depth(index, model_a)), b=profile_b
+            )
+        )
     return result
 
 
-def _open(model: str | Path | AttentionModel, revision: str | None,
-          allow_pickle: bool) -> AttentionModel:
+def _open(
+    model: str | Path | AttentionModel, revision: str | None, allow_pickle: bool
+) -> AttentionModel:
     if isinstance(model, AttentionModel):
         return model
     return load_attention(model, revision=revision, allow_pickle=allow_pickle)
@@ -280,15 +330,19 @@ def _structural_reason(a: ModelInfo, b: ModelInfo) -> str | None:
     if a.family != b.family:
         why = f"different families ({a.family} vs {b.family})"
     else:
-        differ = [f"{name} {getattr(a, name)} vs {getattr(b, name)}"
-                  for name in ("n_layers", "n_heads", "d_model", "d_head")
-                  if getattr(a, name) != getattr(b, name)]
+        differ = [
+            f"{name} {getattr(a, name)} vs {getattr(b, name)}"
+            for name in ("n_layers", "n_heads", "d_model", "d_head")
+            if getattr(a, name) != getattr(b, name)
+        ]
         if not differ:
             return None
         why = f"different sizes ({', '.join(differ)})"
-    return (f"{why}: the weights live in unrelated bases, so element-wise differences mean "
-            "nothing; each model is described on its own (normalised spectra, ranks, norms, "
-            "spread of per-head norms, QK/OV circuit spectra) at matched relative depth")
+    return (
+        f"{why}: the weights live in unrelated bases, so element-wise differences mean "
+        "nothing; each model is described on its own (normalised spectra, ranks, norms, "
+        "spread of per-head norms, QK/OV circuit spectra) at matched relative depth"
+    )
 
 
 def _relative_depth(index: int, model: AttentionModel) -> float:
@@ -310,16 +364,22 @@ def _track(items: list[int], show: bool, description: str):
     return track(items, description=description, console=Console(stderr=True), transient=True)
 
 
-def layer_change(layer_a: AttentionLayer, layer_b: AttentionLayer, rank: int,
-                 top_k: int) -> LayerChange:
+def layer_change(
+    layer_a: AttentionLayer, layer_b: AttentionLayer, rank: int, top_k: int
+) -> LayerChange:
     """Every elementwise measure of one layer, W_a -> W_b (same shapes)."""
     a = {role: _double(getattr(layer_a, role)) for role in WEIGHT_ROLES}
     b = {role: _double(getattr(layer_b, role)) for role in WEIGHT_ROLES}
-    matrices = {role: _matrix_change(a[role], b[role], _double(layer_a.full(role)),
-                                     _double(layer_b.full(role)), rank, top_k)
-                for role in WEIGHT_ROLES}
-    circuits = {name: _circuit_change(*_circuit_factors(a, name), *_circuit_factors(b, name))
-                for name in CIRCUITS}
+    matrices = {
+        role: _matrix_change(
+            a[role], b[role], _double(layer_a.full(role)), _double(layer_b.full(role)), rank, top_k
+        )
+        for role in WEIGHT_ROLES
+    }
+    circuits = {
+        name: _circuit_change(*_circuit_factors(a, name), *_circuit_factors(b, name))
+        for name in CIRCUITS
+    }
     return LayerChange(layer=layer_a.index, matrices=matrices, circuits=circuits)
 
 
@@ -338,9 +398,16 @@ def _matrix_change(heads_a, heads_b, full_a, full_b, rank: int, top_k: int) -> M
     head_squared_b = (heads_b * heads_b).sum(dim=(1, 2))
     head_dot = (heads_a * heads_b).sum(dim=(1, 2))
     head_fro_delta = torch.linalg.matrix_norm(heads_b - heads_a)
-    heads = [_head_change(h, float(head_squared_a[h]), float(head_squared_b[h]),
-                          float(head_dot[h]), float(head_fro_delta[h]))
-             for h in range(heads_a.shape[0])]
+    heads = [
+        _head_change(
+            h,
+            float(head_squared_a[h]),
+            float(head_squared_b[h]),
+            float(head_dot[h]),
+            float(head_fro_delta[h]),
+        )
+        for h in range(heads_a.shape[0])
+    ]
 
     delta = full_b - full_a  # [d_in, d_out]
     squared_a, squared_b = float((full_a * full_a).sum()), float((full_b * full_b).sum())
@@ -357,21 +424,29 @@ def _matrix_change(heads_a, heads_b, full_a, full_b, rank: int, top_k: int) -> M
         projected = float(torch.linalg.matrix_norm(u_delta[:, :r].T @ full_a @ vh_delta[:r].T))
         amplification = _relative(fro_delta, projected)
     return MatrixChange(
-        fro_a=fro_a, fro_b=math.sqrt(squared_b), fro_delta=fro_delta,
+        fro_a=fro_a,
+        fro_b=math.sqrt(squared_b),
+        fro_delta=fro_delta,
         relative_change=_relative(fro_delta, fro_a),
         cosine=_cosine(float((full_a * full_b).sum()), squared_a, squared_b),
-        stable_rank_delta=stable_rank(s_delta), effective_rank_delta=effective_rank(s_delta),
+        stable_rank_delta=stable_rank(s_delta),
+        effective_rank_delta=effective_rank(s_delta),
         top_k_energy_delta=top_k_energy(s_delta, top_k),
-        subspace_similarity_input=similarity_in, subspace_similarity_output=similarity_out,
-        amplification=amplification, delta_singular_values=s_delta.tolist(), heads=heads,
+        subspace_similarity_input=similarity_in,
+        subspace_similarity_output=similarity_out,
+        amplification=amplification,
+        delta_singular_values=s_delta.tolist(),
+        heads=heads,
     )
 
 
-def _head_change(head: int, squared_a: float, squared_b: float, dot: float,
-                 fro_delta: float) -> HeadChange:
+def _head_change(
+    head: int, squared_a: float, squared_b: float, dot: float, fro_delta: float
+) -> HeadChange:
     fro_a = math.sqrt(squared_a)
-    return HeadChange(head, fro_a, fro_delta, _relative(fro_delta, fro_a),
-                      _cosine(dot, squared_a, squared_b))
+    return HeadChange(
+        head, fro_a, fro_delta, _relative(fro_delta, fro_a), _cosine(dot, squared_a, squared_b)
+    )
 
 
 def _circuit_factors(weights: dict, circuit: str):
@@ -398,8 +473,12 @@ def _circuit_change(left_a, right_a, left_b, right_b) -> list[HeadChange]:
     left = torch.cat([left_b - left_a, left_a], dim=2)  # [h, d_model, 2 d_head]
     right = torch.cat([right_b, right_b - right_a], dim=2)
     squared_delta = _circuit_inner(left, right, left, right).clamp(min=0)
-    return [_head_change(h, float(squared_a[h]), float(squared_b[h]), float(dot[h]),
-                         math.sqrt(squared_delta[h])) for h in range(left_a.shape[0])]
+    return [
+        _head_change(
+            h, float(squared_a[h]), float(squared_b[h]), float(dot[h]), math.sqrt(squared_delta[h])
+        )
+        for h in range(left_a.shape[0])
+    ]
 
 
 def circuit_singular_values(left, right):
@@ -478,8 +557,9 @@ def _subspace_similarity(basis_1, basis_2) -> float:
 
 
 def _normalised(singular_values):
-    norm = float((singular_values**2).sum()) ** 0.5
-    return singular_values / norm if norm > 0 else singular_values
+    """s_i / rms(s): a flat spectrum is all ones, whatever the matrix's size and scale."""
+    rms = float((singular_values**2).mean()) ** 0.5
+    return singular_values / rms if rms > 0 else singular_values
 
 
 def _relative(numerator: float, denominator: float) -> float | None:

@@ -51,8 +51,7 @@ def plot_folder(out_dir: str | Path) -> Path:
 def _save(figure, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    write_atomic(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110,
-                                                  bbox_inches="tight"))
+    write_atomic(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
     plt.close(figure)
     return path
 
@@ -67,19 +66,33 @@ def _change_heatmaps(comparison: Comparison, names: tuple[str, ...]):
 
     grids = {}
     for name in names:
-        rows = [layer.matrices[name].heads if name in WEIGHTS else layer.circuits[name]
-                for layer in comparison.layers]
-        grids[name] = np.array([[np.nan if h.relative_change is None else h.relative_change
-                                 for h in heads] for heads in rows])  # [layers, heads]
+        rows = [
+            layer.matrices[name].heads if name in WEIGHTS else layer.circuits[name]
+            for layer in comparison.layers
+        ]
+        grids[name] = np.array(
+            [
+                [np.nan if h.relative_change is None else h.relative_change for h in heads]
+                for heads in rows
+            ]
+        )  # [layers, heads]
     top = max(float(np.nanmax(g)) if np.isfinite(g).any() else 0.0 for g in grids.values())
     columns = 2
-    figure, axes = plt.subplots(-(-len(names) // columns), columns, squeeze=False,
-                                figsize=(5 * columns, 0.45 * len(comparison.layers) * 2 + 2.5))
+    figure, axes = plt.subplots(
+        -(-len(names) // columns),
+        columns,
+        squeeze=False,
+        figsize=(5 * columns, 0.45 * len(comparison.layers) * 2 + 2.5),
+        layout="constrained",
+    )
     labels = [str(layer.layer) for layer in comparison.layers]
     for axis, name in zip(axes.flat, names, strict=False):
         image = axis.imshow(grids[name], aspect="auto", cmap="viridis", vmin=0, vmax=top or 1.0)
-        axis.set_title(f"{name}: ||ΔW||_F / ||W_a||_F per head" if name in WEIGHTS
-                       else f"{name.upper()} circuit: relative change per head")
+        axis.set_title(
+            f"{name}: ||ΔW||_F / ||W_a||_F per head"
+            if name in WEIGHTS
+            else f"{name.upper()} circuit: relative change per head"
+        )
         axis.set_xlabel("head")
         axis.set_ylabel("layer")
         axis.set_yticks(range(len(labels)), labels)
@@ -93,11 +106,16 @@ def _depth_profile(comparison: Comparison):
 
     profile = comparison.depth_profile()
     layers = [point["layer"] for point in profile]
-    figure, axis = plt.subplots(figsize=(7, 4))
+    figure, axis = plt.subplots(figsize=(7, 4), layout="constrained")
     for key in (*WEIGHTS, "all"):
         values = [np.nan if point[key] is None else point[key] for point in profile]
-        axis.plot(layers, values, marker="o", label="all four" if key == "all" else key,
-                  linewidth=2.5 if key == "all" else 1.2)
+        axis.plot(
+            layers,
+            values,
+            marker="o",
+            label="all four" if key == "all" else key,
+            linewidth=2.5 if key == "all" else 1.2,
+        )
     axis.set_xlabel("layer")
     axis.set_ylabel("mean relative change of the heads")
     axis.set_title(f"Depth profile\n{_title(comparison)}")
@@ -109,14 +127,18 @@ def _delta_spectra(comparison: Comparison):
     """Cumulative share of ||ΔW||_F^2 against the number of singular values, per layer."""
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(2, 2, figsize=(10, 7), sharey=True)
+    figure, axes = plt.subplots(2, 2, figsize=(10, 7), sharey=True, layout="constrained")
     colors = plt.cm.viridis(np.linspace(0, 1, max(len(comparison.layers), 2)))
     for axis, role in zip(axes.flat, WEIGHTS, strict=True):
         for color, layer in zip(colors, comparison.layers, strict=False):
             energy = np.square(layer.matrices[role].delta_singular_values)
             if energy.sum() > 0:
-                axis.plot(np.arange(1, energy.size + 1), np.cumsum(energy) / energy.sum(),
-                          color=color, label=f"layer {layer.layer}")
+                axis.plot(
+                    np.arange(1, energy.size + 1),
+                    np.cumsum(energy) / energy.sum(),
+                    color=color,
+                    label=f"layer {layer.layer}",
+                )
         axis.set_xscale("log")
         axis.set_title(f"{role}: ΔW")
         axis.set_xlabel("singular values kept")
@@ -131,56 +153,83 @@ def _spectra_overlay(comparison: Comparison):
     """Normalised singular-value spectra of A (solid) and B (dashed) at matched depth."""
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(2, 2, figsize=(10, 7), sharey=True)
+    figure, axes = plt.subplots(2, 2, figsize=(10, 7), sharey=True, layout="constrained")
     colors = plt.cm.viridis(np.linspace(0, 1, max(len(comparison.pairs), 2)))
     for axis, role in zip(axes.flat, WEIGHTS, strict=True):
         for color, pair in zip(colors, comparison.pairs, strict=False):
             for side, style in (("a", "-"), ("b", "--")):
                 spectrum = np.asarray(getattr(pair, side).matrices[role].spectrum)
-                axis.plot(np.arange(spectrum.size) / spectrum.size, spectrum, style, color=color,
-                          label=f"{side.upper()} layer {getattr(pair, side).layer}")
+                axis.plot(
+                    np.arange(spectrum.size) / spectrum.size,
+                    spectrum,
+                    style,
+                    color=color,
+                    label=_pair_label(pair) if side == "a" else None,
+                )
         axis.set_yscale("log")
-        axis.set_title(f"{role}: σ_i / ||W||_F")
+        axis.set_title(f"{role}: σ_i / rms(σ)")
         axis.set_xlabel("i / number of singular values")
     axes.flat[0].legend(fontsize="x-small", ncol=2)
     figure.suptitle(f"Normalised spectra, A solid, B dashed\n{_title(comparison)}")
     return figure
 
 
+def _pair_label(pair) -> str:
+    return f"A layer {pair.a.layer} / B layer {pair.b.layer}"
+
+
 def _circuit_spectra_overlay(comparison: Comparison):
     """Per circuit: the mean over heads of the normalised head spectra, A solid, B dashed."""
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True, layout="constrained")
     colors = plt.cm.viridis(np.linspace(0, 1, max(len(comparison.pairs), 2)))
     for axis, name in zip(axes, CIRCUITS, strict=True):
         for color, pair in zip(colors, comparison.pairs, strict=False):
             for side, style in (("a", "-"), ("b", "--")):
                 spectrum = np.mean(getattr(pair, side).circuits[name].head_spectra, axis=0)
-                axis.plot(np.arange(1, spectrum.size + 1), spectrum, style, color=color,
-                          label=f"{side.upper()} layer {getattr(pair, side).layer}")
-        axis.set_title(f"{name.upper()} circuits: mean over heads of σ_i / ||circuit||_F")
-        axis.set_xlabel("i")
+                axis.plot(
+                    np.arange(spectrum.size) / spectrum.size,
+                    spectrum,
+                    style,
+                    color=color,
+                    label=_pair_label(pair) if side == "a" else None,
+                )
+        axis.set_title(f"{name.upper()} circuits: σ_i / rms(σ), mean over heads")
+        axis.set_xlabel("i / d_head")
     axes[0].legend(fontsize="x-small", ncol=2)
-    figure.suptitle(_title(comparison))
+    figure.suptitle(f"Circuit spectra, A solid, B dashed\n{_title(comparison)}")
     return figure
 
 
 def _rank_profile(comparison: Comparison):
-    """Stable rank and effective rank (as a share of the dimension) against relative depth."""
+    """Stable and effective rank, as shares of the matrix's dimension, against relative depth."""
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
     for side, style in (("a", "-"), ("b", "--")):
         profiles = [getattr(pair, side) for pair in comparison.pairs]
         depths = [p.relative_depth for p in profiles]
-        for role in WEIGHTS:
-            axes[0].plot(depths, [p.matrices[role].stable_rank for p in profiles], style,
-                         marker="o", label=f"{role} {side.upper()}")
-            axes[1].plot(depths, [p.matrices[role].effective_rank / len(p.matrices[role].spectrum)
-                                  for p in profiles], style, marker="o",
-                         label=f"{role} {side.upper()}")
-    axes[0].set_ylabel("stable rank")
+        for color, role in enumerate(WEIGHTS):
+            matrices = [p.matrices[role] for p in profiles]
+            label = f"{role} {side.upper()}"
+            axes[0].plot(
+                depths,
+                [m.stable_rank_share for m in matrices],
+                style,
+                marker="o",
+                color=f"C{color}",
+                label=label,
+            )
+            axes[1].plot(
+                depths,
+                [m.effective_rank_share for m in matrices],
+                style,
+                marker="o",
+                color=f"C{color}",
+                label=label,
+            )
+    axes[0].set_ylabel("stable rank / dimension")
     axes[1].set_ylabel("effective rank / dimension")
     for axis in axes:
         axis.set_xlabel("relative depth")
@@ -189,14 +238,18 @@ def _rank_profile(comparison: Comparison):
     return figure
 
 
-def comparison_markdown(comparison: Comparison, plot_dir: str | Path, *,
-                        link_base: str | Path | None = None) -> str:
+def comparison_markdown(
+    comparison: Comparison, plot_dir: str | Path, *, link_base: str | Path | None = None
+) -> str:
     """Write the figures into `plot_dir` and return a Markdown section that embeds them with the
     key numbers. Image links are relative to `link_base` (the report's folder) when given."""
     paths = write_compare_plots(comparison, plot_dir)
     c = comparison
-    lines = [f"## How the attention weights differ: {c.a.name} → {c.b.name}", "",
-             f"Mode: **{c.mode}**."]
+    lines = [
+        f"## How the attention weights differ: {c.a.name} → {c.b.name}",
+        "",
+        f"Mode: **{c.mode}**.",
+    ]
     if c.note:
         lines += ["", f"> {c.note}"]
     lines.append("")
@@ -215,24 +268,39 @@ def _elementwise_markdown(c: Comparison) -> list[str]:
     for layer in c.layers:
         cells = [number(layer.matrices[role].relative_change) for role in WEIGHTS]
         lines.append(f"| {layer.layer} | {' | '.join(cells)} | {number(layer.relative_change())} |")
-    lines += ["", "Relative change ||W_b - W_a||_F / ||W_a||_F of each full matrix.", "",
-              "Heads that moved most (all four matrices together): " + ", ".join(
-                  f"layer {h['layer']} head {h['head']} ({number(h['relative_change'], 3)})"
-                  for h in c.top_heads()) + "."]
+    lines += [
+        "",
+        "Relative change ||W_b - W_a||_F / ||W_a||_F of each full matrix.",
+        "",
+        "Heads that moved most (all four matrices together): "
+        + ", ".join(
+            f"layer {h['layer']} head {h['head']} ({number(h['relative_change'], 3)})"
+            for h in c.top_heads()
+        )
+        + ".",
+    ]
     return lines
 
 
 def _structural_markdown(c: Comparison) -> list[str]:
-    lines = ["| layer A | layer B | matrix | stable rank A | stable rank B | head-norm spread A "
-             "| head-norm spread B |", "|---:|---:|---|---:|---:|---:|---:|"]
+    lines = [
+        "| layer A | layer B | matrix | stable rank A | stable rank B | head-norm spread A "
+        "| head-norm spread B |",
+        "|---:|---:|---|---:|---:|---:|---:|",
+    ]
     for pair in c.pairs:
         for role in WEIGHTS:
             a, b = pair.a.matrices[role], pair.b.matrices[role]
-            lines.append(f"| {pair.a.layer} | {pair.b.layer} | {role} | {number(a.stable_rank)} | "
-                         f"{number(b.stable_rank)} | {number(a.head_fro_spread)} | "
-                         f"{number(b.head_fro_spread)} |")
-    qk = {side: mean_defined([mean_defined(getattr(p, side).circuits["qk"].head_stable_rank)
-                              for p in c.pairs]) for side in ("a", "b")}
-    lines += ["", f"Mean stable rank of the QK circuits: A {number(qk['a'])}, "
-                  f"B {number(qk['b'])}."]
+            lines.append(
+                f"| {pair.a.layer} | {pair.b.layer} | {role} | {number(a.stable_rank)} | "
+                f"{number(b.stable_rank)} | {number(a.head_fro_spread)} | "
+                f"{number(b.head_fro_spread)} |"
+            )
+    qk = {
+        side: mean_defined(
+            [mean_defined(getattr(p, side).circuits["qk"].head_stable_rank) for p in c.pairs]
+        )
+        for side in ("a", "b")
+    }
+    lines += ["", f"Mean stable rank of the QK circuits: A {number(qk['a'])}, B {number(qk['b'])}."]
     return lines

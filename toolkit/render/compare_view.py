@@ -7,7 +7,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from toolkit.analysis.compare import ELEMENTWISE, Comparison, LayerPair, mean_defined
+from toolkit.analysis.compare import ELEMENTWISE, Comparison, mean_defined
 
 WEIGHTS = ("wq", "wk", "wv", "w0")
 BAR_WIDTH = 30
@@ -32,39 +32,63 @@ def render_comparison(comparison: Comparison, console: Console) -> None:
 
 
 def _describe(info) -> str:
-    return (f"{info.name}  family {info.family}  layers {info.n_layers}  heads {info.n_heads}  "
-            f"d_model {info.d_model}  d_head {info.d_head}")
+    return (
+        f"{info.name}  family {info.family}  layers {info.n_layers}  heads {info.n_heads}  "
+        f"d_model {info.d_model}  d_head {info.d_head}"
+    )
 
 
 def _render_elementwise(c: Comparison, console: Console) -> None:
-    per_layer = Table(title="Relative change ||W_b - W_a||_F / ||W_a||_F per layer "
-                            "(circuits: mean over heads)")
+    per_layer = Table(
+        title="Relative change ||W_b - W_a||_F / ||W_a||_F per layer (circuits: mean over heads)"
+    )
     for column in ("layer", *WEIGHTS, "all four", "QK", "OV", "min cos"):
         per_layer.add_column(column, justify="right")
     for layer in c.layers:
-        circuits = [mean_defined([h.relative_change for h in layer.circuits[name]])
-                    for name in ("qk", "ov")]
+        circuits = [
+            mean_defined([h.relative_change for h in layer.circuits[name]]) for name in ("qk", "ov")
+        ]
         per_layer.add_row(
-            str(layer.layer), *(number(layer.matrices[role].relative_change) for role in WEIGHTS),
-            number(layer.relative_change()), *(number(v) for v in circuits),
-            number(min(m.cosine for m in layer.matrices.values()), 6))
+            str(layer.layer),
+            *(number(layer.matrices[role].relative_change) for role in WEIGHTS),
+            number(layer.relative_change()),
+            *(number(v) for v in circuits),
+            number(min(m.cosine for m in layer.matrices.values()), 6),
+        )
     console.print(per_layer)
 
     structure = Table(
         title="Structure of ΔW = W_b - W_a (full matrices)",
         caption=f"stable/effective rank of ΔW; top-{c.top_k}: share of ||ΔW||² in its top "
-                f"{c.top_k} singular values; φ: LoRA subspace similarity of the top-{c.rank} "
-                f"input/output directions of W_a and ΔW; amp.: ||ΔW|| / ||U^T W_a V||")
-    for column in ("layer", "matrix", "||ΔW||", "stable", "effective", f"top-{c.top_k}",
-                   "φ in", "φ out", "amp."):
+        f"{c.top_k} singular values; φ: LoRA subspace similarity of the top-{c.rank} "
+        f"input/output directions of W_a and ΔW; amp.: ||ΔW|| / ||U^T W_a V||",
+    )
+    for column in (
+        "layer",
+        "matrix",
+        "||ΔW||",
+        "stable",
+        "effective",
+        f"top-{c.top_k}",
+        "φ in",
+        "φ out",
+        "amp.",
+    ):
         structure.add_column(column, justify="right")
     for layer in c.layers:
         for role in WEIGHTS:
             m = layer.matrices[role]
-            structure.add_row(str(layer.layer), role, number(m.fro_delta),
-                              number(m.stable_rank_delta), number(m.effective_rank_delta),
-                              number(m.top_k_energy_delta), number(m.subspace_similarity_input),
-                              number(m.subspace_similarity_output), number(m.amplification))
+            structure.add_row(
+                str(layer.layer),
+                role,
+                number(m.fro_delta),
+                number(m.stable_rank_delta),
+                number(m.effective_rank_delta),
+                number(m.top_k_energy_delta),
+                number(m.subspace_similarity_input),
+                number(m.subspace_similarity_output),
+                number(m.amplification),
+            )
     console.print(structure)
 
     if all(layer.relative_change() == 0.0 for layer in c.layers):
@@ -76,9 +100,13 @@ def _render_elementwise(c: Comparison, console: Console) -> None:
     by_index = {layer.layer: layer for layer in c.layers}
     for entry in c.top_heads():
         layer, head = by_index[entry["layer"]], entry["head"]
-        top.add_row(str(entry["layer"]), str(head), number(entry["relative_change"]),
-                    *(number(layer.matrices[role].heads[head].relative_change) for role in WEIGHTS),
-                    *(number(layer.circuits[name][head].relative_change) for name in ("qk", "ov")))
+        top.add_row(
+            str(entry["layer"]),
+            str(head),
+            number(entry["relative_change"]),
+            *(number(layer.matrices[role].heads[head].relative_change) for role in WEIGHTS),
+            *(number(layer.circuits[name][head].relative_change) for name in ("qk", "ov")),
+        )
     console.print(top)
 
     profile = c.depth_profile()
@@ -94,39 +122,51 @@ def _render_elementwise(c: Comparison, console: Console) -> None:
 
 
 def _render_structural(c: Comparison, console: Console) -> None:
-    matrices = Table(title="Full matrices side by side (A | B) at matched relative depth; "
-                           "effective rank as a share of the matrix's smaller dimension")
-    for column in ("layer A", "layer B", "depth A", "matrix", "||W||_F", "stable rank",
-                   "effective rank", "head-norm spread"):
+    matrices = Table(
+        title="Full matrices side by side (A | B) at matched relative depth; "
+        "ranks as shares of the matrix's dimension"
+    )
+    for column in (
+        "layer A",
+        "layer B",
+        "depth A",
+        "matrix",
+        "||W||_F",
+        "stable rank / dim",
+        "effective rank / dim",
+        "head-norm spread",
+    ):
         matrices.add_column(column, justify="right")
     for pair in c.pairs:
         for role in WEIGHTS:
             a, b = pair.a.matrices[role], pair.b.matrices[role]
             matrices.add_row(
-                str(pair.a.layer), str(pair.b.layer), f"{pair.a.relative_depth:.2f}", role,
-                _side_by_side(a.fro, b.fro), _side_by_side(a.stable_rank, b.stable_rank),
-                _side_by_side(a.effective_rank / len(a.spectrum),
-                              b.effective_rank / len(b.spectrum)),
-                _side_by_side(a.head_fro_spread, b.head_fro_spread))
+                str(pair.a.layer),
+                str(pair.b.layer),
+                f"{pair.a.relative_depth:.2f}",
+                role,
+                _side_by_side(a.fro, b.fro),
+                _side_by_side(a.stable_rank_share, b.stable_rank_share),
+                _side_by_side(a.effective_rank_share, b.effective_rank_share),
+                _side_by_side(a.head_fro_spread, b.head_fro_spread),
+            )
     console.print(matrices)
 
-    circuits = Table(title="QK and OV circuits side by side (A | B): means over heads; "
-                           "top share = largest singular value / ||circuit||_F")
-    for column in ("layer A", "layer B", "circuit", "||circuit||_F", "stable rank", "top share"):
+    circuits = Table(title="QK and OV circuits side by side (A | B): means over heads")
+    for column in ("layer A", "layer B", "circuit", "||circuit||_F", "stable rank"):
         circuits.add_column(column, justify="right")
     for pair in c.pairs:
         for name in ("qk", "ov"):
-            a, b = _circuit_means(pair, "a", name), _circuit_means(pair, "b", name)
-            circuits.add_row(str(pair.a.layer), str(pair.b.layer), name.upper(),
-                             *(_side_by_side(x, y) for x, y in zip(a, b, strict=True)))
+            a, b = pair.a.circuits[name], pair.b.circuits[name]
+            circuits.add_row(
+                str(pair.a.layer),
+                str(pair.b.layer),
+                name.upper(),
+                _side_by_side(mean_defined(a.head_fro), mean_defined(b.head_fro)),
+                _side_by_side(mean_defined(a.head_stable_rank), mean_defined(b.head_stable_rank)),
+            )
     console.print(circuits)
 
 
-def _circuit_means(pair: LayerPair, side: str, name: str) -> tuple[float, float, float]:
-    profile = getattr(pair, side).circuits[name]
-    return (mean_defined(profile.head_fro), mean_defined(profile.head_stable_rank),
-            mean_defined([spectrum[0] for spectrum in profile.head_spectra]))
-
-
-def _side_by_side(a: float, b: float) -> str:
+def _side_by_side(a: float | None, b: float | None) -> str:
     return f"{number(a)} | {number(b)}"
