@@ -123,12 +123,18 @@ def _depth_profile(comparison: Comparison):
     return figure
 
 
-def _delta_spectra(comparison: Comparison):
-    """Cumulative share of ||ΔW||_F^2 against the number of singular values, per layer."""
+def _panels(grid: tuple[int, int], size: tuple[float, float], lines: int):
+    """A figure of panels sharing the y axis, and one colour per layer (shallow to deep)."""
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(2, 2, figsize=(10, 7), sharey=True, layout="constrained")
-    colors = plt.cm.viridis(np.linspace(0, 1, max(len(comparison.layers), 2)))
+    figure, axes = plt.subplots(*grid, figsize=size, sharey=True, layout="constrained")
+    return figure, axes, plt.cm.viridis(np.linspace(0, 1, max(lines, 2)))
+
+
+def _delta_spectra(comparison: Comparison):
+    """Cumulative share of ||ΔW||_F^2 against the number of singular values, per layer."""
+
+    figure, axes, colors = _panels((2, 2), (10, 7), len(comparison.layers))
     for axis, role in zip(axes.flat, WEIGHTS, strict=True):
         for color, layer in zip(colors, comparison.layers, strict=False):
             energy = np.square(layer.matrices[role].delta_singular_values)
@@ -151,10 +157,8 @@ def _delta_spectra(comparison: Comparison):
 
 def _spectra_overlay(comparison: Comparison):
     """Normalised singular-value spectra of A (solid) and B (dashed) at matched depth."""
-    import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(2, 2, figsize=(10, 7), sharey=True, layout="constrained")
-    colors = plt.cm.viridis(np.linspace(0, 1, max(len(comparison.pairs), 2)))
+    figure, axes, colors = _panels((2, 2), (10, 7), len(comparison.pairs))
     for axis, role in zip(axes.flat, WEIGHTS, strict=True):
         for color, pair in zip(colors, comparison.pairs, strict=False):
             for side, style in (("a", "-"), ("b", "--")):
@@ -180,10 +184,8 @@ def _pair_label(pair) -> str:
 
 def _circuit_spectra_overlay(comparison: Comparison):
     """Per circuit: the mean over heads of the normalised head spectra, A solid, B dashed."""
-    import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True, layout="constrained")
-    colors = plt.cm.viridis(np.linspace(0, 1, max(len(comparison.pairs), 2)))
+    figure, axes, colors = _panels((1, 2), (10, 4), len(comparison.pairs))
     for axis, name in zip(axes, CIRCUITS, strict=True):
         for color, pair in zip(colors, comparison.pairs, strict=False):
             for side, style in (("a", "-"), ("b", "--")):
