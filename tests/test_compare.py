@@ -230,6 +230,17 @@ def test_layer_selection_and_opened_models(tiny_gpt2, gpt2_all_moved):
     assert [layer.layer for layer in result.layers] == [1]
 
 
+def test_an_extracted_file_is_compared_on_the_layers_it_holds(tiny_gpt2, gpt2_all_moved, tmp_path):
+    from toolkit.analysis.summary import extract
+
+    extracted = tmp_path / "layer1.safetensors"
+    extract(str(gpt2_all_moved), extracted, [1])
+    from_file = compare(tiny_gpt2, extracted)
+    assert [layer.layer for layer in from_file.layers] == [1]
+    from_folder = compare(tiny_gpt2, gpt2_all_moved, layers=[1])
+    assert from_file.to_dict()["layers"] == from_folder.to_dict()["layers"]
+
+
 def test_zero_reference_weights_give_no_division_by_zero():
     from toolkit.analysis.compare import _circuit_change, _matrix_change
 
@@ -336,6 +347,11 @@ def test_cli_bad_input_is_one_line(tiny_bert, tmp_path):
     )
     assert_clean_error(run("compare", str(unsupported), str(tiny_bert)), "t5", "not supported")
     assert_clean_error(run("compare", str(tiny_bert), str(tiny_bert), "--layer", "7"), "layer 7")
+    only_layer_0 = tmp_path / "layer0.safetensors"
+    assert run("extract", str(tiny_bert), "-o", str(only_layer_0), "--layer", "0").exit_code == 0
+    assert_clean_error(
+        run("compare", str(tiny_bert), str(only_layer_0), "--layer", "1"), "layer 1", "--layer"
+    )
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     assert_clean_error(run("compare", str(tiny_bert), str(tiny_bert), "--plot", str(blocker / "x")))

@@ -291,9 +291,16 @@ def compare(
     )
     selected = model_a.select_layers(layers)
     if note is None:
+        if (
+            not layers
+        ):  # a `toolkit extract` file may hold only some layers: compare those both have
+            selected = [i for i in selected if i in model_b.layer_indices]
         missing = [i for i in selected if i not in model_b.layer_indices]
-        if missing:
-            raise ToolkitError(f"layer {missing[0]} is in {info_a.name} but not in {info_b.name}")
+        if missing or not selected:
+            raise ToolkitError(
+                f"layer {missing[0] if missing else 'none'} of {info_a.name} is not in "
+                f"{info_b.name}: choose layers both hold with --layer"
+            )
         for index in _track(selected, progress, "comparing layers"):
             result.layers.append(
                 layer_change(model_a.layer(index), model_b.layer(index), rank, top_k)
@@ -384,10 +391,11 @@ def layer_change(
 
 
 def _double(array: np.ndarray):
-    """A float64 torch copy: norms and spectra accumulate without float32 round-off."""
+    """A contiguous float64 torch copy: norms and spectra accumulate without float32 round-off,
+    and in the same order whatever the checkpoint's storage layout."""
     import torch
 
-    return torch.tensor(array, dtype=torch.float64)
+    return torch.tensor(np.ascontiguousarray(array), dtype=torch.float64)
 
 
 def _matrix_change(heads_a, heads_b, full_a, full_b, rank: int, top_k: int) -> MatrixChange:
