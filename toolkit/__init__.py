@@ -16,6 +16,8 @@ _PUBLIC = {
     "inspect_model": "toolkit.analysis.summary",
     "extract": "toolkit.analysis.summary",
     "verify": "toolkit.analysis.verify",
+    "compare": "toolkit.analysis.compare",
+    "Comparison": "toolkit.analysis.compare",
     "ToolkitError": "toolkit.errors",
 }
 

@@ -123,3 +123,75 @@ def verify(model, revision, allow_pickle, texts, as_json):
         render_verify(report, _console())
     if not report.passed:
         sys.exit(1)
+
+
+@main.command()
+@click.argument("model_a")
+@click.argument("model_b")
+@click.option("--revision-a", default=None, help="Hub revision of MODEL_A.")
+@click.option("--revision-b", default=None, help="Hub revision of MODEL_B.")
+@click.option(
+    "--allow-pickle",
+    is_flag=True,
+    help="Allow pickled pytorch_model.bin weights (loaded with weights_only=True).",
+)
+@click.option(
+    "--layer", "layers", type=int, multiple=True, help="Only this layer of MODEL_A (repeatable)."
+)
+@click.option(
+    "--rank",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="r of the LoRA measures (top-r singular directions).",
+)
+@click.option(
+    "--top-k",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Singular values in the energy share; heads in the summary.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
+@click.option(
+    "--plot",
+    "plot_dir",
+    type=click.Path(file_okay=False),
+    help="Write PNG figures into this folder.",
+)
+def compare(
+    model_a, model_b, revision_a, revision_b, allow_pickle, layers, rank, top_k, as_json, plot_dir
+):
+    """How MODEL_B's Wq/Wk/Wv/W0 differ from MODEL_A's, per layer, head and matrix.
+
+    Same family and sizes: element-wise change, spectrum of the change, QK/OV circuit change.
+    Different families or sizes: both models' spectra, ranks and norms side by side.
+    """
+    from toolkit.analysis.compare import compare as run_compare
+
+    if plot_dir:
+        from toolkit.render.compare_plots import plot_folder
+
+        plot_folder(plot_dir)
+    comparison = run_compare(
+        model_a,
+        model_b,
+        revision_a=revision_a,
+        revision_b=revision_b,
+        allow_pickle=allow_pickle,
+        rank=rank,
+        top_k=top_k,
+        layers=layers,
+        progress=not as_json,
+    )
+    if as_json:
+        _print_json(comparison.to_dict())
+    else:
+        from toolkit.render.compare_view import render_comparison
+
+        render_comparison(comparison, _console())
+    if plot_dir:
+        from toolkit.render.compare_plots import write_compare_plots
+
+        paths = write_compare_plots(comparison, plot_dir)
+        click.echo(f"wrote {len(paths)} figures to {plot_dir}", err=as_json)

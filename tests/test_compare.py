@@ -1,0 +1,396 @@
+"""`compare`: every number checked against numpy on weights read straight from the torch models."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from toolkit import Comparison, compare, load_attention
+from toolkit.cli import main
+
+D_HEAD = 16  # both tiny fixtures
+
+
+def modified_copy(source, folder, edit):
+    """Load `source` with transformers, apply `edit(model)` in place and save_pretrained it."""
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(source)
+    with torch.no_grad():
+        edit(model)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def bert_one_head_moved(tiny_bert, tmp_path_factory):
+    """tiny_bert with noise added to the query weights of head 2 of layer 1 only."""
+    generator = torch.Generator().manual_seed(7)
+    noise = 0.05 * torch.randn(D_HEAD, 48, generator=generator)  # [head's out rows, in]
+
+    def edit(model):
+        model.encoder.layer[1].attention.self.query.weight[2 * D_HEAD : 3 * D_HEAD] += noise
+
+    folder = modified_copy(tiny_bert, tmp_path_factory.mktemp("bert_moved"), edit)
+    return folder, noise.numpy().astype(np.float64)
+
+
+@pytest.fixture(scope="module")
+def gpt2_all_moved(tiny_gpt2, tmp_path_factory):
+    """tiny_gpt2 with every attention weight perturbed (q, k, v in the fused c_attn; c_proj)."""
+    generator = torch.Generator().manual_seed(8)
+
+    def edit(model):
+        for block in model.h:
+            for linear in (block.attn.c_attn, block.attn.c_proj):
+                linear.weight += 0.02 * torch.randn(linear.weight.shape, generator=generator)
+
+    return modified_copy(tiny_gpt2, tmp_path_factory.mktemp("gpt2_moved"), edit)
+
+
+def _heads(layer, role):
+    """[h, d_in, d_out] float64 per-head blocks of a toolkit layer."""
+    return getattr(layer, role).astype(np.float64)
+
+
+def _changes(comparison):
+    """Every (layer, matrix/circuit, head) change record and every whole-matrix record."""
+    for layer in comparison.layers:
+        for role, matrix in layer.matrices.items():
+            yield matrix
+            yield from ((role, h) for h in matrix.heads)
+        for heads in layer.circuits.values():
+            yield from (("circuit", h) for h in heads)
+
+
+# --- elementwise -----------------------------------------------------------------------------
+
+
+def test_identical_models_show_exactly_zero_change(tiny_bert):
+    result = compare(tiny_bert, tiny_bert)
+    assert result.mode == "elementwise" and result.note is None
+    assert len(result.layers) == 2
+    for layer in result.layers:
+        assert layer.relative_change() == 0.0
+        assert layer.head_relative_change() == [0.0, 0.0, 0.0]
+        for matrix in layer.matrices.values():
+            assert (
+                matrix.fro_delta,
+                matrix.relative_change,
+                matrix.stable_rank_delta,
+                matrix.effective_rank_delta,
+                matrix.top_k_energy_delta,
+                matrix.subspace_similarity_input,
+                matrix.subspace_similarity_output,
+                matrix.amplification,
+            ) == (0.0,) * 8
+            assert matrix.cosine == 1.0
+            assert set(matrix.delta_singular_values) == {0.0}
+            for head in matrix.heads:
+                assert (head.fro_delta, head.relative_change, head.cosine) == (0.0, 0.0, 1.0)
+        for heads in layer.circuits.values():
+            for head in heads:
+                assert (head.fro_delta, head.relative_change, head.cosine) == (0.0, 0.0, 1.0)
+    assert all(p["all"] == 0.0 for p in result.depth_profile())
+
+
+def test_one_moved_head_is_the_top_head_with_the_expected_change(tiny_bert, bert_one_head_moved):
+    from transformers import AutoModel
+
+    folder, noise = bert_one_head_moved
+    original = AutoModel.from_pretrained(tiny_bert).encoder.layer[1].attention.self.query.weight
+    rows = original[2 * D_HEAD : 3 * D_HEAD].detach().numpy().astype(np.float64)
+    expected = np.linalg.norm(noise) / np.linalg.norm(rows)
+
+    result = compare(tiny_bert, folder, top_k=3)
+    top = result.top_heads()
+    assert (top[0]["layer"], top[0]["head"]) == (1, 2)
+    assert top[1]["relative_change"] == 0.0  # nothing else moved
+    assert result.top_layers()[0]["layer"] == 1
+    head = result.layers[1].matrices["wq"].heads[2]
+    assert head.relative_change == pytest.approx(expected, rel=1e-5)
+    assert head.fro_delta == pytest.approx(np.linalg.norm(noise), rel=1e-5)
+    whole_query = np.linalg.norm(original.detach().numpy().astype(np.float64))
+    assert result.layers[1].matrices["wq"].relative_change == pytest.approx(
+        np.linalg.norm(noise) / whole_query, rel=1e-5
+    )
+    # the head's QK circuit moved, its OV circuit and every other head did not
+    assert result.layers[1].circuits["qk"][2].fro_delta > 0
+    assert result.layers[1].circuits["ov"][2].fro_delta == 0.0
+    moved = [
+        (layer.layer, role, h.head)
+        for layer in result.layers
+        for role in ("wq", "wk", "wv", "w0")
+        for h in layer.matrices[role].heads
+        if h.fro_delta > 0
+    ]
+    assert moved == [(1, "wq", 2)]
+
+
+def test_rank_one_change_has_stable_rank_one(tiny_bert, tmp_path):
+    generator = torch.Generator().manual_seed(9)
+    u, v = torch.randn(48, generator=generator), torch.randn(48, generator=generator)
+
+    def edit(model):  # nn.Linear weight is [out, in]: x @ W gains in_vector ⊗ out_vector
+        model.encoder.layer[0].attention.self.value.weight += 0.1 * torch.outer(v, u)
+
+    result = compare(tiny_bert, modified_copy(tiny_bert, tmp_path / "rank1", edit), top_k=1)
+    value = result.layers[0].matrices["wv"]
+    assert value.stable_rank_delta == pytest.approx(1.0, abs=1e-4)
+    assert value.top_k_energy_delta == pytest.approx(1.0, abs=1e-6)
+    assert value.fro_delta == pytest.approx(0.1 * np.linalg.norm(u) * np.linalg.norm(v), rel=1e-4)
+    assert result.layers[0].matrices["wq"].fro_delta == 0.0  # nothing else moved
+
+
+def test_lora_measures_match_numpy(tiny_gpt2, gpt2_all_moved):
+    rank = 4
+    result = compare(tiny_gpt2, gpt2_all_moved, rank=rank, top_k=5)
+    a, b = load_attention(tiny_gpt2).layer(1), load_attention(gpt2_all_moved).layer(1)
+    for role in ("wq", "w0"):
+        w_a, w_b = a.full(role).astype(np.float64), b.full(role).astype(np.float64)
+        delta = w_b - w_a
+        u, s, vt = np.linalg.svd(delta)
+        u_a, _, vt_a = np.linalg.svd(w_a)
+        got = result.layers[1].matrices[role]
+        assert got.stable_rank_delta == pytest.approx((s**2).sum() / s[0] ** 2, rel=1e-9)
+        p = s / s.sum()
+        assert got.effective_rank_delta == pytest.approx(np.exp(-(p * np.log(p)).sum()), rel=1e-9)
+        assert got.top_k_energy_delta == pytest.approx((s[:5] ** 2).sum() / (s**2).sum(), rel=1e-9)
+        phi_in = np.linalg.norm(u_a[:, :rank].T @ u[:, :rank]) ** 2 / rank
+        phi_out = np.linalg.norm(vt_a[:rank] @ vt[:rank].T) ** 2 / rank
+        assert got.subspace_similarity_input == pytest.approx(phi_in, rel=1e-6)
+        assert got.subspace_similarity_output == pytest.approx(phi_out, rel=1e-6)
+        projected = np.linalg.norm(u[:, :rank].T @ w_a @ vt[:rank].T)
+        assert got.amplification == pytest.approx(np.linalg.norm(delta) / projected, rel=1e-6)
+        flat_a, flat_b = w_a.ravel(), w_b.ravel()
+        assert got.cosine == pytest.approx(
+            flat_a @ flat_b / np.linalg.norm(flat_a) / np.linalg.norm(flat_b), rel=1e-12
+        )
+
+
+def test_circuit_changes_equal_the_explicit_products(tiny_gpt2, gpt2_all_moved):
+    result = compare(tiny_gpt2, gpt2_all_moved)
+    model_a, model_b = load_attention(tiny_gpt2), load_attention(gpt2_all_moved)
+    for index in (0, 1):
+        a, b = model_a.layer(index), model_b.layer(index)
+        for h in range(4):
+            circuits = {  # the d_model x d_model products the toolkit avoids building
+                "qk": (
+                    _heads(a, "wq")[h] @ _heads(a, "wk")[h].T,
+                    _heads(b, "wq")[h] @ _heads(b, "wk")[h].T,
+                ),
+                "ov": (
+                    _heads(a, "wv")[h] @ _heads(a, "w0")[h],
+                    _heads(b, "wv")[h] @ _heads(b, "w0")[h],
+                ),
+            }
+            for name, (product_a, product_b) in circuits.items():
+                got = result.layers[index].circuits[name][h]
+                assert got.fro_a == pytest.approx(np.linalg.norm(product_a), rel=1e-9)
+                assert got.fro_delta == pytest.approx(
+                    np.linalg.norm(product_b - product_a), rel=1e-9
+                )
+                assert got.relative_change == pytest.approx(
+                    np.linalg.norm(product_b - product_a) / np.linalg.norm(product_a), rel=1e-9
+                )
+                cosine = (product_a * product_b).sum() / (
+                    np.linalg.norm(product_a) * np.linalg.norm(product_b)
+                )
+                assert got.cosine == pytest.approx(cosine, rel=1e-9)
+
+
+def test_symmetric_measures_are_symmetric(tiny_gpt2, gpt2_all_moved):
+    forward, backward = compare(tiny_gpt2, gpt2_all_moved), compare(gpt2_all_moved, tiny_gpt2)
+    for there, back in zip(_changes(forward), _changes(backward), strict=True):
+        if isinstance(there, tuple):
+            (_, there), (_, back) = there, back
+            assert back.fro_delta == pytest.approx(there.fro_delta, rel=1e-9)
+            assert back.cosine == pytest.approx(there.cosine, rel=1e-12)
+            continue
+        for name in (
+            "fro_delta",
+            "cosine",
+            "stable_rank_delta",
+            "effective_rank_delta",
+            "top_k_energy_delta",
+        ):
+            assert getattr(back, name) == pytest.approx(getattr(there, name), rel=1e-9), name
+        assert back.fro_a == pytest.approx(there.fro_b, rel=1e-12)
+        assert back.delta_singular_values == pytest.approx(
+            there.delta_singular_values, rel=1e-9, abs=1e-12
+        )
+
+
+def test_layer_selection_and_opened_models(tiny_gpt2, gpt2_all_moved):
+    result = compare(load_attention(tiny_gpt2), load_attention(gpt2_all_moved), layers=[1])
+    assert [layer.layer for layer in result.layers] == [1]
+
+
+def test_an_extracted_file_is_compared_on_the_layers_it_holds(tiny_gpt2, gpt2_all_moved, tmp_path):
+    from toolkit.analysis.summary import extract
+
+    extracted = tmp_path / "layer1.safetensors"
+    extract(str(gpt2_all_moved), extracted, [1])
+    from_file = compare(tiny_gpt2, extracted)
+    assert [layer.layer for layer in from_file.layers] == [1]
+    from_folder = compare(tiny_gpt2, gpt2_all_moved, layers=[1])
+    assert from_file.to_dict()["layers"] == from_folder.to_dict()["layers"]
+
+
+def test_zero_reference_weights_give_no_division_by_zero():
+    from toolkit.analysis.compare import _circuit_change, _matrix_change
+
+    zeros = torch.zeros(2, 6, 3, dtype=torch.float64)
+    ones = torch.ones(2, 6, 3, dtype=torch.float64)
+    change = _matrix_change(zeros, ones, zeros[0].repeat(1, 2), ones[0].repeat(1, 2), 2, 2)
+    assert change.relative_change is None and change.heads[0].relative_change is None
+    assert change.cosine == 0.0 and change.fro_delta == pytest.approx(6.0)
+    same_zero = _matrix_change(zeros, zeros, zeros[0].repeat(1, 2), zeros[0].repeat(1, 2), 2, 2)
+    assert (same_zero.relative_change, same_zero.cosine) == (0.0, 1.0)
+    circuit = _circuit_change(zeros, zeros, ones, ones)
+    assert circuit[0].relative_change is None and circuit[0].cosine == 0.0
+
+
+# --- structural ------------------------------------------------------------------------------
+
+
+def test_bert_vs_gpt2_takes_the_structural_path(tiny_bert, tiny_gpt2):
+    result = compare(tiny_bert, tiny_gpt2)
+    assert result.mode == "structural" and result.layers == []
+    assert "different families (bert vs gpt2)" in result.note
+    assert [(p.a.layer, p.b.layer) for p in result.pairs] == [(0, 0), (1, 1)]
+    gpt2 = load_attention(tiny_gpt2).layer(1)
+    profile = result.pairs[1].b
+    for role in ("wq", "w0"):
+        s = np.linalg.svd(gpt2.full(role).astype(np.float64), compute_uv=False)
+        rms = np.sqrt(np.mean(s**2))
+        assert profile.matrices[role].spectrum == pytest.approx(s / rms, rel=1e-9)
+        assert profile.matrices[role].stable_rank == pytest.approx(
+            (s**2).sum() / s[0] ** 2, rel=1e-9
+        )
+        head_norms = np.linalg.norm(_heads(gpt2, role), axis=(1, 2))
+        assert profile.matrices[role].head_fro_spread == pytest.approx(
+            head_norms.std() / head_norms.mean(), rel=1e-9
+        )
+    for h in range(4):  # circuit spectra from QR cores equal those of the explicit products
+        qk = _heads(gpt2, "wq")[h] @ _heads(gpt2, "wk")[h].T
+        ov = _heads(gpt2, "wv")[h] @ _heads(gpt2, "w0")[h]
+        for name, product in (("qk", qk), ("ov", ov)):
+            s = np.linalg.svd(product, compute_uv=False)[:D_HEAD]
+            rms = np.sqrt(np.mean(s**2))
+            assert profile.circuits[name].head_fro[h] == pytest.approx(
+                np.linalg.norm(product), rel=1e-9
+            )
+            assert profile.circuits[name].head_spectra[h] == pytest.approx(
+                s / rms, rel=1e-7, abs=1e-12
+            )
+
+
+def test_different_sizes_of_one_family_take_the_structural_path(minilm, tiny_bert):
+    result = compare(minilm, tiny_bert)
+    assert result.mode == "structural"
+    assert "different sizes" in result.note and "d_model 384 vs 48" in result.note
+    # six MiniLM layers at relative depths 0, .2, ... 1 against the two of tiny_bert at 0 and 1
+    assert [(p.a.layer, p.b.layer) for p in result.pairs] == [
+        (0, 0),
+        (1, 0),
+        (2, 0),
+        (3, 1),
+        (4, 1),
+        (5, 1),
+    ]
+    assert len(result.pairs[0].a.matrices["wq"].spectrum) == 384
+    assert len(result.pairs[0].b.circuits["qk"].head_spectra) == 3
+
+
+# --- JSON and CLI ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pair", ["elementwise", "structural"])
+def test_json_round_trips(pair, tiny_gpt2, gpt2_all_moved, tiny_bert):
+    other = gpt2_all_moved if pair == "elementwise" else tiny_bert
+    data = compare(tiny_gpt2, other).to_dict()
+    text = json.dumps(data, allow_nan=False)
+    assert Comparison.from_dict(json.loads(text)).to_dict() == data
+    if pair == "elementwise":
+        head = data["layers"][1]["matrices"]["wk"]["heads"][3]
+        assert head["head"] == 3 and set(head) >= {"fro_delta", "relative_change", "cosine"}
+        assert len(data["summary"]["top_heads"]) == 8
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def assert_clean_error(result, *words: str):
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output
+    assert all(word in lines[0] for word in words)
+
+
+def test_cli_bad_input_is_one_line(tiny_bert, tmp_path):
+    from safetensors.numpy import save_file
+
+    assert_clean_error(run("compare", str(tiny_bert), str(tmp_path / "missing")), "missing")
+    unsupported = tmp_path / "t5"
+    unsupported.mkdir()
+    (unsupported / "config.json").write_text('{"model_type": "t5"}')
+    save_file(
+        {"shared.weight": np.zeros((2, 2), dtype=np.float32)},
+        str(unsupported / "model.safetensors"),
+    )
+    assert_clean_error(run("compare", str(unsupported), str(tiny_bert)), "t5", "not supported")
+    assert_clean_error(run("compare", str(tiny_bert), str(tiny_bert), "--layer", "7"), "layer 7")
+    only_layer_0 = tmp_path / "layer0.safetensors"
+    assert run("extract", str(tiny_bert), "-o", str(only_layer_0), "--layer", "0").exit_code == 0
+    assert_clean_error(
+        run("compare", str(tiny_bert), str(only_layer_0), "--layer", "1"), "layer 1", "--layer"
+    )
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert_clean_error(run("compare", str(tiny_bert), str(tiny_bert), "--plot", str(blocker / "x")))
+
+
+def test_cli_json_and_plots(tiny_bert, bert_one_head_moved, tmp_path):
+    folder, _ = bert_one_head_moved
+    plots = tmp_path / "plots"
+    result = run(
+        "compare", str(tiny_bert), str(folder), "--json", "--plot", str(plots), "--top-k", "2"
+    )
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    top = data["summary"]["top_heads"][0]
+    heads = {role: m["heads"][2] for role, m in data["layers"][1]["matrices"].items()}
+    # only wq moved: the head's change over all four matrices is ||Δwq[2]|| / ||all four of head 2||
+    assert (top["layer"], top["head"]) == (1, 2)
+    assert top["relative_change"] == pytest.approx(
+        heads["wq"]["fro_delta"] / np.sqrt(sum(h["fro_a"] ** 2 for h in heads.values()))
+    )
+    written = sorted(plots.glob("*.png"))
+    assert len(written) == 4
+    for path in written:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+def test_cli_table_and_structural_plots(tiny_bert, tiny_gpt2, tmp_path):
+    result = run("compare", str(tiny_bert), str(tiny_gpt2), "--plot", str(tmp_path / "p"))
+    assert result.exit_code == 0, result.stderr
+    assert "structural" in result.stdout and "different families" in result.stdout
+    assert len(list((tmp_path / "p").glob("*.png"))) == 3
+
+
+def test_markdown_section_embeds_the_plots(tiny_bert, bert_one_head_moved, tmp_path):
+    from toolkit.render.compare_plots import comparison_markdown
+
+    section = comparison_markdown(
+        compare(tiny_bert, bert_one_head_moved[0]), tmp_path / "figs", link_base=tmp_path
+    )
+    assert "layer 1 head 2" in section
+    assert "](figs/relative_change_heatmaps.png)" in section
+    assert (tmp_path / "figs" / "relative_change_heatmaps.png").stat().st_size > 0

@@ -1,0 +1,595 @@
+"""`compare`: how two models' Wq/Wk/Wv/W0 differ, per layer, head and matrix.
+
+Two modes:
+
+- elementwise (same family and dimensions, e.g. a checkpoint and its fine-tuned child): for every
+  layer, head and matrix, ||ΔW||_F, ||ΔW||_F / ||W_a||_F and the cosine of the flattened weights;
+  per layer and full matrix the spectrum of ΔW = W_b - W_a (stable rank, effective rank, share of
+  ||ΔW||_F^2 in the top-k singular values) and the LoRA measures (Hu et al. 2021, section 7);
+  per head the change of the QK and OV circuits.
+- structural (different families or sizes): element-wise differences between unrelated bases mean
+  nothing, so each model is described on its own (normalised spectra, ranks, norms, spread of the
+  per-head norms, QK/OV circuit spectra) and layers are set side by side at matched relative depth.
+
+Both stream one layer of each model at a time. Circuits are never built as d_model x d_model
+products: a head's QK = wq[i] @ wk[i].T is L @ R.T with thin factors L, R [d_model, d_head], and
+||L R^T||_F^2 = sum((L^T L) * (R^T R)), its singular values those of the d_head x d_head core of
+the factors' QR decompositions.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+
+import numpy as np
+
+from toolkit.attention import WEIGHT_ROLES, AttentionLayer, AttentionModel, load_attention
+from toolkit.errors import ToolkitError
+
+CIRCUITS = ("qk", "ov")
+ELEMENTWISE = "elementwise"
+STRUCTURAL = "structural"
+
+
+# ---------------------------------------------------------------------------------------------
+# Results: plain dataclasses; every number keyed by layer, head and matrix.
+
+
+@dataclass
+class HeadChange:
+    """One head's change in one matrix (or circuit). `relative_change` is None when W_a is zero."""
+
+    head: int
+    fro_a: float
+    fro_delta: float
+    relative_change: float | None
+    cosine: float
+
+
+@dataclass
+class MatrixChange:
+    """One full matrix (x @ W layout, e.g. wq [d_model, h*d_head]) of one layer, W_a -> W_b.
+
+    subspace_similarity_*: LoRA's phi = ||U_a^T U_delta||_F^2 / r between the top-`rank` singular
+    directions of W_a and of ΔW, on the input (left) and output (right) side.
+    amplification: ||ΔW||_F / ||U^T W_a V||_F, U and V the top-`rank` singular vectors of ΔW
+    (None when that projection of W_a is zero).
+    delta_singular_values: all singular values of ΔW, largest first.
+    All ΔW measures are 0 when ΔW = 0.
+    """
+
+    fro_a: float
+    fro_b: float
+    fro_delta: float
+    relative_change: float | None
+    cosine: float
+    stable_rank_delta: float
+    effective_rank_delta: float
+    top_k_energy_delta: float
+    subspace_similarity_input: float
+    subspace_similarity_output: float
+    amplification: float | None
+    delta_singular_values: list[float]
+    heads: list[HeadChange]
+
+
+@dataclass
+class LayerChange:
+    layer: int
+    matrices: dict[str, MatrixChange]  # wq, wk, wv, w0
+    circuits: dict[str, list[HeadChange]]  # qk, ov: one entry per head
+
+    def head_relative_change(self) -> list[float | None]:
+        """Per head, all four matrices together: sqrt(sum ||ΔW_m[h]||^2 / sum ||W_a,m[h]||^2)."""
+        heads = zip(*(self.matrices[role].heads for role in WEIGHT_ROLES), strict=True)
+        return [
+            _relative(
+                _root_sum_square(h.fro_delta for h in per_role),
+                _root_sum_square(h.fro_a for h in per_role),
+            )
+            for per_role in heads
+        ]
+
+    def relative_change(self) -> float | None:
+        """The whole layer, all four matrices together."""
+        return _relative(
+            _root_sum_square(m.fro_delta for m in self.matrices.values()),
+            _root_sum_square(m.fro_a for m in self.matrices.values()),
+        )
+
+
+@dataclass
+class MatrixProfile:
+    """One model's full matrix, described on its own (structural mode).
+
+    spectrum: singular values divided by their root mean square (||W||_F / sqrt(n)), largest
+    first, so that spectra of matrices of different sizes and scales overlay.
+    head_fro_spread: standard deviation / mean of the per-head norms.
+    """
+
+    fro: float
+    stable_rank: float
+    effective_rank: float
+    spectrum: list[float]
+    head_fro: list[float]
+    head_fro_spread: float
+
+    @property
+    def stable_rank_share(self) -> float:
+        """Stable rank / number of singular values: comparable across sizes."""
+        return self.stable_rank / len(self.spectrum)
+
+    @property
+    def effective_rank_share(self) -> float:
+        return self.effective_rank / len(self.spectrum)
+
+
+@dataclass
+class CircuitProfile:
+    """One model's QK or OV circuits of one layer, one entry per head (spectra normalised as
+    in MatrixProfile)."""
+
+    head_fro: list[float]
+    head_stable_rank: list[float]
+    head_spectra: list[list[float]]
+
+
+@dataclass
+class LayerProfile:
+    layer: int
+    relative_depth: float  # layer / (n_layers - 1); 0 for a one-layer model
+    matrices: dict[str, MatrixProfile]
+    circuits: dict[str, CircuitProfile]
+
+
+@dataclass
+class LayerPair:
+    """Model a's layer beside model b's layer at the nearest relative depth."""
+
+    a: LayerProfile
+    b: LayerProfile
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    family: str
+    n_layers: int
+    n_heads: int
+    d_model: int
+    d_head: int
+
+
+@dataclass
+class Comparison:
+    """The result of `compare(a, b)`: `layers` in elementwise mode, `pairs` in structural mode."""
+
+    a: ModelInfo
+    b: ModelInfo
+    mode: str
+    note: str | None
+    rank: int
+    top_k: int
+    layers: list[LayerChange] = field(default_factory=list)
+    pairs: list[LayerPair] = field(default_factory=list)
+
+    def top_heads(self) -> list[dict]:
+        """The `top_k` heads that moved most (all four matrices together), largest first."""
+        ranked = [
+            {"layer": layer.layer, "head": head, "relative_change": change}
+            for layer in self.layers
+            for head, change in enumerate(layer.head_relative_change())
+        ]
+        return sorted(
+            ranked,
+            key=lambda h: -math.inf if h["relative_change"] is None else h["relative_change"],
+            reverse=True,
+        )[: self.top_k]
+
+    def depth_profile(self) -> list[dict]:
+        """Per layer: the mean over heads of each matrix's relative change, and of all together."""
+        profile = []
+        for layer in self.layers:
+            point = {"layer": layer.layer, "all": mean_defined(layer.head_relative_change())}
+            for role in WEIGHT_ROLES:
+                point[role] = mean_defined([h.relative_change for h in layer.matrices[role].heads])
+            profile.append(point)
+        return profile
+
+    def top_layers(self) -> list[dict]:
+        """All layers, the one that moved most first."""
+        ranked = [
+            {"layer": layer.layer, "relative_change": layer.relative_change()}
+            for layer in self.layers
+        ]
+        return sorted(
+            ranked,
+            key=lambda entry: (
+                -math.inf if entry["relative_change"] is None else entry["relative_change"]
+            ),
+            reverse=True,
+        )
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        if self.mode == ELEMENTWISE:
+            data["summary"] = {
+                "top_heads": self.top_heads(),
+                "top_layers": self.top_layers(),
+                "depth_profile": self.depth_profile(),
+            }
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Comparison:
+        """Rebuild a Comparison from `to_dict()` output (the derived `summary` is recomputed)."""
+        return _build(cls, {key: value for key, value in data.items() if key != "summary"})
+
+
+def _build(kind, value):
+    """Turn JSON data back into the (nested) dataclass or container `kind` describes."""
+    origin = typing.get_origin(kind)
+    if is_dataclass(kind):
+        hints = typing.get_type_hints(kind)
+        return kind(**{f.name: _build(hints[f.name], value[f.name]) for f in fields(kind)})
+    if origin is list:
+        (item,) = typing.get_args(kind)
+        return [_build(item, v) for v in value]
+    if origin is dict:
+        _, item = typing.get_args(kind)
+        return {k: _build(item, v) for k, v in value.items()}
+    if origin in (typing.Union, types.UnionType):  # X | None
+        if value is None:
+            return None
+        (inner,) = [arg for arg in typing.get_args(kind) if arg is not type(None)]
+        return _build(inner, value)
+    return kind(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# The computation.
+
+
+def compare(
+    a: str | Path | AttentionModel,
+    b: str | Path | AttentionModel,
+    *,
+    revision_a: str | None = None,
+    revision_b: str | None = None,
+    allow_pickle: bool = False,
+    rank: int = 8,
+    top_k: int = 8,
+    layers: Sequence[int] | None = None,
+    progress: bool = False,
+) -> Comparison:
+    """Compare the attention weights of model `a` (the reference) with those of model `b`.
+
+    `a` and `b` are model specs (as `load_attention` takes) or opened `AttentionModel`s.
+    `rank`: the r of the LoRA measures; `top_k`: how many singular values the energy share
+    counts and how many heads the summary ranks. `layers`: indices in `a` (default all); in
+    structural mode each is paired with `b`'s layer at the nearest relative depth.
+    `progress`: show a progress bar over layers on stderr.
+    """
+    if rank < 1 or top_k < 1:
+        raise ToolkitError(f"rank and top_k must be at least 1 (got rank {rank}, top_k {top_k})")
+    model_a = _open(a, revision_a, allow_pickle)
+    model_b = _open(b, revision_b, allow_pickle)
+    info_a, info_b = _info(model_a), _info(model_b)
+    note = _structural_reason(info_a, info_b)
+    result = Comparison(
+        a=info_a,
+        b=info_b,
+        mode=STRUCTURAL if note else ELEMENTWISE,
+        note=note,
+        rank=rank,
+        top_k=top_k,
+    )
+    selected = model_a.select_layers(layers)
+    if note is None:
+        if (
+            not layers
+        ):  # a `toolkit extract` file may hold only some layers: compare those both have
+            selected = [i for i in selected if i in model_b.layer_indices]
+        missing = [i for i in selected if i not in model_b.layer_indices]
+        if missing or not selected:
+            raise ToolkitError(
+                f"layer {missing[0] if missing else 'none'} of {info_a.name} is not in "
+                f"{info_b.name}: choose layers both hold with --layer"
+            )
+        for index in _track(selected, progress, "comparing layers"):
+            result.layers.append(
+                layer_change(model_a.layer(index), model_b.layer(index), rank, top_k)
+            )
+        return result
+    profile_b: LayerProfile | None = None
+    for index in _track(selected, progress, "profiling layers"):
+        index_b = _matched_layer(index, model_a, model_b)
+        if profile_b is None or profile_b.layer != index_b:
+            profile_b = layer_profile(model_b.layer(index_b), _relative_depth(index_b, model_b))
+        result.pairs.append(
+            LayerPair(
+                a=layer_profile(model_a.layer(index), _relative_depth(index, model_a)), b=profile_b
+            )
+        )
+    return result
+
+
+def _open(
+    model: str | Path | AttentionModel, revision: str | None, allow_pickle: bool
+) -> AttentionModel:
+    if isinstance(model, AttentionModel):
+        return model
+    return load_attention(model, revision=revision, allow_pickle=allow_pickle)
+
+
+def _info(model: AttentionModel) -> ModelInfo:
+    d = model.dims
+    return ModelInfo(str(model.name), model.family.name, d.n_layers, d.n_heads, d.d_model, d.d_head)
+
+
+def _structural_reason(a: ModelInfo, b: ModelInfo) -> str | None:
+    """Why element-wise differences would be meaningless, or None when they are meaningful."""
+    if a.family != b.family:
+        why = f"different families ({a.family} vs {b.family})"
+    else:
+        differ = [
+            f"{name} {getattr(a, name)} vs {getattr(b, name)}"
+            for name in ("n_layers", "n_heads", "d_model", "d_head")
+            if getattr(a, name) != getattr(b, name)
+        ]
+        if not differ:
+            return None
+        why = f"different sizes ({', '.join(differ)})"
+    return (
+        f"{why}: the weights live in unrelated bases, so element-wise differences mean "
+        "nothing; each model is described on its own (normalised spectra, ranks, norms, "
+        "spread of per-head norms, QK/OV circuit spectra) at matched relative depth"
+    )
+
+
+def _relative_depth(index: int, model: AttentionModel) -> float:
+    return index / (model.dims.n_layers - 1) if model.dims.n_layers > 1 else 0.0
+
+
+def _matched_layer(index: int, model_a: AttentionModel, model_b: AttentionModel) -> int:
+    """b's layer nearest to a's layer `index` in relative depth (among the layers b has)."""
+    depth = _relative_depth(index, model_a)
+    return min(model_b.layer_indices, key=lambda j: (abs(_relative_depth(j, model_b) - depth), j))
+
+
+def _track(items: list[int], show: bool, description: str):
+    if not show:
+        return items
+    from rich.console import Console
+    from rich.progress import track
+
+    return track(items, description=description, console=Console(stderr=True), transient=True)
+
+
+def layer_change(
+    layer_a: AttentionLayer, layer_b: AttentionLayer, rank: int, top_k: int
+) -> LayerChange:
+    """Every elementwise measure of one layer, W_a -> W_b (same shapes)."""
+    a = {role: _double(getattr(layer_a, role)) for role in WEIGHT_ROLES}
+    b = {role: _double(getattr(layer_b, role)) for role in WEIGHT_ROLES}
+    matrices = {
+        role: _matrix_change(
+            a[role], b[role], _double(layer_a.full(role)), _double(layer_b.full(role)), rank, top_k
+        )
+        for role in WEIGHT_ROLES
+    }
+    circuits = {
+        name: _circuit_change(*_circuit_factors(a, name), *_circuit_factors(b, name))
+        for name in CIRCUITS
+    }
+    return LayerChange(layer=layer_a.index, matrices=matrices, circuits=circuits)
+
+
+def _double(array: np.ndarray):
+    """A contiguous float64 torch copy: norms and spectra accumulate without float32 round-off,
+    and in the same order whatever the checkpoint's storage layout."""
+    import torch
+
+    return torch.tensor(np.ascontiguousarray(array), dtype=torch.float64)
+
+
+def _matrix_change(heads_a, heads_b, full_a, full_b, rank: int, top_k: int) -> MatrixChange:
+    """heads_*: [h, d_in, d_out] per-head blocks; full_*: the same weights as one matrix."""
+    import torch
+
+    head_squared_a = (heads_a * heads_a).sum(dim=(1, 2))  # [h]
+    head_squared_b = (heads_b * heads_b).sum(dim=(1, 2))
+    head_dot = (heads_a * heads_b).sum(dim=(1, 2))
+    head_fro_delta = torch.linalg.matrix_norm(heads_b - heads_a)
+    heads = [
+        _head_change(
+            h,
+            float(head_squared_a[h]),
+            float(head_squared_b[h]),
+            float(head_dot[h]),
+            float(head_fro_delta[h]),
+        )
+        for h in range(heads_a.shape[0])
+    ]
+
+    delta = full_b - full_a  # [d_in, d_out]
+    squared_a, squared_b = float((full_a * full_a).sum()), float((full_b * full_b).sum())
+    fro_a, fro_delta = math.sqrt(squared_a), float(torch.linalg.matrix_norm(delta))
+    if fro_delta == 0.0:  # no change: no directions to compare
+        s_delta = torch.zeros(min(delta.shape), dtype=delta.dtype)
+        similarity_in = similarity_out = amplification = 0.0
+    else:
+        u_delta, s_delta, vh_delta = torch.linalg.svd(delta, full_matrices=False)
+        r = min(rank, s_delta.numel())
+        u_a, _, vh_a = torch.linalg.svd(full_a, full_matrices=False)
+        similarity_in = _subspace_similarity(u_a[:, :r], u_delta[:, :r])
+        similarity_out = _subspace_similarity(vh_a[:r].T, vh_delta[:r].T)
+        projected = float(torch.linalg.matrix_norm(u_delta[:, :r].T @ full_a @ vh_delta[:r].T))
+        amplification = _relative(fro_delta, projected)
+    return MatrixChange(
+        fro_a=fro_a,
+        fro_b=math.sqrt(squared_b),
+        fro_delta=fro_delta,
+        relative_change=_relative(fro_delta, fro_a),
+        cosine=_cosine(float((full_a * full_b).sum()), squared_a, squared_b),
+        stable_rank_delta=stable_rank(s_delta),
+        effective_rank_delta=effective_rank(s_delta),
+        top_k_energy_delta=top_k_energy(s_delta, top_k),
+        subspace_similarity_input=similarity_in,
+        subspace_similarity_output=similarity_out,
+        amplification=amplification,
+        delta_singular_values=s_delta.tolist(),
+        heads=heads,
+    )
+
+
+def _head_change(
+    head: int, squared_a: float, squared_b: float, dot: float, fro_delta: float
+) -> HeadChange:
+    fro_a = math.sqrt(squared_a)
+    return HeadChange(
+        head, fro_a, fro_delta, _relative(fro_delta, fro_a), _cosine(dot, squared_a, squared_b)
+    )
+
+
+def _circuit_factors(weights: dict, circuit: str):
+    """Thin factors (L, R), each [h, d_model, d_head], of the circuit L @ R^T of every head:
+    QK = wq[i] @ wk[i]^T, OV = wv[i] @ w0[i] = wv[i] @ (w0[i]^T)^T."""
+    if circuit == "qk":
+        return weights["wq"], weights["wk"]
+    return weights["wv"], weights["w0"].transpose(1, 2)
+
+
+def _circuit_inner(left_1, right_1, left_2, right_2):
+    """<L1 R1^T, L2 R2^T>_F = trace(R1 L1^T L2 R2^T) = sum((L1^T L2) * (R1^T R2)), per head. [h]"""
+    return (left_1.transpose(1, 2) @ left_2 * (right_1.transpose(1, 2) @ right_2)).sum(dim=(1, 2))
+
+
+def _circuit_change(left_a, right_a, left_b, right_b) -> list[HeadChange]:
+    import torch
+
+    squared_a = _circuit_inner(left_a, right_a, left_a, right_a)  # [h]
+    squared_b = _circuit_inner(left_b, right_b, left_b, right_b)
+    dot = _circuit_inner(left_a, right_a, left_b, right_b)
+    # L_b R_b^T - L_a R_a^T = ΔL R_b^T + L_a ΔR^T = [ΔL, L_a] @ [R_b, ΔR]^T: rank <= 2 d_head, and
+    # its norm has no cancellation between the two large products when the change is small.
+    left = torch.cat([left_b - left_a, left_a], dim=2)  # [h, d_model, 2 d_head]
+    right = torch.cat([right_b, right_b - right_a], dim=2)
+    squared_delta = _circuit_inner(left, right, left, right).clamp(min=0)
+    return [
+        _head_change(
+            h, float(squared_a[h]), float(squared_b[h]), float(dot[h]), math.sqrt(squared_delta[h])
+        )
+        for h in range(left_a.shape[0])
+    ]
+
+
+def circuit_singular_values(left, right):
+    """Singular values of every head's L @ R^T, [h, d_head], from the QR cores of the factors:
+    L = Q_l R_l, R = Q_r R_r  =>  L R^T = Q_l (R_l R_r^T) Q_r^T, whose singular values are the
+    d_head x d_head core's."""
+    import torch
+
+    _, core_left = torch.linalg.qr(left)  # [h, d_head, d_head]
+    _, core_right = torch.linalg.qr(right)
+    return torch.linalg.svdvals(core_left @ core_right.transpose(1, 2))
+
+
+def layer_profile(layer: AttentionLayer, relative_depth: float) -> LayerProfile:
+    """One model's layer described on its own (structural mode)."""
+    import torch
+
+    weights = {role: _double(getattr(layer, role)) for role in WEIGHT_ROLES}
+    matrices = {}
+    for role in WEIGHT_ROLES:
+        singular_values = torch.linalg.svdvals(_double(layer.full(role)))
+        head_fro = torch.linalg.matrix_norm(weights[role])
+        mean = float(head_fro.mean())
+        matrices[role] = MatrixProfile(
+            fro=float(torch.linalg.vector_norm(singular_values)),
+            stable_rank=stable_rank(singular_values),
+            effective_rank=effective_rank(singular_values),
+            spectrum=_normalised(singular_values).tolist(),
+            head_fro=head_fro.tolist(),
+            head_fro_spread=float(head_fro.std(correction=0)) / mean if mean > 0 else 0.0,
+        )
+    circuits = {}
+    for name in CIRCUITS:
+        singular_values = circuit_singular_values(*_circuit_factors(weights, name))  # [h, d_head]
+        circuits[name] = CircuitProfile(
+            head_fro=torch.linalg.vector_norm(singular_values, dim=1).tolist(),
+            head_stable_rank=[stable_rank(s) for s in singular_values],
+            head_spectra=[_normalised(s).tolist() for s in singular_values],
+        )
+    return LayerProfile(layer.index, relative_depth, matrices, circuits)
+
+
+# ---------------------------------------------------------------------------------------------
+# Spectral measures, all zero-safe (a zero matrix has rank measures 0).
+
+
+def stable_rank(singular_values) -> float:
+    """||W||_F^2 / ||W||_2^2 = sum s_i^2 / s_1^2: how many directions carry the energy."""
+    top = float(singular_values.max()) if singular_values.numel() else 0.0
+    return float((singular_values**2).sum()) / top**2 if top > 0 else 0.0
+
+
+def effective_rank(singular_values) -> float:
+    """Roy & Vetterli (2007): exp of the entropy of p_i = s_i / sum s_j."""
+    import torch
+
+    total = float(singular_values.sum())
+    if total <= 0:
+        return 0.0
+    p = singular_values[singular_values > 0] / total
+    return float(torch.exp(-(p * torch.log(p)).sum()))
+
+
+def top_k_energy(singular_values, k: int) -> float:
+    """Share of ||W||_F^2 in the k largest singular values (singular_values sorted descending)."""
+    energy = singular_values**2
+    total = float(energy.sum())
+    return float(energy[:k].sum()) / total if total > 0 else 0.0
+
+
+def _subspace_similarity(basis_1, basis_2) -> float:
+    """LoRA's phi: ||B1^T B2||_F^2 / r for two orthonormal bases [d, r]; 1 = same subspace."""
+    import torch
+
+    return float(torch.linalg.matrix_norm(basis_1.T @ basis_2) ** 2) / basis_1.shape[1]
+
+
+def _normalised(singular_values):
+    """s_i / rms(s): a flat spectrum is all ones, whatever the matrix's size and scale."""
+    rms = float((singular_values**2).mean()) ** 0.5
+    return singular_values / rms if rms > 0 else singular_values
+
+
+def _relative(numerator: float, denominator: float) -> float | None:
+    """numerator / denominator; 0 when both are 0; None (undefined) for x / 0 with x > 0."""
+    if numerator == 0.0:
+        return 0.0
+    return numerator / denominator if denominator > 0 else None
+
+
+def _cosine(dot: float, squared_1: float, squared_2: float) -> float:
+    """<A, B> / (||A|| ||B||) from the inner product and the squared norms (so that A = B gives
+    exactly 1); two zero matrices are equal (1), a zero and a non-zero one orthogonal (0)."""
+    if squared_1 == 0.0 or squared_2 == 0.0:
+        return 1.0 if squared_1 == squared_2 else 0.0
+    return max(-1.0, min(1.0, dot / math.sqrt(squared_1 * squared_2)))
+
+
+def _root_sum_square(values) -> float:
+    return math.sqrt(sum(v * v for v in values))
+
+
+def mean_defined(values: list[float | None]) -> float | None:
+    """The mean of the values that are defined (not None); None when none is."""
+    defined = [v for v in values if v is not None]
+    return sum(defined) / len(defined) if defined else None

@@ -1,0 +1,172 @@
+"""Rich terminal view of a `compare` result: what moved most, the depth profile, ΔW's structure;
+or, across architectures, the two models' layers side by side."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from toolkit.analysis.compare import ELEMENTWISE, Comparison, mean_defined
+
+WEIGHTS = ("wq", "wk", "wv", "w0")
+BAR_WIDTH = 30
+
+
+def number(value: float | None, digits: int = 4) -> str:
+    """A number for a table cell; None (undefined, e.g. change relative to a zero matrix) is n/a."""
+    return "n/a" if value is None else f"{value:.{digits}g}"
+
+
+def render_comparison(comparison: Comparison, console: Console) -> None:
+    c = comparison
+    console.print(f"[bold]A[/bold] {escape(_describe(c.a))}")
+    console.print(f"[bold]B[/bold] {escape(_describe(c.b))}")
+    console.print(f"mode [cyan]{c.mode}[/cyan]")
+    if c.note:
+        console.print(f"[yellow]note:[/yellow] {escape(c.note)}")
+    if c.mode == ELEMENTWISE:
+        _render_elementwise(c, console)
+    else:
+        _render_structural(c, console)
+
+
+def _describe(info) -> str:
+    return (
+        f"{info.name}  family {info.family}  layers {info.n_layers}  heads {info.n_heads}  "
+        f"d_model {info.d_model}  d_head {info.d_head}"
+    )
+
+
+def _render_elementwise(c: Comparison, console: Console) -> None:
+    per_layer = Table(
+        title="Relative change ||W_b - W_a||_F / ||W_a||_F per layer (circuits: mean over heads)"
+    )
+    for column in ("layer", *WEIGHTS, "all four", "QK", "OV", "min cos"):
+        per_layer.add_column(column, justify="right")
+    for layer in c.layers:
+        circuits = [
+            mean_defined([h.relative_change for h in layer.circuits[name]]) for name in ("qk", "ov")
+        ]
+        per_layer.add_row(
+            str(layer.layer),
+            *(number(layer.matrices[role].relative_change) for role in WEIGHTS),
+            number(layer.relative_change()),
+            *(number(v) for v in circuits),
+            number(min(m.cosine for m in layer.matrices.values()), 6),
+        )
+    console.print(per_layer)
+
+    structure = Table(
+        title="Structure of ΔW = W_b - W_a (full matrices)",
+        caption=f"stable/effective rank of ΔW; top-{c.top_k}: share of ||ΔW||² in its top "
+        f"{c.top_k} singular values; φ: LoRA subspace similarity of the top-{c.rank} "
+        f"input/output directions of W_a and ΔW; amp.: ||ΔW|| / ||U^T W_a V||",
+    )
+    for column in (
+        "layer",
+        "matrix",
+        "||ΔW||",
+        "stable",
+        "effective",
+        f"top-{c.top_k}",
+        "φ in",
+        "φ out",
+        "amp.",
+    ):
+        structure.add_column(column, justify="right")
+    for layer in c.layers:
+        for role in WEIGHTS:
+            m = layer.matrices[role]
+            structure.add_row(
+                str(layer.layer),
+                role,
+                number(m.fro_delta),
+                number(m.stable_rank_delta),
+                number(m.effective_rank_delta),
+                number(m.top_k_energy_delta),
+                number(m.subspace_similarity_input),
+                number(m.subspace_similarity_output),
+                number(m.amplification),
+            )
+    console.print(structure)
+
+    if all(layer.relative_change() == 0.0 for layer in c.layers):
+        console.print("[green]no change: the attention weights of A and B are identical[/green]")
+        return
+    top = Table(title=f"The {len(c.top_heads())} heads that moved most (relative change)")
+    for column in ("layer", "head", "all four", *WEIGHTS, "QK", "OV"):
+        top.add_column(column, justify="right")
+    by_index = {layer.layer: layer for layer in c.layers}
+    for entry in c.top_heads():
+        layer, head = by_index[entry["layer"]], entry["head"]
+        top.add_row(
+            str(entry["layer"]),
+            str(head),
+            number(entry["relative_change"]),
+            *(number(layer.matrices[role].heads[head].relative_change) for role in WEIGHTS),
+            *(number(layer.circuits[name][head].relative_change) for name in ("qk", "ov")),
+        )
+    console.print(top)
+
+    profile = c.depth_profile()
+    largest = max((p["all"] for p in profile if p["all"] is not None), default=0.0)
+    depth = Table(title="Depth profile: mean relative change of the heads, by layer")
+    depth.add_column("layer", justify="right")
+    depth.add_column("mean", justify="right")
+    depth.add_column("")
+    for point in profile:
+        share = point["all"] / largest if point["all"] and largest > 0 else 0.0
+        depth.add_row(str(point["layer"]), number(point["all"]), "█" * round(share * BAR_WIDTH))
+    console.print(depth)
+
+
+def _render_structural(c: Comparison, console: Console) -> None:
+    matrices = Table(
+        title="Full matrices side by side (A | B) at matched relative depth; "
+        "ranks as shares of the matrix's dimension"
+    )
+    for column in (
+        "layer A",
+        "layer B",
+        "depth A",
+        "matrix",
+        "||W||_F",
+        "stable rank / dim",
+        "effective rank / dim",
+        "head-norm spread",
+    ):
+        matrices.add_column(column, justify="right")
+    for pair in c.pairs:
+        for role in WEIGHTS:
+            a, b = pair.a.matrices[role], pair.b.matrices[role]
+            matrices.add_row(
+                str(pair.a.layer),
+                str(pair.b.layer),
+                f"{pair.a.relative_depth:.2f}",
+                role,
+                _side_by_side(a.fro, b.fro),
+                _side_by_side(a.stable_rank_share, b.stable_rank_share),
+                _side_by_side(a.effective_rank_share, b.effective_rank_share),
+                _side_by_side(a.head_fro_spread, b.head_fro_spread),
+            )
+    console.print(matrices)
+
+    circuits = Table(title="QK and OV circuits side by side (A | B): means over heads")
+    for column in ("layer A", "layer B", "circuit", "||circuit||_F", "stable rank"):
+        circuits.add_column(column, justify="right")
+    for pair in c.pairs:
+        for name in ("qk", "ov"):
+            a, b = pair.a.circuits[name], pair.b.circuits[name]
+            circuits.add_row(
+                str(pair.a.layer),
+                str(pair.b.layer),
+                name.upper(),
+                _side_by_side(mean_defined(a.head_fro), mean_defined(b.head_fro)),
+                _side_by_side(mean_defined(a.head_stable_rank), mean_defined(b.head_stable_rank)),
+            )
+    console.print(circuits)
+
+
+def _side_by_side(a: float | None, b: float | None) -> str:
+    return f"{number(a)} | {number(b)}"
