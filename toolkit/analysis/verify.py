@@ -93,13 +93,9 @@ def verify(model: str | None = None, texts: Sequence[str] | None = None, *,
     import torch
 
     attention = attention or load_attention(model, revision=revision, allow_pickle=allow_pickle)
-    if attention.source.is_standard_file:
-        raise ToolkitError(
-            "verify needs the full model to run: pass the model folder, not a standard-tensor file"
-        )
-    net = _load_model(attention, allow_pickle)
-    input_ids, padding, inputs_info = _make_inputs(attention, texts, seed)
-    captured = _capture(net, attention)
+    net = load_model(attention, allow_pickle)
+    input_ids, padding, inputs_info = make_inputs(attention, texts, seed)
+    captured = capture_blocks(net, attention)
     with torch.no_grad():
         outputs = net(input_ids=input_ids, attention_mask=padding, output_attentions=True)
     for handle in captured.pop("handles"):
@@ -107,7 +103,7 @@ def verify(model: str | None = None, texts: Sequence[str] | None = None, *,
     if outputs.attentions is None or len(outputs.attentions) != attention.dims.n_layers:
         raise ToolkitError("the model returned no attention probabilities: it does not use eager attention")
 
-    mask = _allowed(padding, attention.family.causal)
+    mask = allowed_mask(padding, attention.family.causal)
     d = attention.dims
     report = VerifyReport(
         model=str(attention.name), family=attention.family.name, n_heads=d.n_heads,
@@ -128,11 +124,16 @@ def verify(model: str | None = None, texts: Sequence[str] | None = None, *,
     return report
 
 
-def _load_model(attention: AttentionModel, allow_pickle: bool):
+def load_model(attention: AttentionModel, allow_pickle: bool = False):
+    """The real model with eager attention (so that it returns its attention probabilities)."""
     import torch
     from transformers import AutoModel
     from transformers.utils import logging as hf_logging
 
+    if attention.source.is_standard_file:
+        raise ToolkitError(
+            "this needs the full model to run: pass the model folder, not a standard-tensor file"
+        )
     hf_logging.disable_progress_bar()
     path = attention.source.path
     has_safetensors = any(path.glob("*.safetensors"))
@@ -146,18 +147,18 @@ def _load_model(attention: AttentionModel, allow_pickle: bool):
     return net.eval()
 
 
-def _make_inputs(attention: AttentionModel, texts: Sequence[str] | None, seed: int):
+def make_inputs(attention: AttentionModel, texts: Sequence[str] | None, seed: int):
     """Token ids and padding mask: the texts through the model's tokenizer, or random ids."""
     import torch
 
-    tokenizer = _load_tokenizer(attention.source.path)
+    tokenizer = load_tokenizer(attention.source.path)
     if texts is not None and any(not t.strip() for t in texts):
         raise ToolkitError("--text is empty: give some words to run the model on")
     if tokenizer is None:
         if texts:
             raise ToolkitError(
                 f"{attention.source.path} has no tokenizer, so --text cannot be used: "
-                "leave it out to verify on random token ids"
+                "leave it out to run on random token ids"
             )
         vocab = attention.config.get("vocab_size", 100)
         generator = torch.Generator().manual_seed(seed)
@@ -174,7 +175,7 @@ def _make_inputs(attention: AttentionModel, texts: Sequence[str] | None, seed: i
         "kind": "texts", "texts": texts, "shape": list(encoded["input_ids"].shape)}
 
 
-def _load_tokenizer(path):
+def load_tokenizer(path):
     from transformers import AutoTokenizer
 
     if not any((path / name).exists() for name in ("tokenizer.json", "vocab.txt", "vocab.json")):
@@ -185,7 +186,7 @@ def _load_tokenizer(path):
         return None
 
 
-def _capture(net, attention: AttentionModel) -> dict:
+def capture_blocks(net, attention: AttentionModel) -> dict:
     """Forward hooks recording each attention block's input and output."""
     captured: dict = {"inputs": {}, "outputs": {}, "handles": []}
     for index in attention.layer_indices:
@@ -202,7 +203,7 @@ def _capture(net, attention: AttentionModel) -> dict:
     return captured
 
 
-def _allowed(padding, causal: bool):
+def allowed_mask(padding, causal: bool):
     """[batch, 1, tokens, tokens] bool: True where a query may attend to a key."""
     import torch
 
