@@ -87,9 +87,9 @@ def explain_qkv(model: str | None = None, text: str | None = None, *, lr: float 
     batch = self_supervised_batch(attention, input_ids)
     loss = self_supervised_loss(net, **batch)
     loss.backward()
-    grads = attention_from_state_dict(
-        {name: p.grad if p.grad is not None else torch.zeros_like(p) for name, p in net.named_parameters()},
-        config, "gradients")
+    gradients = {name: p.grad if p.grad is not None else torch.zeros_like(p)
+                 for name, p in net.named_parameters()}  # unused parameters (pooler) get none
+    grads = attention_from_state_dict(gradients, config, "gradients")
     before = attention_from_state_dict(_snapshot(net), config, "before the step")
     torch.optim.SGD(net.parameters(), lr=lr).step()
     after = attention_from_state_dict(_snapshot(net), config, "after the step")
@@ -126,7 +126,7 @@ def explain_qkv(model: str | None = None, text: str | None = None, *, lr: float 
 
 
 def self_supervised_batch(attention: AttentionModel, input_ids) -> dict:
-    """The inputs and targets of the loss described in the module docstring. input_ids [1, tokens]."""
+    """Inputs and targets of the loss in the module docstring; input_ids [1, tokens]."""
     if attention.family.causal:
         return {"input_ids": input_ids, "targets": input_ids[:, 1:], "masked_position": None}
     tokenizer = load_tokenizer(attention.source.path)

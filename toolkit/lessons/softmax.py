@@ -10,7 +10,13 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from toolkit.analysis.verify import allowed_mask, capture_blocks, load_model, load_tokenizer, make_inputs
+from toolkit.analysis.verify import (
+    allowed_mask,
+    capture_blocks,
+    load_model,
+    load_tokenizer,
+    make_inputs,
+)
 from toolkit.attention import AttentionModel, load_attention
 from toolkit.errors import ToolkitError
 
@@ -19,7 +25,7 @@ OVERFLOW_DTYPES = ("float16", "float32")
 
 @dataclass
 class OverflowCase:
-    """The scores shifted so that the largest is `largest`, computed naively and stably in `dtype`."""
+    """The scores shifted so that the largest is `largest`, softmaxed naively and stably."""
 
     largest: float
     dtype: str
@@ -50,7 +56,7 @@ class SoftmaxLesson:
     model_probs: list[float]  # the model's own attention row at these keys (output_attentions)
     max_abs_diff_vs_model: float  # over the whole row (masked keys included, where both are 0)
     ranking: list[int]  # indices into `keys`, most attended first
-    exp_overflow_threshold: dict[str, float]  # dtype -> ln(largest finite value): exp above it is inf
+    exp_overflow_threshold: dict[str, float]  # dtype -> ln(largest finite value): exp(above) = inf
     overflow: list[OverflowCase] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -68,9 +74,11 @@ def explain_softmax(model: str | None = None, text: str | None = None, *, layer:
     d = attention.dims
     standard = attention.layer(layer)  # validates the layer index
     if not 0 <= head < d.n_heads:
-        raise ToolkitError(f"head {head} is out of range: {attention.name} has heads 0-{d.n_heads - 1}")
+        raise ToolkitError(
+            f"head {head} is out of range: {attention.name} has heads 0-{d.n_heads - 1}")
     net = load_model(attention, allow_pickle)
-    input_ids, padding, inputs_info = make_inputs(attention, None if text is None else [text], seed=0)
+    texts = None if text is None else [text]
+    input_ids, padding, inputs_info = make_inputs(attention, texts, seed=0)
     n_tokens = int(padding[0].sum())
     query = n_tokens // 2 if token is None else token
     if not 0 <= query < n_tokens:
@@ -134,9 +142,10 @@ def overflow_cases(scores, thresholds: dict[str, float]) -> list[OverflowCase]:
             naive = s.exp() / s.exp().sum()
             stable = (s - s.max()).exp() / (s - s.max()).exp().sum()
             nonfinite = int((~naive.isfinite()).sum())
+            naive_diff = (naive.double() - exact).abs().max().item()
             cases.append(OverflowCase(
                 largest=float(target), dtype=name, naive_nonfinite=nonfinite,
-                naive_max_abs_diff=None if nonfinite else (naive.double() - exact).abs().max().item(),
+                naive_max_abs_diff=None if nonfinite else naive_diff,
                 stable_max_abs_diff=(stable.double() - exact).abs().max().item(),
             ))
     return cases

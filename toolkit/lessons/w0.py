@@ -86,7 +86,8 @@ def explain_w0(model: str | None = None, texts: Sequence[str] | None = None, *, 
     block = captured["outputs"][layer]  # [batch, tokens, d_model]
     scale = attention.family.score_scale(attention.config, layer, d)
     mask = allowed_mask(padding, attention.family.causal)
-    _, z, _ = recompute_layer(standard, captured["inputs"][layer], mask, scale)  # z [b, h, t, d_head]
+    # z: [batch, heads, tokens, d_head], each head's output before W0
+    _, z, _ = recompute_layer(standard, captured["inputs"][layer], mask, scale)
     t = standard.as_torch()
     per_head_sum = torch.einsum("bhte,hed->btd", z, t["w0"]) + t["b0"]  # sum_i z_i @ w0[i] + b0
     concat_route = concat_then_w0(standard, z)  # Concat(z) @ W0 + b0
