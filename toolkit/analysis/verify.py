@@ -186,6 +186,14 @@ def load_tokenizer(path):
         return None
 
 
+def token_strings(attention: AttentionModel, ids: list[int]) -> list[str]:
+    """Readable tokens for ids: the tokenizer's, or '#id' when the model has none."""
+    tokenizer = load_tokenizer(attention.source.path)
+    if tokenizer is None:
+        return [f"#{i}" for i in ids]
+    return [tokenizer.decode([i]).strip() or repr(tokenizer.decode([i])) for i in ids]
+
+
 def capture_blocks(net, attention: AttentionModel) -> dict:
     """Forward hooks recording each attention block's input and output."""
     captured: dict = {"inputs": {}, "outputs": {}, "handles": []}

@@ -22,3 +22,21 @@ LESSONS: dict[str, str] = {
 def lesson_function(name: str) -> Callable:
     module, function = LESSONS[name].split(":")
     return getattr(import_module(module), function)
+
+
+def explain_all(model: str | None = None, *, revision: str | None = None,
+                allow_pickle: bool = False,
+                on_lesson: Callable[[str], None] | None = None) -> dict[str, object]:
+    """Every registered lesson with its defaults on one model: name -> result.
+
+    `on_lesson(name)` is called before each lesson starts (the CLI advances a progress bar).
+    """
+    from toolkit.attention import load_attention
+
+    attention = load_attention(model, revision=revision, allow_pickle=allow_pickle)
+    results = {}
+    for name in LESSONS:
+        if on_lesson is not None:
+            on_lesson(name)
+        results[name] = lesson_function(name)(attention=attention, allow_pickle=allow_pickle)
+    return results

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from toolkit.analysis.verify import load_model, load_tokenizer, make_inputs
+from toolkit.analysis.verify import load_model, load_tokenizer, make_inputs, token_strings
 from toolkit.attention import AttentionModel, attention_from_state_dict, load_attention
 
 QKV = ("wq", "wk", "wv")
@@ -58,6 +58,7 @@ class QkvLesson:
     inputs: dict
     masked_position: int | None
     masked_token_id: int | None  # the original token the masked position must predict
+    masked_token: str | None
     lr: float
     loss: float
     loss_after_step: float
@@ -97,12 +98,14 @@ def explain_qkv(model: str | None = None, text: str | None = None, *, lr: float 
         loss_after = self_supervised_loss(net, **batch)
 
     d = attention.dims
+    masked_id = None if batch["masked_position"] is None else int(batch["targets"][0])
     lesson = QkvLesson(
         model=str(attention.name), family=attention.family.name, n_heads=d.n_heads,
         d_model=d.d_model, d_head=d.d_head, initializer_range=config.get("initializer_range"),
         seed=seed, loss_kind="next_token" if attention.family.causal else "masked",
         inputs=inputs_info, masked_position=batch["masked_position"],
-        masked_token_id=None if batch["masked_position"] is None else int(batch["targets"][0]),
+        masked_token_id=masked_id,
+        masked_token=None if masked_id is None else token_strings(attention, [masked_id])[0],
         lr=lr, loss=loss.item(),
         loss_after_step=loss_after.item(),
     )
@@ -155,6 +158,8 @@ def _snapshot(net) -> dict:
 
 
 def _stats(matrix: np.ndarray) -> WeightStats:
-    singular = np.linalg.svd(matrix.astype(np.float64), compute_uv=False)
+    import torch
+
+    singular = torch.linalg.svdvals(torch.from_numpy(matrix).double())  # descending
     return WeightStats(std=float(matrix.std()), mean=float(matrix.mean()),
                        singular_values=singular.tolist())

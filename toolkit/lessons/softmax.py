@@ -14,8 +14,8 @@ from toolkit.analysis.verify import (
     allowed_mask,
     capture_blocks,
     load_model,
-    load_tokenizer,
     make_inputs,
+    token_strings,
 )
 from toolkit.attention import AttentionModel, load_attention
 from toolkit.errors import ToolkitError
@@ -110,7 +110,7 @@ def explain_softmax(model: str | None = None, text: str | None = None, *, layer:
     ours = torch.zeros(n_tokens).index_put((keys,), probs)
     lesson = SoftmaxLesson(
         model=str(attention.name), family=attention.family.name, layer=layer, head=head,
-        inputs=inputs_info, tokens=_token_strings(attention, input_ids[0].tolist()), query=query,
+        inputs=inputs_info, tokens=token_strings(attention, input_ids[0].tolist()), query=query,
         keys=keys.tolist(), d_head=d.d_head, scale=scale, raw_scores=raw.tolist(),
         scores=scores.tolist(), largest=largest.item(), shifted=shifted.tolist(),
         exps=exps.tolist(), exp_sum=exps.sum().item(), probs=probs.tolist(),
@@ -149,10 +149,3 @@ def overflow_cases(scores, thresholds: dict[str, float]) -> list[OverflowCase]:
                 stable_max_abs_diff=(stable.double() - exact).abs().max().item(),
             ))
     return cases
-
-
-def _token_strings(attention: AttentionModel, ids: list[int]) -> list[str]:
-    tokenizer = load_tokenizer(attention.source.path)
-    if tokenizer is None:
-        return [f"#{i}" for i in ids]
-    return [tokenizer.decode([i]).strip() or repr(tokenizer.decode([i])) for i in ids]

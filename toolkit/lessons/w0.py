@@ -93,7 +93,9 @@ def explain_w0(model: str | None = None, texts: Sequence[str] | None = None, *, 
     concat_route = concat_then_w0(standard, z)  # Concat(z) @ W0 + b0
 
     w0 = standard.full("w0")  # [h*d_head, d_model]
-    singular = np.linalg.svd(w0.astype(np.float64), compute_uv=False)
+    singular = torch.linalg.svdvals(torch.from_numpy(w0).double()).numpy()
+    # numerical rank with numpy's matrix_rank tolerance
+    rank = int((singular > singular.max() * max(w0.shape) * np.finfo(np.float64).eps).sum())
     tokens = int(valid[0].sum())
     lesson = W0Lesson(
         model=str(attention.name), family=attention.family.name, layer=layer,
@@ -102,7 +104,7 @@ def explain_w0(model: str | None = None, texts: Sequence[str] | None = None, *, 
         w0_shape=list(w0.shape), output_shape=[tokens, d.d_model],
         concat_vs_sum_max_abs_diff=(concat_route - per_head_sum).abs().max().item(),
         sum_vs_model_max_abs_diff=(per_head_sum - block)[valid].abs().max().item(),
-        w0_rank=int(np.linalg.matrix_rank(w0.astype(np.float64))),
+        w0_rank=rank,
         w0_singular_max=float(singular.max()), w0_singular_min=float(singular.min()),
         head_block_norms=np.linalg.norm(standard.w0, axis=(1, 2)).tolist(),
         head_block_abs_mean=np.abs(standard.w0).mean(axis=1).tolist(),
