@@ -16,6 +16,10 @@ _PUBLIC = {
     "inspect_model": "toolkit.analysis.summary",
     "extract": "toolkit.analysis.summary",
     "verify": "toolkit.analysis.verify",
+    "explain_w0": "toolkit.lessons.w0",
+    "explain_softmax": "toolkit.lessons.softmax",
+    "explain_qkv": "toolkit.lessons.qkv",
+    "explain_all": "toolkit.lessons",
     "ToolkitError": "toolkit.errors",
 }
 

@@ -147,7 +147,8 @@ def present_qkv(r: QkvLesson, lang: str) -> list[Block]:
     for role in QKV:
         rows = [[str(head)] + [f"{layer.grad_norm_per_head[role][head]:.4f}" for layer in r.layers]
                 for head in range(r.n_heads)]
-        columns = [say(lang, "head")] + [f"{say(lang, 'layer')} {layer.layer}" for layer in r.layers]
+        columns = [say(lang, "head")] + [f"{say(lang, 'layer')} {layer.layer}"
+                                         for layer in r.layers]
         blocks.append(Table(say(lang, "qkv.grad_head_table", role=role), columns, rows))
     relative = [layer.update_relative[role] for layer in r.layers for role in QKV]
     blocks.append(Paragraph(say(
