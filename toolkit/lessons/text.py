@@ -139,10 +139,15 @@ TEXT: dict[str, dict[str, str]] = {
         "qkv.sv_trained": "σ max trained",
         "qkv.sv_median_init": "σ median init",
         "qkv.sv_median_trained": "σ median trained",
-        "qkv.spectra": (
-            "Singular values: a random normal matrix has a flat spectrum (largest / median "
-            "{init_ratio:.1f} on average here); training concentrates the weights in a few "
-            "directions (largest / median {trained_ratio:.1f})."
+        "qkv.spectra_steeper": (
+            "Singular values (figure): the fresh random matrices have largest / median = "
+            "{init_ratio:.1f} on average, the trained ones {trained_ratio:.1f}: training has "
+            "concentrated the weights in fewer directions."
+        ),
+        "qkv.spectra_flatter": (
+            "Singular values (figure): the fresh random matrices have largest / median = "
+            "{init_ratio:.1f} on average, the trained ones {trained_ratio:.1f}: training has not "
+            "concentrated the weights in fewer directions."
         ),
         "qkv.loss_masked": (
             "One backpropagation step on \"{text}\". {model} has no language-model head, so the "
@@ -276,9 +281,13 @@ TEXT: dict[str, dict[str, str]] = {
         "qkv.sv_trained": "训练后 σ 最大",
         "qkv.sv_median_init": "初始 σ 中位数",
         "qkv.sv_median_trained": "训练后 σ 中位数",
-        "qkv.spectra": (
-            "奇异值:随机正态矩阵的谱是平坦的(这里最大值/中位数平均为 {init_ratio:.1f});"
-            "训练把权重集中到少数几个方向上(最大值/中位数 {trained_ratio:.1f})。"
+        "qkv.spectra_steeper": (
+            "奇异值(见图):新初始化的随机矩阵最大值/中位数平均为 {init_ratio:.1f},训练后为 "
+            "{trained_ratio:.1f}:训练把权重集中到了更少的方向上。"
+        ),
+        "qkv.spectra_flatter": (
+            "奇异值(见图):新初始化的随机矩阵最大值/中位数平均为 {init_ratio:.1f},训练后为 "
+            "{trained_ratio:.1f}:训练并没有把权重集中到更少的方向上。"
         ),
         "qkv.loss_masked": (
             "在 \"{text}\" 上做一次反向传播。{model} 没有语言模型头,所以这里自己定义损失:把第 {position} "

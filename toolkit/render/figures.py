@@ -31,8 +31,9 @@ def softmax_bars(lesson: SoftmaxLesson, path: Path) -> None:
     ax.plot(range(len(labels)), lesson.model_probs, "o", color="tab:orange", label="model")
     ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=8)
     ax.set_ylabel("probability")
+    ax.set_ylim(0, 1.3 * max(max(lesson.probs), max(lesson.model_probs)))  # room for the legend
     ax.set_title(f"layer {lesson.layer}, head {lesson.head}, query {lesson.query}")
-    ax.legend()
+    ax.legend(loc="upper right")
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=120)
     plt.close(fig)

@@ -112,6 +112,7 @@ def present_qkv(r: QkvLesson, lang: str) -> list[Block]:
         return stats.singular_values[0] / statistics.median(stats.singular_values)
 
     init_std, trained_std = (mean_over(part, lambda s: s.std) for part in ("init", "trained"))
+    init_ratio, trained_ratio = (mean_over(part, spread) for part in ("init", "trained"))
     init_key = "qkv.init" if r.initializer_range is not None else "qkv.init_unknown"
     text = r.inputs.get("texts", ["(random token ids)"])[0]
     stats_rows = [[str(layer.layer), role] + [
@@ -138,8 +139,9 @@ def present_qkv(r: QkvLesson, lang: str) -> list[Block]:
         Paragraph(say(lang, init_key, family=r.family, std=r.initializer_range, seed=r.seed,
                       init_std=init_std, trained_std=trained_std)),
         Table("", stats_columns, stats_rows),
-        Paragraph(say(lang, "qkv.spectra", init_ratio=mean_over("init", spread),
-                      trained_ratio=mean_over("trained", spread))),
+        Paragraph(say(lang, "qkv.spectra_steeper" if trained_ratio > init_ratio
+                      else "qkv.spectra_flatter",
+                      init_ratio=init_ratio, trained_ratio=trained_ratio)),
         Figure("qkv", say(lang, "qkv.figure"), partial(figures.qkv_spectra, r)),
         Paragraph(loss),
         Table(say(lang, "qkv.grad_table"), [say(lang, "layer")] + list(QKV), grad_rows),
