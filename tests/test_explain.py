@@ -21,6 +21,8 @@ from toolkit.lessons.text import TEXT, resolve_language
 from toolkit.lessons.w0 import explain_w0
 
 SENTENCE = "The cat sat on the mat because it was tired."
+BOTH_FAMILIES = pytest.mark.parametrize(("fixture", "family"),
+                                        [("tiny_bert", "bert"), ("tiny_gpt2", "gpt2")])
 
 
 def _eager(path):
@@ -60,7 +62,7 @@ def _relative(new, old, valid):
 
 # ---- w0 -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("fixture", "family"), [("tiny_bert", "bert"), ("tiny_gpt2", "gpt2")])
+@BOTH_FAMILIES
 def test_w0_shapes_and_concat_identity_agree_with_verify(request, fixture, family):
     path = request.getfixturevalue(fixture)
     lesson = explain_w0(str(path), layer=1)
@@ -86,7 +88,7 @@ def test_w0_shapes_and_concat_identity_agree_with_verify(request, fixture, famil
     assert lesson.head_block_norms == pytest.approx(np.linalg.norm(blocks, axis=(1, 2)), rel=1e-5)
 
 
-@pytest.mark.parametrize(("fixture", "family"), [("tiny_bert", "bert"), ("tiny_gpt2", "gpt2")])
+@BOTH_FAMILIES
 def test_w0_replacements_match_swapping_the_models_own_weight(request, fixture, family):
     path = request.getfixturevalue(fixture)
     layer = 0
@@ -197,7 +199,7 @@ def _per_head_grad_norms(model, family: str, layer: int, h: int) -> dict[str, li
             for i, role in enumerate(("wq", "wk", "wv"))}
 
 
-@pytest.mark.parametrize(("fixture", "family"), [("tiny_bert", "bert"), ("tiny_gpt2", "gpt2")])
+@BOTH_FAMILIES
 def test_qkv_loss_gradients_and_sgd_step_match_autograd(request, fixture, family):
     import torch.nn.functional as F
 
@@ -207,21 +209,26 @@ def test_qkv_loss_gradients_and_sgd_step_match_autograd(request, fixture, family
     attention = load_attention(str(path))
     input_ids, padding, _ = make_inputs(attention, None, seed=0)
     ids = input_ids[:1, :int(padding[0].sum())]
-    model = _eager(path)
-    embeddings = model.get_input_embeddings().weight
-    if family == "bert":  # the stated loss: the middle token masked (no tokenizer: id 0)
-        position = ids.shape[1] // 2
-        masked = ids.clone()
-        masked[0, position] = 0
-        logits = model(input_ids=masked).last_hidden_state[0, position] @ embeddings.T
-        loss = F.cross_entropy(logits[None], ids[0, position:position + 1])
-        assert lesson.masked_position == position
-        assert lesson.masked_token_id == int(ids[0, position])
-    else:  # every next token
+    position = ids.shape[1] // 2
+    masked = ids.clone()
+    masked[0, position] = 0  # no tokenizer, so no mask token: id 0
+
+    def stated_loss(model):
+        """BERT: the middle token masked and predicted; GPT-2: every next token."""
+        embeddings = model.get_input_embeddings().weight
+        if family == "bert":
+            logits = model(input_ids=masked).last_hidden_state[0, position] @ embeddings.T
+            return F.cross_entropy(logits[None], ids[0, position:position + 1])
         logits = model(input_ids=ids).last_hidden_state[0, :-1] @ embeddings.T
-        loss = F.cross_entropy(logits, ids[0, 1:])
-        assert lesson.loss_kind == "next_token"
+        return F.cross_entropy(logits, ids[0, 1:])
+
+    model = _eager(path)
+    loss = stated_loss(model)
     loss.backward()
+    if family == "bert":
+        assert (lesson.masked_position, lesson.masked_token_id) == (position, int(ids[0, position]))
+    else:
+        assert lesson.loss_kind == "next_token" and lesson.masked_position is None
     assert lesson.loss == pytest.approx(loss.item(), rel=1e-5)
     h = attention.dims.n_heads
     for layer in lesson.layers:
@@ -239,12 +246,7 @@ def test_qkv_loss_gradients_and_sgd_step_match_autograd(request, fixture, family
         for p in model.parameters():
             if p.grad is not None:
                 p -= lr * p.grad
-        if family == "bert":
-            after = model(input_ids=masked).last_hidden_state[0, position] @ embeddings.T
-            loss_after = F.cross_entropy(after[None], ids[0, position:position + 1])
-        else:
-            after = model(input_ids=ids).last_hidden_state[0, :-1] @ embeddings.T
-            loss_after = F.cross_entropy(after, ids[0, 1:])
+        loss_after = stated_loss(model)
     assert lesson.loss_after_step == pytest.approx(loss_after.item(), rel=1e-4)
 
 
