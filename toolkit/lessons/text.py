@@ -150,8 +150,8 @@ TEXT: dict[str, dict[str, str]] = {
             "concentrated the weights in fewer directions."
         ),
         "qkv.loss_masked": (
-            "One backpropagation step on \"{text}\". {model} has no language-model head, so the "
-            "loss is defined here: token {position} '{token}' is replaced by the mask token and "
+            "One backpropagation step on \"{text}\". The loss is defined here so that it needs no "
+            "task head ({model} is run as a base model): token {position} '{token}' is replaced by the mask token and "
             "predicted from the final hidden state, scored against the model's own input "
             "embeddings (tied weights); loss = cross-entropy = {loss:.4f}. Dropout is off."
         ),
@@ -290,7 +290,7 @@ TEXT: dict[str, dict[str, str]] = {
             "{trained_ratio:.1f}:训练并没有把权重集中到更少的方向上。"
         ),
         "qkv.loss_masked": (
-            "在 \"{text}\" 上做一次反向传播。{model} 没有语言模型头,所以这里自己定义损失:把第 {position} "
+            "在 \"{text}\" 上做一次反向传播。这里自己定义一个不需要任务头的损失({model} 按基础模型运行):把第 {position} "
             "个词元 '{token}' 换成掩码词元,用最终隐藏状态去预测它,打分用模型自己的输入词嵌入"
             "(权重共享);损失 = 交叉熵 = {loss:.4f}。dropout 已关闭。"
         ),
