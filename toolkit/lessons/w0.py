@@ -96,6 +96,7 @@ def explain_w0(model: str | None = None, texts: Sequence[str] | None = None, *, 
     singular = torch.linalg.svdvals(torch.from_numpy(w0).double()).numpy()
     # numerical rank with numpy's matrix_rank tolerance
     rank = int((singular > singular.max() * max(w0.shape) * np.finfo(np.float64).eps).sum())
+    _, reinserted = run_with_w0(net, attention, layer, w0, input_ids, padding)  # the route itself
     tokens = int(valid[0].sum())
     lesson = W0Lesson(
         model=str(attention.name), family=attention.family.name, layer=layer,
@@ -108,21 +109,20 @@ def explain_w0(model: str | None = None, texts: Sequence[str] | None = None, *, 
         w0_singular_max=float(singular.max()), w0_singular_min=float(singular.min()),
         head_block_norms=np.linalg.norm(standard.w0, axis=(1, 2)).tolist(),
         head_block_abs_mean=np.abs(standard.w0).mean(axis=1).tolist(),
-        reinserted_max_abs_diff=0.0,
+        reinserted_max_abs_diff=(reinserted - final)[valid].abs().max().item(),
     )
 
-    def relative_changes(new_w0: np.ndarray) -> tuple[float, float, float]:
+    def replaced(kind: str, head: int | None, new_w0: np.ndarray) -> W0Replacement:
         new_block, new_final = run_with_w0(net, attention, layer, new_w0, input_ids, padding)
-        return (_relative(new_block, block, valid), _relative(new_final, final, valid),
-                (new_final - final)[valid].abs().max().item())
+        return W0Replacement(kind, head, _relative(new_block, block, valid),
+                             _relative(new_final, final, valid))
 
-    lesson.reinserted_max_abs_diff = relative_changes(w0)[2]
     if w0.shape[0] == w0.shape[1]:  # the identity exists only when h*d_head == d_model
         identity = np.eye(w0.shape[0], dtype=np.float32)
-        lesson.replacements.append(W0Replacement("identity", None, *relative_changes(identity)[:2]))
+        lesson.replacements.append(replaced("identity", None, identity))
     for head in range(d.n_heads):
         repeated = np.tile(standard.w0[head], (d.n_heads, 1))  # [h*d_head, d_model]
-        lesson.replacements.append(W0Replacement("repeat", head, *relative_changes(repeated)[:2]))
+        lesson.replacements.append(replaced("repeat", head, repeated))
     return lesson
 
 
