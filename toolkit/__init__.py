@@ -18,6 +18,10 @@ _PUBLIC = {
     "verify": "toolkit.analysis.verify",
     "compare": "toolkit.analysis.compare",
     "Comparison": "toolkit.analysis.compare",
+    "explain_w0": "toolkit.lessons.w0",
+    "explain_softmax": "toolkit.lessons.softmax",
+    "explain_qkv": "toolkit.lessons.qkv",
+    "explain_all": "toolkit.lessons",
     "ToolkitError": "toolkit.errors",
 }
 

@@ -195,3 +195,146 @@ def compare(
 
         paths = write_compare_plots(comparison, plot_dir)
         click.echo(f"wrote {len(paths)} figures to {plot_dir}", err=as_json)
+
+
+@main.group()
+def explain() -> None:
+    """The student's questions about attention, answered with the model's own tensors.
+
+    Every number is computed on the spot from MODEL; the prose is in Chinese or English
+    (--lang, default from the locale). --json prints every number, --markdown writes a report
+    with PNG figures beside it.
+    """
+
+
+def _lesson_output_options(command):
+    markdown = click.option(
+        "--markdown",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help="Write a Markdown report here, with PNG figures beside it.",
+    )
+    as_json = click.option(
+        "--json",
+        "as_json",
+        is_flag=True,
+        help="Print every number as one JSON object instead of the lesson.",
+    )
+    lang = click.option(
+        "--lang",
+        type=click.Choice(["zh", "en"]),
+        default=None,
+        help="Language of the prose (default: from the locale, else English).",
+    )
+    return lang(as_json(markdown(command)))
+
+
+def _check_markdown(markdown: str | None) -> None:
+    if markdown is not None:
+        from toolkit.fileio import check_output_path
+
+        check_output_path(markdown)
+
+
+def _show_lessons(results: dict, lang: str | None, as_json: bool, markdown: str | None) -> None:
+    """Render lesson results: JSON on stdout, or the terminal view; and the Markdown report."""
+    from toolkit.lessons.text import resolve_language
+    from toolkit.render.lessons import lesson_blocks
+    from toolkit.render.report import print_blocks, write_markdown
+
+    blocks = lesson_blocks(results, resolve_language(lang))
+    if as_json:
+        data = {name: result.to_dict() for name, result in results.items()}
+        _print_json(next(iter(data.values())) if len(data) == 1 else data)
+    else:
+        print_blocks(blocks, _console())
+    if markdown is not None:
+        figures = write_markdown(blocks, markdown)
+        click.echo(f"wrote {markdown} and {len(figures)} figures beside it", err=as_json)
+
+
+@explain.command("w0")
+@_model_options
+@click.option(
+    "--layer", type=int, default=0, show_default=True, help="The layer whose W0 is replaced."
+)
+@click.option(
+    "--text", "texts", multiple=True, help="Input text (repeatable); default: two sentences."
+)
+@_lesson_output_options
+def explain_w0(model, revision, allow_pickle, layer, texts, lang, as_json, markdown):
+    """Question 1: why one W0? Shapes, Concat(z) @ W0 = sum_i z_i @ w0[i], and W0 replaced."""
+    from toolkit.lessons.w0 import explain_w0 as run_lesson
+
+    _check_markdown(markdown)
+    result = run_lesson(
+        model, texts or None, layer=layer, revision=revision, allow_pickle=allow_pickle
+    )
+    _show_lessons({"w0": result}, lang, as_json, markdown)
+
+
+@explain.command("softmax")
+@_model_options
+@click.option("--text", default=None, help="The input text; default: a sample sentence.")
+@click.option("--layer", type=int, default=0, show_default=True)
+@click.option("--head", type=int, default=0, show_default=True)
+@click.option(
+    "--token", type=int, default=None, help="The query token's position; default: the middle one."
+)
+@_lesson_output_options
+def explain_softmax(
+    model, revision, allow_pickle, text, layer, head, token, lang, as_json, markdown
+):
+    """Question 2: one attention row by hand, equal to the model's, and why subtract the max."""
+    from toolkit.lessons.softmax import explain_softmax as run_lesson
+
+    _check_markdown(markdown)
+    result = run_lesson(
+        model,
+        text,
+        layer=layer,
+        head=head,
+        token=token,
+        revision=revision,
+        allow_pickle=allow_pickle,
+    )
+    _show_lessons({"softmax": result}, lang, as_json, markdown)
+
+
+@explain.command("qkv")
+@_model_options
+@click.option("--text", default=None, help="The sentence of the backprop step; default: a sample.")
+@click.option("--lr", type=float, default=0.01, show_default=True, help="SGD learning rate.")
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Seed of the fresh initialisation."
+)
+@_lesson_output_options
+def explain_qkv(model, revision, allow_pickle, text, lr, seed, lang, as_json, markdown):
+    """Question 3: Wq/Wk/Wv at initialisation vs trained, and one real backprop + SGD step."""
+    from toolkit.lessons.qkv import explain_qkv as run_lesson
+
+    _check_markdown(markdown)
+    result = run_lesson(model, text, lr=lr, seed=seed, revision=revision, allow_pickle=allow_pickle)
+    _show_lessons({"qkv": result}, lang, as_json, markdown)
+
+
+@explain.command("all")
+@_model_options
+@_lesson_output_options
+def explain_all(model, revision, allow_pickle, lang, as_json, markdown):
+    """Every lesson with its defaults, as one report."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from toolkit.lessons import LESSONS
+    from toolkit.lessons import explain_all as run_all
+
+    _check_markdown(markdown)
+    with Progress(console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task("lessons", total=len(LESSONS))
+
+        def on_lesson(name: str) -> None:
+            progress.update(task, description=f"lesson {name}", completed=list(LESSONS).index(name))
+
+        results = run_all(model, revision=revision, allow_pickle=allow_pickle, on_lesson=on_lesson)
+    _show_lessons(results, lang, as_json, markdown)

@@ -99,13 +99,9 @@ def verify(
     import torch
 
     attention = attention or load_attention(model, revision=revision, allow_pickle=allow_pickle)
-    if attention.source.is_standard_file:
-        raise ToolkitError(
-            "verify needs the full model to run: pass the model folder, not a standard-tensor file"
-        )
-    net = _load_model(attention, allow_pickle)
-    input_ids, padding, inputs_info = _make_inputs(attention, texts, seed)
-    captured = _capture(net, attention)
+    net = load_model(attention, allow_pickle)
+    input_ids, padding, inputs_info = make_inputs(attention, texts, seed)
+    captured = capture_blocks(net, attention)
     with torch.no_grad():
         outputs = net(input_ids=input_ids, attention_mask=padding, output_attentions=True)
     for handle in captured.pop("handles"):
@@ -115,7 +111,7 @@ def verify(
             "the model returned no attention probabilities: it does not use eager attention"
         )
 
-    mask = _allowed(padding, attention.family.causal)
+    mask = allowed_mask(padding, attention.family.causal)
     d = attention.dims
     report = VerifyReport(
         model=str(attention.name),
@@ -143,11 +139,16 @@ def verify(
     return report
 
 
-def _load_model(attention: AttentionModel, allow_pickle: bool):
+def load_model(attention: AttentionModel, allow_pickle: bool = False):
+    """The real model with eager attention (so that it returns its attention probabilities)."""
     import torch
     from transformers import AutoModel
     from transformers.utils import logging as hf_logging
 
+    if attention.source.is_standard_file:
+        raise ToolkitError(
+            "this needs the full model to run: pass the model folder, not a standard-tensor file"
+        )
     hf_logging.disable_progress_bar()
     path = attention.source.path
     has_safetensors = any(path.glob("*.safetensors"))
@@ -165,18 +166,18 @@ def _load_model(attention: AttentionModel, allow_pickle: bool):
     return net.eval()
 
 
-def _make_inputs(attention: AttentionModel, texts: Sequence[str] | None, seed: int):
+def make_inputs(attention: AttentionModel, texts: Sequence[str] | None, seed: int):
     """Token ids and padding mask: the texts through the model's tokenizer, or random ids."""
     import torch
 
-    tokenizer = _load_tokenizer(attention.source.path)
+    tokenizer = load_tokenizer(attention.source.path)
     if texts is not None and any(not t.strip() for t in texts):
         raise ToolkitError("--text is empty: give some words to run the model on")
     if tokenizer is None:
         if texts:
             raise ToolkitError(
                 f"{attention.source.path} has no tokenizer, so --text cannot be used: "
-                "leave it out to verify on random token ids"
+                "leave it out to run on random token ids"
             )
         vocab = attention.config.get("vocab_size", 100)
         generator = torch.Generator().manual_seed(seed)
@@ -203,7 +204,7 @@ def _make_inputs(attention: AttentionModel, texts: Sequence[str] | None, seed: i
     )
 
 
-def _load_tokenizer(path):
+def load_tokenizer(path):
     from transformers import AutoTokenizer
 
     if not any((path / name).exists() for name in ("tokenizer.json", "vocab.txt", "vocab.json")):
@@ -214,7 +215,15 @@ def _load_tokenizer(path):
         return None
 
 
-def _capture(net, attention: AttentionModel) -> dict:
+def token_strings(attention: AttentionModel, ids: list[int]) -> list[str]:
+    """Readable tokens for ids: the tokenizer's, or '#id' when the model has none."""
+    tokenizer = load_tokenizer(attention.source.path)
+    if tokenizer is None:
+        return [f"#{i}" for i in ids]
+    return [tokenizer.decode([i]).strip() or repr(tokenizer.decode([i])) for i in ids]
+
+
+def capture_blocks(net, attention: AttentionModel) -> dict:
     """Forward hooks recording each attention block's input and output."""
     captured: dict = {"inputs": {}, "outputs": {}, "handles": []}
     for index in attention.layer_indices:
@@ -233,7 +242,7 @@ def _capture(net, attention: AttentionModel) -> dict:
     return captured
 
 
-def _allowed(padding, causal: bool):
+def allowed_mask(padding, causal: bool):
     """[batch, 1, tokens, tokens] bool: True where a query may attend to a key."""
     import torch
 

@@ -1,0 +1,46 @@
+"""Registry of `toolkit explain` lessons: each answers one of the student's questions with numbers
+computed from the model at hand.
+
+A lesson is a module in this package with one function `(attention, **options) -> result
+dataclass`; its view lives in `toolkit.render.lessons`. Adding a lesson means one module here, one
+presenter there, and one line in each registry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from importlib import import_module
+
+# lesson name -> "module:function"; imported on use so that the registry costs nothing to read.
+LESSONS: dict[str, str] = {
+    "w0": "toolkit.lessons.w0:explain_w0",
+    "softmax": "toolkit.lessons.softmax:explain_softmax",
+    "qkv": "toolkit.lessons.qkv:explain_qkv",
+}
+
+
+def lesson_function(name: str) -> Callable:
+    module, function = LESSONS[name].split(":")
+    return getattr(import_module(module), function)
+
+
+def explain_all(
+    model: str | None = None,
+    *,
+    revision: str | None = None,
+    allow_pickle: bool = False,
+    on_lesson: Callable[[str], None] | None = None,
+) -> dict[str, object]:
+    """Every registered lesson with its defaults on one model: name -> result.
+
+    `on_lesson(name)` is called before each lesson starts (the CLI advances a progress bar).
+    """
+    from toolkit.attention import load_attention
+
+    attention = load_attention(model, revision=revision, allow_pickle=allow_pickle)
+    results = {}
+    for name in LESSONS:
+        if on_lesson is not None:
+            on_lesson(name)
+        results[name] = lesson_function(name)(attention=attention, allow_pickle=allow_pickle)
+    return results

@@ -1,0 +1,328 @@
+# ruff: noqa: E501  (prose: sentences are kept whole rather than wrapped at 100 columns)
+"""The canned prose of the lessons, in English and Chinese, with placeholders for the numbers.
+
+Every number in the prose is a `{placeholder}` filled at render time from a lesson's result; the
+two languages use the same keys and the same placeholders.
+"""
+
+from __future__ import annotations
+
+import locale
+import os
+
+LANGUAGES = ("en", "zh")
+
+TEXT: dict[str, dict[str, str]] = {
+    "en": {
+        # shared
+        "model_line": "Model {model} (family {family}).",
+        "figure": "Figure",
+        "layer": "layer",
+        "head": "head",
+        "role": "matrix",
+        # w0
+        "w0.title": "Question 1: why one W0, and not one output matrix per head?",
+        "w0.shapes": (
+            "In layer {layer}, each of the {n_heads} heads outputs z_i of shape {z_shape} "
+            "(tokens x d_head, for the {tokens} tokens of the first input). Side by side they form "
+            "Concat(z) {concat_shape}; W0 is {w0_shape} and maps it to the block output {output_shape}."
+        ),
+        "w0.identity": (
+            "Rows {d_head}*i to {d_head}*(i+1)-1 of W0 belong to head i: call them w0[i] "
+            "[{d_head}, {d_model}]. So Concat(z) @ W0 = sum_i z_i @ w0[i]. On these inputs the two "
+            "routes differ by at most {concat_diff:.1e}, and the sum (+ b0) equals the model's own "
+            "attention output to {model_diff:.1e}."
+        ),
+        "w0.why_one": (
+            "So W0 is one matrix whose row blocks belong to the heads: through its block each head "
+            "writes into all {d_model} output dimensions, and the sum mixes what the heads found. "
+            "There is no 'W1..W{n_heads}' for the output because the per-head matrices already exist: "
+            "they are the slices of Wq, Wk, Wv (and the blocks w0[i] of W0)."
+        ),
+        "w0.square": (
+            "A common claim is that W0 'reduces the dimension'. Not here: h*d_head = {n_heads}*{d_head} "
+            "= {width} = d_model, so W0 is square {w0_shape} and the model would lose nothing in size "
+            "without it. Its numerical rank is {rank} of {width} (singular values from {smax:.3g} "
+            "down to {smin:.3g})."
+        ),
+        "w0.reduces": (
+            "Here h*d_head = {n_heads}*{d_head} = {width} is larger than d_model = {d_model}: W0 does "
+            "reduce the dimension, from {width} to {d_model}. Its numerical rank is {rank}."
+        ),
+        "w0.expands": (
+            "Here h*d_head = {n_heads}*{d_head} = {width} is smaller than d_model = {d_model}: W0 "
+            "widens the concatenation to d_model. Its numerical rank is {rank}."
+        ),
+        "w0.experiment": (
+            "What W0 does, measured: layer {layer}'s W0 is replaced (b0 kept) and the real model "
+            "runs on {n_inputs} inputs. The table gives the relative change ||new - old|| / ||old|| "
+            "of that layer's attention output and of the model's final hidden states. (Putting the "
+            "original W0 back through the same route changes the final states by {reinserted:.1e}.) "
+            "The identity passes Concat(z) on unmixed: head i's output lands in its own {d_head} "
+            "dimensions only. 'w0[j] for every head' is W0 built from head j's block repeated "
+            "{n_heads} times, {w0_shape}, which computes (sum_i z_i) @ w0[j]: all heads written "
+            "through one head's map."
+        ),
+        "w0.no_identity": "The identity is not tried: W0 {w0_shape} is not square.",
+        "w0.identity_row": "identity",
+        "w0.repeat_row": "w0[{head}] for every head",
+        "w0.replacement": "W0 replaced by",
+        "w0.layer_change": "layer output change",
+        "w0.final_change": "final output change",
+        "w0.summary": (
+            "Across these substitutes the layer's attention output changes by {min_layer:.0%} to "
+            "{max_layer:.0%} and the model's final output by {min_final:.0%} to {max_final:.0%}: "
+            "that is how much of the model depends on the mixing this one layer's W0 learned."
+        ),
+        "w0.figure": "Mean |W0| of each head's row block (rows: heads, columns: output dimensions)",
+        # softmax
+        "softmax.title": "Question 2: softmax, step by step (layer {layer}, head {head})",
+        "softmax.intro": (
+            "Query token {query} '{query_token}' of \"{text}\" may attend to {n_keys} tokens. "
+            "Each score is q . k_j (vectors of length d_head = {d_head}) times the model's scale "
+            "{scale:.4g} (1/sqrt(d_head) = {inv_sqrt:.4g})."
+        ),
+        "softmax.key": "key",
+        "softmax.token": "token",
+        "softmax.raw": "q.k",
+        "softmax.scaled": "x scale",
+        "softmax.shifted": "- max",
+        "softmax.exp": "exp",
+        "softmax.prob": "/ sum",
+        "softmax.model": "model",
+        "softmax.steps": (
+            "The largest score is {largest:.4f}. After subtracting it every exponent is <= 0, so "
+            "every exp lies in (0, 1]; their sum is {exp_sum:.4f}, and dividing by it gives "
+            "probabilities that add up to 1."
+        ),
+        "softmax.check": (
+            "The model's own attention row (output_attentions) differs from this by at most {diff:.1e}."
+        ),
+        "softmax.overflow": (
+            "Why subtract the largest score: exp(x) is infinite above x = {f16:.2f} in float16 and "
+            "{f32:.2f} in float32. Adding the same constant to every score leaves softmax unchanged "
+            "(each exp is multiplied by the same factor), so the table shifts these scores until the "
+            "largest passes each limit, and computes both formulas in both precisions:"
+        ),
+        "softmax.largest": "largest score",
+        "softmax.dtype": "precision",
+        "softmax.naive_nonfinite": "naive: inf/NaN probabilities",
+        "softmax.naive_error": "naive: max error",
+        "softmax.stable_error": "stable: max error",
+        "softmax.broken": "broken",
+        "softmax.overflow_summary": (
+            "The naive exp(s) / sum exp(s) broke (inf or NaN) in {broken} of {cases} cases; "
+            "exp(s - max) / sum exp(s - max) stayed finite in {stable_ok} of {cases}."
+        ),
+        "softmax.race": (
+            "The race: the tokens are runners and the scores are how far each ran. Only the distance "
+            "behind the leader counts (that is the subtraction). '{leader}' leads with {leader_score:.2f} "
+            "and takes {leader_prob:.1%} of the attention. '{second}' is {gap:.2f} behind, so it gets "
+            "e^-{gap:.2f} = {ratio:.3f} of the leader's share: {second_prob:.1%}. The last, '{last}', "
+            "is {last_gap:.2f} behind and gets {last_prob:.2%}."
+        ),
+        "softmax.figure": "Attention of query '{query_token}' (layer {layer}, head {head})",
+        # qkv
+        "qkv.title": "Question 3: where Wq, Wk, Wv come from, and how they are adjusted",
+        "qkv.init": (
+            "Before training, {family} draws every entry of Wq, Wk, Wv from normal(0, {std}) "
+            "(config initializer_range) and sets the biases to 0. A fresh model of this config "
+            "(seed {seed}) has a mean std of {init_std:.4f}; the trained weights have {trained_std:.4f}."
+        ),
+        "qkv.init_unknown": (
+            "The config gives no initializer_range; a fresh model of this config (seed {seed}) has a "
+            "mean std of {init_std:.4f}; the trained weights have {trained_std:.4f}."
+        ),
+        "qkv.std_init": "std init",
+        "qkv.std_trained": "std trained",
+        "qkv.sv_init": "σ max init",
+        "qkv.sv_trained": "σ max trained",
+        "qkv.sv_median_init": "σ median init",
+        "qkv.sv_median_trained": "σ median trained",
+        "qkv.spectra_steeper": (
+            "Singular values (figure): the fresh random matrices have largest / median = "
+            "{init_ratio:.1f} on average, the trained ones {trained_ratio:.1f}: training has "
+            "concentrated the weights in fewer directions."
+        ),
+        "qkv.spectra_flatter": (
+            "Singular values (figure): the fresh random matrices have largest / median = "
+            "{init_ratio:.1f} on average, the trained ones {trained_ratio:.1f}: training has not "
+            "concentrated the weights in fewer directions."
+        ),
+        "qkv.loss_masked": (
+            'One backpropagation step on "{text}". The loss is defined here so that it needs no '
+            "task head ({model} is run as a base model): token {position} '{token}' is replaced by the mask token and "
+            "predicted from the final hidden state, scored against the model's own input "
+            "embeddings (tied weights); loss = cross-entropy = {loss:.4f}. Dropout is off."
+        ),
+        "qkv.loss_next": (
+            'One backpropagation step on "{text}". The loss: each next token predicted from the '
+            "final hidden state, scored against the model's own input embeddings (tied weights); "
+            "loss = mean cross-entropy = {loss:.4f}. Dropout is off."
+        ),
+        "qkv.grad_table": "Gradient norm ||dL/dW|| per layer",
+        "qkv.grad_head_table": "Gradient norm of {role} per head (rows) and layer (columns)",
+        "qkv.sgd": (
+            "An SGD step with lr = {lr:g} sets W <- W - lr * dL/dW. Over all layers, "
+            "max |delta W - (-lr * dL/dW)| = {diff:.1e} (float32 rounding); the step moves Wq, Wk, "
+            "Wv by {min_rel:.3%} to {max_rel:.3%} of their norm, and the loss goes from {loss:.4f} "
+            "to {loss_after:.4f}."
+        ),
+        "qkv.figure": "Singular values of Wq, Wk, Wv per layer: fresh initialisation (dashed) vs trained",
+    },
+    "zh": {
+        "model_line": "模型 {model}(家族 {family})。",
+        "figure": "图",
+        "layer": "层",
+        "head": "头",
+        "role": "矩阵",
+        "w0.title": "问题一:为什么只有一个 W0,而不是每个头一个输出矩阵?",
+        "w0.shapes": (
+            "在第 {layer} 层,{n_heads} 个头各输出一个 z_i,形状为 {z_shape}(词元数 x d_head,"
+            "取第一个输入的 {tokens} 个词元)。并排拼接得到 Concat(z) {concat_shape};"
+            "W0 的形状是 {w0_shape},把拼接结果映射为注意力块的输出 {output_shape}。"
+        ),
+        "w0.identity": (
+            "W0 的第 {d_head}*i 到 {d_head}*(i+1)-1 行属于第 i 个头,记作 w0[i] [{d_head}, {d_model}]。"
+            "因此 Concat(z) @ W0 = sum_i z_i @ w0[i]。在这些输入上,两种算法最多相差 {concat_diff:.1e},"
+            "而求和(加上 b0)与模型自己的注意力输出相差不超过 {model_diff:.1e}。"
+        ),
+        "w0.why_one": (
+            "所以 W0 是一个矩阵,它的行块分属各个头:每个头通过自己的行块写入全部 {d_model} 个输出维度,"
+            '求和把各个头找到的信息混合在一起。输出端没有 "W1..W{n_heads}",因为每个头自己的矩阵早已存在:'
+            "它们就是 Wq、Wk、Wv 的切片(以及 W0 的行块 w0[i])。"
+        ),
+        "w0.square": (
+            '常见的说法是 W0 "降低维度"。这里并非如此:h*d_head = {n_heads}*{d_head} = {width} = d_model,'
+            "W0 是方阵 {w0_shape},去掉它模型的尺寸也不会变小。它的数值秩是 {rank}/{width}"
+            "(奇异值从 {smax:.3g} 到 {smin:.3g})。"
+        ),
+        "w0.reduces": (
+            "这里 h*d_head = {n_heads}*{d_head} = {width} 大于 d_model = {d_model}:W0 确实把维度从 "
+            "{width} 降到 {d_model}。它的数值秩是 {rank}。"
+        ),
+        "w0.expands": (
+            "这里 h*d_head = {n_heads}*{d_head} = {width} 小于 d_model = {d_model}:W0 把拼接结果扩展到 "
+            "d_model。它的数值秩是 {rank}。"
+        ),
+        "w0.experiment": (
+            "W0 到底做了什么,用数字来看:替换第 {layer} 层的 W0(保留 b0),让真实模型在 {n_inputs} "
+            "个输入上运行。表中是相对变化 ||新 - 旧|| / ||旧||:该层注意力输出的变化,以及模型最终隐藏状态的变化。"
+            "(用同样的方式把原来的 W0 放回去,最终状态只变化 {reinserted:.1e}。)"
+            "单位矩阵让 Concat(z) 不经混合直接输出:第 i 个头的输出只落在它自己的 {d_head} 个维度上。"
+            '"所有头都用 w0[j]" 是把第 j 个头的行块重复 {n_heads} 次拼成的 W0 {w0_shape},'
+            "它计算的是 (sum_i z_i) @ w0[j]:所有头都通过同一个头的映射写出。"
+        ),
+        "w0.no_identity": "没有尝试单位矩阵:W0 {w0_shape} 不是方阵。",
+        "w0.identity_row": "单位矩阵",
+        "w0.repeat_row": "所有头都用 w0[{head}]",
+        "w0.replacement": "W0 替换为",
+        "w0.layer_change": "该层输出变化",
+        "w0.final_change": "最终输出变化",
+        "w0.summary": (
+            "在这些替换下,该层注意力输出变化 {min_layer:.0%} 到 {max_layer:.0%},模型最终输出变化 "
+            "{min_final:.0%} 到 {max_final:.0%}:这就是模型对这一层 W0 学到的混合方式的依赖程度。"
+        ),
+        "w0.figure": "每个头的行块中 |W0| 的平均值(行:头,列:输出维度)",
+        "softmax.title": "问题二:一步一步算 softmax(第 {layer} 层,第 {head} 个头)",
+        "softmax.intro": (
+            "\"{text}\" 中的第 {query} 个词元 '{query_token}' 作为查询,可以关注 {n_keys} 个词元。"
+            "每个分数是 q . k_j(长度为 d_head = {d_head} 的向量)乘以模型的缩放系数 {scale:.4g}"
+            "(1/sqrt(d_head) = {inv_sqrt:.4g})。"
+        ),
+        "softmax.key": "键",
+        "softmax.token": "词元",
+        "softmax.raw": "q.k",
+        "softmax.scaled": "x 缩放",
+        "softmax.shifted": "- 最大值",
+        "softmax.exp": "exp",
+        "softmax.prob": "/ 总和",
+        "softmax.model": "模型",
+        "softmax.steps": (
+            "最大的分数是 {largest:.4f}。减去它之后所有指数都 <= 0,所以每个 exp 都在 (0, 1] 之间;"
+            "它们的总和是 {exp_sum:.4f},除以总和就得到加起来等于 1 的概率。"
+        ),
+        "softmax.check": "模型自己的注意力行(output_attentions)与此最多相差 {diff:.1e}。",
+        "softmax.overflow": (
+            "为什么要减去最大分数:在 float16 中 x 超过 {f16:.2f}、在 float32 中超过 {f32:.2f} 时,exp(x) "
+            "就变成无穷大。给所有分数加上同一个常数不会改变 softmax(每个 exp 都乘以同一个因子),"
+            "所以下表把这些分数平移,直到最大值越过各自的界限,并用两种精度分别计算两种公式:"
+        ),
+        "softmax.largest": "最大分数",
+        "softmax.dtype": "精度",
+        "softmax.naive_nonfinite": "直接公式:inf/NaN 个数",
+        "softmax.naive_error": "直接公式:最大误差",
+        "softmax.stable_error": "稳定公式:最大误差",
+        "softmax.broken": "失败",
+        "softmax.overflow_summary": (
+            "直接公式 exp(s) / sum exp(s) 在 {cases} 种情况中有 {broken} 种失败(inf 或 NaN);"
+            "exp(s - max) / sum exp(s - max) 在 {cases} 种情况中有 {stable_ok} 种保持有限。"
+        ),
+        "softmax.race": (
+            "赛跑的比喻:词元是选手,分数是每人跑出的距离。只有落后领先者多少才重要(这就是减去最大值)。"
+            "'{leader}' 以 {leader_score:.2f} 领先,拿到 {leader_prob:.1%} 的注意力。'{second}' 落后 "
+            "{gap:.2f},所以得到领先者份额的 e^-{gap:.2f} = {ratio:.3f} 倍:{second_prob:.1%}。"
+            "最后一名 '{last}' 落后 {last_gap:.2f},得到 {last_prob:.2%}。"
+        ),
+        "softmax.figure": "查询 '{query_token}' 的注意力(第 {layer} 层,第 {head} 个头)",
+        "qkv.title": "问题三:Wq、Wk、Wv 从哪里来,又是怎样被调整的",
+        "qkv.init": (
+            "训练之前,{family} 把 Wq、Wk、Wv 的每个元素从 normal(0, {std}) 中抽取"
+            "(配置中的 initializer_range),偏置设为 0。按同一配置新初始化的模型(种子 {seed})"
+            "平均标准差为 {init_std:.4f};训练后的权重为 {trained_std:.4f}。"
+        ),
+        "qkv.init_unknown": (
+            "配置中没有 initializer_range;按同一配置新初始化的模型(种子 {seed})平均标准差为 "
+            "{init_std:.4f};训练后的权重为 {trained_std:.4f}。"
+        ),
+        "qkv.std_init": "初始标准差",
+        "qkv.std_trained": "训练后标准差",
+        "qkv.sv_init": "初始 σ 最大",
+        "qkv.sv_trained": "训练后 σ 最大",
+        "qkv.sv_median_init": "初始 σ 中位数",
+        "qkv.sv_median_trained": "训练后 σ 中位数",
+        "qkv.spectra_steeper": (
+            "奇异值(见图):新初始化的随机矩阵最大值/中位数平均为 {init_ratio:.1f},训练后为 "
+            "{trained_ratio:.1f}:训练把权重集中到了更少的方向上。"
+        ),
+        "qkv.spectra_flatter": (
+            "奇异值(见图):新初始化的随机矩阵最大值/中位数平均为 {init_ratio:.1f},训练后为 "
+            "{trained_ratio:.1f}:训练并没有把权重集中到更少的方向上。"
+        ),
+        "qkv.loss_masked": (
+            '在 "{text}" 上做一次反向传播。这里自己定义一个不需要任务头的损失({model} 按基础模型运行):把第 {position} '
+            "个词元 '{token}' 换成掩码词元,用最终隐藏状态去预测它,打分用模型自己的输入词嵌入"
+            "(权重共享);损失 = 交叉熵 = {loss:.4f}。dropout 已关闭。"
+        ),
+        "qkv.loss_next": (
+            '在 "{text}" 上做一次反向传播。损失:用最终隐藏状态预测每一个下一个词元,打分用模型自己的'
+            "输入词嵌入(权重共享);损失 = 平均交叉熵 = {loss:.4f}。dropout 已关闭。"
+        ),
+        "qkv.grad_table": "每层的梯度范数 ||dL/dW||",
+        "qkv.grad_head_table": "{role} 的梯度范数,按头(行)和层(列)",
+        "qkv.sgd": (
+            "学习率 lr = {lr:g} 的一步 SGD 令 W <- W - lr * dL/dW。在所有层上,"
+            "max |delta W - (-lr * dL/dW)| = {diff:.1e}(float32 舍入误差);这一步让 Wq、Wk、Wv "
+            "变化了其范数的 {min_rel:.3%} 到 {max_rel:.3%},损失从 {loss:.4f} 变为 {loss_after:.4f}。"
+        ),
+        "qkv.figure": "每层 Wq、Wk、Wv 的奇异值:新初始化(虚线)与训练后(实线)",
+    },
+}
+
+
+def resolve_language(lang: str | None = None) -> str:
+    """`lang` if given, else Chinese when the locale (LC_ALL, LC_MESSAGES, LANG, then Python's
+    locale) starts with 'zh', else English."""
+    if lang:
+        return lang
+    candidates = [os.environ.get(name) for name in ("LC_ALL", "LC_MESSAGES", "LANG")]
+    candidates.append(locale.getlocale()[0])
+    for value in candidates:
+        if value:
+            return "zh" if value.lower().startswith("zh") else "en"
+    return "en"
+
+
+def say(lang: str, key: str, **values) -> str:
+    """The prose for `key` in `lang` with the numbers filled in."""
+    return TEXT[lang][key].format(**values)

@@ -1,0 +1,334 @@
+"""The lessons' views: each result becomes report blocks (prose in the chosen language, tables,
+figures), which `toolkit.render.report` prints or writes as Markdown."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable
+from functools import partial
+
+from toolkit.lessons.qkv import QKV, QkvLesson
+from toolkit.lessons.softmax import SoftmaxLesson
+from toolkit.lessons.text import say
+from toolkit.lessons.w0 import W0Lesson
+from toolkit.render import figures
+from toolkit.render.report import Block, Figure, Heading, Paragraph, Table
+
+
+def _shape(shape: list[int]) -> str:
+    return "[" + ", ".join(map(str, shape)) + "]"
+
+
+def present_w0(r: W0Lesson, lang: str) -> list[Block]:
+    width = r.concat_width
+    numbers = {
+        "n_heads": r.n_heads,
+        "d_head": r.d_head,
+        "d_model": r.d_model,
+        "width": width,
+        "w0_shape": _shape(r.w0_shape),
+        "rank": r.w0_rank,
+    }
+    if width == r.d_model:
+        dimension = say(
+            lang, "w0.square", **numbers, smax=r.w0_singular_max, smin=r.w0_singular_min
+        )
+    else:
+        dimension = say(lang, "w0.reduces" if width > r.d_model else "w0.expands", **numbers)
+    blocks: list[Block] = [
+        Heading(say(lang, "w0.title")),
+        Paragraph(say(lang, "model_line", model=r.model, family=r.family)),
+        Paragraph(
+            say(
+                lang,
+                "w0.shapes",
+                layer=r.layer,
+                n_heads=r.n_heads,
+                tokens=r.tokens,
+                z_shape=_shape(r.z_shape),
+                concat_shape=_shape(r.concat_shape),
+                w0_shape=_shape(r.w0_shape),
+                output_shape=_shape(r.output_shape),
+            )
+        ),
+        Paragraph(
+            say(
+                lang,
+                "w0.identity",
+                d_head=r.d_head,
+                d_model=r.d_model,
+                concat_diff=r.concat_vs_sum_max_abs_diff,
+                model_diff=r.sum_vs_model_max_abs_diff,
+            )
+        ),
+        Paragraph(say(lang, "w0.why_one", d_model=r.d_model, n_heads=r.n_heads)),
+        Paragraph(dimension),
+        Paragraph(
+            say(
+                lang,
+                "w0.experiment",
+                layer=r.layer,
+                n_inputs=r.inputs["shape"][0],
+                reinserted=r.reinserted_max_abs_diff,
+                d_head=r.d_head,
+                n_heads=r.n_heads,
+                w0_shape=_shape(r.w0_shape),
+            )
+        ),
+    ]
+    if not any(rep.kind == "identity" for rep in r.replacements):
+        blocks.append(Paragraph(say(lang, "w0.no_identity", w0_shape=_shape(r.w0_shape))))
+    rows = [
+        [
+            say(lang, "w0.identity_row")
+            if rep.kind == "identity"
+            else say(lang, "w0.repeat_row", head=rep.head),
+            f"{rep.layer_output_relative_change:.1%}",
+            f"{rep.final_output_relative_change:.1%}",
+        ]
+        for rep in r.replacements
+    ]
+    blocks.append(
+        Table(
+            "",
+            [
+                say(lang, "w0.replacement"),
+                say(lang, "w0.layer_change"),
+                say(lang, "w0.final_change"),
+            ],
+            rows,
+        )
+    )
+    layer_changes = [rep.layer_output_relative_change for rep in r.replacements]
+    final_changes = [rep.final_output_relative_change for rep in r.replacements]
+    blocks.append(
+        Paragraph(
+            say(
+                lang,
+                "w0.summary",
+                min_layer=min(layer_changes),
+                max_layer=max(layer_changes),
+                min_final=min(final_changes),
+                max_final=max(final_changes),
+            )
+        )
+    )
+    blocks.append(Figure("w0", say(lang, "w0.figure"), partial(figures.w0_blocks, r)))
+    return blocks
+
+
+def present_softmax(r: SoftmaxLesson, lang: str) -> list[Block]:
+    text = r.inputs.get("texts", [" ".join(r.tokens)])[0]
+    query_token = r.tokens[r.query]
+    steps = (r.raw_scores, r.scores, r.shifted, r.exps, r.probs, r.model_probs)
+    rows = [
+        [str(key), r.tokens[key], *(f"{step[j]:.4f}" for step in steps)]
+        for j, key in enumerate(r.keys)
+    ]
+    columns = [
+        say(lang, f"softmax.{name}")
+        for name in ("key", "token", "raw", "scaled", "shifted", "exp", "prob", "model")
+    ]
+    overflow_rows = [
+        [
+            f"{case.largest:g}",
+            case.dtype,
+            str(case.naive_nonfinite),
+            say(lang, "softmax.broken")
+            if case.naive_max_abs_diff is None
+            else f"{case.naive_max_abs_diff:.1e}",
+            f"{case.stable_max_abs_diff:.1e}",
+        ]
+        for case in r.overflow
+    ]
+    overflow_columns = [
+        say(lang, f"softmax.{name}")
+        for name in ("largest", "dtype", "naive_nonfinite", "naive_error", "stable_error")
+    ]
+    leader, second, last = r.ranking[0], r.ranking[min(1, len(r.ranking) - 1)], r.ranking[-1]
+    gap = r.scores[leader] - r.scores[second]
+    return [
+        Heading(say(lang, "softmax.title", layer=r.layer, head=r.head)),
+        Paragraph(say(lang, "model_line", model=r.model, family=r.family)),
+        Paragraph(
+            say(
+                lang,
+                "softmax.intro",
+                query=r.query,
+                query_token=query_token,
+                text=text,
+                n_keys=len(r.keys),
+                d_head=r.d_head,
+                scale=r.scale,
+                inv_sqrt=1 / math.sqrt(r.d_head),
+            )
+        ),
+        Table("", columns, rows),
+        Paragraph(say(lang, "softmax.steps", largest=r.largest, exp_sum=r.exp_sum)),
+        Paragraph(say(lang, "softmax.check", diff=r.max_abs_diff_vs_model)),
+        Paragraph(
+            say(
+                lang,
+                "softmax.overflow",
+                f16=r.exp_overflow_threshold["float16"],
+                f32=r.exp_overflow_threshold["float32"],
+            )
+        ),
+        Table("", overflow_columns, overflow_rows),
+        Paragraph(
+            say(
+                lang,
+                "softmax.overflow_summary",
+                cases=len(r.overflow),
+                broken=sum(case.naive_max_abs_diff is None for case in r.overflow),
+                stable_ok=sum(math.isfinite(case.stable_max_abs_diff) for case in r.overflow),
+            )
+        ),
+        Paragraph(
+            say(
+                lang,
+                "softmax.race",
+                leader=r.tokens[r.keys[leader]],
+                leader_score=r.scores[leader],
+                leader_prob=r.probs[leader],
+                second=r.tokens[r.keys[second]],
+                gap=gap,
+                ratio=math.exp(-gap),
+                second_prob=r.probs[second],
+                last=r.tokens[r.keys[last]],
+                last_gap=r.scores[leader] - r.scores[last],
+                last_prob=r.probs[last],
+            )
+        ),
+        Figure(
+            "softmax",
+            say(lang, "softmax.figure", query_token=query_token, layer=r.layer, head=r.head),
+            partial(figures.softmax_bars, r),
+        ),
+    ]
+
+
+def present_qkv(r: QkvLesson, lang: str) -> list[Block]:
+    def mean_over(part: str, value: Callable) -> float:
+        return statistics.fmean(
+            value(getattr(layer, part)[role]) for layer in r.layers for role in QKV
+        )
+
+    def spread(stats) -> float:
+        return stats.singular_values[0] / statistics.median(stats.singular_values)
+
+    init_std, trained_std = (mean_over(part, lambda s: s.std) for part in ("init", "trained"))
+    init_ratio, trained_ratio = (mean_over(part, spread) for part in ("init", "trained"))
+    init_key = "qkv.init" if r.initializer_range is not None else "qkv.init_unknown"
+    text = r.inputs.get("texts", ["(random token ids)"])[0]
+    stats_rows = [
+        [str(layer.layer), role]
+        + [
+            f"{value:.4f}"
+            for value in (
+                layer.init[role].std,
+                layer.trained[role].std,
+                layer.init[role].singular_values[0],
+                layer.trained[role].singular_values[0],
+                statistics.median(layer.init[role].singular_values),
+                statistics.median(layer.trained[role].singular_values),
+            )
+        ]
+        for layer in r.layers
+        for role in QKV
+    ]
+    stats_names = (
+        "std_init",
+        "std_trained",
+        "sv_init",
+        "sv_trained",
+        "sv_median_init",
+        "sv_median_trained",
+    )
+    stats_columns = [say(lang, "layer"), say(lang, "role")] + [
+        say(lang, f"qkv.{name}") for name in stats_names
+    ]
+    if r.loss_kind == "masked":
+        loss = say(
+            lang,
+            "qkv.loss_masked",
+            text=text,
+            model=r.model,
+            position=r.masked_position,
+            token=r.masked_token,
+            loss=r.loss,
+        )
+    else:
+        loss = say(lang, "qkv.loss_next", text=text, loss=r.loss)
+    grad_rows = [
+        [str(layer.layer)] + [f"{layer.grad_norm[role]:.4f}" for role in QKV] for layer in r.layers
+    ]
+    blocks: list[Block] = [
+        Heading(say(lang, "qkv.title")),
+        Paragraph(say(lang, "model_line", model=r.model, family=r.family)),
+        Paragraph(
+            say(
+                lang,
+                init_key,
+                family=r.family,
+                std=r.initializer_range,
+                seed=r.seed,
+                init_std=init_std,
+                trained_std=trained_std,
+            )
+        ),
+        Table("", stats_columns, stats_rows),
+        Paragraph(
+            say(
+                lang,
+                "qkv.spectra_steeper" if trained_ratio > init_ratio else "qkv.spectra_flatter",
+                init_ratio=init_ratio,
+                trained_ratio=trained_ratio,
+            )
+        ),
+        Figure("qkv", say(lang, "qkv.figure"), partial(figures.qkv_spectra, r)),
+        Paragraph(loss),
+        Table(say(lang, "qkv.grad_table"), [say(lang, "layer")] + list(QKV), grad_rows),
+    ]
+    for role in QKV:
+        rows = [
+            [str(head)] + [f"{layer.grad_norm_per_head[role][head]:.4f}" for layer in r.layers]
+            for head in range(r.n_heads)
+        ]
+        columns = [say(lang, "head")] + [
+            f"{say(lang, 'layer')} {layer.layer}" for layer in r.layers
+        ]
+        blocks.append(Table(say(lang, "qkv.grad_head_table", role=role), columns, rows))
+    relative = [layer.update_relative[role] for layer in r.layers for role in QKV]
+    blocks.append(
+        Paragraph(
+            say(
+                lang,
+                "qkv.sgd",
+                lr=r.lr,
+                loss=r.loss,
+                loss_after=r.loss_after_step,
+                diff=max(
+                    layer.update_vs_minus_lr_grad_max_abs_diff[role]
+                    for layer in r.layers
+                    for role in QKV
+                ),
+                min_rel=min(relative),
+                max_rel=max(relative),
+            )
+        )
+    )
+    return blocks
+
+
+PRESENTERS: dict[str, Callable[..., list[Block]]] = {
+    "w0": present_w0,
+    "softmax": present_softmax,
+    "qkv": present_qkv,
+}
+
+
+def lesson_blocks(results: dict[str, object], lang: str) -> list[Block]:
+    """All lessons' blocks, in the order given."""
+    return [block for name, result in results.items() for block in PRESENTERS[name](result, lang)]
