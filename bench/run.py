@@ -159,7 +159,71 @@ def extraction_table(results: dict) -> list[str]:
     return lines
 
 
-SECTIONS = {"extraction": (bench_extraction, extraction_table)}
+def prepare_child(name: str) -> Path:
+    """A "fine-tuned child" of a checkpoint: the same weights, attention nudged by small noise."""
+    folder = WORK / "models" / f"{name}-child"
+    if (folder / "model.safetensors").is_file():
+        return folder
+    parent = prepare_checkpoint(name)
+    log(f"building {name}-child (attention weights + 1% noise)")
+    code = (
+        "import sys, torch\n"
+        "from transformers import AutoModel\n"
+        "torch.manual_seed(1)\n"
+        "model = AutoModel.from_pretrained(sys.argv[1])\n"
+        "with torch.no_grad():\n"
+        "    for name, p in model.named_parameters():\n"
+        "        if '.attn.' in name or '.attention.' in name:\n"
+        "            p.add_(0.01 * p.std() * torch.randn_like(p))\n"
+        "model.save_pretrained(sys.argv[2])\n"
+    )
+    subprocess.run([PY, "-c", code, str(parent), str(folder)], check=True, env=ENV)
+    return folder
+
+
+def bench_compare(repeat: int) -> dict:
+    """2. `toolkit compare` of two gpt2-medium-shaped checkpoints: time and peak memory."""
+    name = "gpt2-medium"
+    parent, child = prepare_checkpoint(name), prepare_child(name)
+    log(f"compare: {name} vs {name}-child")
+    params = json.loads(
+        subprocess.run(
+            [*TOOLKIT, "inspect", str(parent), "--json"],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=ENV,
+        ).stdout
+    )["total_parameters"]
+    return {
+        "model": name,
+        "model_fp32_mb": params * 4 / 1e6,
+        "attention_mb": attention_bytes(parent) / 1e6,
+        "toolkit_compare": measure(
+            [*TOOLKIT, "compare", str(parent), str(child), "--json"], max(1, repeat - 2)
+        ),
+    }
+
+
+def compare_table(results: dict) -> list[str]:
+    r = results["toolkit_compare"]
+    return [
+        "## 2. Comparison",
+        "",
+        f"`toolkit compare` of two {results['model']}-shaped checkpoints (a parent and a copy "
+        "whose attention weights carry 1% noise), every metric of the issue, `--json`.",
+        "",
+        "| wall s | peak RSS MB | one model's fp32 MB | peak RSS / model fp32 | attention MB |",
+        "| ---: | ---: | ---: | ---: | ---: |",
+        f"| {r['wall_s']:.1f} | {r['peak_rss_mb']:.0f} | {results['model_fp32_mb']:.0f} | "
+        f"{r['peak_rss_mb'] / results['model_fp32_mb']:.2f} | {results['attention_mb']:.0f} |",
+    ]
+
+
+SECTIONS = {
+    "extraction": (bench_extraction, extraction_table),
+    "compare": (bench_compare, compare_table),
+}
 
 
 def machine() -> dict:

@@ -42,9 +42,14 @@ def _model_options(command):
 
 
 def _console():
+    """A rich console; when stdout is not a terminal (a pipe, a file, CI) rich would assume 80
+    columns and cut wide tables of numbers, so give it room unless COLUMNS says otherwise."""
+    import os
+
     from rich.console import Console
 
-    return Console()
+    wide = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160
+    return Console(width=wide)
 
 
 def _print_json(data: object) -> None:
