@@ -152,8 +152,9 @@ def extraction_table(results: dict) -> list[str]:
             lines.append(
                 f"| {name} | {job} | {row['attention_mb']:.0f} | {ours['wall_s']:.2f} | "
                 f"{auto['wall_s']:.2f} | {lens['wall_s']:.2f} | "
-                f"{auto['wall_s'] / ours['wall_s']:.1f}x | {lens['wall_s'] / ours['wall_s']:.1f}x | "
-                f"{ours['peak_rss_mb']:.0f} | {auto['peak_rss_mb']:.0f} | {lens['peak_rss_mb']:.0f} | "
+                f"{auto['wall_s'] / ours['wall_s']:.1f}x | "
+                f"{lens['wall_s'] / ours['wall_s']:.1f}x | {ours['peak_rss_mb']:.0f} | "
+                f"{auto['peak_rss_mb']:.0f} | {lens['peak_rss_mb']:.0f} | "
                 f"{ours['peak_rss_mb'] / budget:.2f} |"
             )
     return lines
