@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 OUT ?= out
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -25,6 +25,11 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest
+
+# Benchmarks against AutoModel, TransformerLens and the transformers Trainer (~15 min on 2 cores).
+bench: setup
+	$(BIN)/python -m pip install --quiet -e '.[dev,data,bench]'
+	$(BIN)/python bench/run.py
 
 lint: setup
 	$(BIN)/ruff check toolkit tests
