@@ -17,6 +17,10 @@ _PUBLIC = {
     "extract": "toolkit.analysis.summary",
     "verify": "toolkit.analysis.verify",
     "ToolkitError": "toolkit.errors",
+    "finetune": "toolkit.training.loop",
+    "FinetuneConfig": "toolkit.training.recipe",
+    "FinetuneResult": "toolkit.training.loop",
+    "load_recipe": "toolkit.training.recipe",
 }
 
 __all__ = sorted(_PUBLIC)

@@ -68,3 +68,15 @@ def render_verify(report: VerifyReport, console: Console) -> None:
         f"writes into all {r.d_model} output dimensions and the sum mixes the heads."
     ))
     console.print("[green]verified[/green]" if r.passed else "[red]verification FAILED[/red]")
+
+
+def render_recipes(recipes: list, console: Console) -> None:
+    """(name, FinetuneConfig) pairs as one table."""
+    table = Table(title="Recipes (toolkit finetune NAME)")
+    for column in ("name", "model", "dataset", "task", "steps", "about"):
+        table.add_column(column)
+    for name, config in recipes:
+        dataset = config.dataset + (f" ({config.dataset_config})" if config.dataset_config else "")
+        steps = str(config.max_steps) if config.max_steps else f"{config.epochs} epoch(s)"
+        table.add_row(name, config.model, dataset, config.task, steps, config.description)
+    console.print(table)
