@@ -84,7 +84,7 @@ def group_for_causal_lm(data, tokenizer, block_size: int):
     import numpy as np
     from datasets import Dataset
 
-    ids = tokenizer(data["text"], verbose=False)["input_ids"]
+    ids = tokenizer(list(data["text"]), verbose=False)["input_ids"]
     stream = np.fromiter((t for text in ids for t in (*text, tokenizer.eos_token_id)), dtype=np.int64)
     n_blocks = len(stream) // block_size
     if n_blocks == 0:

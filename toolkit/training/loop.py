@@ -206,21 +206,25 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
 
 
 def _open_run_dir(run_dir: Path, config: FinetuneConfig, accelerator):
-    """Check the output folder (empty, or a run to resume) and return the checkpoint to resume from."""
+    """Check the output folder (new, or a run to resume); return the checkpoint to resume from."""
     if run_dir.exists() and not run_dir.is_dir():
         raise ToolkitError(f"--output-dir {run_dir} is a file: give a folder")
     settings = run_dir / "config.json"
+    holds_run = any(p.exists() for p in (run_dir / "shift" / TRAJECTORY_FILE,
+                                         run_dir / CHECKPOINTS, run_dir / "final"))
     checkpoint = None
     if config.resume and settings.is_file():
         _check_same_run(json.loads(settings.read_text()), asdict(config), run_dir)
         checkpoint = latest_checkpoint(run_dir)
-    elif run_dir.is_dir() and any(run_dir.iterdir()):
+    elif holds_run:
         raise ToolkitError(
-            f"{run_dir} already holds files: pass --resume to continue that run, or choose an "
-            "empty --output-dir"
+            f"{run_dir} already holds a run: pass --resume to continue it, or choose another "
+            "--output-dir"
         )
     accelerator.wait_for_everyone()  # every process has looked before the main one writes
     if accelerator.is_main_process:
+        if checkpoint is None:  # starting afresh: a tokenizer trained by an earlier start is stale
+            shutil.rmtree(run_dir / "tokenizer", ignore_errors=True)
         (run_dir / "shift").mkdir(parents=True, exist_ok=True)
         write_json(settings, asdict(config))
     accelerator.wait_for_everyone()

@@ -95,8 +95,9 @@ def build_model(config, tokenizer, label_names: list[str] | None):
     try:
         if config.task == "causal-lm":
             return AutoModelForCausalLM.from_pretrained(source.path)
+        # A classifier checkpoint with another number of labels gets a new head.
         return AutoModelForSequenceClassification.from_pretrained(
-            source.path, pad_token_id=tokenizer.pad_token_id, **labels)
+            source.path, pad_token_id=tokenizer.pad_token_id, ignore_mismatched_sizes=True, **labels)
     except OSError as err:
         raise ToolkitError(f"cannot load {config.model} ({err})") from None
 
