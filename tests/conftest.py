@@ -138,3 +138,14 @@ def tiny_bert_with_tokenizer(tmp_path_factory):
     BertModel(BertConfig(**BERT_SHAPE)).save_pretrained(folder)
     BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models train fastest on one thread: two oversubscribe a busy 2-core machine (5x slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

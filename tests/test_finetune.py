@@ -18,6 +18,7 @@ from toolkit.errors import ToolkitError
 from toolkit.training.recipe import RECIPES_DIR, FinetuneConfig, check_config, load_recipe
 
 ROLES = ("wq", "wk", "wv", "w0")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _classify(csv, model, out, **settings):
@@ -130,6 +131,14 @@ def test_causal_lm_from_gpt2_config_reports_perplexity(toy_corpus_txt, tmp_path)
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(result.final_dir).config.n_layer == 2
+    # GPT-2's w0 is Conv1D c_proj, stored [in, out] = [heads * d_head, d_model]: split the rows.
+    final = load_file(str(tmp_path / "run" / "final" / "model.safetensors"))
+    snapshot = load_file(str(tmp_path / "run" / "shift" / "step_000030.safetensors"))
+    c_proj = final["transformer.h.1.attn.c_proj.weight"]
+    np.testing.assert_array_equal(snapshot["layers.1.w0"], c_proj.reshape(2, 16, 32))
+    last = _trajectory(tmp_path / "run")["shift"][-1]
+    for role in ROLES:
+        assert np.all(np.array(last["head_change"][role]) > 0), role
 
 
 def test_every_recipe_parses():

@@ -19,15 +19,16 @@ import toolkit
 from toolkit.errors import ToolkitError
 from toolkit.training.recipe import FinetuneConfig
 
-# 400 lines -> about 14 blocks of 32 tokens in train: 4 updates per epoch, so 60 steps cross
-# many epoch boundaries and a kill lands mid-epoch. GPT-2's dropout makes the RNG state matter.
+# 400 short lines -> about 78 training blocks of 32 tokens: 20 updates per epoch, so 60 steps
+# cross epoch boundaries and the kill lands mid-epoch. GPT-2's dropout makes the RNG state matter.
 RUN = ["--model", TINY_GPT2_SPEC, "--task", "causal-lm", "--max-length", "32", "--batch-size", "4",
        "--max-steps", "60", "--learning-rate", "3e-3", "--track-every", "5", "--checkpoint-every", "4",
        "--eval-every", "20", "--seed", "7"]
 
 
 def _toolkit(*args: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(Path(toolkit.__file__).parents[1])}
+    # One thread, as in every run compared here: float sums depend on the thread count.
+    env = {**os.environ, "PYTHONPATH": str(Path(toolkit.__file__).parents[1]), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "toolkit", "finetune", *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -71,7 +72,7 @@ def test_sigkill_then_resume_gives_the_same_weights_and_trajectory(toy_corpus_tx
     assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["step_000052", "step_000056"]
 
 
-def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(toy_corpus_txt, tmp_path):
+def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(toy_corpus_txt, tmp_path, one_torch_thread):
     """A learning rate of 1e38 makes every weight ~1e38 after one AdamW step; the next loss overflows."""
     config = FinetuneConfig(model=TINY_GPT2_SPEC, dataset=str(toy_corpus_txt), task="causal-lm",
                             output_dir=str(tmp_path / "run"), max_length=32, batch_size=4, max_steps=10,

@@ -10,6 +10,7 @@ every process trains, the main process alone writes files.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -79,6 +80,8 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
     started = time.perf_counter()
     transformers_logging.set_verbosity_error()  # the new-head notice is expected for fine-tuning
     datasets.disable_progress_bars()  # one progress bar: the training steps
+    # save_state drops GPT-2's tied lm_head.weight from each checkpoint and warns; loading re-ties it.
+    logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
     run_dir = Path(config.output_dir)
     shift_dir = run_dir / "shift"
     accelerator = Accelerator(

@@ -158,6 +158,12 @@ class ShiftTracker:
 
 
 def _standard_tensors(state_dict: dict, config: dict):
-    """(AttentionModel, contiguous float32 copies of every layer's standard tensors)."""
+    """(AttentionModel, contiguous float32 copies of every layer's standard tensors).
+
+    A tensor that is already contiguous comes back from `standard_tensor_dict` as a view of the
+    live parameter (GPT-2's w0, b0), which the next optimizer step overwrites in place: copy
+    those, and only those.
+    """
     attention = attention_from_state_dict(state_dict, config)
-    return attention, standard_tensor_dict(list(attention.layers()))
+    tensors = standard_tensor_dict(list(attention.layers()))
+    return attention, {name: t if t.flags.owndata else t.copy() for name, t in tensors.items()}
