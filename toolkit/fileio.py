@@ -53,7 +53,7 @@ def write_json(path: str | Path, data: object) -> None:
 
 @contextmanager
 def atomic_folder(path: str | Path) -> Iterator[Path]:
-    """Yield an empty temporary folder beside `path`; it replaces `path` only if the block succeeds."""
+    """Yield an empty temporary folder beside `path`; it replaces `path` if the block succeeds."""
     import shutil
 
     path = Path(path)

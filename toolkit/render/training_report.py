@@ -26,7 +26,8 @@ def write_training_report(run_dir: Path, trajectory: Trajectory, result: Finetun
         f"# Fine-tuning report: {result.model} on {result.dataset}",
         "",
         f"- task: {result.task}; {result.steps} optimizer steps on {result.processes} process(es), "
-        f"{result.seconds:.0f} s" + (f" (resumed at step {result.resumed_from})" if result.resumed_from else ""),
+        f"{result.seconds:.0f} s"
+        + (f" (resumed at step {result.resumed_from})" if result.resumed_from else ""),
         f"- final training loss: {_number(result.train_loss)}",
         "- final validation: " + ", ".join(f"{k} {_number(v)}" for k, v in result.metrics.items()),
         f"- final model: `{Path(result.final_dir).name}/`; trajectory: `shift/trajectory.json`",
@@ -71,16 +72,33 @@ def _shift_section(run_dir: Path, trajectory: Trajectory) -> list[str]:
         "|---|" + "---|" * len(WEIGHT_ROLES),
     ]
     for layer in range(trajectory.n_layers):
-        lines.append(f"| {layer} | " + " | ".join(
-            f"{final.layer_change[role][layer]:.4g}" for role in WEIGHT_ROLES) + " |")
-    lines += ["", f"![final per-head change]({_plot_heads(run_dir / PLOTS['heads'], trajectory)})", "",
-              f"### Heads that moved most at step {final.step}", "",
-              "| weight | layer | head | relative change |", "|---|---|---|---|"]
-    moved = sorted(((change, role, layer, head)
-                    for role in WEIGHT_ROLES
-                    for layer, heads in enumerate(final.head_change[role])
-                    for head, change in enumerate(heads)), reverse=True)
-    lines += [f"| {role} | {layer} | {head} | {change:.4g} |" for change, role, layer, head in moved[:TOP_HEADS]]
+        lines.append(
+            f"| {layer} | "
+            + " | ".join(f"{final.layer_change[role][layer]:.4g}" for role in WEIGHT_ROLES)
+            + " |"
+        )
+    lines += [
+        "",
+        f"![final per-head change]({_plot_heads(run_dir / PLOTS['heads'], trajectory)})",
+        "",
+        f"### Heads that moved most at step {final.step}",
+        "",
+        "| weight | layer | head | relative change |",
+        "|---|---|---|---|",
+    ]
+    moved = sorted(
+        (
+            (change, role, layer, head)
+            for role in WEIGHT_ROLES
+            for layer, heads in enumerate(final.head_change[role])
+            for head, change in enumerate(heads)
+        ),
+        reverse=True,
+    )
+    lines += [
+        f"| {role} | {layer} | {head} | {change:.4g} |"
+        for change, role, layer, head in moved[:TOP_HEADS]
+    ]
     return lines + [""]
 
 
@@ -88,12 +106,20 @@ def _plot_shift(path: Path, trajectory: Trajectory) -> str:
     """One panel per weight: relative change of each layer against the step."""
     plt = _pyplot()
     steps = [p.step for p in trajectory.shift]
-    figure, axes = plt.subplots(1, len(WEIGHT_ROLES), figsize=(4 * len(WEIGHT_ROLES), 3.4), sharey=True)
-    colors = plt.cm.viridis([i / max(trajectory.n_layers - 1, 1) for i in range(trajectory.n_layers)])
+    figure, axes = plt.subplots(
+        1, len(WEIGHT_ROLES), figsize=(4 * len(WEIGHT_ROLES), 3.4), sharey=True
+    )
+    colors = plt.cm.viridis(
+        [i / max(trajectory.n_layers - 1, 1) for i in range(trajectory.n_layers)]
+    )
     for axis, role in zip(axes, WEIGHT_ROLES, strict=True):
         for layer in range(trajectory.n_layers):
-            axis.plot(steps, [p.layer_change[role][layer] for p in trajectory.shift],
-                      color=colors[layer], label=f"layer {layer}")
+            axis.plot(
+                steps,
+                [p.layer_change[role][layer] for p in trajectory.shift],
+                color=colors[layer],
+                label=f"layer {layer}",
+            )
         axis.set_title(role)
         axis.set_xlabel("step")
     axes[0].set_ylabel("||W_t - W_0|| / ||W_0||")
@@ -106,8 +132,9 @@ def _plot_heads(path: Path, trajectory: Trajectory) -> str:
     plt = _pyplot()
     final = trajectory.shift[-1]
     top = max(max(max(row) for row in final.head_change[role]) for role in WEIGHT_ROLES) or 1.0
-    figure, axes = plt.subplots(1, len(WEIGHT_ROLES), figsize=(3.6 * len(WEIGHT_ROLES), 3.4),
-                                layout="constrained")
+    figure, axes = plt.subplots(
+        1, len(WEIGHT_ROLES), figsize=(3.6 * len(WEIGHT_ROLES), 3.4), layout="constrained"
+    )
     for axis, role in zip(axes, WEIGHT_ROLES, strict=True):
         image = axis.imshow(final.head_change[role], vmin=0, vmax=top, cmap="magma", aspect="auto")
         axis.set_title(f"{role} at step {final.step}")

@@ -1,1 +1,1 @@
-"""Fine-tuning with Accelerate: recipes, data, the training loop, and tracking of the attention shift."""
+"""Fine-tuning with Accelerate: recipes, data, the loop, and tracking of the attention shift."""

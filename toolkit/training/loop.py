@@ -80,7 +80,8 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
     started = time.perf_counter()
     transformers_logging.set_verbosity_error()  # the new-head notice is expected for fine-tuning
     datasets.disable_progress_bars()  # one progress bar: the training steps
-    # save_state drops GPT-2's tied lm_head.weight from each checkpoint and warns; loading re-ties it.
+    transformers_logging.disable_progress_bar()
+    # save_state drops GPT-2's tied lm_head.weight and warns each time; loading re-ties it.
     logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
     run_dir = Path(config.output_dir)
     shift_dir = run_dir / "shift"
@@ -110,9 +111,14 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
     set_seed(config.seed)
     model = build_model(config, tokenizer, data.label_names)
     collate = data_collator(config.task, tokenizer)
-    train_loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True, collate_fn=collate,
-                              # its own generator: iterating never draws from the global (dropout) RNG
-                              generator=torch.Generator().manual_seed(config.seed))
+    train_loader = DataLoader(
+        train_set,
+        batch_size=config.batch_size,
+        shuffle=True,
+        collate_fn=collate,
+        # its own generator: iterating never draws from the global (dropout) RNG
+        generator=torch.Generator().manual_seed(config.seed),
+    )
     eval_loader = DataLoader(eval_set, batch_size=config.batch_size, collate_fn=collate)
     train_loader, eval_loader = accelerator.prepare(train_loader, eval_loader)
 
@@ -120,12 +126,16 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
     updates_per_epoch = math.ceil(len(train_loader) / accumulation)
     total_steps = config.max_steps or config.epochs * updates_per_epoch
     epochs = math.ceil(total_steps / updates_per_epoch)
-    optimizer = torch.optim.AdamW(_parameter_groups(model, config.weight_decay), lr=config.learning_rate,
-                                  fused=accelerator.device.type in ("cpu", "cuda"))  # several times faster
+    optimizer = torch.optim.AdamW(
+        _parameter_groups(model, config.weight_decay),
+        lr=config.learning_rate,
+        fused=accelerator.device.type in ("cpu", "cuda"),
+    )  # several times faster
     # A prepared scheduler steps once per process per update, so count its steps that way.
     processes = accelerator.num_processes
     scheduler = get_linear_schedule_with_warmup(
-        optimizer, int(config.warmup_ratio * total_steps) * processes, total_steps * processes)
+        optimizer, int(config.warmup_ratio * total_steps) * processes, total_steps * processes
+    )
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if checkpoint:
         accelerator.load_state(str(checkpoint))  # model, optimizer, scheduler, RNG states
@@ -135,7 +145,9 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
     trajectory = _start_trajectory(shift_dir, config, resume_step, main)
     tracker = None
     if config.track_every:
-        tracker = _start_tracker(accelerator, model, model_config, shift_dir, trajectory, resume_step)
+        tracker = _start_tracker(
+            accelerator, model, model_config, shift_dir, trajectory, resume_step
+        )
 
     progress = _progress(main, total_steps, resume_step, config.dataset)
     step = resume_step
@@ -167,17 +179,36 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
                 trajectory.train_loss.append((step, step_loss))
                 progress.update(progress.task_ids[0], completed=step)
                 if step % config.log_every == 0 or step == total_steps:
-                    _log(progress, f"step {step}/{total_steps}  epoch {epoch + 1}  loss {step_loss:.4f}  "
-                                   f"lr {scheduler.get_last_lr()[0]:.2e}")
+                    _log(
+                        progress,
+                        f"step {step}/{total_steps}  epoch {epoch + 1}  loss {step_loss:.4f}  "
+                        f"lr {scheduler.get_last_lr()[0]:.2e}",
+                    )
                 evaluation = {}
                 if config.eval_every and step % config.eval_every == 0 or step == total_steps:
                     evaluation = _evaluate(accelerator, model, eval_loader, metrics, config.task)
                     trajectory.evaluations.append({"step": step, **evaluation})
-                    _log(progress, f"eval at step {step}: " +
-                         "  ".join(f"{name} {value:.4f}" for name, value in evaluation.items()))
+                    _log(
+                        progress,
+                        f"eval at step {step}: "
+                        + "  ".join(f"{name} {value:.4f}" for name, value in evaluation.items()),
+                    )
                 if config.track_every and (step % config.track_every == 0 or step == total_steps):
-                    _track(accelerator, model, model_config, tracker, trajectory, step, step_loss, evaluation)
-                if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total_steps:
+                    _track(
+                        accelerator,
+                        model,
+                        model_config,
+                        tracker,
+                        trajectory,
+                        step,
+                        step_loss,
+                        evaluation,
+                    )
+                if (
+                    config.checkpoint_every
+                    and step % config.checkpoint_every == 0
+                    and step < total_steps
+                ):
                     _save_checkpoint(accelerator, run_dir, step, trajectory, tracker)
                 if step == total_steps:
                     break
@@ -188,14 +219,21 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
 
     # The end: the final model (transformers format, safetensors), the trajectory, the report.
     accelerator.wait_for_everyone()
-    state_dict = accelerator.get_state_dict(model)  # collective under FSDP / ZeRO-3
+    state_dict = _full_state_dict(accelerator, model)
     result = FinetuneResult(
-        output_dir=str(run_dir), final_dir=str(run_dir / "final"), report=str(run_dir / "report.md"),
-        trajectory=str(shift_dir / TRAJECTORY_FILE), model=config.model, task=config.task,
-        dataset=data.source, steps=step, resumed_from=resume_step,
+        output_dir=str(run_dir),
+        final_dir=str(run_dir / "final"),
+        report=str(run_dir / "report.md"),
+        trajectory=str(shift_dir / TRAJECTORY_FILE),
+        model=config.model,
+        task=config.task,
+        dataset=data.source,
+        steps=step,
+        resumed_from=resume_step,
         train_loss=trajectory.train_loss[-1][1] if trajectory.train_loss else None,
         metrics={k: v for k, v in trajectory.evaluations[-1].items() if k != "step"},
-        processes=processes, seconds=time.perf_counter() - started,
+        processes=processes,
+        seconds=time.perf_counter() - started,
     )
     if main:
         from toolkit.render.training_report import write_training_report
@@ -213,8 +251,10 @@ def _open_run_dir(run_dir: Path, config: FinetuneConfig, accelerator):
     if run_dir.exists() and not run_dir.is_dir():
         raise ToolkitError(f"--output-dir {run_dir} is a file: give a folder")
     settings = run_dir / "config.json"
-    holds_run = any(p.exists() for p in (run_dir / "shift" / TRAJECTORY_FILE,
-                                         run_dir / CHECKPOINTS, run_dir / "final"))
+    holds_run = any(
+        p.exists()
+        for p in (run_dir / "shift" / TRAJECTORY_FILE, run_dir / CHECKPOINTS, run_dir / "final")
+    )
     checkpoint = None
     if config.resume and settings.is_file():
         _check_same_run(json.loads(settings.read_text()), asdict(config), run_dir)
@@ -250,8 +290,10 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return complete[-1].parent if complete else None
 
 
-def _start_trajectory(shift_dir: Path, config: FinetuneConfig, resume_step: int, main: bool) -> Trajectory:
-    """A new trajectory, or the resumed run's, cut back to its checkpoint so no step appears twice."""
+def _start_trajectory(
+    shift_dir: Path, config: FinetuneConfig, resume_step: int, main: bool
+) -> Trajectory:
+    """A new trajectory, or the resumed run's cut back to its checkpoint: no step appears twice."""
     if not resume_step:
         return Trajectory(model=config.model, task=config.task)
     trajectory = Trajectory.from_dict(json.loads((shift_dir / TRAJECTORY_FILE).read_text()))
@@ -267,21 +309,39 @@ def _start_tracker(accelerator, model, model_config, shift_dir, trajectory, resu
     """Snapshot step 0 (or reload it when resuming); the tracker lives on the main process only."""
     if resume_step:
         return ShiftTracker.resume(shift_dir) if accelerator.is_main_process else None
-    state_dict = accelerator.get_state_dict(model)  # collective under FSDP / ZeRO-3: every rank calls it
+    state_dict = _full_state_dict(accelerator, model)
     if accelerator.is_main_process:
         return ShiftTracker.begin(shift_dir, state_dict, model_config, trajectory)
     return None
 
 
 def _track(accelerator, model, model_config, tracker, trajectory, step, loss, evaluation) -> None:
-    # Under FSDP and DeepSpeed ZeRO-3 each rank holds a shard: gathering the full weights is a
-    # collective that every rank must enter (a gather on the main process alone would hang).
-    state_dict = accelerator.get_state_dict(model)
+    state_dict = _full_state_dict(accelerator, model)
     if accelerator.is_main_process:
         tracker.record(trajectory, step, state_dict, model_config, loss, evaluation)
 
 
-def _save_checkpoint(accelerator, run_dir: Path, step: int, trajectory: Trajectory, tracker) -> None:
+def _full_state_dict(accelerator, model) -> dict:
+    """The unwrapped model's full weights, complete on the main process; call it on EVERY process.
+
+    Under FSDP and DeepSpeed ZeRO-3 each rank holds a shard, and gathering the full weights is a
+    collective that every rank must enter (a gather on the main process alone would hang); the
+    other ranks get an empty or partial dict and ignore it. Under DDP or one process it is the
+    model's own state dict: no copy, no communication.
+    """
+    try:
+        return accelerator.get_state_dict(model)
+    except ValueError as err:  # ZeRO-3 without 16-bit gathering raises ValueError
+        raise ToolkitError(
+            "cannot gather the full weights to track them under DeepSpeed ZeRO-3: set "
+            "zero3_save_16bit_model: true (stage3_gather_16bit_weights_on_model_save) in the "
+            f"accelerate config ({str(err).splitlines()[0][:120]})"
+        ) from None
+
+
+def _save_checkpoint(
+    accelerator, run_dir: Path, step: int, trajectory: Trajectory, tracker
+) -> None:
     """Full training state in DIR/checkpoints/step_N; the marker file last; keep the newest two."""
     folder = run_dir / CHECKPOINTS / f"step_{step:06d}"
     if accelerator.is_main_process:
@@ -295,22 +355,31 @@ def _save_checkpoint(accelerator, run_dir: Path, step: int, trajectory: Trajecto
     accelerator.wait_for_everyone()  # every process's RNG state is written
     if accelerator.is_main_process:
         write_json(folder / COMPLETE, {"step": step})
-        keep = {p.parent for p in sorted((run_dir / CHECKPOINTS).glob(f"step_*/{COMPLETE}"))[-KEEP_CHECKPOINTS:]}
+        keep = {
+            p.parent
+            for p in sorted((run_dir / CHECKPOINTS).glob(f"step_*/{COMPLETE}"))[-KEEP_CHECKPOINTS:]
+        }
         for old in (run_dir / CHECKPOINTS).glob("step_*"):
             if old not in keep:
                 shutil.rmtree(old)
 
 
 def _finite_loss(accelerator, micro_losses: list, step: int, run_dir: Path) -> float:
-    """The update's loss averaged over micro-batches and processes; stop if it is NaN or infinite."""
+    """The update's loss, averaged over micro-batches and processes; stop on NaN or infinity."""
     import torch
 
     loss = accelerator.reduce(torch.stack(micro_losses).mean(), reduction="mean").item()
     if not math.isfinite(loss):
         kept = latest_checkpoint(run_dir)
-        where = (f"the last good checkpoint is {kept} (continue with --resume, after lowering "
-                 "--learning-rate)" if kept else "no checkpoint was written (see --checkpoint-every)")
-        raise ToolkitError(f"the training loss became {loss} at step {step}, so training stopped; {where}")
+        where = (
+            f"the last good checkpoint is {kept} (continue with --resume, after lowering "
+            "--learning-rate)"
+            if kept
+            else "no checkpoint was written (see --checkpoint-every)"
+        )
+        raise ToolkitError(
+            f"the training loss became {loss} at step {step}, so training stopped; {where}"
+        )
     return loss
 
 
@@ -318,20 +387,28 @@ def _parameter_groups(model, weight_decay: float) -> list[dict]:
     """AdamW groups: weight decay on weight matrices, none on biases and normalisation weights."""
     import torch
 
-    no_decay = {id(p) for module in model.modules() if isinstance(module, torch.nn.LayerNorm)
-                for p in module.parameters()}
+    no_decay = {
+        id(p)
+        for module in model.modules()
+        if isinstance(module, torch.nn.LayerNorm)
+        for p in module.parameters()
+    }
     no_decay |= {id(p) for name, p in model.named_parameters() if name.endswith("bias")}
     params = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if id(p) not in no_decay], "weight_decay": weight_decay},
-            {"params": [p for p in params if id(p) in no_decay], "weight_decay": 0.0}]
+    return [
+        {"params": [p for p in params if id(p) not in no_decay], "weight_decay": weight_decay},
+        {"params": [p for p in params if id(p) in no_decay], "weight_decay": 0.0},
+    ]
 
 
 def _load_metrics(task: str) -> dict:
     """The task's `evaluate` metrics, loaded by path from toolkit/metrics (no Hub access)."""
     import evaluate
 
-    return {name: evaluate.load(str(METRICS_DIR / name / f"{name}.py"), keep_in_memory=True)
-            for name in TASK_METRICS[task]}
+    return {
+        name: evaluate.load(str(METRICS_DIR / name / f"{name}.py"), keep_in_memory=True)
+        for name in TASK_METRICS[task]
+    }
 
 
 def _evaluate(accelerator, model, eval_loader, metrics: dict, task: str) -> dict[str, float]:
@@ -348,14 +425,19 @@ def _evaluate(accelerator, model, eval_loader, metrics: dict, task: str) -> dict
         if task == "classification":
             losses = F.cross_entropy(logits, labels, reduction="none")  # [batch]
             predictions, references, losses = accelerator.gather_for_metrics(
-                (logits.argmax(-1), labels, losses))
+                (logits.argmax(-1), labels, losses)
+            )
             for metric in metrics.values():
-                metric.add_batch(predictions=predictions.cpu().numpy(), references=references.cpu().numpy())
+                metric.add_batch(
+                    predictions=predictions.cpu().numpy(), references=references.cpu().numpy()
+                )
             total_loss += losses.sum().item()
             total_count += len(losses)
         else:
             # token t predicts token t+1: logits [batch, T-1, vocab] against labels [batch, T-1]
-            token_nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], reduction="none")
+            token_nll = F.cross_entropy(
+                logits[:, :-1].transpose(1, 2), labels[:, 1:], reduction="none"
+            )
             counts = torch.full((len(labels),), labels.shape[1] - 1, device=labels.device)
             nll, counts = accelerator.gather_for_metrics((token_nll.sum(1), counts))
             metrics["perplexity"].add_batch(nll=nll.cpu().numpy(), tokens=counts.cpu().numpy())
@@ -370,10 +452,22 @@ def _evaluate(accelerator, model, eval_loader, metrics: dict, task: str) -> dict
 
 def _progress(main: bool, total: int, done: int, dataset: str):
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
-    progress = Progress(TextColumn(f"fine-tuning on {dataset}"), BarColumn(), MofNCompleteColumn(),
-                        TimeRemainingColumn(), console=Console(stderr=True), disable=not main)
+    progress = Progress(
+        TextColumn(f"fine-tuning on {dataset}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        disable=not main,
+    )
     progress.add_task("steps", total=total, completed=done)
     progress.start()
     return progress

@@ -50,11 +50,15 @@ def load_tokenizer(config, train_texts, run_dir: Path):
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder)
         except Exception as err:
-            raise ToolkitError(f"{folder} has no usable tokenizer ({err}): save one beside the model") from None
+            raise ToolkitError(
+                f"{folder} has no usable tokenizer ({err}): save one beside the model"
+            ) from None
     else:
         saved = run_dir / "tokenizer"
         if not saved.is_dir():
-            tokenizer = train_bpe_tokenizer(train_texts, overrides.get("vocab_size", DEFAULT_BPE_VOCAB))
+            tokenizer = train_bpe_tokenizer(
+                train_texts, overrides.get("vocab_size", DEFAULT_BPE_VOCAB)
+            )
             with atomic_folder(saved) as tmp:
                 tokenizer.save_pretrained(tmp)
         tokenizer = AutoTokenizer.from_pretrained(saved)
@@ -75,15 +79,27 @@ def build_model(config, tokenizer, label_names: list[str] | None):
 
     labels = {}
     if label_names is not None:
-        labels = {"num_labels": len(label_names), "id2label": dict(enumerate(label_names)),
-                  "label2id": {name: i for i, name in enumerate(label_names)}}
+        labels = {
+            "num_labels": len(label_names),
+            "id2label": dict(enumerate(label_names)),
+            "label2id": {name: i for i, name in enumerate(label_names)},
+        }
     overrides = gpt2_config_overrides(config.model)
     if overrides is not None:
-        gpt2 = GPT2Config(**{"n_positions": config.max_length, **overrides,
-                             "vocab_size": len(tokenizer), "bos_token_id": tokenizer.eos_token_id,
-                             "eos_token_id": tokenizer.eos_token_id,
-                             "pad_token_id": tokenizer.pad_token_id, **labels})
-        model_class = GPT2LMHeadModel if config.task == "causal-lm" else GPT2ForSequenceClassification
+        gpt2 = GPT2Config(
+            **{
+                "n_positions": config.max_length,
+                **overrides,
+                "vocab_size": len(tokenizer),
+                "bos_token_id": tokenizer.eos_token_id,
+                "eos_token_id": tokenizer.eos_token_id,
+                "pad_token_id": tokenizer.pad_token_id,
+                **labels,
+            }
+        )
+        model_class = (
+            GPT2LMHeadModel if config.task == "causal-lm" else GPT2ForSequenceClassification
+        )
         return model_class(gpt2)
     source = resolve_source(config.model)
     family = family_for_config(source.config)  # only families whose attention we can track
@@ -97,13 +113,14 @@ def build_model(config, tokenizer, label_names: list[str] | None):
             return AutoModelForCausalLM.from_pretrained(source.path)
         # A classifier checkpoint with another number of labels gets a new head.
         return AutoModelForSequenceClassification.from_pretrained(
-            source.path, pad_token_id=tokenizer.pad_token_id, ignore_mismatched_sizes=True, **labels)
+            source.path, pad_token_id=tokenizer.pad_token_id, ignore_mismatched_sizes=True, **labels
+        )
     except OSError as err:
         raise ToolkitError(f"cannot load {config.model} ({err})") from None
 
 
 def save_final(model, tokenizer, state_dict: dict, final_dir: Path) -> None:
-    """save_pretrained (safetensors) into a temporary folder, then move it to `final_dir` at once."""
+    """save_pretrained (safetensors) into a temporary folder, then move it to `final_dir`."""
     with atomic_folder(final_dir) as tmp:
         model.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)

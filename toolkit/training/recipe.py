@@ -66,13 +66,16 @@ def load_recipe(path: str | Path) -> FinetuneConfig:
     except yaml.YAMLError as err:
         raise ToolkitError(f"{path} is not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(data, dict):
-        raise ToolkitError(f"{path} must be a mapping of settings (key: value), not {type(data).__name__}")
+        raise ToolkitError(
+            f"{path} must be a mapping of settings (key: value), not {type(data).__name__}"
+        )
     known = {f.name for f in fields(FinetuneConfig)}
     settings = {str(key).replace("-", "_"): value for key, value in data.items()}
     unknown = sorted(set(settings) - known)
     if unknown:
         raise ToolkitError(
-            f"{path}: unknown setting(s) {', '.join(unknown)}; known settings are {', '.join(sorted(known))}"
+            f"{path}: unknown setting(s) {', '.join(unknown)}; "
+            f"known settings are {', '.join(sorted(known))}"
         )
     return FinetuneConfig(**{name: _checked(path, name, value) for name, value in settings.items()})
 
@@ -85,18 +88,23 @@ def list_recipes(folder: Path = RECIPES_DIR) -> list[tuple[str, FinetuneConfig]]
 def check_config(config: FinetuneConfig) -> FinetuneConfig:
     """Reject settings that cannot run, before any work: one clear message each."""
     if not config.dataset:
-        raise ToolkitError("no dataset given: pass --dataset (a Hub name or a local file) or a recipe")
+        raise ToolkitError(
+            "no dataset given: pass --dataset (a Hub name or a local file) or a recipe"
+        )
     if not config.output_dir:
         raise ToolkitError("no output folder given: pass --output-dir DIR")
     if config.task not in TASKS:
         raise ToolkitError(f"unknown task '{config.task}': choose {' or '.join(TASKS)}")
     if config.mixed_precision not in MIXED_PRECISION:
         raise ToolkitError(
-            f"unknown mixed precision '{config.mixed_precision}': choose {', '.join(MIXED_PRECISION)}"
+            f"unknown mixed precision '{config.mixed_precision}': "
+            f"choose {', '.join(MIXED_PRECISION)}"
         )
     for name in ("epochs", "batch_size", "gradient_accumulation_steps", "max_length", "log_every"):
         if getattr(config, name) < 1:
-            raise ToolkitError(f"{name.replace('_', '-')} must be at least 1, not {getattr(config, name)}")
+            raise ToolkitError(
+                f"{name.replace('_', '-')} must be at least 1, not {getattr(config, name)}"
+            )
     for name in ("max_steps", "max_train_samples", "max_eval_samples"):
         value = getattr(config, name)
         if value is not None and value < 1:
@@ -105,7 +113,9 @@ def check_config(config: FinetuneConfig) -> FinetuneConfig:
         if getattr(config, name) < 0:
             raise ToolkitError(f"{name.replace('_', '-')} must be 0 (off) or a number of steps")
     if not 0 < config.validation_fraction < 1:
-        raise ToolkitError(f"validation-fraction must be between 0 and 1, not {config.validation_fraction}")
+        raise ToolkitError(
+            f"validation-fraction must be between 0 and 1, not {config.validation_fraction}"
+        )
     if config.learning_rate <= 0:
         raise ToolkitError(f"learning-rate must be positive, not {config.learning_rate}")
     return config

@@ -4,8 +4,8 @@ At step 0 and every `track_every` steps the standard per-head tensors of the mod
 DIR/shift/step_XXXXXX.safetensors (each a valid model spec for `toolkit inspect`), and the
 relative change of each weight against step 0 is appended to DIR/shift/trajectory.json:
 
-    layer change  ||W_t - W_0||_F / ||W_0||_F               over a layer's whole matrix
-    head change   ||W_t[h] - W_0[h]||_F / ||W_0[h]||_F      W[h]: [d_model, d_head] (w0: [d_head, d_model])
+    layer change  ||W_t - W_0||_F / ||W_0||_F            over a layer's whole matrix
+    head change   ||W_t[h] - W_0[h]||_F / ||W_0[h]||_F   W[h]: [d_model, d_head] (w0: transposed)
 
 Snapshots and the trajectory are written atomically by one background thread, so training does
 not wait for the disk; `flush()` waits for it (before a checkpoint and at the end).
@@ -68,8 +68,13 @@ class Trajectory:
 
     @classmethod
     def from_dict(cls, data: dict) -> Trajectory:
-        return cls(**{**data, "shift": [ShiftPoint(**p) for p in data["shift"]],
-                      "train_loss": [tuple(item) for item in data["train_loss"]]})
+        return cls(
+            **{
+                **data,
+                "shift": [ShiftPoint(**p) for p in data["shift"]],
+                "train_loss": [tuple(item) for item in data["train_loss"]],
+            }
+        )
 
 
 class ShiftTracker:
@@ -81,20 +86,29 @@ class ShiftTracker:
         self.shift_dir = shift_dir
         self.start = start  # "layers.{l}.{role}" -> torch float32 tensor, weights only
         # ||W_0[h]||_F for each weight: [n_heads]
-        self.start_head_norm = {name: torch.linalg.vector_norm(t, dim=(1, 2)).double()
-                                for name, t in start.items()}
+        self.start_head_norm = {
+            name: torch.linalg.vector_norm(t, dim=(1, 2)).double() for name, t in start.items()
+        }
         self._writer = ThreadPoolExecutor(max_workers=1)
         self._pending: Future | None = None
 
     @classmethod
-    def begin(cls, shift_dir: Path, state_dict: dict, config: dict, trajectory: Trajectory) -> ShiftTracker:
+    def begin(
+        cls, shift_dir: Path, state_dict: dict, config: dict, trajectory: Trajectory
+    ) -> ShiftTracker:
         """Snapshot step 0 and start a trajectory that is zero there."""
         import torch
 
         attention, tensors = _standard_tensors(state_dict, config)
         trajectory.n_layers, trajectory.n_heads = attention.dims.n_layers, attention.dims.n_heads
-        tracker = cls(shift_dir, {name: torch.from_numpy(t) for name, t in tensors.items()
-                                  if name.rsplit(".", 1)[1] in WEIGHT_ROLES})
+        tracker = cls(
+            shift_dir,
+            {
+                name: torch.from_numpy(t)
+                for name, t in tensors.items()
+                if name.rsplit(".", 1)[1] in WEIGHT_ROLES
+            },
+        )
         tracker._append(trajectory, 0, None, {}, attention, tensors)
         return tracker
 
@@ -104,12 +118,22 @@ class ShiftTracker:
         import torch
 
         attention = load_attention(shift_dir / snapshot_name(0))
-        start = {f"layers.{layer.index}.{role}": torch.from_numpy(getattr(layer, role))
-                 for layer in attention.layers() for role in WEIGHT_ROLES}
+        start = {
+            f"layers.{layer.index}.{role}": torch.from_numpy(getattr(layer, role))
+            for layer in attention.layers()
+            for role in WEIGHT_ROLES
+        }
         return cls(shift_dir, start)
 
-    def record(self, trajectory: Trajectory, step: int, state_dict: dict, config: dict,
-               loss: float | None, metrics: dict[str, float]) -> ShiftPoint:
+    def record(
+        self,
+        trajectory: Trajectory,
+        step: int,
+        state_dict: dict,
+        config: dict,
+        loss: float | None,
+        metrics: dict[str, float],
+    ) -> ShiftPoint:
         attention, tensors = _standard_tensors(state_dict, config)
         return self._append(trajectory, step, loss, metrics, attention, tensors)
 
@@ -139,18 +163,24 @@ class ShiftTracker:
             for role in WEIGHT_ROLES:
                 name = f"layers.{layer}.{role}"
                 # [n_heads, a, b] -> ||W_t[h] - W_0[h]||_F: [n_heads]
-                moved = torch.linalg.vector_norm(torch.from_numpy(tensors[name]) - self.start[name],
-                                                 dim=(1, 2)).double()
+                moved = torch.linalg.vector_norm(
+                    torch.from_numpy(tensors[name]) - self.start[name], dim=(1, 2)
+                ).double()
                 start = self.start_head_norm[name]
                 head_change[role].append((moved / start).tolist())
-                layer_change[role].append(float(moved.square().sum().sqrt() / start.square().sum().sqrt()))
+                layer_change[role].append(
+                    float(moved.square().sum().sqrt() / start.square().sum().sqrt())
+                )
         return layer_change, head_change
 
     def _write(self, tensors, metadata, trajectory: dict, snapshot: str) -> None:
         from safetensors.numpy import save_file
 
         def write():
-            write_atomic(self.shift_dir / snapshot, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+            write_atomic(
+                self.shift_dir / snapshot,
+                lambda tmp: save_file(tensors, str(tmp), metadata=metadata),
+            )
             write_json(self.shift_dir / TRAJECTORY_FILE, trajectory)
 
         self.flush()  # one write in flight at most: bounded memory, snapshots land in order

@@ -11,8 +11,9 @@ class Accuracy(evaluate.Metric):
             description="Fraction of predictions equal to the references.",
             citation="",
             inputs_description="predictions, references: class ids (int)",
-            features=datasets.Features({"predictions": datasets.Value("int64"),
-                                        "references": datasets.Value("int64")}),
+            features=datasets.Features(
+                {"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}
+            ),
         )
 
     def _compute(self, predictions, references):

@@ -15,8 +15,9 @@ class F1(evaluate.Metric):
             description="Macro-averaged F1 score over the classes present.",
             citation="",
             inputs_description="predictions, references: class ids (int)",
-            features=datasets.Features({"predictions": datasets.Value("int64"),
-                                        "references": datasets.Value("int64")}),
+            features=datasets.Features(
+                {"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}
+            ),
         )
 
     def _compute(self, predictions, references):

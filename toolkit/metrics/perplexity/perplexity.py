@@ -16,9 +16,10 @@ class Perplexity(evaluate.Metric):
         return evaluate.MetricInfo(
             description="exp of the mean per-token negative log-likelihood.",
             citation="",
-            inputs_description="nll: summed token NLL per sequence (float); tokens: its token count (int)",
-            features=datasets.Features({"nll": datasets.Value("float64"),
-                                        "tokens": datasets.Value("int64")}),
+            inputs_description="nll: summed token NLL per sequence; tokens: its token count",
+            features=datasets.Features(
+                {"nll": datasets.Value("float64"), "tokens": datasets.Value("int64")}
+            ),
         )
 
     def _compute(self, nll, tokens):
