@@ -129,8 +129,8 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
     optimizer = torch.optim.AdamW(
         _parameter_groups(model, config.weight_decay),
         lr=config.learning_rate,
-        fused=accelerator.device.type in ("cpu", "cuda"),
-    )  # several times faster
+        fused=accelerator.device.type in ("cpu", "cuda"),  # several times faster
+    )
     # A prepared scheduler steps once per process per update, so count its steps that way.
     processes = accelerator.num_processes
     scheduler = get_linear_schedule_with_warmup(
@@ -140,14 +140,11 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
     if checkpoint:
         accelerator.load_state(str(checkpoint))  # model, optimizer, scheduler, RNG states
 
-    model_config = accelerator.unwrap_model(model).config.to_dict()
     metrics = _load_metrics(config.task)
     trajectory = _start_trajectory(shift_dir, config, resume_step, main)
     tracker = None
     if config.track_every:
-        tracker = _start_tracker(
-            accelerator, model, model_config, shift_dir, trajectory, resume_step
-        )
+        tracker = _start_tracker(accelerator, model, shift_dir, trajectory, resume_step)
 
     progress = _progress(main, total_steps, resume_step, config.dataset)
     step = resume_step
@@ -194,16 +191,7 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
                         + "  ".join(f"{name} {value:.4f}" for name, value in evaluation.items()),
                     )
                 if config.track_every and (step % config.track_every == 0 or step == total_steps):
-                    _track(
-                        accelerator,
-                        model,
-                        model_config,
-                        tracker,
-                        trajectory,
-                        step,
-                        step_loss,
-                        evaluation,
-                    )
+                    _track(accelerator, model, tracker, trajectory, step, step_loss, evaluation)
                 if (
                     config.checkpoint_every
                     and step % config.checkpoint_every == 0
@@ -305,20 +293,21 @@ def _start_trajectory(
     return trajectory
 
 
-def _start_tracker(accelerator, model, model_config, shift_dir, trajectory, resume_step):
+def _start_tracker(accelerator, model, shift_dir, trajectory, resume_step):
     """Snapshot step 0 (or reload it when resuming); the tracker lives on the main process only."""
+    model_config = accelerator.unwrap_model(model).config.to_dict()
     if resume_step:
-        return ShiftTracker.resume(shift_dir) if accelerator.is_main_process else None
+        return ShiftTracker.resume(shift_dir, model_config) if accelerator.is_main_process else None
     state_dict = _full_state_dict(accelerator, model)
     if accelerator.is_main_process:
         return ShiftTracker.begin(shift_dir, state_dict, model_config, trajectory)
     return None
 
 
-def _track(accelerator, model, model_config, tracker, trajectory, step, loss, evaluation) -> None:
-    state_dict = _full_state_dict(accelerator, model)
+def _track(accelerator, model, tracker, trajectory, step, loss, evaluation) -> None:
+    state_dict = _full_state_dict(accelerator, model)  # every process, before the main one records
     if accelerator.is_main_process:
-        tracker.record(trajectory, step, state_dict, model_config, loss, evaluation)
+        tracker.record(trajectory, step, state_dict, loss, evaluation)
 
 
 def _full_state_dict(accelerator, model) -> dict:

@@ -80,10 +80,11 @@ class Trajectory:
 class ShiftTracker:
     """Keeps the step-0 weights in memory and measures each later snapshot against them."""
 
-    def __init__(self, shift_dir: Path, start: dict[str, object]):
+    def __init__(self, shift_dir: Path, model_config: dict, start: dict[str, object]):
         import torch
 
         self.shift_dir = shift_dir
+        self.model_config = model_config  # config.json of the model being trained
         self.start = start  # "layers.{l}.{role}" -> torch float32 tensor, weights only
         # ||W_0[h]||_F for each weight: [n_heads]
         self.start_head_norm = {
@@ -94,15 +95,17 @@ class ShiftTracker:
 
     @classmethod
     def begin(
-        cls, shift_dir: Path, state_dict: dict, config: dict, trajectory: Trajectory
+        cls, shift_dir: Path, state_dict: dict, model_config: dict, trajectory: Trajectory
     ) -> ShiftTracker:
         """Snapshot step 0 and start a trajectory that is zero there."""
         import torch
 
-        attention, tensors = _standard_tensors(state_dict, config)
+        name = f"{trajectory.model} at step 0"
+        attention, tensors = _standard_tensors(state_dict, model_config, name)
         trajectory.n_layers, trajectory.n_heads = attention.dims.n_layers, attention.dims.n_heads
         tracker = cls(
             shift_dir,
+            model_config,
             {
                 name: torch.from_numpy(t)
                 for name, t in tensors.items()
@@ -113,7 +116,7 @@ class ShiftTracker:
         return tracker
 
     @classmethod
-    def resume(cls, shift_dir: Path) -> ShiftTracker:
+    def resume(cls, shift_dir: Path, model_config: dict) -> ShiftTracker:
         """Measure against the step-0 snapshot a previous run wrote."""
         import torch
 
@@ -123,18 +126,18 @@ class ShiftTracker:
             for layer in attention.layers()
             for role in WEIGHT_ROLES
         }
-        return cls(shift_dir, start)
+        return cls(shift_dir, model_config, start)
 
     def record(
         self,
         trajectory: Trajectory,
         step: int,
         state_dict: dict,
-        config: dict,
         loss: float | None,
         metrics: dict[str, float],
     ) -> ShiftPoint:
-        attention, tensors = _standard_tensors(state_dict, config)
+        name = f"{trajectory.model} at step {step}"
+        attention, tensors = _standard_tensors(state_dict, self.model_config, name)
         return self._append(trajectory, step, loss, metrics, attention, tensors)
 
     def flush(self) -> None:
@@ -187,13 +190,13 @@ class ShiftTracker:
         self._pending = self._writer.submit(write)
 
 
-def _standard_tensors(state_dict: dict, config: dict):
+def _standard_tensors(state_dict: dict, config: dict, name: str):
     """(AttentionModel, contiguous float32 copies of every layer's standard tensors).
 
     A tensor that is already contiguous comes back from `standard_tensor_dict` as a view of the
     live parameter (GPT-2's w0, b0), which the next optimizer step overwrites in place: copy
     those, and only those.
     """
-    attention = attention_from_state_dict(state_dict, config)
+    attention = attention_from_state_dict(state_dict, config, name)
     tensors = standard_tensor_dict(list(attention.layers()))
     return attention, {name: t if t.flags.owndata else t.copy() for name, t in tensors.items()}
