@@ -93,3 +93,71 @@ def minilm():
     from toolkit.sources import embedded_model_dir
 
     return embedded_model_dir()
+
+
+# --- fine-tuning: a learnable toy task, a toy corpus, and a tiny BERT with a real tokenizer ---
+
+POSITIVE = ["great", "good", "fine", "love", "nice", "superb"]
+NEGATIVE = ["bad", "awful", "hate", "poor", "sad", "dull"]
+FILLER = ["the", "a", "movie", "film", "was", "is", "it", "plot", "very", "and"]
+TINY_GPT2_SPEC = "gpt2-config:n_layer=2,n_head=2,n_embd=32,vocab_size=300"
+
+
+@pytest.fixture(scope="session")
+def toy_sentiment_csv(tmp_path_factory):
+    """240 reviews: four filler words and one word that decides the label (positive/negative)."""
+    import csv
+    import random
+
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("toy_data") / "reviews.csv"
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "review", "sentiment"])
+        for i in range(240):
+            label = "positive" if i % 2 else "negative"
+            words = rng.sample(FILLER, 4) + [rng.choice(POSITIVE if i % 2 else NEGATIVE)]
+            rng.shuffle(words)
+            writer.writerow([i, " ".join(words), label])
+    return path
+
+
+@pytest.fixture(scope="session")
+def toy_corpus_txt(tmp_path_factory):
+    """400 short lines of a small repetitive English for causal language modelling."""
+    import random
+
+    rng = random.Random(1)
+    subjects = ["the cat", "a dog", "my friend", "the bird"]
+    verbs, objects = ["sees", "likes", "finds"], ["the ball", "a tree", "the house"]
+    lines = [
+        f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)}." for _ in range(400)
+    ]
+    path = tmp_path_factory.mktemp("toy_corpus") / "corpus.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_with_tokenizer(tmp_path_factory):
+    """BertModel (2 layers, 3 heads, d_model 48) with a word-level tokenizer of the toy words."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    torch.manual_seed(6)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *POSITIVE, *NEGATIVE, *FILLER]
+    folder = tmp_path_factory.mktemp("tiny_bert_tok")
+    BertModel(BertConfig(**BERT_SHAPE)).save_pretrained(folder)
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models train fastest on one thread: two oversubscribe a busy 2-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -132,3 +133,20 @@ def test_in_memory_model_gives_the_same_tensors_as_its_checkpoint(tiny_bert_clas
     saved = load_attention(str(tiny_bert_classifier))
     for role, tensor in saved.layer(1).tensors().items():
         assert (live.layer(1).tensors()[role] == tensor).all()
+
+
+def test_in_memory_tensors_are_snapshots_not_views(tiny_gpt2):
+    """GPT-2's w0 needs no transpose: it must still not follow later in-place updates."""
+    import torch
+    from transformers import AutoModel
+
+    from toolkit.attention import attention_from_state_dict
+
+    model = AutoModel.from_pretrained(tiny_gpt2)
+    snapshot = attention_from_state_dict(model.state_dict(), model.config.to_dict()).layer(0)
+    before = snapshot.w0.copy(), snapshot.b0.copy()
+    with torch.no_grad():
+        model.h[0].attn.c_proj.weight.add_(1.0)
+        model.h[0].attn.c_proj.bias.add_(1.0)
+    np.testing.assert_array_equal(snapshot.w0, before[0])
+    np.testing.assert_array_equal(snapshot.b0, before[1])

@@ -23,6 +23,10 @@ _PUBLIC = {
     "explain_qkv": "toolkit.lessons.qkv",
     "explain_all": "toolkit.lessons",
     "ToolkitError": "toolkit.errors",
+    "finetune": "toolkit.training.loop",
+    "FinetuneConfig": "toolkit.training.recipe",
+    "FinetuneResult": "toolkit.training.loop",
+    "load_recipe": "toolkit.training.recipe",
 }
 
 __all__ = sorted(_PUBLIC)

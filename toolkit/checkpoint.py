@@ -120,13 +120,15 @@ class Checkpoint:
         return sum(math.prod(self.shape(name)) for name in self.names())
 
     def get(self, name: str) -> np.ndarray:
-        """One tensor as a float32 numpy array."""
+        """One tensor as a float32 numpy array that owns its memory."""
         if name not in self:
             raise ToolkitError(
                 f"tensor {name} is missing from {self.path}: the checkpoint is incomplete"
             )
         if self._state_dict is not None:
-            return self._state_dict[name].detach().float().cpu().numpy()
+            # a copy, never a view: the live parameters of a model in training change in place
+            tensor = self._state_dict[name].detach()
+            return tensor.float().to("cpu", copy=True).numpy()
         file, info = self._located[name]
         try:
             return read_tensor(file, info).astype(np.float32, copy=False)

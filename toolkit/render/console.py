@@ -86,3 +86,19 @@ def render_verify(report: VerifyReport, console: Console) -> None:
         )
     )
     console.print("[green]verified[/green]" if r.passed else "[red]verification FAILED[/red]")
+
+
+def render_recipes(recipes: list, console: Console) -> None:
+    """(name, FinetuneConfig) pairs: a table of the settings, then each recipe's description."""
+    table = Table(title="Recipes (run one with: toolkit finetune NAME)")
+    table.add_column("name", no_wrap=True, style="bold")
+    table.add_column("model", overflow="fold")
+    for column in ("dataset", "task", "steps"):
+        table.add_column(column)
+    for name, config in recipes:
+        dataset = config.dataset + (f" ({config.dataset_config})" if config.dataset_config else "")
+        steps = str(config.max_steps) if config.max_steps else f"{config.epochs} epoch(s)"
+        table.add_row(name, config.model, dataset, config.task, steps)
+    console.print(table)
+    for name, config in recipes:
+        console.print(f"[bold]{name}[/bold]: {escape(config.description)}")

@@ -1,0 +1,188 @@
+"""DIR/report.md of a fine-tuning run, with PNG plots of the attention shift and the loss.
+
+Plots: relative change by layer over steps (one panel per weight), the final layer x head
+heatmaps, and the training/validation loss with the task's metric.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from toolkit.attention import WEIGHT_ROLES
+from toolkit.fileio import write_atomic
+
+if TYPE_CHECKING:
+    from toolkit.training.loop import FinetuneResult
+    from toolkit.training.tracking import Trajectory
+
+PLOTS = {"shift": "shift_by_layer.png", "heads": "final_head_shift.png", "loss": "loss.png"}
+TOP_HEADS = 5
+
+
+def write_training_report(run_dir: Path, trajectory: Trajectory, result: FinetuneResult) -> Path:
+    """Write the plots and DIR/report.md; return the report's path."""
+    lines = [
+        f"# Fine-tuning report: {result.model} on {result.dataset}",
+        "",
+        f"- task: {result.task}; {result.steps} optimizer steps on {result.processes} process(es), "
+        f"{result.seconds:.0f} s"
+        + (f" (resumed at step {result.resumed_from})" if result.resumed_from else ""),
+        f"- final training loss: {_number(result.train_loss)}",
+        "- final validation: " + ", ".join(f"{k} {_number(v)}" for k, v in result.metrics.items()),
+        f"- final model: `{Path(result.final_dir).name}/`; trajectory: `shift/trajectory.json`",
+        "",
+        "## Training",
+        "",
+        f"![loss and metrics]({_plot_loss(run_dir / PLOTS['loss'], trajectory)})",
+        "",
+    ]
+    if trajectory.shift:
+        lines += _shift_section(run_dir, trajectory)
+    else:
+        lines += ["Shift tracking was off (--track-every 0).", ""]
+    lines.append(_start_vs_end_section(run_dir))
+    report = run_dir / "report.md"
+    write_atomic(report, lambda tmp: tmp.write_text("\n".join(lines).rstrip() + "\n"))
+    return report
+
+
+def _start_vs_end_section(run_dir: Path) -> str:
+    """START-VS-END COMPARISON: the full `toolkit compare` of shift/step_000000.safetensors against
+    the final model goes here (`toolkit.analysis.compare.compare` + `comparison_markdown`).
+    Returns "" until that module is merged."""
+    return ""
+
+
+def _shift_section(run_dir: Path, trajectory: Trajectory) -> list[str]:
+    final = trajectory.shift[-1]
+    lines = [
+        "## How the attention weights moved",
+        "",
+        "Relative change against step 0: ||W_t - W_0||_F / ||W_0||_F, per layer (whole matrix) and "
+        f"per head. Snapshots of the standard tensors are in `shift/` (steps "
+        f"{', '.join(str(p.step) for p in trajectory.shift[:8])}"
+        f"{', ...' if len(trajectory.shift) > 8 else ''}).",
+        "",
+        f"![relative change by layer]({_plot_shift(run_dir / PLOTS['shift'], trajectory)})",
+        "",
+        f"### At step {final.step}, by layer",
+        "",
+        "| layer | " + " | ".join(WEIGHT_ROLES) + " |",
+        "|---|" + "---|" * len(WEIGHT_ROLES),
+    ]
+    for layer in range(trajectory.n_layers):
+        lines.append(
+            f"| {layer} | "
+            + " | ".join(f"{final.layer_change[role][layer]:.4g}" for role in WEIGHT_ROLES)
+            + " |"
+        )
+    lines += [
+        "",
+        f"![final per-head change]({_plot_heads(run_dir / PLOTS['heads'], trajectory)})",
+        "",
+        f"### Heads that moved most at step {final.step}",
+        "",
+        "| weight | layer | head | relative change |",
+        "|---|---|---|---|",
+    ]
+    moved = sorted(
+        (
+            (change, role, layer, head)
+            for role in WEIGHT_ROLES
+            for layer, heads in enumerate(final.head_change[role])
+            for head, change in enumerate(heads)
+        ),
+        reverse=True,
+    )
+    lines += [
+        f"| {role} | {layer} | {head} | {change:.4g} |"
+        for change, role, layer, head in moved[:TOP_HEADS]
+    ]
+    return lines + [""]
+
+
+def _plot_shift(path: Path, trajectory: Trajectory) -> str:
+    """One panel per weight: relative change of each layer against the step."""
+    plt = _pyplot()
+    steps = [p.step for p in trajectory.shift]
+    figure, axes = plt.subplots(
+        1, len(WEIGHT_ROLES), figsize=(4 * len(WEIGHT_ROLES), 3.4), sharey=True
+    )
+    colors = plt.cm.viridis(
+        [i / max(trajectory.n_layers - 1, 1) for i in range(trajectory.n_layers)]
+    )
+    for axis, role in zip(axes, WEIGHT_ROLES, strict=True):
+        for layer in range(trajectory.n_layers):
+            axis.plot(
+                steps,
+                [p.layer_change[role][layer] for p in trajectory.shift],
+                color=colors[layer],
+                label=f"layer {layer}",
+            )
+        axis.set_title(role)
+        axis.set_xlabel("step")
+    axes[0].set_ylabel("||W_t - W_0|| / ||W_0||")
+    axes[-1].legend(fontsize="small")
+    return _save(figure, path)
+
+
+def _plot_heads(path: Path, trajectory: Trajectory) -> str:
+    """One heatmap per weight: layer x head relative change at the last tracked step."""
+    plt = _pyplot()
+    final = trajectory.shift[-1]
+    top = max(max(max(row) for row in final.head_change[role]) for role in WEIGHT_ROLES) or 1.0
+    figure, axes = plt.subplots(
+        1, len(WEIGHT_ROLES), figsize=(3.6 * len(WEIGHT_ROLES), 3.4), layout="constrained"
+    )
+    for axis, role in zip(axes, WEIGHT_ROLES, strict=True):
+        image = axis.imshow(final.head_change[role], vmin=0, vmax=top, cmap="magma", aspect="auto")
+        axis.set_title(f"{role} at step {final.step}")
+        axis.set_xlabel("head")
+        axis.set_ylabel("layer")
+    figure.colorbar(image, ax=list(axes), label="relative change")
+    return _save(figure, path)
+
+
+def _plot_loss(path: Path, trajectory: Trajectory) -> str:
+    """Training loss per step and validation loss; the task's metric on a second panel."""
+    plt = _pyplot()
+    figure, (loss_axis, metric_axis) = plt.subplots(1, 2, figsize=(10, 3.4))
+    if trajectory.train_loss:
+        steps, losses = zip(*trajectory.train_loss, strict=True)
+        loss_axis.plot(steps, losses, lw=0.8, label="training loss")
+    evaluations = trajectory.evaluations
+    eval_steps = [e["step"] for e in evaluations]
+    loss_axis.plot(eval_steps, [e["eval_loss"] for e in evaluations], "o-", label="validation loss")
+    loss_axis.set_xlabel("step")
+    loss_axis.legend()
+    for name in sorted({k for e in evaluations for k in e} - {"step", "eval_loss"}):
+        metric_axis.plot(eval_steps, [e.get(name) for e in evaluations], "o-", label=name)
+    metric_axis.set_xlabel("step")
+    metric_axis.set_title("validation metrics")
+    metric_axis.legend()
+    return _save(figure, path)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(figure, path: Path) -> str:
+    """Save a figure atomically as PNG; return its file name (the report links it relatively)."""
+    import matplotlib.pyplot as plt
+
+    if not figure.get_constrained_layout():
+        figure.tight_layout()
+    write_atomic(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110))
+    plt.close(figure)
+    return path.name
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4g}"

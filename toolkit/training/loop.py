@@ -1,0 +1,467 @@
+"""`toolkit finetune`: one straight-line Accelerate training loop that records the attention shift.
+
+    data -> tokenizer, model -> prepare -> for each step: forward, backward, clip, step
+         -> on schedule: evaluate, track the shift, checkpoint -> save DIR/final -> DIR/report.md
+
+Runs the same in one process or several (`torchrun --nproc_per_node N -m toolkit finetune ...`):
+every process trains, the main process alone writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from toolkit.errors import ToolkitError
+from toolkit.fileio import write_json
+from toolkit.training.data import (
+    data_collator,
+    group_for_causal_lm,
+    load_text_data,
+    tokenize_for_classification,
+)
+from toolkit.training.models import build_model, load_tokenizer, save_final
+from toolkit.training.recipe import FinetuneConfig, check_config
+from toolkit.training.tracking import (
+    TRAJECTORY_FILE,
+    ShiftTracker,
+    Trajectory,
+    snapshot_name,
+)
+
+METRICS_DIR = Path(__file__).resolve().parents[1] / "metrics"
+TASK_METRICS = {"classification": ("accuracy", "f1"), "causal-lm": ("perplexity",)}
+CHECKPOINTS = "checkpoints"
+COMPLETE = "complete.json"  # written last: a checkpoint without it was cut short and is ignored
+KEEP_CHECKPOINTS = 2
+# Settings that may change between a run and its resumption without changing the result.
+RESUMABLE_CHANGES = {"resume", "output_dir", "log_every", "description", "checkpoint_every"}
+
+
+@dataclass
+class FinetuneResult:
+    """What a run produced; paths are strings so that the result is plain JSON."""
+
+    output_dir: str
+    final_dir: str
+    report: str
+    trajectory: str
+    model: str
+    task: str
+    dataset: str
+    steps: int
+    resumed_from: int
+    train_loss: float | None
+    metrics: dict[str, float]
+    processes: int
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
+    """Fine-tune `config.model` on `config.dataset`, tracking how its Wq/Wk/Wv/W0 move."""
+    import datasets
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, set_seed
+    from torch.utils.data import DataLoader
+    from transformers import get_linear_schedule_with_warmup
+    from transformers.utils import logging as transformers_logging
+
+    config = check_config(FinetuneConfig(**config) if isinstance(config, dict) else config)
+    started = time.perf_counter()
+    transformers_logging.set_verbosity_error()  # the new-head notice is expected for fine-tuning
+    datasets.disable_progress_bars()  # one progress bar: the training steps
+    transformers_logging.disable_progress_bar()
+    # save_state drops GPT-2's tied lm_head.weight and warns each time; loading re-ties it.
+    logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
+    run_dir = Path(config.output_dir)
+    shift_dir = run_dir / "shift"
+    accelerator = Accelerator(
+        # torchrun on a machine without GPUs: ask for CPU explicitly, or every process runs alone.
+        cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        # A seeded sampler: the same data order in every process and every resumed run.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
+    )
+    main = accelerator.is_main_process
+    checkpoint = _open_run_dir(run_dir, config, accelerator)
+    resume_step = json.loads((checkpoint / COMPLETE).read_text())["step"] if checkpoint else 0
+
+    # Data, tokenizer, model. The main process goes first so that dataset caches and a trained
+    # tokenizer are written once and then reused by the others.
+    with accelerator.main_process_first():
+        data = load_text_data(config)
+        tokenizer = load_tokenizer(config, data.train["text"], run_dir)
+        if config.task == "classification":
+            train_set = tokenize_for_classification(data.train, tokenizer, config.max_length)
+            eval_set = tokenize_for_classification(data.validation, tokenizer, config.max_length)
+        else:
+            train_set = group_for_causal_lm(data.train, tokenizer, config.max_length)
+            eval_set = group_for_causal_lm(data.validation, tokenizer, config.max_length)
+    set_seed(config.seed)
+    model = build_model(config, tokenizer, data.label_names)
+    collate = data_collator(config.task, tokenizer)
+    train_loader = DataLoader(
+        train_set,
+        batch_size=config.batch_size,
+        shuffle=True,
+        collate_fn=collate,
+        # its own generator: iterating never draws from the global (dropout) RNG
+        generator=torch.Generator().manual_seed(config.seed),
+    )
+    eval_loader = DataLoader(eval_set, batch_size=config.batch_size, collate_fn=collate)
+    train_loader, eval_loader = accelerator.prepare(train_loader, eval_loader)
+
+    accumulation = config.gradient_accumulation_steps
+    updates_per_epoch = math.ceil(len(train_loader) / accumulation)
+    total_steps = config.max_steps or config.epochs * updates_per_epoch
+    epochs = math.ceil(total_steps / updates_per_epoch)
+    optimizer = torch.optim.AdamW(
+        _parameter_groups(model, config.weight_decay),
+        lr=config.learning_rate,
+        fused=accelerator.device.type in ("cpu", "cuda"),  # several times faster
+    )
+    # A prepared scheduler steps once per process per update, so count its steps that way.
+    processes = accelerator.num_processes
+    scheduler = get_linear_schedule_with_warmup(
+        optimizer, int(config.warmup_ratio * total_steps) * processes, total_steps * processes
+    )
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if checkpoint:
+        accelerator.load_state(str(checkpoint))  # model, optimizer, scheduler, RNG states
+
+    metrics = _load_metrics(config.task)
+    trajectory = _start_trajectory(shift_dir, config, resume_step, main)
+    tracker = None
+    if config.track_every:
+        tracker = _start_tracker(accelerator, model, shift_dir, trajectory, resume_step)
+
+    progress = _progress(main, total_steps, resume_step, config.dataset)
+    step = resume_step
+    start_epoch, updates_done = divmod(resume_step, updates_per_epoch)
+    try:
+        model.train()
+        for epoch in range(start_epoch, epochs):
+            train_loader.set_epoch(epoch)
+            batches = train_loader
+            if epoch == start_epoch and updates_done:
+                batches = accelerator.skip_first_batches(train_loader, updates_done * accumulation)
+                batches.set_epoch(epoch)
+            micro_losses = []
+            for batch in batches:
+                with accelerator.accumulate(model):
+                    loss = model(**batch).loss
+                    accelerator.backward(loss)
+                    micro_losses.append(loss.detach())
+                    if accelerator.sync_gradients:
+                        step_loss = _finite_loss(accelerator, micro_losses, step + 1, run_dir)
+                        accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad()
+                if not accelerator.sync_gradients:
+                    continue
+                step += 1
+                micro_losses = []
+                trajectory.train_loss.append((step, step_loss))
+                progress.update(progress.task_ids[0], completed=step)
+                if step % config.log_every == 0 or step == total_steps:
+                    _log(
+                        progress,
+                        f"step {step}/{total_steps}  epoch {epoch + 1}  loss {step_loss:.4f}  "
+                        f"lr {scheduler.get_last_lr()[0]:.2e}",
+                    )
+                evaluation = {}
+                if config.eval_every and step % config.eval_every == 0 or step == total_steps:
+                    evaluation = _evaluate(accelerator, model, eval_loader, metrics, config.task)
+                    trajectory.evaluations.append({"step": step, **evaluation})
+                    _log(
+                        progress,
+                        f"eval at step {step}: "
+                        + "  ".join(f"{name} {value:.4f}" for name, value in evaluation.items()),
+                    )
+                if config.track_every and (step % config.track_every == 0 or step == total_steps):
+                    _track(accelerator, model, tracker, trajectory, step, step_loss, evaluation)
+                if (
+                    config.checkpoint_every
+                    and step % config.checkpoint_every == 0
+                    and step < total_steps
+                ):
+                    _save_checkpoint(accelerator, run_dir, step, trajectory, tracker)
+                if step == total_steps:
+                    break
+    finally:
+        progress.stop()
+        if tracker is not None:
+            tracker.close()
+
+    # The end: the final model (transformers format, safetensors), the trajectory, the report.
+    accelerator.wait_for_everyone()
+    state_dict = _full_state_dict(accelerator, model)
+    result = FinetuneResult(
+        output_dir=str(run_dir),
+        final_dir=str(run_dir / "final"),
+        report=str(run_dir / "report.md"),
+        trajectory=str(shift_dir / TRAJECTORY_FILE),
+        model=config.model,
+        task=config.task,
+        dataset=data.source,
+        steps=step,
+        resumed_from=resume_step,
+        train_loss=trajectory.train_loss[-1][1] if trajectory.train_loss else None,
+        metrics={k: v for k, v in trajectory.evaluations[-1].items() if k != "step"},
+        processes=processes,
+        seconds=time.perf_counter() - started,
+    )
+    if main:
+        from toolkit.render.training_report import write_training_report
+
+        save_final(accelerator.unwrap_model(model), tokenizer, state_dict, run_dir / "final")
+        write_json(shift_dir / TRAJECTORY_FILE, trajectory.to_dict())
+        write_training_report(run_dir, trajectory, result)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return result
+
+
+def _open_run_dir(run_dir: Path, config: FinetuneConfig, accelerator):
+    """Check the output folder (new, or a run to resume); return the checkpoint to resume from."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ToolkitError(f"--output-dir {run_dir} is a file: give a folder")
+    settings = run_dir / "config.json"
+    holds_run = any(
+        p.exists()
+        for p in (run_dir / "shift" / TRAJECTORY_FILE, run_dir / CHECKPOINTS, run_dir / "final")
+    )
+    checkpoint = None
+    if config.resume and settings.is_file():
+        _check_same_run(json.loads(settings.read_text()), asdict(config), run_dir)
+        checkpoint = latest_checkpoint(run_dir)
+    elif holds_run:
+        raise ToolkitError(
+            f"{run_dir} already holds a run: pass --resume to continue it, or choose another "
+            "--output-dir"
+        )
+    accelerator.wait_for_everyone()  # every process has looked before the main one writes
+    if accelerator.is_main_process:
+        if checkpoint is None:  # starting afresh: a tokenizer trained by an earlier start is stale
+            shutil.rmtree(run_dir / "tokenizer", ignore_errors=True)
+        (run_dir / "shift").mkdir(parents=True, exist_ok=True)
+        write_json(settings, asdict(config))
+    accelerator.wait_for_everyone()
+    return checkpoint
+
+
+def _check_same_run(before: dict, now: dict, run_dir: Path) -> None:
+    changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and before.get(k) != now[k])
+    if changed:
+        name = changed[0]
+        raise ToolkitError(
+            f"{run_dir} was started with {name}={before.get(name)!r}, not {now[name]!r}: resume "
+            "with the same settings (see its config.json), or start a new --output-dir"
+        )
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint folder of a run, or None."""
+    complete = sorted((run_dir / CHECKPOINTS).glob(f"step_*/{COMPLETE}"))
+    return complete[-1].parent if complete else None
+
+
+def _start_trajectory(
+    shift_dir: Path, config: FinetuneConfig, resume_step: int, main: bool
+) -> Trajectory:
+    """A new trajectory, or the resumed run's cut back to its checkpoint: no step appears twice."""
+    if not resume_step:
+        return Trajectory(model=config.model, task=config.task)
+    trajectory = Trajectory.from_dict(json.loads((shift_dir / TRAJECTORY_FILE).read_text()))
+    trajectory.truncate(resume_step)
+    if main:  # snapshots past the checkpoint belong to steps that will be redone
+        for snapshot in shift_dir.glob("step_*.safetensors"):
+            if snapshot.name > snapshot_name(resume_step):
+                snapshot.unlink()
+    return trajectory
+
+
+def _start_tracker(accelerator, model, shift_dir, trajectory, resume_step):
+    """Snapshot step 0 (or reload it when resuming); the tracker lives on the main process only."""
+    model_config = accelerator.unwrap_model(model).config.to_dict()
+    if resume_step:
+        return ShiftTracker.resume(shift_dir, model_config) if accelerator.is_main_process else None
+    state_dict = _full_state_dict(accelerator, model)
+    if accelerator.is_main_process:
+        return ShiftTracker.begin(shift_dir, state_dict, model_config, trajectory)
+    return None
+
+
+def _track(accelerator, model, tracker, trajectory, step, loss, evaluation) -> None:
+    state_dict = _full_state_dict(accelerator, model)  # every process, before the main one records
+    if accelerator.is_main_process:
+        tracker.record(trajectory, step, state_dict, loss, evaluation)
+
+
+def _full_state_dict(accelerator, model) -> dict:
+    """The unwrapped model's full weights, complete on the main process; call it on EVERY process.
+
+    Under FSDP and DeepSpeed ZeRO-3 each rank holds a shard, and gathering the full weights is a
+    collective that every rank must enter (a gather on the main process alone would hang); the
+    other ranks get an empty or partial dict and ignore it. Under DDP or one process it is the
+    model's own state dict: no copy, no communication.
+    """
+    try:
+        return accelerator.get_state_dict(model)
+    except ValueError as err:  # ZeRO-3 without 16-bit gathering raises ValueError
+        raise ToolkitError(
+            "cannot gather the full weights to track them under DeepSpeed ZeRO-3: set "
+            "zero3_save_16bit_model: true (stage3_gather_16bit_weights_on_model_save) in the "
+            f"accelerate config ({str(err).splitlines()[0][:120]})"
+        ) from None
+
+
+def _save_checkpoint(
+    accelerator, run_dir: Path, step: int, trajectory: Trajectory, tracker
+) -> None:
+    """Full training state in DIR/checkpoints/step_N; the marker file last; keep the newest two."""
+    folder = run_dir / CHECKPOINTS / f"step_{step:06d}"
+    if accelerator.is_main_process:
+        if tracker is not None:
+            tracker.flush()
+        # The trajectory on disk must cover this step before the checkpoint counts.
+        write_json(run_dir / "shift" / TRAJECTORY_FILE, trajectory.to_dict())
+        shutil.rmtree(folder, ignore_errors=True)  # a partial one left by a killed run
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(folder))
+    accelerator.wait_for_everyone()  # every process's RNG state is written
+    if accelerator.is_main_process:
+        write_json(folder / COMPLETE, {"step": step})
+        keep = {
+            p.parent
+            for p in sorted((run_dir / CHECKPOINTS).glob(f"step_*/{COMPLETE}"))[-KEEP_CHECKPOINTS:]
+        }
+        for old in (run_dir / CHECKPOINTS).glob("step_*"):
+            if old not in keep:
+                shutil.rmtree(old)
+
+
+def _finite_loss(accelerator, micro_losses: list, step: int, run_dir: Path) -> float:
+    """The update's loss, averaged over micro-batches and processes; stop on NaN or infinity."""
+    import torch
+
+    loss = accelerator.reduce(torch.stack(micro_losses).mean(), reduction="mean").item()
+    if not math.isfinite(loss):
+        kept = latest_checkpoint(run_dir)
+        where = (
+            f"the last good checkpoint is {kept} (continue with --resume, after lowering "
+            "--learning-rate)"
+            if kept
+            else "no checkpoint was written (see --checkpoint-every)"
+        )
+        raise ToolkitError(
+            f"the training loss became {loss} at step {step}, so training stopped; {where}"
+        )
+    return loss
+
+
+def _parameter_groups(model, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay on weight matrices, none on biases and normalisation weights."""
+    import torch
+
+    no_decay = {
+        id(p)
+        for module in model.modules()
+        if isinstance(module, torch.nn.LayerNorm)
+        for p in module.parameters()
+    }
+    no_decay |= {id(p) for name, p in model.named_parameters() if name.endswith("bias")}
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if id(p) not in no_decay], "weight_decay": weight_decay},
+        {"params": [p for p in params if id(p) in no_decay], "weight_decay": 0.0},
+    ]
+
+
+def _load_metrics(task: str) -> dict:
+    """The task's `evaluate` metrics, loaded by path from toolkit/metrics (no Hub access)."""
+    import evaluate
+
+    return {
+        name: evaluate.load(str(METRICS_DIR / name / f"{name}.py"), keep_in_memory=True)
+        for name in TASK_METRICS[task]
+    }
+
+
+def _evaluate(accelerator, model, eval_loader, metrics: dict, task: str) -> dict[str, float]:
+    """Validation loss and the task's metrics, over the whole validation set on all processes."""
+    import torch
+    import torch.nn.functional as F
+
+    model.eval()
+    total_loss, total_count = 0.0, 0
+    for batch in eval_loader:
+        with torch.no_grad():
+            logits = model(**batch).logits.float()
+        labels = batch["labels"]
+        if task == "classification":
+            losses = F.cross_entropy(logits, labels, reduction="none")  # [batch]
+            predictions, references, losses = accelerator.gather_for_metrics(
+                (logits.argmax(-1), labels, losses)
+            )
+            for metric in metrics.values():
+                metric.add_batch(
+                    predictions=predictions.cpu().numpy(), references=references.cpu().numpy()
+                )
+            total_loss += losses.sum().item()
+            total_count += len(losses)
+        else:
+            # token t predicts token t+1: logits [batch, T-1, vocab] against labels [batch, T-1]
+            token_nll = F.cross_entropy(
+                logits[:, :-1].transpose(1, 2), labels[:, 1:], reduction="none"
+            )
+            counts = torch.full((len(labels),), labels.shape[1] - 1, device=labels.device)
+            nll, counts = accelerator.gather_for_metrics((token_nll.sum(1), counts))
+            metrics["perplexity"].add_batch(nll=nll.cpu().numpy(), tokens=counts.cpu().numpy())
+            total_loss += nll.sum().item()
+            total_count += counts.sum().item()
+    model.train()
+    results = {"eval_loss": total_loss / total_count}
+    for metric in metrics.values():
+        results.update(metric.compute())
+    return results
+
+
+def _progress(main: bool, total: int, done: int, dataset: str):
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    progress = Progress(
+        TextColumn(f"fine-tuning on {dataset}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        disable=not main,
+    )
+    progress.add_task("steps", total=total, completed=done)
+    progress.start()
+    return progress
+
+
+def _log(progress, line: str) -> None:
+    if not progress.disable:
+        progress.console.print(line)

@@ -1,0 +1,135 @@
+"""The model and tokenizer a run starts from: a pretrained checkpoint, or GPT-2 built from a config.
+
+`--model gpt2-config:n_layer=2,n_head=4,n_embd=128` builds a fresh GPT-2-architecture model
+(no pretrained weights needed) with a byte-level BPE tokenizer trained on the run's training
+texts; `vocab_size` there sets the tokenizer's size (default 4096). The trained tokenizer is
+saved in DIR/tokenizer/ so that every process and every resumed run uses the same one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from toolkit.errors import ToolkitError
+from toolkit.families import family_for_config
+from toolkit.fileio import atomic_folder
+from toolkit.sources import resolve_source
+from toolkit.training.data import train_bpe_tokenizer
+
+GPT2_CONFIG = "gpt2-config"
+DEFAULT_BPE_VOCAB = 4096
+
+
+def gpt2_config_overrides(model: str) -> dict | None:
+    """`gpt2-config:key=value,...` -> {key: value}; None for any other model spec."""
+    name, _, settings = model.partition(":")
+    if name != GPT2_CONFIG:
+        return None
+    from transformers import GPT2Config
+
+    known = GPT2Config().to_dict()
+    overrides = {}
+    for item in filter(None, settings.split(",")):
+        key, equals, value = item.partition("=")
+        if not equals or key not in known:
+            raise ToolkitError(
+                f"'{item}' in --model {model} is not key=value with a GPT2Config key "
+                "(e.g. gpt2-config:n_layer=2,n_head=4,n_embd=128)"
+            )
+        overrides[key] = _number(value)
+    return overrides
+
+
+def load_tokenizer(config, train_texts, run_dir: Path):
+    """The pretrained model's tokenizer, or (for gpt2-config) the BPE tokenizer of this run."""
+    from transformers import AutoTokenizer
+
+    overrides = gpt2_config_overrides(config.model)
+    if overrides is None:
+        folder = resolve_source(config.model).path
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+        except Exception as err:
+            raise ToolkitError(
+                f"{folder} has no usable tokenizer ({err}): save one beside the model"
+            ) from None
+    else:
+        saved = run_dir / "tokenizer"
+        if not saved.is_dir():
+            tokenizer = train_bpe_tokenizer(
+                train_texts, overrides.get("vocab_size", DEFAULT_BPE_VOCAB)
+            )
+            with atomic_folder(saved) as tmp:
+                tokenizer.save_pretrained(tmp)
+        tokenizer = AutoTokenizer.from_pretrained(saved)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # GPT-2 has no padding token; batches need one
+    return tokenizer
+
+
+def build_model(config, tokenizer, label_names: list[str] | None):
+    """The model for `config.task`, with label names in its config; seed torch first."""
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        GPT2Config,
+        GPT2ForSequenceClassification,
+        GPT2LMHeadModel,
+    )
+
+    labels = {}
+    if label_names is not None:
+        labels = {
+            "num_labels": len(label_names),
+            "id2label": dict(enumerate(label_names)),
+            "label2id": {name: i for i, name in enumerate(label_names)},
+        }
+    overrides = gpt2_config_overrides(config.model)
+    if overrides is not None:
+        gpt2 = GPT2Config(
+            **{
+                "n_positions": config.max_length,
+                **overrides,
+                "vocab_size": len(tokenizer),
+                "bos_token_id": tokenizer.eos_token_id,
+                "eos_token_id": tokenizer.eos_token_id,
+                "pad_token_id": tokenizer.pad_token_id,
+                **labels,
+            }
+        )
+        model_class = (
+            GPT2LMHeadModel if config.task == "causal-lm" else GPT2ForSequenceClassification
+        )
+        return model_class(gpt2)
+    source = resolve_source(config.model)
+    family = family_for_config(source.config)  # only families whose attention we can track
+    if config.task == "causal-lm" and not family.causal:
+        raise ToolkitError(
+            f"{config.model} is a {family.name} model, which is not a causal language model: "
+            "use --task classification, or a GPT-2-family model"
+        )
+    try:
+        if config.task == "causal-lm":
+            return AutoModelForCausalLM.from_pretrained(source.path)
+        # A classifier checkpoint with another number of labels gets a new head.
+        return AutoModelForSequenceClassification.from_pretrained(
+            source.path, pad_token_id=tokenizer.pad_token_id, ignore_mismatched_sizes=True, **labels
+        )
+    except OSError as err:
+        raise ToolkitError(f"cannot load {config.model} ({err})") from None
+
+
+def save_final(model, tokenizer, state_dict: dict, final_dir: Path) -> None:
+    """save_pretrained (safetensors) into a temporary folder, then move it to `final_dir`."""
+    with atomic_folder(final_dir) as tmp:
+        model.save_pretrained(tmp, state_dict=state_dict)
+        tokenizer.save_pretrained(tmp)
+
+
+def _number(text: str) -> int | float | bool | str:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)

@@ -1,0 +1,154 @@
+"""Fine-tuning settings: the `FinetuneConfig` dataclass, read from a YAML recipe or set by options.
+
+A recipe is a flat YAML mapping whose keys are the field names below (`max_steps` or
+`max-steps`); command-line options override recipe fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from toolkit.errors import ToolkitError
+
+TASKS = ("classification", "causal-lm")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything one fine-tuning run needs; `toolkit finetune --help` documents each field."""
+
+    dataset: str | None = None
+    output_dir: str | None = None
+    model: str = "minilm"
+    task: str = "classification"
+    dataset_config: str | None = None
+    split: str = "train"
+    text_column: str | None = None
+    label_column: str | None = None
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    validation_fraction: float = 0.1
+    max_length: int = 128
+    epochs: int = 1
+    max_steps: int | None = None
+    batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"
+    seed: int = 42
+    eval_every: int = 0
+    track_every: int = 10
+    checkpoint_every: int = 0
+    log_every: int = 10
+    resume: bool = False
+    description: str = ""
+
+    def with_overrides(self, **overrides) -> FinetuneConfig:
+        """A copy with the given fields replaced; None means "not given" and keeps the field."""
+        given = {name: value for name, value in overrides.items() if value is not None}
+        return dataclasses.replace(self, **given)
+
+
+def load_recipe(path: str | Path) -> FinetuneConfig:
+    """Read a YAML recipe: a file path, or the name of a recipe in `recipes/` (without .yaml)."""
+    import yaml
+
+    path = _recipe_path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ToolkitError(f"{path} is not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ToolkitError(
+            f"{path} must be a mapping of settings (key: value), not {type(data).__name__}"
+        )
+    known = {f.name for f in fields(FinetuneConfig)}
+    settings = {str(key).replace("-", "_"): value for key, value in data.items()}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ToolkitError(
+            f"{path}: unknown setting(s) {', '.join(unknown)}; "
+            f"known settings are {', '.join(sorted(known))}"
+        )
+    return FinetuneConfig(**{name: _checked(path, name, value) for name, value in settings.items()})
+
+
+def list_recipes(folder: Path = RECIPES_DIR) -> list[tuple[str, FinetuneConfig]]:
+    """(name, config) for each recipe in `folder`, sorted by name."""
+    return [(path.stem, load_recipe(path)) for path in sorted(folder.glob("*.yaml"))]
+
+
+def check_config(config: FinetuneConfig) -> FinetuneConfig:
+    """Reject settings that cannot run, before any work: one clear message each."""
+    if not config.dataset:
+        raise ToolkitError(
+            "no dataset given: pass --dataset (a Hub name or a local file) or a recipe"
+        )
+    if not config.output_dir:
+        raise ToolkitError("no output folder given: pass --output-dir DIR")
+    if config.task not in TASKS:
+        raise ToolkitError(f"unknown task '{config.task}': choose {' or '.join(TASKS)}")
+    if config.mixed_precision not in MIXED_PRECISION:
+        raise ToolkitError(
+            f"unknown mixed precision '{config.mixed_precision}': "
+            f"choose {', '.join(MIXED_PRECISION)}"
+        )
+    for name in ("epochs", "batch_size", "gradient_accumulation_steps", "max_length", "log_every"):
+        if getattr(config, name) < 1:
+            raise ToolkitError(
+                f"{name.replace('_', '-')} must be at least 1, not {getattr(config, name)}"
+            )
+    for name in ("max_steps", "max_train_samples", "max_eval_samples"):
+        value = getattr(config, name)
+        if value is not None and value < 1:
+            raise ToolkitError(f"{name.replace('_', '-')} must be at least 1, not {value}")
+    for name in ("eval_every", "track_every", "checkpoint_every"):
+        if getattr(config, name) < 0:
+            raise ToolkitError(f"{name.replace('_', '-')} must be 0 (off) or a number of steps")
+    if not 0 < config.validation_fraction < 1:
+        raise ToolkitError(
+            f"validation-fraction must be between 0 and 1, not {config.validation_fraction}"
+        )
+    if config.learning_rate <= 0:
+        raise ToolkitError(f"learning-rate must be positive, not {config.learning_rate}")
+    return config
+
+
+_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+
+
+def _checked(path: Path, name: str, value: object) -> object:
+    """YAML gives str/int/float/bool: check each against the field's annotation.
+
+    YAML 1.1 reads `5e-5` (no dot) as a string, so float fields also take numeric strings.
+    """
+    annotation = next(f.type for f in fields(FinetuneConfig) if f.name == name)
+    base, _, optional = annotation.partition(" | ")
+    if value is None and optional:
+        return value
+    if base == "float" and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) and base != "bool" or not isinstance(value, _TYPES[base]):
+        raise ToolkitError(f"{path}: {name} must be {base}, not {value!r}")
+    return value
+
+
+def _recipe_path(path: str | Path) -> Path:
+    path = Path(path)
+    if path.is_file():
+        return path
+    named = RECIPES_DIR / f"{path}.yaml"
+    if path.suffix == "" and named.is_file():
+        return named
+    known = ", ".join(p.stem for p in sorted(RECIPES_DIR.glob("*.yaml"))) or "none"
+    raise ToolkitError(f"no recipe file {path} (recipes in {RECIPES_DIR}: {known})")
