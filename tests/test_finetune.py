@@ -123,6 +123,26 @@ def test_snapshot_is_a_model_spec_and_report_has_plots(tracked_run):
     assert result.steps == 7 and set(result.metrics) == {"eval_loss", "accuracy", "f1"}
 
 
+def test_report_compares_start_with_the_final_model(tracked_run):
+    """The report's `toolkit compare` (step-0 snapshot vs DIR/final) and the trajectory's last
+    point are two routes to the same relative change."""
+    out, _ = tracked_run
+    compared = json.loads((out / "compare.json").read_text())
+    last = _trajectory(out)["shift"][-1]
+    assert compared["mode"] == "elementwise"
+    for layer in compared["layers"]:
+        for role in ROLES:
+            np.testing.assert_allclose(
+                layer["matrices"][role]["relative_change"],
+                last["layer_change"][role][layer["layer"]],
+                rtol=1e-4,
+            )
+    report = (out / "report.md").read_text()
+    assert "## Start against end" in report
+    assert "](compare/relative_change_heatmaps.png)" in report
+    assert (out / "compare" / "relative_change_heatmaps.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_f1_metric_matches_scikit_learn():
     import evaluate
     from sklearn.metrics import f1_score

@@ -41,17 +41,36 @@ def write_training_report(run_dir: Path, trajectory: Trajectory, result: Finetun
         lines += _shift_section(run_dir, trajectory)
     else:
         lines += ["Shift tracking was off (--track-every 0).", ""]
-    lines.append(_start_vs_end_section(run_dir))
+    lines.append(_start_vs_end_section(run_dir, result))
     report = run_dir / "report.md"
     write_atomic(report, lambda tmp: tmp.write_text("\n".join(lines).rstrip() + "\n"))
     return report
 
 
-def _start_vs_end_section(run_dir: Path) -> str:
-    """START-VS-END COMPARISON: the full `toolkit compare` of shift/step_000000.safetensors against
-    the final model goes here (`toolkit.analysis.compare.compare` + `comparison_markdown`).
-    Returns "" until that module is merged."""
-    return ""
+def _start_vs_end_section(run_dir: Path, result: FinetuneResult) -> str:
+    """The full `toolkit compare` of the step-0 snapshot against the final model, with its
+    figures in DIR/compare/ and every number in DIR/compare.json."""
+    from toolkit.analysis.compare import compare
+    from toolkit.fileio import write_json
+    from toolkit.render.compare_plots import comparison_markdown
+    from toolkit.training.tracking import snapshot_name
+
+    start = run_dir / "shift" / snapshot_name(0)
+    if not start.is_file():
+        return ""
+    comparison = compare(start, result.final_dir)
+    write_json(run_dir / "compare.json", comparison.to_dict())
+    section = comparison_markdown(comparison, run_dir / "compare", link_base=run_dir)
+    return "\n".join(
+        [
+            "## Start against end: `toolkit compare`",
+            "",
+            f"Every number below is in `compare.json`; rerun it with `toolkit compare "
+            f"{start.relative_to(run_dir)} {Path(result.final_dir).name}` in this folder.",
+            "",
+            "#" + section,
+        ]
+    )  # its "## " heading nests one level down
 
 
 def _shift_section(run_dir: Path, trajectory: Trajectory) -> list[str]:
