@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -174,8 +175,13 @@ def test_metrics_equal_evaluating_each_final_model(lesson, toy_sentiment_csv):
     for init, run in result.runs.items():
         final = out / init / "final"
         model = AutoModelForSequenceClassification.from_pretrained(final).eval()
-        encoded = AutoTokenizer.from_pretrained(final)(
-            validation["review"], truncation=True, max_length=16, padding=True, return_tensors="pt"
+        tokenizer = AutoTokenizer.from_pretrained(final)
+        encoded = tokenizer(
+            list(validation["review"]),
+            truncation=True,
+            max_length=16,
+            padding=True,
+            return_tensors="pt",
         )
         with torch.no_grad():
             logits = model(**encoded).logits
@@ -261,7 +267,7 @@ def test_cli_writes_json_and_markdown_with_the_figure(
     figure = tmp_path / "report-pretrained.png"
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "问题四" in report.read_text(encoding="utf-8")
-    assert "fine-tuning from random weights" in result.stderr
+    assert "fine-tuning on" in result.stderr and "from random weights" in result.stderr
     assert not list(tmp_path.glob(".*tmp"))
 
 
@@ -270,17 +276,24 @@ def test_temporary_runs_are_removed(
 ):
     import tempfile
 
+    import toolkit.training.loop
+
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    seen = []
-    explain_pretrained(
-        str(tiny_bert_scaled_with_tokenizer),
-        steps=1,
-        dataset=str(toy_sentiment_csv),
-        max_length=16,
-        on_run=lambda init: seen.append(sorted(p.name for p in tmp_path.glob("*/*"))),
+    run_dirs = []
+
+    def finetune_and_record(config):
+        run_dirs.append(Path(config.output_dir))
+        return real_finetune(config)
+
+    real_finetune = toolkit.training.loop.finetune
+    monkeypatch.setattr(toolkit.training.loop, "finetune", finetune_and_record)
+    result = explain_pretrained(
+        str(tiny_bert_scaled_with_tokenizer), steps=1, dataset=str(toy_sentiment_csv), max_length=16
     )
-    assert seen == [[], ["pretrained"]]  # the runs lived in a temporary folder under tmp_path
+    assert [p.name for p in run_dirs] == ["pretrained", "random"]
+    assert all(p.parent.parent == tmp_path for p in run_dirs)  # in one temporary folder
     assert list(tmp_path.iterdir()) == []  # which is gone
+    assert result.output_dir is None and result.runs["random"].output_dir is None
 
 
 @pytest.mark.parametrize(

@@ -384,7 +384,6 @@ def explain_pretrained(
         output_dir=output_dir,
         revision=revision,
         allow_pickle=allow_pickle,
-        on_run=lambda init: click.echo(f"fine-tuning from {init} weights", err=True),
     )
     _show_lessons({"pretrained": result}, lang, as_json, markdown)
 
@@ -399,16 +398,23 @@ def explain_pretrained(
 @_lesson_output_options
 def explain_all(model, revision, allow_pickle, skip, lang, as_json, markdown):
     """Every lesson with its defaults, as one report (pretrained fine-tunes twice: minutes)."""
+    from rich.progress import Progress
+
+    from toolkit.lessons import LESSONS
     from toolkit.lessons import explain_all as run_all
+    from toolkit.render import stderr_console
 
     _check_markdown(markdown)
-    results = run_all(
-        model,
-        revision=revision,
-        allow_pickle=allow_pickle,
-        skip=skip,
-        on_lesson=lambda name: click.echo(f"lesson {name}", err=True),
-    )
+    with Progress(console=stderr_console(), transient=True) as progress:
+        names = [name for name in LESSONS if name not in skip]
+        task = progress.add_task("lessons", total=len(names))
+
+        def on_lesson(name: str) -> None:
+            progress.update(task, description=f"lesson {name}", completed=names.index(name))
+
+        results = run_all(
+            model, revision=revision, allow_pickle=allow_pickle, skip=skip, on_lesson=on_lesson
+        )
     _show_lessons(results, lang, as_json, markdown)
 
 

