@@ -204,22 +204,21 @@ def _text(result, lang: str) -> str:
 
 def test_prose_states_the_runs_numbers(lesson):
     result, out = lesson
-    moved = {}
+    relative, absolute = {}, {}
     for init in ("pretrained", "random"):
         start, end = _snapshot(out / init, 0), _snapshot(out / init, STEPS)
-        moved[init] = np.mean(
-            [
-                np.linalg.norm(end[f"layers.{layer}.{role}"] - start[f"layers.{layer}.{role}"])
-                / np.linalg.norm(start[f"layers.{layer}.{role}"])
-                for layer in range(2)
-                for role in ROLES
-            ]
+        names = [f"layers.{layer}.{role}" for layer in range(2) for role in ROLES]
+        moved = [np.linalg.norm(end[name] - start[name]) for name in names]
+        absolute[init] = np.mean(moved)
+        relative[init] = np.mean(
+            [m / np.linalg.norm(start[n]) for m, n in zip(moved, names, strict=True)]
         )
     text = _text(result, "en")
-    more = max(moved, key=moved.get)
-    assert f"the {more} start changed its attention weights by {moved[more]:.2%}" in text
-    ratio = max(moved.values()) / min(moved.values())
-    assert f"{ratio:.1f} times as much" in text
+    more = max(relative, key=relative.get)
+    assert f"the {more} start changed its attention weights by {relative[more]:.2%}" in text
+    assert f"{max(relative.values()) / min(relative.values()):.1f} times as much" in text
+    assert f"a random-start matrix moved by {absolute['random']:.3g} on average" in text
+    assert f"a pretrained one by {absolute['pretrained']:.3g}." in text
     accuracy = {init: run.metrics["accuracy"] for init, run in result.runs.items()}
     if accuracy["pretrained"] > accuracy["random"]:
         assert f"The pretrained start reached accuracy {accuracy['pretrained']:.4f}" in text

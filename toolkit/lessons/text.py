@@ -206,16 +206,17 @@ TEXT: dict[str, dict[str, str]] = {
             "start changed its attention weights by {random_change:.2%} of their starting norm, "
             "the pretrained start by {pretrained_change:.2%}: {ratio:.1f} times as much. Part of "
             "that is where each began: a fresh layer matrix has a norm of {random_norm:.3g} on "
-            "average, a pretrained one {pretrained_norm:.3g}; in absolute terms the runs moved "
-            "their matrices by {random_abs:.3g} and {pretrained_abs:.3g} on average."
+            "average, a pretrained one {pretrained_norm:.3g}. In absolute terms, ||W_end - "
+            "W_start||, a random-start matrix moved by {random_abs:.3g} on average and a "
+            "pretrained one by {pretrained_abs:.3g}."
         ),
         "pretrained.moved_pretrained_more": (
             "How far the weights moved: averaged over the layers and Wq/Wk/Wv/W0, the pretrained "
             "start changed its attention weights by {pretrained_change:.2%} of their starting "
             "norm, the random start by {random_change:.2%}: {ratio:.1f} times as much. A fresh "
             "layer matrix has a norm of {random_norm:.3g} on average, a pretrained one "
-            "{pretrained_norm:.3g}; in absolute terms the runs moved their matrices by "
-            "{random_abs:.3g} and {pretrained_abs:.3g} on average."
+            "{pretrained_norm:.3g}. In absolute terms, ||W_end - W_start||, a random-start matrix "
+            "moved by {random_abs:.3g} on average and a pretrained one by {pretrained_abs:.3g}."
         ),
         "pretrained.reuse": (
             "That is why people reuse pretrained Wq/Wk/Wv/W0: they already hold what attention "
@@ -400,14 +401,15 @@ TEXT: dict[str, dict[str, str]] = {
             "权重移动了多远:对所有层和 Wq/Wk/Wv/W0 取平均,随机起点的注意力权重变化了起始范数的 "
             "{random_change:.2%},预训练起点变化了 {pretrained_change:.2%}:是它的 {ratio:.1f} 倍。"
             "部分原因在于起点:新初始化的一层矩阵范数平均为 {random_norm:.3g},预训练的为 "
-            "{pretrained_norm:.3g};按绝对量计算,两次运行的矩阵平均移动了 {random_abs:.3g} 和 "
-            "{pretrained_abs:.3g}。"
+            "{pretrained_norm:.3g}。按绝对量 ||W_结束 - W_开始|| 计算,随机起点的矩阵平均移动了 "
+            "{random_abs:.3g},预训练的矩阵平均移动了 {pretrained_abs:.3g}。"
         ),
         "pretrained.moved_pretrained_more": (
             "权重移动了多远:对所有层和 Wq/Wk/Wv/W0 取平均,预训练起点的注意力权重变化了起始范数的 "
             "{pretrained_change:.2%},随机起点变化了 {random_change:.2%}:是它的 {ratio:.1f} 倍。"
             "新初始化的一层矩阵范数平均为 {random_norm:.3g},预训练的为 {pretrained_norm:.3g};"
-            "按绝对量计算,两次运行的矩阵平均移动了 {random_abs:.3g} 和 {pretrained_abs:.3g}。"
+            "按绝对量 ||W_结束 - W_开始|| 计算,随机起点的矩阵平均移动了 {random_abs:.3g},"
+            "预训练的矩阵平均移动了 {pretrained_abs:.3g}。"
         ),
         "pretrained.reuse": (
             "这就是人们沿用预训练 Wq/Wk/Wv/W0 的原因:它们已经包含了注意力在预训练中学到的东西,"
