@@ -181,3 +181,19 @@ def tiny_bert_scaled_with_tokenizer(tmp_path_factory):
     folder = _save(BertModel(BertConfig(**BERT_SHAPE)), tmp_path_factory.mktemp("tiny_bert_scaled"))
     _save_toy_tokenizer(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_lm_with_tokenizer(toy_corpus_txt, tmp_path_factory):
+    """GPT2LMHeadModel (2 layers, 2 heads, d_model 32) with a BPE tokenizer of the toy corpus."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from toolkit.training.data import train_bpe_tokenizer
+
+    tokenizer = train_bpe_tokenizer(toy_corpus_txt.read_text().splitlines(), 300)
+    torch.manual_seed(8)
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=len(tokenizer))
+    folder = _save(GPT2LMHeadModel(config), tmp_path_factory.mktemp("tiny_gpt2_tok"))
+    tokenizer.save_pretrained(folder)
+    return folder

