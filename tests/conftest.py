@@ -142,14 +142,21 @@ def toy_corpus_txt(tmp_path_factory):
 def tiny_bert_with_tokenizer(tmp_path_factory):
     """BertModel (2 layers, 3 heads, d_model 48) with a word-level tokenizer of the toy words."""
     import torch
-    from transformers import BertConfig, BertModel, BertTokenizerFast
+    from transformers import BertConfig, BertModel
 
     torch.manual_seed(6)
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *POSITIVE, *NEGATIVE, *FILLER]
     folder = tmp_path_factory.mktemp("tiny_bert_tok")
     BertModel(BertConfig(**BERT_SHAPE)).save_pretrained(folder)
-    BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}).save_pretrained(folder)
+    _save_toy_tokenizer(folder)
     return folder
+
+
+def _save_toy_tokenizer(folder) -> None:
+    """A word-level BERT tokenizer of the toy reviews' words."""
+    from transformers import BertTokenizerFast
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *POSITIVE, *NEGATIVE, *FILLER]
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}).save_pretrained(folder)
 
 
 @pytest.fixture(scope="module")
@@ -161,3 +168,32 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_scaled_with_tokenizer(tmp_path_factory):
+    """The tokenizer model's shapes with weights of std 0.2 (biases 0.5), ten times the config's
+    initializer_range: a stand-in "pretrained" checkpoint that no fresh initialisation matches."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(7)
+    folder = _save(BertModel(BertConfig(**BERT_SHAPE)), tmp_path_factory.mktemp("tiny_bert_scaled"))
+    _save_toy_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_lm_with_tokenizer(toy_corpus_txt, tmp_path_factory):
+    """GPT2LMHeadModel (2 layers, 2 heads, d_model 32) with a BPE tokenizer of the toy corpus."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from toolkit.training.data import train_bpe_tokenizer
+
+    tokenizer = train_bpe_tokenizer(toy_corpus_txt.read_text().splitlines(), 300)
+    torch.manual_seed(8)
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=len(tokenizer))
+    folder = _save(GPT2LMHeadModel(config), tmp_path_factory.mktemp("tiny_gpt2_tok"))
+    tokenizer.save_pretrained(folder)
+    return folder

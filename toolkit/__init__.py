@@ -21,6 +21,7 @@ _PUBLIC = {
     "explain_w0": "toolkit.lessons.w0",
     "explain_softmax": "toolkit.lessons.softmax",
     "explain_qkv": "toolkit.lessons.qkv",
+    "explain_pretrained": "toolkit.lessons.pretrained",
     "explain_all": "toolkit.lessons",
     "ToolkitError": "toolkit.errors",
     "finetune": "toolkit.training.loop",

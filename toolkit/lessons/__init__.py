@@ -8,14 +8,17 @@ presenter there, and one line in each registry.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from importlib import import_module
+
+from toolkit.errors import ToolkitError
 
 # lesson name -> "module:function"; imported on use so that the registry costs nothing to read.
 LESSONS: dict[str, str] = {
     "w0": "toolkit.lessons.w0:explain_w0",
     "softmax": "toolkit.lessons.softmax:explain_softmax",
     "qkv": "toolkit.lessons.qkv:explain_qkv",
+    "pretrained": "toolkit.lessons.pretrained:explain_pretrained",
 }
 
 
@@ -29,17 +32,21 @@ def explain_all(
     *,
     revision: str | None = None,
     allow_pickle: bool = False,
+    skip: Sequence[str] = (),
     on_lesson: Callable[[str], None] | None = None,
 ) -> dict[str, object]:
-    """Every registered lesson with its defaults on one model: name -> result.
+    """Every registered lesson but those in `skip`, with its defaults, on one model: name -> result.
 
     `on_lesson(name)` is called before each lesson starts (the CLI advances a progress bar).
     """
     from toolkit.attention import load_attention
 
+    unknown = sorted(set(skip) - set(LESSONS))
+    if unknown:
+        raise ToolkitError(f"no lesson {unknown[0]}: the lessons are {', '.join(LESSONS)}")
     attention = load_attention(model, revision=revision, allow_pickle=allow_pickle)
     results = {}
-    for name in LESSONS:
+    for name in (name for name in LESSONS if name not in skip):
         if on_lesson is not None:
             on_lesson(name)
         results[name] = lesson_function(name)(attention=attention, allow_pickle=allow_pickle)

@@ -169,6 +169,71 @@ TEXT: dict[str, dict[str, str]] = {
             "to {loss_after:.4f}."
         ),
         "qkv.figure": "Singular values of Wq, Wk, Wv per layer: fresh initialisation (dashed) vs trained",
+        # pretrained
+        "pretrained.title": "Question 4: train Wq, Wk, Wv from scratch, or reuse pretrained ones?",
+        "pretrained.setup": (
+            "The same fine-tune runs twice on {model} ({task} on {dataset}): {steps} steps of "
+            "{batch_size} examples (at most {train_samples} training rows, {max_length} tokens "
+            "each), learning rate {lr:g}, seed {seed}, then an evaluation on at most "
+            "{eval_samples} held-out rows. Run 1 starts from the pretrained weights; run 2 from "
+            "a fresh initialisation of the same architecture, drawn by the model's own "
+            "initializer with the same seed. Same data, same order, same optimiser: only the "
+            "starting weights differ."
+        ),
+        "pretrained.quantity": "after {steps} steps",
+        "pretrained.train_loss": "training loss (mean of the last {n} steps)",
+        "pretrained.seconds": "seconds",
+        "pretrained.run_pretrained": "pretrained start",
+        "pretrained.run_random": "random start",
+        "pretrained.metric_better": (
+            "The pretrained start reached {metric} {pretrained:.4f}, the random start "
+            "{random:.4f}: with the same data and steps, reusing the pretrained weights gave the "
+            "better model."
+        ),
+        "pretrained.metric_worse": (
+            "Here the random start reached the better {metric}: {random:.4f}, against "
+            "{pretrained:.4f} from the pretrained weights."
+        ),
+        "pretrained.metric_equal": "Both runs reached the same {metric}, {pretrained:.4f}.",
+        "pretrained.loss_line": (
+            "Validation loss: {pretrained_loss:.4f} from the pretrained start, {random_loss:.4f} "
+            "from the random start."
+        ),
+        "pretrained.change_table": "Relative change ||W_end - W_start|| / ||W_start|| by layer",
+        "pretrained.start_norm": "||W_start|| {run}",
+        "pretrained.moved_random_more": (
+            "How far the weights moved: averaged over the layers and Wq/Wk/Wv/W0, the random "
+            "start changed its attention weights by {random_change:.2%} of their starting norm, "
+            "the pretrained start by {pretrained_change:.2%}: {ratio:.1f} times as much. Part of "
+            "that is where each began: a fresh layer matrix has a norm of {random_norm:.3g} on "
+            "average, a pretrained one {pretrained_norm:.3g}. In absolute terms, ||W_end - "
+            "W_start||, a random-start matrix moved by {random_abs:.3g} on average and a "
+            "pretrained one by {pretrained_abs:.3g}."
+        ),
+        "pretrained.moved_pretrained_more": (
+            "How far the weights moved: averaged over the layers and Wq/Wk/Wv/W0, the pretrained "
+            "start changed its attention weights by {pretrained_change:.2%} of their starting "
+            "norm, the random start by {random_change:.2%}: {ratio:.1f} times as much. A fresh "
+            "layer matrix has a norm of {random_norm:.3g} on average, a pretrained one "
+            "{pretrained_norm:.3g}. In absolute terms, ||W_end - W_start||, a random-start matrix "
+            "moved by {random_abs:.3g} on average and a pretrained one by {pretrained_abs:.3g}."
+        ),
+        "pretrained.reuse": (
+            "That is why people reuse pretrained Wq/Wk/Wv/W0: they already hold what attention "
+            "learned in pretraining, fine-tuning adjusts them by {pretrained_change:.2%}, and "
+            "the same {steps} steps from random weights ended behind ({metric} {random:.4f} "
+            "against {pretrained:.4f}). Training them from scratch is pretraining itself: far more "
+            "data and steps than a fine-tune."
+        ),
+        "pretrained.unclear": (
+            "In this run the pretrained start did not end ahead on {metric}, so these numbers do "
+            "not show the advantage of reusing the weights; {steps} steps may be too few to tell: "
+            "try a longer run with --steps."
+        ),
+        "pretrained.figure": (
+            "Training loss of both runs (left) and relative change of Wq/Wk/Wv/W0 by layer "
+            "(right; solid: pretrained start, dashed: random start)"
+        ),
     },
     "zh": {
         "model_line": "模型 {model}(家族 {family})。",
@@ -306,6 +371,59 @@ TEXT: dict[str, dict[str, str]] = {
             "变化了其范数的 {min_rel:.3%} 到 {max_rel:.3%},损失从 {loss:.4f} 变为 {loss_after:.4f}。"
         ),
         "qkv.figure": "每层 Wq、Wk、Wv 的奇异值:新初始化(虚线)与训练后(实线)",
+        "pretrained.title": "问题四:Wq、Wk、Wv 是从头训练,还是沿用预训练的权重?",
+        "pretrained.setup": (
+            "在 {model} 上把同一次微调跑两遍({dataset} 上的 {task}):{steps} 步,每步 {batch_size} "
+            "个样本(最多 {train_samples} 条训练数据,每条 {max_length} 个词元),学习率 {lr:g},"
+            "种子 {seed},最后在最多 {eval_samples} 条留出数据上评估。第一遍从预训练权重开始;"
+            "第二遍从同一架构的全新初始化开始,用模型自己的初始化方法和同一个种子抽取。"
+            "数据相同、顺序相同、优化器相同:只有起始权重不同。"
+        ),
+        "pretrained.quantity": "{steps} 步之后",
+        "pretrained.train_loss": "训练损失(最后 {n} 步的平均)",
+        "pretrained.seconds": "秒",
+        "pretrained.run_pretrained": "预训练起点",
+        "pretrained.run_random": "随机起点",
+        "pretrained.metric_better": (
+            "预训练起点的 {metric} 达到 {pretrained:.4f},随机起点为 {random:.4f}:"
+            "数据和步数相同,沿用预训练权重得到了更好的模型。"
+        ),
+        "pretrained.metric_worse": (
+            "这一次随机起点的 {metric} 更好:{random:.4f},预训练权重起点为 {pretrained:.4f}。"
+        ),
+        "pretrained.metric_equal": "两次运行的 {metric} 相同,都是 {pretrained:.4f}。",
+        "pretrained.loss_line": (
+            "验证损失:预训练起点 {pretrained_loss:.4f},随机起点 {random_loss:.4f}。"
+        ),
+        "pretrained.change_table": "按层的相对变化 ||W_结束 - W_开始|| / ||W_开始||",
+        "pretrained.start_norm": "||W_开始|| {run}",
+        "pretrained.moved_random_more": (
+            "权重移动了多远:对所有层和 Wq/Wk/Wv/W0 取平均,随机起点的注意力权重变化了起始范数的 "
+            "{random_change:.2%},预训练起点变化了 {pretrained_change:.2%}:是它的 {ratio:.1f} 倍。"
+            "部分原因在于起点:新初始化的一层矩阵范数平均为 {random_norm:.3g},预训练的为 "
+            "{pretrained_norm:.3g}。按绝对量 ||W_结束 - W_开始|| 计算,随机起点的矩阵平均移动了 "
+            "{random_abs:.3g},预训练的矩阵平均移动了 {pretrained_abs:.3g}。"
+        ),
+        "pretrained.moved_pretrained_more": (
+            "权重移动了多远:对所有层和 Wq/Wk/Wv/W0 取平均,预训练起点的注意力权重变化了起始范数的 "
+            "{pretrained_change:.2%},随机起点变化了 {random_change:.2%}:是它的 {ratio:.1f} 倍。"
+            "新初始化的一层矩阵范数平均为 {random_norm:.3g},预训练的为 {pretrained_norm:.3g};"
+            "按绝对量 ||W_结束 - W_开始|| 计算,随机起点的矩阵平均移动了 {random_abs:.3g},"
+            "预训练的矩阵平均移动了 {pretrained_abs:.3g}。"
+        ),
+        "pretrained.reuse": (
+            "这就是人们沿用预训练 Wq/Wk/Wv/W0 的原因:它们已经包含了注意力在预训练中学到的东西,"
+            "微调只把它们调整了 {pretrained_change:.2%};而从随机权重出发的同样 {steps} 步落在了后面"
+            "({metric} {random:.4f},对比 {pretrained:.4f})。从头训练它们就是预训练本身:"
+            "所需的数据和步数远远多于一次微调。"
+        ),
+        "pretrained.unclear": (
+            "在这次运行中,预训练起点的 {metric} 没有领先,所以这些数字没有显示出沿用权重的优势;"
+            "{steps} 步可能太少,看不出差别:可以用 --steps 跑得更久一些。"
+        ),
+        "pretrained.figure": (
+            "两次运行的训练损失(左)与 Wq/Wk/Wv/W0 按层的相对变化(右;实线:预训练起点,虚线:随机起点)"
+        ),
     },
 }
 

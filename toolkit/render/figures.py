@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from toolkit.attention import WEIGHT_ROLES
+from toolkit.lessons.pretrained import PretrainedLesson
 from toolkit.lessons.qkv import QKV, QkvLesson
 from toolkit.lessons.softmax import SoftmaxLesson
 from toolkit.lessons.w0 import W0Lesson
@@ -78,6 +80,47 @@ def qkv_spectra(lesson: QkvLesson, path: Path) -> None:
         ax.set_xlabel("index")
     axes[0].set_ylabel("singular value")
     axes[-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=120)
+    plt.close(fig)
+
+
+def pretrained_runs(lesson: PretrainedLesson, path: Path) -> None:
+    """Left: each run's training loss per step (thin) and its moving average over 10 steps.
+    Right: relative change of each role by layer, solid for the pretrained start, dashed random."""
+    import numpy as np
+
+    plt = _pyplot()
+    fig, (losses, change) = plt.subplots(1, 2, figsize=(12, 4))
+    styles = {"pretrained": ("tab:blue", "-"), "random": ("tab:red", "--")}
+    for init, run in lesson.runs.items():
+        color, line = styles[init]
+        steps = np.arange(1, len(run.train_loss) + 1)
+        losses.plot(steps, run.train_loss, color=color, alpha=0.3, linewidth=0.8)
+        window = min(10, len(run.train_loss))
+        smooth = np.convolve(run.train_loss, np.ones(window) / window, mode="valid")
+        losses.plot(steps[window - 1 :], smooth, color=color, label=f"{init} start")
+    losses.set_xlabel("step")
+    losses.set_ylabel("training loss")
+    losses.set_title(f"{lesson.task} on {lesson.dataset}")
+    losses.legend()
+    colors = dict(zip(WEIGHT_ROLES, plt.cm.tab10.colors, strict=False))
+    layers = range(lesson.n_layers)
+    for init, run in lesson.runs.items():
+        for role in WEIGHT_ROLES:
+            change.plot(
+                layers,
+                run.layer_change[role],
+                styles[init][1],
+                marker="o",
+                color=colors[role],
+                label=f"{role} ({init})",
+            )
+    change.set_xticks(list(layers))
+    change.set_xlabel("layer")
+    change.set_ylabel("||W_end - W_start|| / ||W_start||")
+    change.set_yscale("log")
+    change.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=120)
     plt.close(fig)

@@ -8,6 +8,8 @@ import statistics
 from collections.abc import Callable
 from functools import partial
 
+from toolkit.attention import WEIGHT_ROLES
+from toolkit.lessons.pretrained import PretrainedLesson
 from toolkit.lessons.qkv import QKV, QkvLesson
 from toolkit.lessons.softmax import SoftmaxLesson
 from toolkit.lessons.text import say
@@ -322,10 +324,114 @@ def present_qkv(r: QkvLesson, lang: str) -> list[Block]:
     return blocks
 
 
+def present_pretrained(r: PretrainedLesson, lang: str) -> list[Block]:
+    pretrained, random = r.runs["pretrained"], r.runs["random"]
+    last = min(10, r.steps)
+    metric_rows = [
+        [name, f"{pretrained.metrics[name]:.4f}", f"{random.metrics[name]:.4f}"]
+        for name in pretrained.metrics
+    ]
+    metric_rows += [
+        [say(lang, "pretrained.train_loss", n=last)]
+        + [f"{statistics.fmean(run.train_loss[-last:]):.4f}" for run in (pretrained, random)],
+        [say(lang, "pretrained.seconds")] + [f"{run.seconds:.0f}" for run in (pretrained, random)],
+    ]
+    runs = [say(lang, "pretrained.run_pretrained"), say(lang, "pretrained.run_random")]
+    headline = {
+        "metric": r.metric,
+        "pretrained": pretrained.metrics[r.metric],
+        "random": random.metrics[r.metric],
+    }
+    ahead = (headline["pretrained"] - headline["random"]) * (1 if r.higher_is_better else -1)
+    verdict = "better" if ahead > 0 else "equal" if ahead == 0 else "worse"
+
+    def mean_change(run) -> float:
+        return statistics.fmean(c for role in WEIGHT_ROLES for c in run.layer_change[role])
+
+    def mean_norm(run) -> float:
+        return statistics.fmean(n for role in WEIGHT_ROLES for n in run.start_norm[role])
+
+    def mean_moved(run) -> float:  # ||W_end - W_start|| = relative change * ||W_start||
+        return statistics.fmean(
+            c * n
+            for role in WEIGHT_ROLES
+            for c, n in zip(run.layer_change[role], run.start_norm[role], strict=True)
+        )
+
+    changes = {"pretrained_change": mean_change(pretrained), "random_change": mean_change(random)}
+    more, less = sorted(changes.values(), reverse=True)
+    moved = say(
+        lang,
+        "pretrained.moved_random_more"
+        if changes["random_change"] > changes["pretrained_change"]
+        else "pretrained.moved_pretrained_more",
+        **changes,
+        ratio=more / less if less else math.inf,
+        pretrained_norm=mean_norm(pretrained),
+        random_norm=mean_norm(random),
+        pretrained_abs=mean_moved(pretrained),
+        random_abs=mean_moved(random),
+    )
+    change_rows = [
+        [str(layer), role]
+        + [f"{run.layer_change[role][layer]:.2%}" for run in (pretrained, random)]
+        + [f"{run.start_norm[role][layer]:.3g}" for run in (pretrained, random)]
+        for layer in range(r.n_layers)
+        for role in WEIGHT_ROLES
+    ]
+    change_columns = [say(lang, "layer"), say(lang, "role"), *runs] + [
+        say(lang, "pretrained.start_norm", run=run) for run in runs
+    ]
+    conclusion = (
+        say(lang, "pretrained.reuse", **headline, **changes, steps=r.steps)
+        if verdict == "better"
+        else say(lang, "pretrained.unclear", metric=r.metric, steps=r.steps)
+    )
+    return [
+        Heading(say(lang, "pretrained.title")),
+        Paragraph(say(lang, "model_line", model=r.model, family=r.family)),
+        Paragraph(
+            say(
+                lang,
+                "pretrained.setup",
+                model=r.model,
+                task=r.task,
+                dataset=r.dataset,
+                steps=r.steps,
+                batch_size=r.batch_size,
+                train_samples=r.max_train_samples,
+                max_length=r.max_length,
+                lr=r.learning_rate,
+                seed=r.seed,
+                eval_samples=r.max_eval_samples,
+            )
+        ),
+        Table("", [say(lang, "pretrained.quantity", steps=r.steps), *runs], metric_rows),
+        Paragraph(say(lang, f"pretrained.metric_{verdict}", **headline)),
+        Paragraph(
+            say(
+                lang,
+                "pretrained.loss_line",
+                pretrained_loss=pretrained.metrics["eval_loss"],
+                random_loss=random.metrics["eval_loss"],
+            )
+        ),
+        Table(say(lang, "pretrained.change_table"), change_columns, change_rows),
+        Paragraph(moved),
+        Paragraph(conclusion),
+        Figure(
+            "pretrained",
+            say(lang, "pretrained.figure"),
+            partial(figures.pretrained_runs, r),
+        ),
+    ]
+
+
 PRESENTERS: dict[str, Callable[..., list[Block]]] = {
     "w0": present_w0,
     "softmax": present_softmax,
     "qkv": present_qkv,
+    "pretrained": present_pretrained,
 }
 
 

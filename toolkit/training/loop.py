@@ -20,6 +20,7 @@ from pathlib import Path
 
 from toolkit.errors import ToolkitError
 from toolkit.fileio import write_json
+from toolkit.render import stderr_console
 from toolkit.training.data import (
     data_collator,
     group_for_causal_lm,
@@ -146,7 +147,8 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
     if config.track_every:
         tracker = _start_tracker(accelerator, model, shift_dir, trajectory, resume_step)
 
-    progress = _progress(main, total_steps, resume_step, config.dataset)
+    label = config.dataset + (" from random weights" if config.init == "random" else "")
+    progress = _progress(main, total_steps, resume_step, label)
     step = resume_step
     start_epoch, updates_done = divmod(resume_step, updates_per_epoch)
     try:
@@ -439,8 +441,7 @@ def _evaluate(accelerator, model, eval_loader, metrics: dict, task: str) -> dict
     return results
 
 
-def _progress(main: bool, total: int, done: int, dataset: str):
-    from rich.console import Console
+def _progress(main: bool, total: int, done: int, label: str):
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -450,11 +451,11 @@ def _progress(main: bool, total: int, done: int, dataset: str):
     )
 
     progress = Progress(
-        TextColumn(f"fine-tuning on {dataset}"),
+        TextColumn(f"fine-tuning on {label}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeRemainingColumn(),
-        console=Console(stderr=True),
+        console=stderr_console(),
         disable=not main,
     )
     progress.add_task("steps", total=total, completed=done)

@@ -68,8 +68,14 @@ def load_tokenizer(config, train_texts, run_dir: Path):
 
 
 def build_model(config, tokenizer, label_names: list[str] | None):
-    """The model for `config.task`, with label names in its config; seed torch first."""
+    """The model for `config.task`, with label names in its config; seed torch first.
+
+    `config.init` "pretrained" loads the checkpoint's weights; "random" builds the same
+    architecture from the checkpoint's config with freshly initialised weights. A
+    `gpt2-config:` model is always built fresh.
+    """
     from transformers import (
+        AutoConfig,
         AutoModelForCausalLM,
         AutoModelForSequenceClassification,
         GPT2Config,
@@ -108,13 +114,19 @@ def build_model(config, tokenizer, label_names: list[str] | None):
             f"{config.model} is a {family.name} model, which is not a causal language model: "
             "use --task classification, or a GPT-2-family model"
         )
+    model_class = (
+        AutoModelForCausalLM if config.task == "causal-lm" else AutoModelForSequenceClassification
+    )
+    settings = {} if config.task == "causal-lm" else {"pad_token_id": tokenizer.pad_token_id}
     try:
-        if config.task == "causal-lm":
-            return AutoModelForCausalLM.from_pretrained(source.path)
+        if config.init == "random":
+            # The checkpoint's architecture, every weight drawn afresh by the model's own
+            # initializer (normal(0, initializer_range) for BERT and GPT-2) from the seeded RNG.
+            model_config = AutoConfig.from_pretrained(source.path, **settings, **labels)
+            return model_class.from_config(model_config)
         # A classifier checkpoint with another number of labels gets a new head.
-        return AutoModelForSequenceClassification.from_pretrained(
-            source.path, pad_token_id=tokenizer.pad_token_id, ignore_mismatched_sizes=True, **labels
-        )
+        mismatched = {} if config.task == "causal-lm" else {"ignore_mismatched_sizes": True}
+        return model_class.from_pretrained(source.path, **settings, **mismatched, **labels)
     except OSError as err:
         raise ToolkitError(f"cannot load {config.model} ({err})") from None
 

@@ -14,6 +14,7 @@ from toolkit.errors import ToolkitError
 
 TASKS = ("classification", "causal-lm")
 MIXED_PRECISION = ("no", "fp16", "bf16")
+INITS = ("pretrained", "random")
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 
 
@@ -24,6 +25,7 @@ class FinetuneConfig:
     dataset: str | None = None
     output_dir: str | None = None
     model: str = "minilm"
+    init: str = "pretrained"  # or "random": the checkpoint's architecture, freshly initialised
     task: str = "classification"
     dataset_config: str | None = None
     split: str = "train"
@@ -95,6 +97,8 @@ def check_config(config: FinetuneConfig) -> FinetuneConfig:
         raise ToolkitError("no output folder given: pass --output-dir DIR")
     if config.task not in TASKS:
         raise ToolkitError(f"unknown task '{config.task}': choose {' or '.join(TASKS)}")
+    if config.init not in INITS:
+        raise ToolkitError(f"unknown init '{config.init}': choose {' or '.join(INITS)}")
     if config.mixed_precision not in MIXED_PRECISION:
         raise ToolkitError(
             f"unknown mixed precision '{config.mixed_precision}': "
