@@ -159,9 +159,10 @@ def _save_toy_tokenizer(folder) -> None:
     BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}).save_pretrained(folder)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
-    """Tiny models train fastest on one thread: two oversubscribe a busy 2-core machine."""
+    """Tiny models run fastest on one thread: two oversubscribe a busy 2-core machine (seen
+    here: a 384 x 384 float64 SVD 5x slower with two threads while another job ran)."""
     import torch
 
     before = torch.get_num_threads()
