@@ -8,6 +8,7 @@ seed; no evaluation, no saving, no reporting. Timed like `toolkit finetune`: fro
 first update to the end of the last (callback timestamps), over the samples of the updates between.
 """
 
+import contextlib
 import json
 import sys
 import time
@@ -64,7 +65,8 @@ trainer = Trainer(
     data_collator=data_collator(config.task, tokenizer),
     callbacks=[timer],
 )
-trainer.train()
+with contextlib.redirect_stdout(sys.stderr):  # its log lines; stdout holds the result alone
+    trainer.train()
 seconds = timer.times[-1] - timer.times[0]  # updates 2..N
 samples = (len(timer.times) - 1) * config.batch_size
 json.dump({"steps": len(timer.times), "train_samples_per_second": samples / seconds}, sys.stdout)
