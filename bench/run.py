@@ -10,9 +10,12 @@ wall time and peak RSS come from os.wait4 on that process (median of --repeat ru
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import platform
+import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -221,9 +224,136 @@ def compare_table(results: dict) -> list[str]:
     ]
 
 
+# 3. Fine-tuning: one recipe for all three routes; every text is longer than max_length, so every
+# batch is [batch_size, max_length] whatever order a route draws the rows in.
+FINETUNE_RECIPE = {
+    "task": "classification",
+    "max_length": 64,
+    "batch_size": 8,
+    "max_steps": 20,
+    "learning_rate": 5e-5,
+    "warmup_ratio": 0.1,
+    "weight_decay": 0.01,
+    "max_grad_norm": 1.0,
+    "seed": 42,
+    "eval_every": 0,
+    "max_eval_samples": 8,
+    "log_every": 10,
+}
+FINETUNE_TRACK_EVERY = 10
+FINETUNE_WORDS = (
+    "the model reads every word of this long sentence and learns which heads attend to what "
+    "attention weights move slowly during fine tuning while the classifier head moves fast"
+).split()
+FINETUNE_LABELS = ("negative", "neutral", "positive")
+
+
+def prepare_classifier() -> Path:
+    """A bert-base-shaped 3-class classifier (random init) with a BERT tokenizer beside it."""
+    folder = WORK / "models" / "bert-base-classifier"
+    if (folder / "model.safetensors").is_file():
+        return folder
+    log("building bert-base-classifier from its config (random init) + MiniLM's tokenizer")
+    code = (
+        "import sys, torch\n"
+        "from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification\n"
+        "from toolkit.sources import embedded_model_dir\n"
+        "torch.manual_seed(0)\n"
+        f"labels = {list(FINETUNE_LABELS)!r}\n"
+        "model = BertForSequenceClassification(BertConfig(\n"
+        "    num_labels=len(labels), id2label=dict(enumerate(labels)),\n"
+        "    label2id={name: i for i, name in enumerate(labels)}))\n"
+        "model.save_pretrained(sys.argv[1])\n"
+        "AutoTokenizer.from_pretrained(embedded_model_dir()).save_pretrained(sys.argv[1])\n"
+    )
+    subprocess.run([PY, "-c", code, str(folder)], check=True, env=ENV)
+    return folder
+
+
+def prepare_finetune_recipe() -> Path:
+    """bench/work/finetune.yaml (JSON is YAML) naming the classifier and a fixed CSV of 400 rows."""
+    rng = random.Random(0)
+    data = WORK / "finetune.csv"
+    with data.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        for _ in range(400):  # 80 words: always past max_length tokens
+            text = " ".join(rng.choice(FINETUNE_WORDS) for _ in range(80))
+            writer.writerow([text, rng.choice(FINETUNE_LABELS)])
+    recipe = WORK / "finetune.yaml"
+    settings = {**FINETUNE_RECIPE, "model": str(prepare_classifier()), "dataset": str(data)}
+    recipe.write_text(json.dumps(settings, indent=2) + "\n")
+    return recipe
+
+
+def run_json(command: list[str], env: dict) -> dict:
+    """Run `command`, return the JSON it prints on stdout."""
+    out = subprocess.run(command, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed: {out.stderr[-2000:]}")
+    return json.loads(out.stdout)
+
+
+def bench_finetune(repeat: int) -> dict:
+    """3. Training samples/s: toolkit finetune tracking / not tracking vs the transformers Trainer.
+
+    The three routes run in turn (a, b, c, a, b, c, ...) so that load from other work on the
+    machine falls on all of them alike; medians of the rounds.
+    """
+    recipe = prepare_finetune_recipe()
+    env = {**ENV, "OMP_NUM_THREADS": str(os.cpu_count())}  # the same torch threads for every route
+    runs = WORK / "finetune-runs"
+    finetune = [*TOOLKIT, "finetune", str(recipe), "--json"]
+    routes = {  # each command ends with its output folder
+        "tracking": [*finetune, "--track-every", str(FINETUNE_TRACK_EVERY), "--output-dir"],
+        "no_tracking": [*finetune, "--track-every", "0", "--output-dir"],
+        "trainer": [PY, str(HERE / "routes" / "trainer_route.py"), str(recipe)],
+    }
+    rounds = max(1, repeat - 1)
+    speeds = {route: [] for route in routes}
+    for index in range(rounds):
+        for route, command in routes.items():
+            log(f"finetune: {route}, round {index + 1}/{rounds}")
+            shutil.rmtree(runs / route, ignore_errors=True)
+            result = run_json([*command, str(runs / route)], env)
+            speeds[route].append(result["train_samples_per_second"])
+    return {
+        "settings": {**FINETUNE_RECIPE, "track_every": FINETUNE_TRACK_EVERY},
+        "threads": os.cpu_count(),
+        "samples_per_second": speeds,
+        "median": {route: statistics.median(values) for route, values in speeds.items()},
+    }
+
+
+def finetune_table(results: dict) -> list[str]:
+    s, median = results["settings"], results["median"]
+    tracking, untracked, trainer = median["tracking"], median["no_tracking"], median["trainer"]
+    return [
+        "## 3. Fine-tuning throughput",
+        "",
+        f"A bert-base-shaped classifier (110M, random init, 3 labels) trained for {s['max_steps']} "
+        f"steps of {s['batch_size']} texts x {s['max_length']} tokens (every text is longer, so "
+        "every batch is full), fp32, AdamW (fused) with linear warmup and gradient clipping, seed "
+        f"{s['seed']}, one process, {results['threads']} torch threads, by (a) `toolkit finetune` "
+        f"tracking the attention every {s['track_every']} steps, (b) `toolkit finetune "
+        "--track-every 0`, (c) the transformers `Trainer` (same rows, tokenization, collator and "
+        "settings). Timed: from the end of the first update (a warm-up) to the end of the last, "
+        "tracking and its last snapshot write included, the final evaluation excluded; samples/s "
+        "over the updates in between. Routes run in turn; medians of "
+        f"{len(results['samples_per_second']['trainer'])} rounds.",
+        "",
+        "| (a) tracking samples/s | (b) no tracking samples/s | (c) Trainer samples/s | "
+        "(a) / (b) (target >= 0.97) | (b) / (c) (target >= 1.0) |",
+        "| ---: | ---: | ---: | ---: | ---: |",
+        f"| {tracking:.2f} | {untracked:.2f} | {trainer:.2f} | {tracking / untracked:.3f} | "
+        f"{untracked / trainer:.3f} |",
+    ]
+
+
 SECTIONS = {
     "extraction": (bench_extraction, extraction_table),
     "compare": (bench_compare, compare_table),
+    "finetune": (bench_finetune, finetune_table),
 }
 
 

@@ -126,9 +126,10 @@ class Checkpoint:
                 f"tensor {name} is missing from {self.path}: the checkpoint is incomplete"
             )
         if self._state_dict is not None:
-            # a copy, never a view: the live parameters of a model in training change in place
-            tensor = self._state_dict[name].detach()
-            return tensor.float().to("cpu", copy=True).numpy()
+            # A copy, never a view: the live parameters of a model in training change in place.
+            # numpy copies in one thread; torch's copy waits for its worker threads, which on a
+            # busy machine costs a scheduler time slice per tensor.
+            return np.array(self._state_dict[name].detach().float().cpu().numpy())
         file, info = self._located[name]
         try:
             return read_tensor(file, info).astype(np.float32, copy=False)

@@ -478,8 +478,11 @@ def finetune(recipe, as_json, **options):
         _print_json(result.to_dict())
     else:
         metrics = ", ".join(f"{name} {value:.4g}" for name, value in result.metrics.items())
+        speed = result.train_samples_per_second
         click.echo(
-            f"{result.steps} steps in {result.seconds:.0f} s; {metrics}\n"
+            f"{result.steps} steps in {result.seconds:.0f} s"
+            + (f" ({speed:.1f} samples/s)" if speed else "")
+            + f"; {metrics}\n"
             f"report: {result.report}\nfinal model: {result.final_dir}"
         )
 

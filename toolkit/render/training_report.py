@@ -27,7 +27,12 @@ def write_training_report(run_dir: Path, trajectory: Trajectory, result: Finetun
         "",
         f"- task: {result.task}; {result.steps} optimizer steps on {result.processes} process(es), "
         f"{result.seconds:.0f} s"
-        + (f" (resumed at step {result.resumed_from})" if result.resumed_from else ""),
+        + (f" (resumed at step {result.resumed_from})" if result.resumed_from else "")
+        + (
+            f"; {result.train_samples_per_second:.1f} training samples/s"
+            if result.train_samples_per_second
+            else ""
+        ),
         f"- final training loss: {_number(result.train_loss)}",
         "- final validation: " + ", ".join(f"{k} {_number(v)}" for k, v in result.metrics.items()),
         f"- final model: `{Path(result.final_dir).name}/`; trajectory: `shift/trajectory.json`",

@@ -62,6 +62,9 @@ class FinetuneResult:
     metrics: dict[str, float]
     processes: int
     seconds: float
+    # Training throughput over every update after the first (a warm-up), tracking included,
+    # evaluation and checkpoint writes excluded; None when fewer than two updates ran.
+    train_samples_per_second: float | None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -150,6 +153,7 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
     label = config.dataset + (" from random weights" if config.init == "random" else "")
     progress = _progress(main, total_steps, resume_step, label)
     step = resume_step
+    timed_since, timed_samples, paused = None, 0, 0.0  # throughput: see FinetuneResult
     start_epoch, updates_done = divmod(resume_step, updates_per_epoch)
     try:
         model.train()
@@ -159,8 +163,9 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
             if epoch == start_epoch and updates_done:
                 batches = accelerator.skip_first_batches(train_loader, updates_done * accumulation)
                 batches.set_epoch(epoch)
-            micro_losses = []
+            micro_losses, update_samples = [], 0
             for batch in batches:
+                update_samples += len(batch["labels"]) * processes
                 with accelerator.accumulate(model):
                     loss = model(**batch).loss
                     accelerator.backward(loss)
@@ -174,7 +179,11 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
                 if not accelerator.sync_gradients:
                     continue
                 step += 1
-                micro_losses = []
+                if timed_since is None:
+                    timed_since = time.perf_counter()
+                else:
+                    timed_samples += update_samples
+                micro_losses, update_samples = [], 0
                 trajectory.train_loss.append((step, step_loss))
                 progress.update(progress.task_ids[0], completed=step)
                 if step % config.log_every == 0 or step == total_steps:
@@ -185,7 +194,9 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
                     )
                 evaluation = {}
                 if config.eval_every and step % config.eval_every == 0 or step == total_steps:
+                    paused -= time.perf_counter()
                     evaluation = _evaluate(accelerator, model, eval_loader, metrics, config.task)
+                    paused += time.perf_counter()
                     trajectory.evaluations.append({"step": step, **evaluation})
                     _log(
                         progress,
@@ -199,13 +210,18 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
                     and step % config.checkpoint_every == 0
                     and step < total_steps
                 ):
+                    paused -= time.perf_counter()
                     _save_checkpoint(accelerator, run_dir, step, trajectory, tracker)
+                    paused += time.perf_counter()
                 if step == total_steps:
                     break
     finally:
         progress.stop()
         if tracker is not None:
-            tracker.close()
+            tracker.close()  # waits for the last snapshot write: part of the timed training
+    samples_per_second = None
+    if timed_samples:
+        samples_per_second = timed_samples / (time.perf_counter() - timed_since - paused)
 
     # The end: the final model (transformers format, safetensors), the trajectory, the report.
     accelerator.wait_for_everyone()
@@ -224,6 +240,7 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
         metrics={k: v for k, v in trajectory.evaluations[-1].items() if k != "step"},
         processes=processes,
         seconds=time.perf_counter() - started,
+        train_samples_per_second=samples_per_second,
     )
     if main:
         from toolkit.render.training_report import write_training_report
