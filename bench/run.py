@@ -39,10 +39,16 @@ def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def measure(command: list[str], repeat: int) -> dict:
-    """Median wall seconds and median peak RSS (MB) of `command` run `repeat` times."""
+def measure(command: list[str], repeat: int, output: Path | None = None) -> dict:
+    """Median wall seconds and median peak RSS (MB) of `command` run `repeat` times.
+
+    `output`, the file the command writes, is removed before each run (untimed): replacing an
+    existing file costs ext4 a forced write-out of the new one, which is not the command's work.
+    """
     walls, peaks = [], []
     for _ in range(repeat):
+        if output is not None:
+            output.unlink(missing_ok=True)
         start = time.perf_counter()
         process = subprocess.Popen(
             command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV
@@ -114,12 +120,14 @@ def bench_extraction(repeat: int) -> dict:
             "transformerlens_inspect": measure(
                 [PY, str(routes / "transformerlens_route.py"), str(folder)], repeat
             ),
-            "toolkit_extract": measure([*TOOLKIT, "extract", str(folder), "-o", str(out)], repeat),
+            "toolkit_extract": measure(
+                [*TOOLKIT, "extract", str(folder), "-o", str(out)], repeat, out
+            ),
             "automodel_extract": measure(
-                [PY, str(routes / "automodel_route.py"), str(folder), str(out)], repeat
+                [PY, str(routes / "automodel_route.py"), str(folder), str(out)], repeat, out
             ),
             "transformerlens_extract": measure(
-                [PY, str(routes / "transformerlens_route.py"), str(folder), str(out)], repeat
+                [PY, str(routes / "transformerlens_route.py"), str(folder), str(out)], repeat, out
             ),
         }
         results[name] = row
@@ -297,8 +305,9 @@ def run_json(command: list[str], env: dict) -> dict:
 def bench_finetune(repeat: int) -> dict:
     """3. Training samples/s: toolkit finetune tracking / not tracking vs the transformers Trainer.
 
-    The three routes run in turn (a, b, c, a, b, c, ...) so that load from other work on the
-    machine falls on all of them alike; medians of the rounds.
+    The three routes run in turn, the order rotated each round (a b c, b c a, c a b) so that
+    load from other work, and any effect of running first or last, falls on all of them alike;
+    medians of the rounds.
     """
     recipe = prepare_finetune_recipe()
     env = {**ENV, "OMP_NUM_THREADS": str(os.cpu_count())}  # the same torch threads for every route
@@ -309,10 +318,12 @@ def bench_finetune(repeat: int) -> dict:
         "no_tracking": [*finetune, "--track-every", "0", "--output-dir"],
         "trainer": [PY, str(HERE / "routes" / "trainer_route.py"), str(recipe)],
     }
-    rounds = max(1, repeat - 1)
+    rounds = repeat
     speeds = {route: [] for route in routes}
+    names = list(routes)
     for index in range(rounds):
-        for route, command in routes.items():
+        for route in names[index % 3 :] + names[: index % 3]:
+            command = routes[route]
             log(f"finetune: {route}, round {index + 1}/{rounds}")
             shutil.rmtree(runs / route, ignore_errors=True)
             result = run_json([*command, str(runs / route)], env)
@@ -339,7 +350,7 @@ def finetune_table(results: dict) -> list[str]:
         "--track-every 0`, (c) the transformers `Trainer` (same rows, tokenization, collator and "
         "settings). Timed: from the end of the first update (a warm-up) to the end of the last, "
         "tracking and its last snapshot write included, the final evaluation excluded; samples/s "
-        "over the updates in between. Routes run in turn; medians of "
+        "over the updates in between. Routes run in turn, the order rotated each round; medians of "
         f"{len(results['samples_per_second']['trainer'])} rounds.",
         "",
         "| (a) tracking samples/s | (b) no tracking samples/s | (c) Trainer samples/s | "
