@@ -368,6 +368,31 @@ SECTIONS = {
 }
 
 
+def gpu_section() -> list[str]:
+    """4. GPU: the results of bench/gpu/throughput.py, which runs on a GPU machine only."""
+    lines = ["## 4. GPU: bf16 fine-tuning throughput and model FLOP utilisation", ""]
+    gpu_file = HERE / "gpu" / "results.json"
+    if not gpu_file.is_file():
+        return lines + [
+            "Not measured yet: `bench/gpu/throughput.py` runs on a machine with a CUDA GPU, and "
+            "none was lent to the sessions so far.",
+            "",
+        ]
+    g = json.loads(gpu_file.read_text())
+    mfu = f"{100 * g['mfu']:.1f}%" if g["mfu"] is not None else "n/a (peak unknown)"
+    return lines + [
+        f"{g['device']}, torch {g['torch']}: bert-base shape ({g['parameters'] / 1e6:.0f}M), "
+        f"batch {g['batch_size']} x {g['max_length']} tokens, bf16, tracking every "
+        f"{g['track_every']} steps, {g['steps']} steps.",
+        "",
+        "| samples/s | tokens/s | model TFLOP/s (6 x params x tokens) | peak bf16 TFLOP/s | MFU |",
+        "| ---: | ---: | ---: | ---: | ---: |",
+        f"| {g['samples_per_second']:.1f} | {g['tokens_per_second']:.0f} | "
+        f"{g['model_tflops_per_second']:.1f} | {g['peak_bf16_tflops']} | {mfu} |",
+        "",
+    ]
+
+
 def machine() -> dict:
     from importlib.metadata import version  # not `import torch`: forked children inherit RSS
 
@@ -384,12 +409,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", action="append", choices=sorted(SECTIONS))
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--render", action="store_true", help="only rewrite RESULTS.md from results.json"
+    )
     args = parser.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     results_file = HERE / "results.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
-    results["machine"] = machine()
-    for name in args.only or SECTIONS:
+    if not args.render:
+        results["machine"] = machine()
+    for name in [] if args.render else args.only or SECTIONS:
         run, _ = SECTIONS[name]
         log(f"section {name}")
         results[name] = run(args.repeat)
@@ -405,6 +434,7 @@ def main() -> None:
     for name, (_, table) in SECTIONS.items():
         if name in results:
             lines += table(results[name]) + [""]
+    lines += gpu_section()
     (HERE / "RESULTS.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
