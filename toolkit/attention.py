@@ -235,6 +235,8 @@ def write_standard_file(
 ) -> int:
     """Write the standard tensors of `layers` (default all) as a safetensors file, atomically,
     reading and holding one layer at a time. Returns the number of bytes of tensor data."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from toolkit.fileio import write_atomic
     from toolkit.safetensors_format import write_stream
 
@@ -245,10 +247,22 @@ def write_standard_file(
         for role, shape in standard_shapes(model.dims).items()
     }
 
+    def contiguous_layer(index: int) -> dict[str, np.ndarray]:
+        tensors = model.layer(index).tensors()
+        return {f"layers.{index}.{role}": np.ascontiguousarray(t) for role, t in tensors.items()}
+
     def tensors():
-        for layer in model.layers(selected):
-            for role, tensor in layer.tensors().items():
-                yield f"layers.{layer.index}.{role}", tensor
+        # Read (and lay out) layer i+1 on a thread while layer i is written: file I/O and numpy
+        # copies release the GIL, so the two overlap. At most two layers are held.
+        if not selected:
+            return
+        with ThreadPoolExecutor(max_workers=1) as reader:
+            pending = reader.submit(contiguous_layer, selected[0])
+            for position in range(len(selected)):
+                layer = pending.result()
+                if position + 1 < len(selected):
+                    pending = reader.submit(contiguous_layer, selected[position + 1])
+                yield from layer.items()
 
     write_atomic(path, lambda tmp: write_stream(tmp, shapes, tensors(), standard_metadata(model)))
     return sum(math.prod(shape) * 4 for shape in shapes.values())
