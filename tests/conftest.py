@@ -101,6 +101,11 @@ POSITIVE = ["great", "good", "fine", "love", "nice", "superb"]
 NEGATIVE = ["bad", "awful", "hate", "poor", "sad", "dull"]
 FILLER = ["the", "a", "movie", "film", "was", "is", "it", "plot", "very", "and"]
 TINY_GPT2_SPEC = "gpt2-config:n_layer=2,n_head=2,n_embd=32,vocab_size=300"
+# The command-line options both fault tests give a tiny GPT-2 language-model run.
+TINY_GPT2_LM_OPTIONS = [
+    *("--model", TINY_GPT2_SPEC, "--task", "causal-lm"),
+    *("--max-length", "32", "--batch-size", "4"),
+]
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_GPT2_SPEC
+from conftest import TINY_GPT2_LM_OPTIONS, TINY_GPT2_SPEC
 from safetensors.torch import load_file
 
 import toolkit
@@ -22,14 +22,7 @@ from toolkit.training.recipe import FinetuneConfig
 # 400 short lines -> about 78 training blocks of 32 tokens: 20 updates per epoch, so 60 steps
 # cross epoch boundaries and the kill lands mid-epoch. GPT-2's dropout makes the RNG state matter.
 RUN = [
-    "--model",
-    TINY_GPT2_SPEC,
-    "--task",
-    "causal-lm",
-    "--max-length",
-    "32",
-    "--batch-size",
-    "4",
+    *TINY_GPT2_LM_OPTIONS,
     "--max-steps",
     "60",
     "--learning-rate",

@@ -9,19 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import TINY_GPT2_SPEC
+from conftest import TINY_GPT2_LM_OPTIONS
 
 import toolkit
 
 RUN = [
-    "--model",
-    TINY_GPT2_SPEC,
-    "--task",
-    "causal-lm",
-    "--max-length",
-    "32",
-    "--batch-size",
-    "4",
+    *TINY_GPT2_LM_OPTIONS,
     "--max-steps",
     "12",
     "--track-every",

@@ -214,23 +214,17 @@ def _rank_profile(comparison: Comparison):
         depths = [p.relative_depth for p in profiles]
         for color, role in enumerate(WEIGHTS):
             matrices = [p.matrices[role] for p in profiles]
-            label = f"{role} {side.upper()}"
-            axes[0].plot(
-                depths,
-                [m.stable_rank_share for m in matrices],
-                style,
-                marker="o",
-                color=f"C{color}",
-                label=label,
-            )
-            axes[1].plot(
-                depths,
-                [m.effective_rank_share for m in matrices],
-                style,
-                marker="o",
-                color=f"C{color}",
-                label=label,
-            )
+            for axis, share in zip(
+                axes, ("stable_rank_share", "effective_rank_share"), strict=True
+            ):
+                axis.plot(
+                    depths,
+                    [getattr(m, share) for m in matrices],
+                    style,
+                    marker="o",
+                    color=f"C{color}",
+                    label=f"{role} {side.upper()}",
+                )
     axes[0].set_ylabel("stable rank / dimension")
     axes[1].set_ylabel("effective rank / dimension")
     for axis in axes:

@@ -22,6 +22,7 @@ import numpy as np
 from toolkit.attention import (
     WEIGHT_ROLES,
     attention_from_state_dict,
+    head_frobenius,
     load_attention,
     standard_metadata,
     standard_tensor_dict,
@@ -86,7 +87,7 @@ class ShiftTracker:
         self.shift_dir = shift_dir
         self.model_config = model_config  # config.json of the model being trained
         self.start = start  # "layers.{l}.{role}" -> float32 array, weights only
-        self.start_head_norm = {name: _head_norms(t) for name, t in start.items()}
+        self.start_head_norm = {name: head_frobenius(t) for name, t in start.items()}
         self._writer = ThreadPoolExecutor(max_workers=1)
         self._pending: Future | None = None
 
@@ -153,7 +154,7 @@ class ShiftTracker:
             for role in WEIGHT_ROLES:
                 name = f"layers.{layer}.{role}"
                 # [n_heads, a, b] -> ||W_t[h] - W_0[h]||_F: [n_heads]
-                moved = _head_norms(tensors[name] - self.start[name])
+                moved = head_frobenius(tensors[name] - self.start[name])
                 start = self.start_head_norm[name]
                 head_change[role].append((moved / start).tolist())
                 layer_change[role].append(
@@ -173,16 +174,6 @@ class ShiftTracker:
 
         self.flush()  # one write in flight at most: bounded memory, snapshots land in order
         self._pending = self._writer.submit(write)
-
-
-def _head_norms(weights: np.ndarray) -> np.ndarray:
-    """||W[h]||_F of W [n_heads, a, b]: [n_heads], float64.
-
-    numpy, not torch: one thread, so no wait for torch's worker threads, which on a busy machine
-    costs a scheduler time slice per call (milliseconds; ~100 calls per snapshot of bert-base).
-    """
-    flat = weights.reshape(len(weights), -1)  # [n_heads, a * b]
-    return np.sqrt(np.einsum("hi,hi->h", flat, flat, dtype=np.float64))
 
 
 def _standard_tensors(state_dict: dict, config: dict, name: str):
