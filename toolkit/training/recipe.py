@@ -15,7 +15,8 @@ from toolkit.errors import ToolkitError
 TASKS = ("classification", "causal-lm")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 INITS = ("pretrained", "random")
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+# toolkit/recipes links to the repository's recipes/, so the recipes ship inside the wheel too
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 
 
 @dataclass
