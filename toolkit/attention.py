@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +28,20 @@ WEIGHT_ROLES = ("wq", "wk", "wv", "w0")
 BIAS_ROLES = ("bq", "bk", "bv", "b0")
 ROLES = WEIGHT_ROLES + BIAS_ROLES
 STANDARD_FORMAT = "toolkit-attention/1"
+
+
+def standard_name(layer: int, role: str) -> str:
+    """The name of one standard tensor in a standard-format file: `layers.{layer}.{role}`."""
+    return f"layers.{layer}.{role}"
+
+
+def parse_standard_name(name: str) -> tuple[int, str] | None:
+    """(layer, role) of a standard tensor name; None for any other name."""
+    prefix, _, rest = name.partition(".")
+    layer, _, role = rest.partition(".")
+    if prefix != "layers" or not layer.isdigit() or role not in ROLES:
+        return None
+    return int(layer), role
 
 
 @dataclass
@@ -82,7 +96,7 @@ class AttentionModel:
         if index not in self.layer_indices:
             raise ToolkitError(self._layer_range_message(index))
         if self.source.is_standard_file:
-            tensors = {role: self.checkpoint.get(f"layers.{index}.{role}") for role in ROLES}
+            tensors = {role: self.checkpoint.get(standard_name(index, role)) for role in ROLES}
         else:
             names = self.family.layer_names(index)
             raw = {role: self.checkpoint.get(self.prefix + name) for role, name in names.items()}
@@ -197,11 +211,8 @@ def _open_standard_file(source: ModelSource, checkpoint: Checkpoint) -> Attentio
     dims = Dimensions(
         int(meta["n_layers"]), int(meta["n_heads"]), int(meta["d_model"]), int(meta["d_head"])
     )
-    layers = tuple(
-        sorted(
-            {int(name.split(".")[1]) for name in checkpoint.names() if name.startswith("layers.")}
-        )
-    )
+    parsed = (parse_standard_name(name) for name in checkpoint.names())
+    layers = tuple(sorted({name[0] for name in parsed if name is not None}))
     named = ModelSource(name=meta.get("source", source.name), path=source.path, config=config)
     return AttentionModel(named, family, dims, config, checkpoint, "", layers)
 
@@ -224,7 +235,7 @@ def standard_shapes(dims: Dimensions) -> dict[str, tuple[int, ...]]:
 def standard_tensor_dict(layers: Sequence[AttentionLayer]) -> dict[str, np.ndarray]:
     """`layers.{l}.{role}` -> contiguous float32 array, the names `extract` writes."""
     return {
-        f"layers.{layer.index}.{role}": np.ascontiguousarray(tensor, dtype=np.float32)
+        standard_name(layer.index, role): np.ascontiguousarray(tensor, dtype=np.float32)
         for layer in layers
         for role, tensor in layer.tensors().items()
     }
@@ -237,19 +248,16 @@ def write_standard_file(
     reading and holding one layer at a time. Returns the number of bytes of tensor data."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from toolkit.fileio import write_atomic
-    from toolkit.safetensors_format import write_stream
-
     selected = model.select_layers(layers)
     shapes = {
-        f"layers.{index}.{role}": shape
+        standard_name(index, role): shape
         for index in selected
         for role, shape in standard_shapes(model.dims).items()
     }
 
     def contiguous_layer(index: int) -> dict[str, np.ndarray]:
         tensors = model.layer(index).tensors()
-        return {f"layers.{index}.{role}": np.ascontiguousarray(t) for role, t in tensors.items()}
+        return {standard_name(index, role): np.ascontiguousarray(t) for role, t in tensors.items()}
 
     def tensors():
         # Read (and lay out) layer i+1 on a thread while layer i is written: file I/O and numpy
@@ -264,8 +272,23 @@ def write_standard_file(
                     pending = reader.submit(contiguous_layer, selected[position + 1])
                 yield from layer.items()
 
-    write_atomic(path, lambda tmp: write_stream(tmp, shapes, tensors(), standard_metadata(model)))
+    write_standard_tensors(path, model, shapes, tensors())
     return sum(math.prod(shape) * 4 for shape in shapes.values())
+
+
+def write_standard_tensors(
+    path: str | Path,
+    model: AttentionModel,
+    shapes: dict[str, tuple[int, ...]],
+    tensors: Iterable[tuple[str, np.ndarray]],
+) -> None:
+    """The one writer of standard-format files: `tensors` (name -> float32 array, in the order of
+    `shapes`) and `model`'s metadata as safetensors, atomically. `tensors` may be a generator, so
+    that only one array is held at a time."""
+    from toolkit.fileio import write_atomic
+    from toolkit.safetensors_format import write_stream
+
+    write_atomic(path, lambda tmp: write_stream(tmp, shapes, tensors, standard_metadata(model)))
 
 
 def standard_metadata(model: AttentionModel) -> dict[str, str]:

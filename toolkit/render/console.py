@@ -8,8 +8,7 @@ from rich.table import Table
 
 from toolkit.analysis.summary import ModelSummary
 from toolkit.analysis.verify import VerifyReport
-
-WEIGHTS = ("wq", "wk", "wv", "w0")
+from toolkit.attention import WEIGHT_ROLES
 
 
 def _shape(shape: list[int]) -> str:
@@ -31,23 +30,26 @@ def render_summary(summary: ModelSummary, heads: bool, console: Console) -> None
     console.print(f"attention parameters {s.attention_parameters:,}{share}")
     table = Table(title="Frobenius norms of the attention weights (standard layout)")
     table.add_column("layer", justify="right")
-    for role in WEIGHTS:
+    for role in WEIGHT_ROLES:
         table.add_column(
             f"{role} {_shape(getattr(s.layers[0], role).shape)}" if s.layers else role,
             justify="right",
         )
     for layer in s.layers:
-        table.add_row(str(layer.layer), *(f"{getattr(layer, role).fro:.3f}" for role in WEIGHTS))
+        table.add_row(
+            str(layer.layer), *(f"{getattr(layer, role).fro:.3f}" for role in WEIGHT_ROLES)
+        )
     console.print(table)
     if heads:
         for layer in s.layers:
             per_head = Table(title=f"layer {layer.layer}: Frobenius norm per head")
             per_head.add_column("head", justify="right")
-            for role in WEIGHTS:
+            for role in WEIGHT_ROLES:
                 per_head.add_column(role, justify="right")
             for head in range(s.n_heads):
                 per_head.add_row(
-                    str(head), *(f"{getattr(layer, role).head_fro[head]:.3f}" for role in WEIGHTS)
+                    str(head),
+                    *(f"{getattr(layer, role).head_fro[head]:.3f}" for role in WEIGHT_ROLES),
                 )
             console.print(per_head)
 

@@ -83,8 +83,8 @@ def _shift_section(run_dir: Path, trajectory: Trajectory) -> list[str]:
     lines = [
         "## How the attention weights moved",
         "",
-        "Relative change against step 0: ||W_t - W_0||_F / ||W_0||_F, per layer (whole matrix) and "
-        f"per head. Snapshots of the standard tensors are in `shift/` (steps "
+        "Relative change against step 0: ||W_t - W_start||_F / ||W_start||_F, per layer (whole "
+        f"matrix) and per head. Snapshots of the standard tensors are in `shift/` (steps "
         f"{', '.join(str(p.step) for p in trajectory.shift[:8])}"
         f"{', ...' if len(trajectory.shift) > 8 else ''}).",
         "",
@@ -146,7 +146,7 @@ def _plot_shift(path: Path, trajectory: Trajectory) -> str:
             )
         axis.set_title(role)
         axis.set_xlabel("step")
-    axes[0].set_ylabel("||W_t - W_0|| / ||W_0||")
+    axes[0].set_ylabel("||W_t - W_start|| / ||W_start||")
     axes[-1].legend(fontsize="small")
     return _save(figure, path)
 

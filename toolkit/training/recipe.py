@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from toolkit.errors import ToolkitError
+from toolkit.errors import ToolkitError, first_line
 
 TASKS = ("classification", "causal-lm")
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -67,7 +67,7 @@ def load_recipe(path: str | Path) -> FinetuneConfig:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ToolkitError(f"{path} is not valid YAML ({str(err).splitlines()[0]})") from None
+        raise ToolkitError(f"{path} is not valid YAML ({first_line(err)})") from None
     if not isinstance(data, dict):
         raise ToolkitError(
             f"{path} must be a mapping of settings (key: value), not {type(data).__name__}"

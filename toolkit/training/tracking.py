@@ -4,8 +4,11 @@ At step 0 and every `track_every` steps the standard per-head tensors of the mod
 DIR/shift/step_XXXXXX.safetensors (each a valid model spec for `toolkit inspect`), and the
 relative change of each weight against step 0 is appended to DIR/shift/trajectory.json:
 
-    layer change  ||W_t - W_0||_F / ||W_0||_F            over a layer's whole matrix
-    head change   ||W_t[h] - W_0[h]||_F / ||W_0[h]||_F   W[h]: [d_model, d_head] (w0: transposed)
+    layer change  ||W_t - W_start||_F / ||W_start||_F            over a layer's whole matrix
+    head change   ||W_t[h] - W_start[h]||_F / ||W_start[h]||_F   per head
+
+W_start is the weight at step 0 (named apart from w0, the output projection); W[h] is one head's
+[d_model, d_head] slice (w0: [d_head, d_model]).
 
 Snapshots and the trajectory are written atomically by one background thread, so training does
 not wait for the disk; `flush()` waits for it (before a checkpoint and at the end).
@@ -24,10 +27,12 @@ from toolkit.attention import (
     attention_from_state_dict,
     head_frobenius,
     load_attention,
-    standard_metadata,
+    parse_standard_name,
+    standard_name,
     standard_tensor_dict,
+    write_standard_tensors,
 )
-from toolkit.fileio import write_atomic, write_json
+from toolkit.fileio import write_json
 
 TRAJECTORY_FILE = "trajectory.json"
 
@@ -86,8 +91,8 @@ class ShiftTracker:
     def __init__(self, shift_dir: Path, model_config: dict, start: dict[str, np.ndarray]):
         self.shift_dir = shift_dir
         self.model_config = model_config  # config.json of the model being trained
-        self.start = start  # "layers.{l}.{role}" -> float32 array, weights only
-        self.start_head_norm = {name: head_frobenius(t) for name, t in start.items()}
+        self.weights_at_start = start  # standard name -> float32 array, weights only
+        self.head_norms_at_start = {name: head_frobenius(t) for name, t in start.items()}
         self._writer = ThreadPoolExecutor(max_workers=1)
         self._pending: Future | None = None
 
@@ -102,7 +107,7 @@ class ShiftTracker:
         tracker = cls(
             shift_dir,
             model_config,
-            {name: t for name, t in tensors.items() if name.rsplit(".", 1)[1] in WEIGHT_ROLES},
+            {n: t for n, t in tensors.items() if parse_standard_name(n)[1] in WEIGHT_ROLES},
         )
         tracker._append(trajectory, 0, None, {}, attention, tensors)
         return tracker
@@ -112,7 +117,7 @@ class ShiftTracker:
         """Measure against the step-0 snapshot a previous run wrote."""
         attention = load_attention(shift_dir / snapshot_name(0))
         start = {
-            f"layers.{layer.index}.{role}": getattr(layer, role)
+            standard_name(layer.index, role): getattr(layer, role)
             for layer in attention.layers()
             for role in WEIGHT_ROLES
         }
@@ -144,7 +149,7 @@ class ShiftTracker:
         layer_change, head_change = self._relative_change(tensors, trajectory.n_layers)
         point = ShiftPoint(step, loss, metrics, layer_change, head_change, snapshot_name(step))
         trajectory.shift.append(point)
-        self._write(tensors, standard_metadata(attention), trajectory.to_dict(), point.snapshot)
+        self._write(tensors, attention, trajectory.to_dict(), point.snapshot)
         return point
 
     def _relative_change(self, tensors: dict, n_layers: int):
@@ -152,24 +157,21 @@ class ShiftTracker:
         head_change = {role: [] for role in WEIGHT_ROLES}
         for layer in range(n_layers):
             for role in WEIGHT_ROLES:
-                name = f"layers.{layer}.{role}"
-                # [n_heads, a, b] -> ||W_t[h] - W_0[h]||_F: [n_heads]
-                moved = head_frobenius(tensors[name] - self.start[name])
-                start = self.start_head_norm[name]
-                head_change[role].append((moved / start).tolist())
+                name = standard_name(layer, role)
+                # [n_heads, a, b] -> ||W_t[h] - W_start[h]||_F: [n_heads]
+                moved = head_frobenius(tensors[name] - self.weights_at_start[name])
+                at_start = self.head_norms_at_start[name]
+                head_change[role].append((moved / at_start).tolist())
                 layer_change[role].append(
-                    float(np.sqrt(np.square(moved).sum() / np.square(start).sum()))
+                    float(np.sqrt(np.square(moved).sum() / np.square(at_start).sum()))
                 )
         return layer_change, head_change
 
-    def _write(self, tensors, metadata, trajectory: dict, snapshot: str) -> None:
-        from safetensors.numpy import save_file
+    def _write(self, tensors, attention, trajectory: dict, snapshot: str) -> None:
+        shapes = {name: tensor.shape for name, tensor in tensors.items()}
 
         def write():
-            write_atomic(
-                self.shift_dir / snapshot,
-                lambda tmp: save_file(tensors, str(tmp), metadata=metadata),
-            )
+            write_standard_tensors(self.shift_dir / snapshot, attention, shapes, tensors.items())
             write_json(self.shift_dir / TRAJECTORY_FILE, trajectory)
 
         self.flush()  # one write in flight at most: bounded memory, snapshots land in order
