@@ -22,7 +22,7 @@ ROLES = ("wq", "wk", "wv", "w0")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _classify(csv, model, out, **settings):
+def _classify(csv, model, out, report=False, **settings):
     config = FinetuneConfig(
         model=str(model),
         dataset=str(csv),
@@ -33,7 +33,7 @@ def _classify(csv, model, out, **settings):
         warmup_ratio=0.0,
         **settings,
     )
-    return toolkit.finetune(config)
+    return (toolkit.finetune_with_report if report else toolkit.finetune)(config)
 
 
 def _trajectory(run: Path) -> dict:
@@ -51,6 +51,11 @@ def test_loss_goes_down_and_classifier_learns_toy_task(
     assert len(losses) == result.steps == 8 * 14  # 216 train rows / 16 per batch, 8 epochs
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
     assert result.metrics["accuracy"] > 0.9
+    # finetune returns its trajectory and writes only what training owns: no report
+    assert result.trajectory_record.to_dict() == _trajectory(tmp_path / "run")
+    assert result.report is None and "trajectory_record" not in result.to_dict()
+    assert not list((tmp_path / "run").glob("*.md"))
+    assert not (tmp_path / "run" / "compare.json").exists()
     # The final model is a transformers classifier with the label names in its config.
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -68,7 +73,13 @@ def tracked_run(toy_sentiment_csv, tiny_bert_with_tokenizer, tmp_path_factory):
     """7 steps, tracking every 3: snapshots at steps 0, 3, 6 and the last step, 7."""
     out = tmp_path_factory.mktemp("tracked") / "run"
     result = _classify(
-        toy_sentiment_csv, tiny_bert_with_tokenizer, out, max_steps=7, track_every=3, eval_every=3
+        toy_sentiment_csv,
+        tiny_bert_with_tokenizer,
+        out,
+        report=True,
+        max_steps=7,
+        track_every=3,
+        eval_every=3,
     )
     return out, result
 
@@ -92,13 +103,16 @@ def test_head_change_matches_numpy_on_saved_snapshots(tracked_run):
         now = load_file(str(out / "shift" / point["snapshot"]))
         for layer in range(2):
             for role in ROLES:
-                w0, wt = (
+                at_start, wt = (
                     start[f"layers.{layer}.{role}"].astype(np.float64),
                     now[f"layers.{layer}.{role}"],
                 )
-                expected = [np.linalg.norm(wt[h] - w0[h]) / np.linalg.norm(w0[h]) for h in range(3)]
+                expected = [
+                    np.linalg.norm(wt[h] - at_start[h]) / np.linalg.norm(at_start[h])
+                    for h in range(3)
+                ]
                 np.testing.assert_allclose(point["head_change"][role][layer], expected, rtol=1e-4)
-                whole = np.linalg.norm(wt - w0) / np.linalg.norm(w0)
+                whole = np.linalg.norm(wt - at_start) / np.linalg.norm(at_start)
                 np.testing.assert_allclose(point["layer_change"][role][layer], whole, rtol=1e-4)
 
 
@@ -121,6 +135,7 @@ def test_snapshot_is_a_model_spec_and_report_has_plots(tracked_run):
         assert f"]({png})" in report
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert result.steps == 7 and set(result.metrics) == {"eval_loss", "accuracy", "f1"}
+    assert result.report == str(out / "report.md")
 
 
 def test_report_compares_start_with_the_final_model(tracked_run):

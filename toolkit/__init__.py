@@ -25,6 +25,7 @@ _PUBLIC = {
     "explain_all": "toolkit.lessons",
     "ToolkitError": "toolkit.errors",
     "finetune": "toolkit.training.loop",
+    "finetune_with_report": "toolkit.workflows",
     "FinetuneConfig": "toolkit.training.recipe",
     "FinetuneResult": "toolkit.training.loop",
     "load_recipe": "toolkit.training.recipe",

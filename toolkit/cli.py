@@ -402,7 +402,7 @@ def explain_all(model, revision, allow_pickle, skip, lang, as_json, markdown):
 
     from toolkit.lessons import LESSONS
     from toolkit.lessons import explain_all as run_all
-    from toolkit.render import stderr_console
+    from toolkit.progress import stderr_console
 
     _check_markdown(markdown)
     with Progress(console=stderr_console(), transient=True) as progress:
@@ -466,12 +466,12 @@ def finetune(recipe, as_json, **options):
     its settings. Writes DIR/final/ (the model), DIR/shift/ (snapshots, trajectory.json) and
     DIR/report.md. Several processes: torchrun --nproc_per_node N -m toolkit finetune ...
     """
-    from toolkit.training.loop import finetune as run_finetune
     from toolkit.training.recipe import FinetuneConfig, load_recipe
+    from toolkit.workflows import finetune_with_report
 
     config = load_recipe(recipe) if recipe else FinetuneConfig()
     options["resume"] = options["resume"] or None
-    result = run_finetune(config.with_overrides(**options))
+    result = finetune_with_report(config.with_overrides(**options))
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun, the main process speaks for the run
     if as_json:

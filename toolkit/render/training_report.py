@@ -13,6 +13,7 @@ from toolkit.attention import WEIGHT_ROLES
 from toolkit.fileio import write_atomic
 
 if TYPE_CHECKING:
+    from toolkit.analysis.compare import Comparison
     from toolkit.training.loop import FinetuneResult
     from toolkit.training.tracking import Trajectory
 
@@ -20,8 +21,17 @@ PLOTS = {"shift": "shift_by_layer.png", "heads": "final_head_shift.png", "loss":
 TOP_HEADS = 5
 
 
-def write_training_report(run_dir: Path, trajectory: Trajectory, result: FinetuneResult) -> Path:
-    """Write the plots and DIR/report.md; return the report's path."""
+def write_training_report(
+    run_dir: Path,
+    trajectory: Trajectory,
+    result: FinetuneResult,
+    start_vs_end: Comparison | None = None,
+) -> Path:
+    """Write the plots and DIR/report.md; return the report's path.
+
+    `start_vs_end`: the step-0 snapshot compared with the final model (its figures go into
+    DIR/compare/); None when tracking was off.
+    """
     lines = [
         f"# Fine-tuning report: {result.model} on {result.dataset}",
         "",
@@ -46,25 +56,20 @@ def write_training_report(run_dir: Path, trajectory: Trajectory, result: Finetun
         lines += _shift_section(run_dir, trajectory)
     else:
         lines += ["Shift tracking was off (--track-every 0).", ""]
-    lines.append(_start_vs_end_section(run_dir, result))
+    if start_vs_end is not None:
+        lines.append(_start_vs_end_section(run_dir, result, start_vs_end))
     report = run_dir / "report.md"
     write_atomic(report, lambda tmp: tmp.write_text("\n".join(lines).rstrip() + "\n"))
     return report
 
 
-def _start_vs_end_section(run_dir: Path, result: FinetuneResult) -> str:
+def _start_vs_end_section(run_dir: Path, result: FinetuneResult, comparison: Comparison) -> str:
     """The full `toolkit compare` of the step-0 snapshot against the final model, with its
-    figures in DIR/compare/ and every number in DIR/compare.json."""
-    from toolkit.analysis.compare import compare
-    from toolkit.fileio import write_json
+    figures in DIR/compare/ (every number is in DIR/compare.json)."""
     from toolkit.render.compare_plots import comparison_markdown
     from toolkit.training.tracking import snapshot_name
 
     start = run_dir / "shift" / snapshot_name(0)
-    if not start.is_file():
-        return ""
-    comparison = compare(start, result.final_dir)
-    write_json(run_dir / "compare.json", comparison.to_dict())
     section = comparison_markdown(comparison, run_dir / "compare", link_base=run_dir)
     return "\n".join(
         [

@@ -1,10 +1,11 @@
 """`toolkit finetune`: one straight-line Accelerate training loop that records the attention shift.
 
     data -> tokenizer, model -> prepare -> for each step: forward, backward, clip, step
-         -> on schedule: evaluate, track the shift, checkpoint -> save DIR/final -> DIR/report.md
+         -> on schedule: evaluate, track the shift, checkpoint -> save DIR/final, the trajectory
 
 Runs the same in one process or several (`torchrun --nproc_per_node N -m toolkit finetune ...`):
-every process trains, the main process alone writes files.
+every process trains, the main process alone writes files. The run's report (DIR/report.md) is
+composed above training, by `toolkit.workflows.finetune_with_report`.
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from toolkit.errors import ToolkitError, first_line
 from toolkit.fileio import write_json
-from toolkit.render import stderr_console
+from toolkit.progress import stderr_console
 from toolkit.training.data import (
     data_collator,
     group_for_causal_lm,
@@ -47,12 +48,12 @@ RESUMABLE_CHANGES = {"resume", "output_dir", "log_every", "description", "checkp
 
 @dataclass
 class FinetuneResult:
-    """What a run produced; paths are strings so that the result is plain JSON."""
+    """What a run produced; paths are strings so that `to_dict()` is plain JSON."""
 
     output_dir: str
     final_dir: str
-    report: str
-    trajectory: str
+    report: str | None  # DIR/report.md once `finetune_with_report` wrote it; None from `finetune`
+    trajectory: str  # DIR/shift/trajectory.json
     model: str
     task: str
     dataset: str
@@ -65,13 +66,22 @@ class FinetuneResult:
     # Training throughput over every update after the first (a warm-up), tracking included,
     # evaluation and checkpoint writes excluded; None when fewer than two updates ran.
     train_samples_per_second: float | None
+    # The run's Trajectory in memory (not in to_dict: trajectory.json holds it). Complete on the
+    # main process; on the others it lacks the shift points, which only the main process tracks.
+    trajectory_record: Trajectory | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        del data["trajectory_record"]
+        return data
 
 
 def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
-    """Fine-tune `config.model` on `config.dataset`, tracking how its Wq/Wk/Wv/W0 move."""
+    """Fine-tune `config.model` on `config.dataset`, tracking how its Wq/Wk/Wv/W0 move.
+
+    Writes what training owns into `config.output_dir`: config.json, checkpoints/, shift/
+    (snapshots, trajectory.json) and final/ (the model). No report: see `finetune_with_report`.
+    """
     import datasets
     import torch
     from accelerate import Accelerator
@@ -223,13 +233,13 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
     if timed_samples:
         samples_per_second = timed_samples / (time.perf_counter() - timed_since - paused)
 
-    # The end: the final model (transformers format, safetensors), the trajectory, the report.
+    # The end: the final model (transformers format, safetensors) and the trajectory.
     accelerator.wait_for_everyone()
     state_dict = _full_state_dict(accelerator, model)
     result = FinetuneResult(
         output_dir=str(run_dir),
         final_dir=str(run_dir / "final"),
-        report=str(run_dir / "report.md"),
+        report=None,
         trajectory=str(shift_dir / TRAJECTORY_FILE),
         model=config.model,
         task=config.task,
@@ -241,13 +251,11 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
         processes=processes,
         seconds=time.perf_counter() - started,
         train_samples_per_second=samples_per_second,
+        trajectory_record=trajectory,
     )
     if main:
-        from toolkit.render.training_report import write_training_report
-
         save_final(accelerator.unwrap_model(model), tokenizer, state_dict, run_dir / "final")
         write_json(shift_dir / TRAJECTORY_FILE, trajectory.to_dict())
-        write_training_report(run_dir, trajectory, result)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result
