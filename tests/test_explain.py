@@ -11,7 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from toolkit.analysis.verify import make_inputs, verify
+from toolkit.analysis.verify import verify
 from toolkit.attention import load_attention
 from toolkit.cli import main
 from toolkit.lessons import LESSONS
@@ -19,6 +19,7 @@ from toolkit.lessons.qkv import explain_qkv
 from toolkit.lessons.softmax import explain_softmax
 from toolkit.lessons.text import TEXT, resolve_language
 from toolkit.lessons.w0 import explain_w0
+from toolkit.runtime import make_inputs
 
 SENTENCE = "The cat sat on the mat because it was tired."
 BOTH_FAMILIES = pytest.mark.parametrize(

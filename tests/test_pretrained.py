@@ -81,10 +81,10 @@ def test_random_init_is_fresh_with_the_configs_std(one_step_runs, tiny_bert_scal
 def test_random_init_is_seeded_by_the_runs_seed(toy_sentiment_csv, tiny_bert_scaled_with_tokenizer):
     from accelerate.utils import set_seed
 
-    from toolkit.training.models import build_model, load_tokenizer
+    from toolkit.training.models import build_model, training_tokenizer
 
     config = FinetuneConfig(model=str(tiny_bert_scaled_with_tokenizer), init="random")
-    tokenizer = load_tokenizer(config, [], None)
+    tokenizer = training_tokenizer(config, [], None)
 
     def query(seed: int) -> torch.Tensor:
         set_seed(seed)

@@ -21,7 +21,7 @@ from transformers import (
 )
 
 from toolkit.training.data import data_collator, load_text_data, tokenize_for_classification
-from toolkit.training.models import load_tokenizer
+from toolkit.training.models import training_tokenizer
 from toolkit.training.recipe import load_recipe
 
 
@@ -37,7 +37,7 @@ class StepTimes(TrainerCallback):
 
 config = load_recipe(sys.argv[1])
 data = load_text_data(config)
-tokenizer = load_tokenizer(config, data.train["text"], None)
+tokenizer = training_tokenizer(config, data.train["text"], None)
 train_set = tokenize_for_classification(data.train, tokenizer, config.max_length)
 model = AutoModelForSequenceClassification.from_pretrained(config.model)
 args = TrainingArguments(

@@ -14,13 +14,10 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from toolkit.attention import AttentionLayer, AttentionModel, load_attention
-from toolkit.errors import ToolkitError, first_line
+from toolkit.errors import ToolkitError
+from toolkit.runtime import captured_blocks, load_model, make_inputs
 
 TOLERANCE = 1e-4
-DEFAULT_TEXTS = (
-    "The cat sat on the mat because it was tired.",
-    "Attention is all you need.",
-)
 
 
 @dataclass
@@ -101,11 +98,8 @@ def verify(
     attention = attention or load_attention(model, revision=revision, allow_pickle=allow_pickle)
     net = load_model(attention, allow_pickle)
     input_ids, padding, inputs_info = make_inputs(attention, texts, seed)
-    captured = capture_blocks(net, attention)
-    with torch.no_grad():
+    with captured_blocks(net, attention) as captured, torch.no_grad():
         outputs = net(input_ids=input_ids, attention_mask=padding, output_attentions=True)
-    for handle in captured.pop("handles"):
-        handle.remove()
     if outputs.attentions is None or len(outputs.attentions) != attention.dims.n_layers:
         raise ToolkitError(
             "the model returned no attention probabilities: it does not use eager attention"
@@ -127,9 +121,9 @@ def verify(
     for index in attention.layer_indices:
         layer = attention.layer(index)
         scale = attention.family.score_scale(attention.config, index, d)
-        probs, z, output = recompute_layer(layer, captured["inputs"][index], mask, scale)
+        probs, z, output = recompute_layer(layer, captured.inputs[index], mask, scale)
         model_probs = outputs.attentions[index].float()
-        model_output = captured["outputs"][index]
+        model_output = captured.outputs[index]
         probs_diff = (probs - model_probs).abs().amax(dim=(1, 3))[valid].max().item()
         output_diff = (output - model_output).abs().amax(dim=-1)[valid].max().item()
         concat_diff = (concat_then_w0(layer, z) - output).abs().max().item()
@@ -137,107 +131,6 @@ def verify(
             LayerCheck(index, {"probs": probs_diff, "output": output_diff}, concat_diff)
         )
     return report
-
-
-def load_model(attention: AttentionModel, allow_pickle: bool = False):
-    """The real model with eager attention (so that it returns its attention probabilities)."""
-    import torch
-    from transformers import AutoModel
-    from transformers.utils import logging as hf_logging
-
-    if attention.source.is_standard_file:
-        raise ToolkitError(
-            "this needs the full model to run: pass the model folder, not a standard-tensor file"
-        )
-    hf_logging.disable_progress_bar()
-    path = attention.source.path
-    has_safetensors = any(path.glob("*.safetensors"))
-    try:
-        net = AutoModel.from_pretrained(
-            path,
-            attn_implementation="eager",
-            dtype=torch.float32,
-            use_safetensors=True if has_safetensors or not allow_pickle else None,
-        )
-    except Exception as err:
-        raise ToolkitError(f"transformers cannot load {path} ({first_line(err)})") from None
-    return net.eval()
-
-
-def make_inputs(attention: AttentionModel, texts: Sequence[str] | None, seed: int):
-    """Token ids and padding mask: the texts through the model's tokenizer, or random ids."""
-    import torch
-
-    tokenizer = load_tokenizer(attention.source.path)
-    if texts is not None and any(not t.strip() for t in texts):
-        raise ToolkitError("--text is empty: give some words to run the model on")
-    if tokenizer is None:
-        if texts:
-            raise ToolkitError(
-                f"{attention.source.path} has no tokenizer, so --text cannot be used: "
-                "leave it out to run on random token ids"
-            )
-        vocab = attention.config.get("vocab_size", 100)
-        generator = torch.Generator().manual_seed(seed)
-        input_ids = torch.randint(0, vocab, (2, 12), generator=generator)
-        padding = torch.ones_like(input_ids)
-        padding[1, 7:] = 0  # second sequence shorter: exercises the padding mask
-        return (
-            input_ids,
-            padding,
-            {
-                "kind": "random token ids (no tokenizer)",
-                "seed": seed,
-                "shape": list(input_ids.shape),
-            },
-        )
-    texts = list(texts or DEFAULT_TEXTS)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    encoded = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=128)
-    return (
-        encoded["input_ids"],
-        encoded["attention_mask"],
-        {"kind": "texts", "texts": texts, "shape": list(encoded["input_ids"].shape)},
-    )
-
-
-def load_tokenizer(path):
-    from transformers import AutoTokenizer
-
-    if not any((path / name).exists() for name in ("tokenizer.json", "vocab.txt", "vocab.json")):
-        return None
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except Exception:
-        return None
-
-
-def token_strings(attention: AttentionModel, ids: list[int]) -> list[str]:
-    """Readable tokens for ids: the tokenizer's, or '#id' when the model has none."""
-    tokenizer = load_tokenizer(attention.source.path)
-    if tokenizer is None:
-        return [f"#{i}" for i in ids]
-    return [tokenizer.decode([i]).strip() or repr(tokenizer.decode([i])) for i in ids]
-
-
-def capture_blocks(net, attention: AttentionModel) -> dict:
-    """Forward hooks recording each attention block's input and output."""
-    captured: dict = {"inputs": {}, "outputs": {}, "handles": []}
-    for index in attention.layer_indices:
-        input_module, output_module = attention.family.hook_modules(net, index)
-
-        def save_input(module, args, kwargs, index=index):
-            captured["inputs"][index] = (args[0] if args else kwargs["hidden_states"]).float()
-
-        def save_output(module, args, output, index=index):
-            captured["outputs"][index] = output.float()
-
-        captured["handles"].append(
-            input_module.register_forward_pre_hook(save_input, with_kwargs=True)
-        )
-        captured["handles"].append(output_module.register_forward_hook(save_output))
-    return captured
 
 
 def allowed_mask(padding, causal: bool):

@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from toolkit.analysis.verify import load_model, load_tokenizer, make_inputs, token_strings
 from toolkit.attention import (
     AttentionModel,
     attention_from_state_dict,
@@ -27,6 +26,7 @@ from toolkit.attention import (
     head_frobenius,
     load_attention,
 )
+from toolkit.runtime import load_model, load_tokenizer, make_inputs, token_strings
 
 QKV = ("wq", "wk", "wv")
 

@@ -10,15 +10,10 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from toolkit.analysis.verify import (
-    allowed_mask,
-    capture_blocks,
-    load_model,
-    make_inputs,
-    token_strings,
-)
+from toolkit.analysis.verify import allowed_mask
 from toolkit.attention import AttentionModel, load_attention
 from toolkit.errors import ToolkitError
+from toolkit.runtime import captured_blocks, load_model, make_inputs, token_strings
 
 OVERFLOW_DTYPES = ("float16", "float32")
 
@@ -96,12 +91,9 @@ def explain_softmax(
         )
     input_ids, padding = input_ids[:1, :n_tokens], padding[:1, :n_tokens]  # the first text only
 
-    captured = capture_blocks(net, attention)
-    with torch.no_grad():
+    with captured_blocks(net, attention) as captured, torch.no_grad():
         outputs = net(input_ids=input_ids, attention_mask=padding, output_attentions=True)
-    for handle in captured.pop("handles"):
-        handle.remove()
-    x = captured["inputs"][layer][0]  # [tokens, d_model], the attention block's input
+    x = captured.inputs[layer][0]  # [tokens, d_model], the attention block's input
     keys = allowed_mask(padding, attention.family.causal)[0, 0].expand(n_tokens, n_tokens)[query]
     keys = keys.nonzero().flatten()  # [keys]
 

@@ -12,15 +12,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from toolkit.analysis.verify import (
-    allowed_mask,
-    capture_blocks,
-    concat_then_w0,
-    load_model,
-    make_inputs,
-    recompute_layer,
-)
+from toolkit.analysis.verify import allowed_mask, concat_then_w0, recompute_layer
 from toolkit.attention import AttentionModel, head_frobenius, load_attention
+from toolkit.runtime import captured_blocks, load_model, make_inputs
 
 
 @dataclass
@@ -84,16 +78,13 @@ def explain_w0(
     d = attention.dims
     valid = padding.bool()  # [batch, tokens]: real tokens, not padding
 
-    captured = capture_blocks(net, attention)
-    with torch.no_grad():
+    with captured_blocks(net, attention) as captured, torch.no_grad():
         final = net(input_ids=input_ids, attention_mask=padding).last_hidden_state
-    for handle in captured.pop("handles"):
-        handle.remove()
-    block = captured["outputs"][layer]  # [batch, tokens, d_model]
+    block = captured.outputs[layer]  # [batch, tokens, d_model]
     scale = attention.family.score_scale(attention.config, layer, d)
     mask = allowed_mask(padding, attention.family.causal)
     # z: [batch, heads, tokens, d_head], each head's output before W0
-    _, z, _ = recompute_layer(standard, captured["inputs"][layer], mask, scale)
+    _, z, _ = recompute_layer(standard, captured.inputs[layer], mask, scale)
     t = standard.as_torch()
     per_head_sum = torch.einsum("bhte,hed->btd", z, t["w0"]) + t["b0"]  # sum_i z_i @ w0[i] + b0
     concat_route = concat_then_w0(standard, z)  # Concat(z) @ W0 + b0

@@ -28,7 +28,7 @@ from toolkit.training.data import (
     load_text_data,
     tokenize_for_classification,
 )
-from toolkit.training.models import build_model, load_tokenizer, save_final
+from toolkit.training.models import build_model, save_final, training_tokenizer
 from toolkit.training.recipe import FinetuneConfig, check_config
 from toolkit.training.tracking import (
     TRAJECTORY_FILE,
@@ -115,7 +115,7 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
     # tokenizer are written once and then reused by the others.
     with accelerator.main_process_first():
         data = load_text_data(config)
-        tokenizer = load_tokenizer(config, data.train["text"], run_dir)
+        tokenizer = training_tokenizer(config, data.train["text"], run_dir)
         if config.task == "classification":
             train_set = tokenize_for_classification(data.train, tokenizer, config.max_length)
             eval_set = tokenize_for_classification(data.validation, tokenizer, config.max_length)

@@ -13,6 +13,7 @@ from pathlib import Path
 from toolkit.errors import ToolkitError
 from toolkit.families import family_for_config
 from toolkit.fileio import atomic_folder
+from toolkit.runtime import load_tokenizer
 from toolkit.sources import resolve_source
 from toolkit.training.data import train_bpe_tokenizer
 
@@ -40,30 +41,25 @@ def gpt2_config_overrides(model: str) -> dict | None:
     return overrides
 
 
-def load_tokenizer(config, train_texts, run_dir: Path):
-    """The pretrained model's tokenizer, or (for gpt2-config) the BPE tokenizer of this run."""
-    from transformers import AutoTokenizer
+def training_tokenizer(config, train_texts, run_dir: Path):
+    """The pretrained model's tokenizer, or (for gpt2-config) the BPE tokenizer of this run.
 
+    Loaded by `toolkit.runtime.load_tokenizer` (one policy); training cannot do without one.
+    """
     overrides = gpt2_config_overrides(config.model)
     if overrides is None:
         folder = resolve_source(config.model).path
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(folder)
-        except Exception as err:
-            raise ToolkitError(
-                f"{folder} has no usable tokenizer ({err}): save one beside the model"
-            ) from None
     else:
-        saved = run_dir / "tokenizer"
-        if not saved.is_dir():
+        folder = run_dir / "tokenizer"
+        if not folder.is_dir():
             tokenizer = train_bpe_tokenizer(
                 train_texts, overrides.get("vocab_size", DEFAULT_BPE_VOCAB)
             )
-            with atomic_folder(saved) as tmp:
+            with atomic_folder(folder) as tmp:
                 tokenizer.save_pretrained(tmp)
-        tokenizer = AutoTokenizer.from_pretrained(saved)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token  # GPT-2 has no padding token; batches need one
+    tokenizer = load_tokenizer(folder)
+    if tokenizer is None:
+        raise ToolkitError(f"{folder} has no tokenizer: save one beside the model")
     return tokenizer
 
 
