@@ -17,8 +17,8 @@ from toolkit.cli import main
 from toolkit.lessons import LESSONS
 from toolkit.lessons.qkv import explain_qkv
 from toolkit.lessons.softmax import explain_softmax
-from toolkit.lessons.text import TEXT, resolve_language
 from toolkit.lessons.w0 import explain_w0
+from toolkit.render.text import TEXT, resolve_language
 from toolkit.runtime import make_inputs
 
 SENTENCE = "The cat sat on the mat because it was tired."
@@ -112,17 +112,26 @@ def test_w0_replacements_match_swapping_the_models_own_weight(request, fixture, 
     for head in range(h):
         expected[("repeat", head)] = w0[head * d_head : (head + 1) * d_head].repeat(h, 1)
     assert {(r.kind, r.head) for r in lesson.replacements} == set(expected)
+    layer_changes, final_changes = [], []
     for replacement in lesson.replacements:
         swapped = _eager(path)
         _set_w0(swapped, family, layer, expected[(replacement.kind, replacement.head)])
         new_block, new_final = _run(swapped, family, layer, input_ids, padding)
+        layer_changes.append(_relative(new_block, block, valid))
+        final_changes.append(_relative(new_final, final, valid))
         assert replacement.layer_output_relative_change == pytest.approx(
-            _relative(new_block, block, valid), rel=1e-4
+            layer_changes[-1], rel=1e-4
         )
         assert replacement.final_output_relative_change == pytest.approx(
-            _relative(new_final, final, valid), rel=1e-4
+            final_changes[-1], rel=1e-4
         )
     assert lesson.reinserted_max_abs_diff < 1e-5
+    assert lesson.layer_output_change_range == pytest.approx(
+        [min(layer_changes), max(layer_changes)], rel=1e-4
+    )
+    assert lesson.final_output_change_range == pytest.approx(
+        [min(final_changes), max(final_changes)], rel=1e-4
+    )
 
 
 # ---- softmax --------------------------------------------------------------------------------
@@ -193,6 +202,8 @@ def test_softmax_naive_formula_overflows_and_stable_does_not(tiny_gpt2):
             assert case.naive_max_abs_diff == pytest.approx(
                 ((naive / naive.sum()).double() - exact).abs().max().item(), abs=1e-9
             )
+    assert lesson.naive_broken == sum(c.naive_nonfinite > 0 for c in lesson.overflow)
+    assert lesson.stable_finite == len(lesson.overflow)  # the stable formula never breaks
     assert cases[(12.0, "float16")].naive_nonfinite > 0  # exp(12) > 65504
     assert cases[(12.0, "float32")].naive_nonfinite == 0
     assert cases[(89.0, "float32")].naive_nonfinite > 0  # exp(89) > 3.4e38
@@ -291,9 +302,29 @@ def test_qkv_initial_and_trained_statistics(tiny_bert):
             assert layer.trained[role].singular_values == pytest.approx(
                 torch.linalg.svdvals(weight).tolist(), rel=1e-5, abs=1e-9
             )
+            singular = torch.linalg.svdvals(weight)
+            assert layer.trained[role].singular_median == pytest.approx(
+                singular.quantile(0.5).item()  # the middle value, or the mean of the two middle
+            )
+            assert layer.trained[role].spread == pytest.approx(
+                (singular[0] / singular.quantile(0.5)).item(), rel=1e-5
+            )
             # 48 x 48 normal draws: the sample std is within a few percent of the configured one
             assert layer.init[role].std == pytest.approx(model.config.initializer_range, rel=0.1)
             assert abs(layer.init[role].mean) < 0.005
+    trained = [
+        getattr(model.encoder.layer[layer].attention.self, name).weight.detach().double()
+        for layer in range(len(lesson.layers))
+        for name in ("query", "key", "value")
+    ]
+    assert lesson.mean_std_trained == pytest.approx(
+        np.mean([w.std(unbiased=False).item() for w in trained]), rel=1e-4
+    )
+    spreads = [(s[0] / s.quantile(0.5)).item() for s in map(torch.linalg.svdvals, trained)]
+    assert lesson.mean_spread_trained == pytest.approx(np.mean(spreads), rel=1e-5)
+    assert lesson.spectra == (
+        "steeper" if lesson.mean_spread_trained > lesson.mean_spread_init else "flatter"
+    )
 
 
 # ---- text, rendering, CLI -------------------------------------------------------------------
@@ -347,6 +378,10 @@ def test_rendered_race_and_check_use_the_models_numbers(minilm):
     top2 = row.topk(2)
     scores = torch.tensor(lesson.scores)
     gap = (scores[top2.indices[0]] - scores[top2.indices[1]]).item()
+    # the race as fields: the model's two most attended keys, and their probabilities' ratio
+    assert [lesson.keys[lesson.leader], lesson.keys[lesson.runner_up]] == top2.indices.tolist()
+    assert lesson.runner_up_share == pytest.approx((top2.values[1] / top2.values[0]).item(), 1e-4)
+    assert lesson.keys[lesson.least] == row.argmin().item()  # BERT: every key is allowed
     console = Console(record=True, width=1000)
     print_blocks(lesson_blocks({"softmax": lesson}, "en"), console)
     text = console.export_text()

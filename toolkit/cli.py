@@ -244,9 +244,9 @@ def _check_markdown(markdown: str | None) -> None:
 
 def _show_lessons(results: dict, lang: str | None, as_json: bool, markdown: str | None) -> None:
     """Render lesson results: JSON on stdout, or the terminal view; and the Markdown report."""
-    from toolkit.lessons.text import resolve_language
     from toolkit.render.lessons import lesson_blocks
     from toolkit.render.report import print_blocks, write_markdown
+    from toolkit.render.text import resolve_language
 
     blocks = lesson_blocks(results, resolve_language(lang))
     if as_json:
@@ -329,9 +329,9 @@ def explain_qkv(model, revision, allow_pickle, text, lr, seed, lang, as_json, ma
 @click.option(
     "--steps",
     type=int,
-    default=80,
+    default=64,
     show_default=True,
-    help="Optimizer steps of each run (a few minutes for MiniLM on 2 CPU cores).",
+    help="Optimizer steps of each run (about a minute for MiniLM on 2 CPU cores).",
 )
 @click.option(
     "--dataset",

@@ -15,6 +15,7 @@ The model runs in eval mode (no dropout) so that the step is reproducible.
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -38,6 +39,8 @@ class WeightStats:
     std: float
     mean: float
     singular_values: list[float]  # descending
+    singular_median: float
+    spread: float  # largest singular value / median: how much the top directions dominate
 
 
 @dataclass
@@ -69,6 +72,14 @@ class QkvLesson:
     loss: float
     loss_after_step: float
     layers: list[LayerQkv] = field(default_factory=list)
+    # Averages over every layer's Wq, Wk and Wv
+    mean_std_init: float = 0.0
+    mean_std_trained: float = 0.0
+    mean_spread_init: float = 0.0
+    mean_spread_trained: float = 0.0
+    spectra: str = ""  # "steeper" when training raised the mean spread, else "flatter"
+    update_max_abs_diff: float = 0.0  # the largest |ΔW - (-lr * grad)| of any layer and role
+    update_relative_range: list[float] = field(default_factory=list)  # [min, max] ||ΔW|| / ||W||
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -158,7 +169,27 @@ def explain_qkv(
                 },
             )
         )
+    _summarise(lesson)
     return lesson
+
+
+def _summarise(lesson: QkvLesson) -> None:
+    """The averages and extremes the lesson states, over every layer and role."""
+    every = [(layer, role) for layer in lesson.layers for role in QKV]
+    lesson.mean_std_init = statistics.fmean(layer.init[role].std for layer, role in every)
+    lesson.mean_std_trained = statistics.fmean(layer.trained[role].std for layer, role in every)
+    lesson.mean_spread_init = statistics.fmean(layer.init[role].spread for layer, role in every)
+    lesson.mean_spread_trained = statistics.fmean(
+        layer.trained[role].spread for layer, role in every
+    )
+    lesson.spectra = (
+        "steeper" if lesson.mean_spread_trained > lesson.mean_spread_init else "flatter"
+    )
+    lesson.update_max_abs_diff = max(
+        layer.update_vs_minus_lr_grad_max_abs_diff[role] for layer, role in every
+    )
+    relative = [layer.update_relative[role] for layer, role in every]
+    lesson.update_relative_range = [min(relative), max(relative)]
 
 
 def self_supervised_batch(attention: AttentionModel, input_ids) -> dict:
@@ -194,6 +225,11 @@ def _stats(matrix: np.ndarray) -> WeightStats:
     import torch
 
     singular = torch.linalg.svdvals(torch.from_numpy(matrix).double())  # descending
+    median = statistics.median(singular.tolist())
     return WeightStats(
-        std=float(matrix.std()), mean=float(matrix.mean()), singular_values=singular.tolist()
+        std=float(matrix.std()),
+        mean=float(matrix.mean()),
+        singular_values=singular.tolist(),
+        singular_median=median,
+        spread=singular[0].item() / median,
     )

@@ -53,6 +53,20 @@ class SoftmaxLesson:
     ranking: list[int]  # indices into `keys`, most attended first
     exp_overflow_threshold: dict[str, float]  # dtype -> ln(largest finite value): exp(above) = inf
     overflow: list[OverflowCase] = field(default_factory=list)
+    # The race for attention, by index into `keys`: the most attended key, the runner-up, the least
+    leader: int = 0
+    runner_up: int = 0
+    least: int = 0
+    score_gap: float = 0.0  # scores[leader] - scores[runner_up]
+    runner_up_share: float = 1.0  # probs[runner_up] / probs[leader] = exp(-score_gap)
+    least_gap: float = 0.0  # scores[leader] - scores[least]
+    naive_broken: int = 0  # overflow cases whose naive probabilities are not all finite
+    stable_finite: int = 0  # overflow cases whose stable probabilities are finite
+
+    @property
+    def textbook_scale(self) -> float:
+        """1 / sqrt(d_head), the scale of the original Transformer."""
+        return 1 / math.sqrt(self.d_head)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -136,6 +150,17 @@ def explain_softmax(
         },
     )
     lesson.overflow = overflow_cases(scores.double(), lesson.exp_overflow_threshold)
+    ranking = lesson.ranking
+    lesson.leader, lesson.runner_up, lesson.least = (
+        ranking[0],
+        ranking[min(1, len(ranking) - 1)],
+        ranking[-1],
+    )
+    lesson.score_gap = lesson.scores[lesson.leader] - lesson.scores[lesson.runner_up]
+    lesson.runner_up_share = math.exp(-lesson.score_gap)
+    lesson.least_gap = lesson.scores[lesson.leader] - lesson.scores[lesson.least]
+    lesson.naive_broken = sum(case.naive_max_abs_diff is None for case in lesson.overflow)
+    lesson.stable_finite = sum(math.isfinite(case.stable_max_abs_diff) for case in lesson.overflow)
     return lesson
 
 

@@ -50,6 +50,9 @@ class W0Lesson:
     head_block_abs_mean: list[list[float]]  # mean |W0| over each head's rows, [h, d_model]
     reinserted_max_abs_diff: float  # the swap route with the original W0 vs the untouched model
     replacements: list[W0Replacement] = field(default_factory=list)
+    # the range of the replacements' relative changes: [min, max]
+    layer_output_change_range: list[float] = field(default_factory=list)
+    final_output_change_range: list[float] = field(default_factory=list)
 
     @property
     def concat_width(self) -> int:
@@ -130,6 +133,10 @@ def explain_w0(
     for head in range(d.n_heads):
         repeated = np.tile(standard.w0[head], (d.n_heads, 1))  # [h*d_head, d_model]
         lesson.replacements.append(replaced("repeat", head, repeated))
+    layer_changes = [rep.layer_output_relative_change for rep in lesson.replacements]
+    final_changes = [rep.final_output_relative_change for rep in lesson.replacements]
+    lesson.layer_output_change_range = [min(layer_changes), max(layer_changes)]
+    lesson.final_output_change_range = [min(final_changes), max(final_changes)]
     return lesson
 
 

@@ -3,8 +3,6 @@ figures), which `toolkit.render.report` prints or writes as Markdown."""
 
 from __future__ import annotations
 
-import math
-import statistics
 from collections.abc import Callable
 from functools import partial
 
@@ -12,10 +10,10 @@ from toolkit.attention import WEIGHT_ROLES
 from toolkit.lessons.pretrained import PretrainedLesson
 from toolkit.lessons.qkv import QKV, QkvLesson
 from toolkit.lessons.softmax import SoftmaxLesson
-from toolkit.lessons.text import say
 from toolkit.lessons.w0 import W0Lesson
 from toolkit.render import figures
 from toolkit.render.report import Block, Figure, Heading, Paragraph, Table
+from toolkit.render.text import say
 
 
 def _shape(shape: list[int]) -> str:
@@ -102,17 +100,15 @@ def present_w0(r: W0Lesson, lang: str) -> list[Block]:
             rows,
         )
     )
-    layer_changes = [rep.layer_output_relative_change for rep in r.replacements]
-    final_changes = [rep.final_output_relative_change for rep in r.replacements]
     blocks.append(
         Paragraph(
             say(
                 lang,
                 "w0.summary",
-                min_layer=min(layer_changes),
-                max_layer=max(layer_changes),
-                min_final=min(final_changes),
-                max_final=max(final_changes),
+                min_layer=r.layer_output_change_range[0],
+                max_layer=r.layer_output_change_range[1],
+                min_final=r.final_output_change_range[0],
+                max_final=r.final_output_change_range[1],
             )
         )
     )
@@ -148,8 +144,7 @@ def present_softmax(r: SoftmaxLesson, lang: str) -> list[Block]:
         say(lang, f"softmax.{name}")
         for name in ("largest", "dtype", "naive_nonfinite", "naive_error", "stable_error")
     ]
-    leader, second, last = r.ranking[0], r.ranking[min(1, len(r.ranking) - 1)], r.ranking[-1]
-    gap = r.scores[leader] - r.scores[second]
+    leader, second, last = r.leader, r.runner_up, r.least
     return [
         Heading(say(lang, "softmax.title", layer=r.layer, head=r.head)),
         Paragraph(say(lang, "model_line", model=r.model, family=r.family)),
@@ -163,7 +158,7 @@ def present_softmax(r: SoftmaxLesson, lang: str) -> list[Block]:
                 n_keys=len(r.keys),
                 d_head=r.d_head,
                 scale=r.scale,
-                inv_sqrt=1 / math.sqrt(r.d_head),
+                inv_sqrt=r.textbook_scale,
             )
         ),
         Table("", columns, rows),
@@ -183,8 +178,8 @@ def present_softmax(r: SoftmaxLesson, lang: str) -> list[Block]:
                 lang,
                 "softmax.overflow_summary",
                 cases=len(r.overflow),
-                broken=sum(case.naive_max_abs_diff is None for case in r.overflow),
-                stable_ok=sum(math.isfinite(case.stable_max_abs_diff) for case in r.overflow),
+                broken=r.naive_broken,
+                stable_ok=r.stable_finite,
             )
         ),
         Paragraph(
@@ -195,11 +190,11 @@ def present_softmax(r: SoftmaxLesson, lang: str) -> list[Block]:
                 leader_score=r.scores[leader],
                 leader_prob=r.probs[leader],
                 second=r.tokens[r.keys[second]],
-                gap=gap,
-                ratio=math.exp(-gap),
+                gap=r.score_gap,
+                ratio=r.runner_up_share,
                 second_prob=r.probs[second],
                 last=r.tokens[r.keys[last]],
-                last_gap=r.scores[leader] - r.scores[last],
+                last_gap=r.least_gap,
                 last_prob=r.probs[last],
             )
         ),
@@ -212,16 +207,6 @@ def present_softmax(r: SoftmaxLesson, lang: str) -> list[Block]:
 
 
 def present_qkv(r: QkvLesson, lang: str) -> list[Block]:
-    def mean_over(part: str, value: Callable) -> float:
-        return statistics.fmean(
-            value(getattr(layer, part)[role]) for layer in r.layers for role in QKV
-        )
-
-    def spread(stats) -> float:
-        return stats.singular_values[0] / statistics.median(stats.singular_values)
-
-    init_std, trained_std = (mean_over(part, lambda s: s.std) for part in ("init", "trained"))
-    init_ratio, trained_ratio = (mean_over(part, spread) for part in ("init", "trained"))
     init_key = "qkv.init" if r.initializer_range is not None else "qkv.init_unknown"
     text = r.inputs.get("texts", ["(random token ids)"])[0]
     stats_rows = [
@@ -233,8 +218,8 @@ def present_qkv(r: QkvLesson, lang: str) -> list[Block]:
                 layer.trained[role].std,
                 layer.init[role].singular_values[0],
                 layer.trained[role].singular_values[0],
-                statistics.median(layer.init[role].singular_values),
-                statistics.median(layer.trained[role].singular_values),
+                layer.init[role].singular_median,
+                layer.trained[role].singular_median,
             )
         ]
         for layer in r.layers
@@ -276,17 +261,17 @@ def present_qkv(r: QkvLesson, lang: str) -> list[Block]:
                 family=r.family,
                 std=r.initializer_range,
                 seed=r.seed,
-                init_std=init_std,
-                trained_std=trained_std,
+                init_std=r.mean_std_init,
+                trained_std=r.mean_std_trained,
             )
         ),
         Table("", stats_columns, stats_rows),
         Paragraph(
             say(
                 lang,
-                "qkv.spectra_steeper" if trained_ratio > init_ratio else "qkv.spectra_flatter",
-                init_ratio=init_ratio,
-                trained_ratio=trained_ratio,
+                f"qkv.spectra_{r.spectra}",
+                init_ratio=r.mean_spread_init,
+                trained_ratio=r.mean_spread_trained,
             )
         ),
         Figure("qkv", say(lang, "qkv.figure"), partial(figures.qkv_spectra, r)),
@@ -302,7 +287,6 @@ def present_qkv(r: QkvLesson, lang: str) -> list[Block]:
             f"{say(lang, 'layer')} {layer.layer}" for layer in r.layers
         ]
         blocks.append(Table(say(lang, "qkv.grad_head_table", role=role), columns, rows))
-    relative = [layer.update_relative[role] for layer in r.layers for role in QKV]
     blocks.append(
         Paragraph(
             say(
@@ -311,13 +295,9 @@ def present_qkv(r: QkvLesson, lang: str) -> list[Block]:
                 lr=r.lr,
                 loss=r.loss,
                 loss_after=r.loss_after_step,
-                diff=max(
-                    layer.update_vs_minus_lr_grad_max_abs_diff[role]
-                    for layer in r.layers
-                    for role in QKV
-                ),
-                min_rel=min(relative),
-                max_rel=max(relative),
+                diff=r.update_max_abs_diff,
+                min_rel=r.update_relative_range[0],
+                max_rel=r.update_relative_range[1],
             )
         )
     )
@@ -326,14 +306,13 @@ def present_qkv(r: QkvLesson, lang: str) -> list[Block]:
 
 def present_pretrained(r: PretrainedLesson, lang: str) -> list[Block]:
     pretrained, random = r.runs["pretrained"], r.runs["random"]
-    last = min(10, r.steps)
     metric_rows = [
         [name, f"{pretrained.metrics[name]:.4f}", f"{random.metrics[name]:.4f}"]
         for name in pretrained.metrics
     ]
     metric_rows += [
-        [say(lang, "pretrained.train_loss", n=last)]
-        + [f"{statistics.fmean(run.train_loss[-last:]):.4f}" for run in (pretrained, random)],
+        [say(lang, "pretrained.train_loss", n=r.loss_window)]
+        + [f"{run.last_train_loss:.4f}" for run in (pretrained, random)],
         [say(lang, "pretrained.seconds")] + [f"{run.seconds:.0f}" for run in (pretrained, random)],
     ]
     runs = [say(lang, "pretrained.run_pretrained"), say(lang, "pretrained.run_random")]
@@ -342,35 +321,19 @@ def present_pretrained(r: PretrainedLesson, lang: str) -> list[Block]:
         "pretrained": pretrained.metrics[r.metric],
         "random": random.metrics[r.metric],
     }
-    ahead = (headline["pretrained"] - headline["random"]) * (1 if r.higher_is_better else -1)
-    verdict = "better" if ahead > 0 else "equal" if ahead == 0 else "worse"
-
-    def mean_change(run) -> float:
-        return statistics.fmean(c for role in WEIGHT_ROLES for c in run.layer_change[role])
-
-    def mean_norm(run) -> float:
-        return statistics.fmean(n for role in WEIGHT_ROLES for n in run.start_norm[role])
-
-    def mean_moved(run) -> float:  # ||W_end - W_start|| = relative change * ||W_start||
-        return statistics.fmean(
-            c * n
-            for role in WEIGHT_ROLES
-            for c, n in zip(run.layer_change[role], run.start_norm[role], strict=True)
-        )
-
-    changes = {"pretrained_change": mean_change(pretrained), "random_change": mean_change(random)}
-    more, less = sorted(changes.values(), reverse=True)
+    changes = {
+        "pretrained_change": pretrained.mean_change,
+        "random_change": random.mean_change,
+    }
     moved = say(
         lang,
-        "pretrained.moved_random_more"
-        if changes["random_change"] > changes["pretrained_change"]
-        else "pretrained.moved_pretrained_more",
+        f"pretrained.moved_{r.moved_more}_more",
         **changes,
-        ratio=more / less if less else math.inf,
-        pretrained_norm=mean_norm(pretrained),
-        random_norm=mean_norm(random),
-        pretrained_abs=mean_moved(pretrained),
-        random_abs=mean_moved(random),
+        ratio=r.change_ratio,
+        pretrained_norm=pretrained.mean_start_norm,
+        random_norm=random.mean_start_norm,
+        pretrained_abs=pretrained.mean_moved,
+        random_abs=random.mean_moved,
     )
     change_rows = [
         [str(layer), role]
@@ -384,7 +347,7 @@ def present_pretrained(r: PretrainedLesson, lang: str) -> list[Block]:
     ]
     conclusion = (
         say(lang, "pretrained.reuse", **headline, **changes, steps=r.steps)
-        if verdict == "better"
+        if r.verdict == "better"
         else say(lang, "pretrained.unclear", metric=r.metric, steps=r.steps)
     )
     return [
@@ -407,7 +370,7 @@ def present_pretrained(r: PretrainedLesson, lang: str) -> list[Block]:
             )
         ),
         Table("", [say(lang, "pretrained.quantity", steps=r.steps), *runs], metric_rows),
-        Paragraph(say(lang, f"pretrained.metric_{verdict}", **headline)),
+        Paragraph(say(lang, f"pretrained.metric_{r.verdict}", **headline)),
         Paragraph(
             say(
                 lang,
