@@ -205,7 +205,7 @@ def _text(result, lang: str) -> str:
 def test_lesson_fields_are_the_runs_numbers(lesson):
     """Mean relative and absolute change recomputed from each run's step-0 and final snapshots."""
     result, out = lesson
-    relative, absolute = {}, {}
+    relative = {}
     for init in ("pretrained", "random"):
         start, end = _snapshot(out / init, 0), _snapshot(out / init, STEPS)
         names = [f"layers.{layer}.{role}" for layer in range(2) for role in ROLES]
