@@ -52,7 +52,8 @@ def test_loss_goes_down_and_classifier_learns_toy_task(
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
     assert result.metrics["accuracy"] > 0.9
     # finetune returns its trajectory and writes only what training owns: no report
-    assert result.trajectory_record.to_dict() == _trajectory(tmp_path / "run")
+    in_memory = json.loads(json.dumps(result.trajectory_record.to_dict()))  # tuples -> lists
+    assert in_memory == _trajectory(tmp_path / "run")
     assert result.report is None and "trajectory_record" not in result.to_dict()
     assert not list((tmp_path / "run").glob("*.md"))
     assert not (tmp_path / "run" / "compare.json").exists()
