@@ -22,7 +22,10 @@ from __future__ import annotations
 import math
 import types
 import typing
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 
@@ -301,10 +304,14 @@ def compare(
                 f"layer {missing[0] if missing else 'none'} of {info_a.name} is not in "
                 f"{info_b.name}: choose layers both hold with --layer"
             )
-        for index in _track(selected, progress, "comparing layers"):
-            result.layers.append(
-                layer_change(model_a.layer(index), model_b.layer(index), rank, top_k)
-            )
+        with _one_thread_workers() as (pool, workers):
+            pending: deque[Future[LayerChange]] = deque()
+            for index in _track(selected, progress, "comparing layers"):
+                layer_a, layer_b = model_a.layer(index), model_b.layer(index)  # read here, in order
+                pending.append(pool.submit(layer_change, layer_a, layer_b, rank, top_k))
+                if len(pending) > workers:  # at most one layer pair waits for a worker
+                    result.layers.append(pending.popleft().result())
+            result.layers.extend(future.result() for future in pending)
         return result
     profile_b: LayerProfile | None = None
     for index in _track(selected, progress, "profiling layers"):
@@ -360,6 +367,28 @@ def _matched_layer(index: int, model_a: AttentionModel, model_b: AttentionModel)
     """b's layer nearest to a's layer `index` in relative depth (among the layers b has)."""
     depth = _relative_depth(index, model_a)
     return min(model_b.layer_indices, key=lambda j: (abs(_relative_depth(j, model_b) - depth), j))
+
+
+MAX_LAYER_WORKERS = 4  # each holds one layer pair in float64 (~200 MB for gpt2-medium)
+
+
+@contextmanager
+def _one_thread_workers() -> Iterator[tuple[ThreadPoolExecutor, int]]:
+    """A pool of layer workers, as many as torch has threads (at most MAX_LAYER_WORKERS), each
+    running torch on one thread. The decompositions are LAPACK calls with many memory-bound
+    steps; torch's OpenMP pool spins at each step's barrier, and on a busy 2-core machine that
+    made a 1024 x 1024 float64 svdvals 20x slower on 2 threads than on 1. Whole layers on
+    one-thread workers use the cores without barriers."""
+    import torch
+
+    threads = torch.get_num_threads()
+    workers = min(threads, MAX_LAYER_WORKERS)
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            yield pool, workers
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _track(items: list[int], show: bool, description: str):
