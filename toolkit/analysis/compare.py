@@ -11,10 +11,13 @@ Two modes:
   nothing, so each model is described on its own (normalised spectra, ranks, norms, spread of the
   per-head norms, QK/OV circuit spectra) and layers are set side by side at matched relative depth.
 
-Both stream one layer of each model at a time. Circuits are never built as d_model x d_model
-products: a head's QK = wq[i] @ wk[i].T is L @ R.T with thin factors L, R [d_model, d_head], and
-||L R^T||_F^2 = sum((L^T L) * (R^T R)), its singular values those of the d_head x d_head core of
-the factors' QR decompositions.
+Both read one layer of each model at a time; in elementwise mode layers are computed in parallel
+on one-thread workers (one per torch thread, at most MAX_LAYER_WORKERS). Circuits are never built
+as d_model x d_model products: a head's QK = wq[i] @ wk[i].T is L @ R.T with thin factors L, R
+[d_model, d_head], and ||L R^T||_F^2 = sum((L^T L) * (R^T R)), its singular values those of the
+d_head x d_head core of the factors' QR decompositions. Whole matrices are decomposed in one place
+(`singular_values`, `top_singular_vectors`): ΔW's spectrum without vectors, and only the top-r
+directions where the LoRA measures need directions.
 """
 
 from __future__ import annotations
