@@ -39,7 +39,9 @@ def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def measure(command: list[str], repeat: int, output: Path | None = None) -> dict:
+def measure(
+    command: list[str], repeat: int, output: Path | None = None, env: dict | None = None
+) -> dict:
     """Median wall seconds and median peak RSS (MB) of `command` run `repeat` times.
 
     `output`, the file the command writes, is removed before each run (untimed): replacing an
@@ -51,7 +53,7 @@ def measure(command: list[str], repeat: int, output: Path | None = None) -> dict
             output.unlink(missing_ok=True)
         start = time.perf_counter()
         process = subprocess.Popen(
-            command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env or ENV
         )
         _, status, usage = os.wait4(process.pid, 0)
         walls.append(time.perf_counter() - start)
@@ -194,7 +196,8 @@ def prepare_child(name: str) -> Path:
 
 
 def bench_compare(repeat: int) -> dict:
-    """2. `toolkit compare` of two gpt2-medium-shaped checkpoints: time and peak memory."""
+    """2. `toolkit compare` of two gpt2-medium-shaped checkpoints against loading one of them
+    with AutoModel.from_pretrained, in the same run; and where compare's time goes."""
     name = "gpt2-medium"
     parent, child = prepare_checkpoint(name), prepare_child(name)
     log(f"compare: {name} vs {name}-child")
@@ -207,29 +210,71 @@ def bench_compare(repeat: int) -> dict:
             env=ENV,
         ).stdout
     )["total_parameters"]
-    return {
+    compare_command = [*TOOLKIT, "compare", str(parent), str(child), "--json"]
+    load = "import sys; from transformers import AutoModel; AutoModel.from_pretrained(sys.argv[1])"
+    one_thread = {**ENV, "OMP_NUM_THREADS": "1"}
+    results = {
         "model": name,
         "model_fp32_mb": params * 4 / 1e6,
         "attention_mb": attention_bytes(parent) / 1e6,
-        "toolkit_compare": measure(
-            [*TOOLKIT, "compare", str(parent), str(child), "--json"], max(1, repeat - 2)
-        ),
+        "automodel_load": measure([PY, "-c", load, str(parent)], repeat),
+        "toolkit_compare": measure(compare_command, max(1, repeat - 2)),
+        "toolkit_compare_one_thread": measure(compare_command, max(1, repeat - 2), env=one_thread),
     }
+    log("compare: profile of one layer, before and after")
+    results["profile_per_layer_s"] = run_json(
+        [PY, str(HERE / "routes" / "compare_profile.py"), str(parent), str(child)], ENV
+    )
+    return results
 
 
 def compare_table(results: dict) -> list[str]:
-    r = results["toolkit_compare"]
-    return [
+    load, fp32 = results["automodel_load"]["wall_s"], results["model_fp32_mb"]
+    rows = [
+        ("default threads", results["toolkit_compare"]),
+        ("OMP_NUM_THREADS=1", results["toolkit_compare_one_thread"]),
+    ]
+    profile = results["profile_per_layer_s"]
+    stages = list(dict.fromkeys([*profile["before"], *profile["after"]]))
+    lines = [
         "## 2. Comparison",
         "",
         f"`toolkit compare` of two {results['model']}-shaped checkpoints (a parent and a copy "
-        "whose attention weights carry 1% noise), every metric of the issue, `--json`.",
+        "whose attention weights carry 1% noise), every metric of the issue, `--json`, against "
+        f"`AutoModel.from_pretrained` of one of them ({load:.2f} s, "
+        f"{results['automodel_load']['peak_rss_mb']:.0f} MB peak RSS), measured in the same run. "
+        "Target (issue 9): compare / AutoModel load <= 3. Before issue 9: 73.9 s, about 15x.",
         "",
-        "| wall s | peak RSS MB | one model's fp32 MB | peak RSS / model fp32 | attention MB |",
-        "| ---: | ---: | ---: | ---: | ---: |",
-        f"| {r['wall_s']:.1f} | {r['peak_rss_mb']:.0f} | {results['model_fp32_mb']:.0f} | "
-        f"{r['peak_rss_mb'] / results['model_fp32_mb']:.2f} | {results['attention_mb']:.0f} |",
+        "| compare run | wall s | compare / AutoModel load | peak RSS MB | "
+        "peak RSS / one model's fp32 MB |",
+        "| --- | ---: | ---: | ---: | ---: |",
     ]
+    for label, r in rows:
+        lines.append(
+            f"| {label} | {r['wall_s']:.1f} | {r['wall_s'] / load:.1f}x | "
+            f"{r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / fp32:.2f} of {fp32:.0f} |"
+        )
+    lines += [
+        "",
+        "Where the time goes: one layer (four 1024 x 1024 matrices and 16 heads' circuits) on one "
+        "thread, seconds (`bench/routes/compare_profile.py`). Before: a float64 SVD with vectors "
+        "of ΔW and of W_a per matrix, each weight converted to float64 twice. After: ΔW's "
+        "singular values without vectors (svdvals, float64: float32 gets its small ones wrong by "
+        "up to 1e-2); the top-r directions of ΔW and of W_a from a float32 Gram "
+        "eigendecomposition refined by a float64 Rayleigh-Ritz step; one conversion.",
+        "",
+        "| stage | before s | after s |",
+        "| --- | ---: | ---: |",
+    ]
+    for stage in stages:
+        before, after = (profile[route].get(stage) for route in ("before", "after"))
+        lines.append(
+            f"| {stage} | {'-' if before is None else f'{before:.2f}'} | "
+            f"{'-' if after is None else f'{after:.2f}'} |"
+        )
+    total = {route: sum(profile[route].values()) for route in ("before", "after")}
+    lines.append(f"| total | {total['before']:.2f} | {total['after']:.2f} |")
+    return lines
 
 
 # 3. Fine-tuning: one recipe for all three routes; every text is longer than max_length, so every

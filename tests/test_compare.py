@@ -203,6 +203,72 @@ def test_circuit_changes_equal_the_explicit_products(tiny_gpt2, gpt2_all_moved):
                 assert got.cosine == pytest.approx(cosine, rel=1e-9)
 
 
+@pytest.fixture(scope="module")
+def gpt2_wide_pair(tmp_path_factory):
+    """A GPT-2 wide enough (d_model 256, d_head 64) that compare takes its float32-subspace
+    route to the top singular directions, and a copy with 1% noise in the attention weights,
+    as the bench pair: ΔW is small against W, and ill-conditioned."""
+    from transformers import GPT2Config, GPT2Model
+
+    torch.manual_seed(11)
+    config = GPT2Config(n_embd=256, n_head=4, n_layer=2, n_positions=32, vocab_size=64)
+    parent = GPT2Model(config)
+    parent_folder = tmp_path_factory.mktemp("gpt2_wide")
+    parent.save_pretrained(parent_folder)
+
+    def edit(model):
+        for name, weight in model.named_parameters():
+            if ".attn." in name:
+                weight += 0.01 * weight.std() * torch.randn_like(weight)
+
+    return parent_folder, modified_copy(parent_folder, tmp_path_factory.mktemp("child"), edit)
+
+
+def _reference_matrix_change(w_a, w_b, rank, top_k):
+    """Every whole-matrix measure, straight from the definitions: numpy float64, full SVDs."""
+    delta = w_b - w_a
+    u, s, vt = np.linalg.svd(delta)
+    u_a, _, vt_a = np.linalg.svd(w_a)
+    p = s / s.sum()
+    return {
+        "fro_a": np.linalg.norm(w_a),
+        "fro_b": np.linalg.norm(w_b),
+        "fro_delta": np.linalg.norm(delta),
+        "relative_change": np.linalg.norm(delta) / np.linalg.norm(w_a),
+        "cosine": (w_a * w_b).sum() / np.linalg.norm(w_a) / np.linalg.norm(w_b),
+        "stable_rank_delta": (s**2).sum() / s[0] ** 2,
+        "effective_rank_delta": np.exp(-(p * np.log(p)).sum()),
+        "top_k_energy_delta": (s[:top_k] ** 2).sum() / (s**2).sum(),
+        "subspace_similarity_input": np.linalg.norm(u_a[:, :rank].T @ u[:, :rank]) ** 2 / rank,
+        "subspace_similarity_output": np.linalg.norm(vt_a[:rank] @ vt[:rank].T) ** 2 / rank,
+        "amplification": np.linalg.norm(delta) / np.linalg.norm(u[:, :rank].T @ w_a @ vt[:rank].T),
+        "delta_singular_values": s,
+    }
+
+
+def test_every_number_equals_a_float64_reference_on_a_nearly_equal_pair(gpt2_wide_pair):
+    parent, child = gpt2_wide_pair
+    rank, top_k = 8, 8
+    result = compare(parent, child, rank=rank, top_k=top_k)
+    model_a, model_b = load_attention(parent), load_attention(child)
+    for layer in result.layers:
+        a, b = model_a.layer(layer.layer), model_b.layer(layer.layer)
+        for role, got in layer.matrices.items():
+            expected = _reference_matrix_change(
+                a.full(role).astype(np.float64), b.full(role).astype(np.float64), rank, top_k
+            )
+            assert expected["delta_singular_values"][-1] < 1e-3 * expected["fro_delta"]
+            for name, value in expected.items():  # every singular value relative, the smallest too
+                assert getattr(got, name) == pytest.approx(value, rel=1e-5), (role, name)
+            for h, head in enumerate(got.heads):
+                head_a, head_b = _heads(a, role)[h], _heads(b, role)[h]
+                assert head.fro_delta == pytest.approx(np.linalg.norm(head_b - head_a), rel=1e-5)
+                assert head.cosine == pytest.approx(
+                    (head_a * head_b).sum() / np.linalg.norm(head_a) / np.linalg.norm(head_b),
+                    rel=1e-5,
+                )
+
+
 def test_symmetric_measures_are_symmetric(tiny_gpt2, gpt2_all_moved):
     forward, backward = compare(tiny_gpt2, gpt2_all_moved), compare(gpt2_all_moved, tiny_gpt2)
     for there, back in zip(_changes(forward), _changes(backward), strict=True):

@@ -11,10 +11,13 @@ Two modes:
   nothing, so each model is described on its own (normalised spectra, ranks, norms, spread of the
   per-head norms, QK/OV circuit spectra) and layers are set side by side at matched relative depth.
 
-Both stream one layer of each model at a time. Circuits are never built as d_model x d_model
-products: a head's QK = wq[i] @ wk[i].T is L @ R.T with thin factors L, R [d_model, d_head], and
-||L R^T||_F^2 = sum((L^T L) * (R^T R)), its singular values those of the d_head x d_head core of
-the factors' QR decompositions.
+Both read one layer of each model at a time; in elementwise mode layers are computed in parallel
+on one-thread workers (one per torch thread, at most MAX_LAYER_WORKERS). Circuits are never built
+as d_model x d_model products: a head's QK = wq[i] @ wk[i].T is L @ R.T with thin factors L, R
+[d_model, d_head], and ||L R^T||_F^2 = sum((L^T L) * (R^T R)), its singular values those of the
+d_head x d_head core of the factors' QR decompositions. Whole matrices are decomposed in one place
+(`singular_values`, `top_singular_vectors`): ΔW's spectrum without vectors, and only the top-r
+directions where the LoRA measures need directions.
 """
 
 from __future__ import annotations
@@ -22,8 +25,11 @@ from __future__ import annotations
 import math
 import types
 import typing
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -301,10 +307,14 @@ def compare(
                 f"layer {missing[0] if missing else 'none'} of {info_a.name} is not in "
                 f"{info_b.name}: choose layers both hold with --layer"
             )
-        for index in _track(selected, progress, "comparing layers"):
-            result.layers.append(
-                layer_change(model_a.layer(index), model_b.layer(index), rank, top_k)
-            )
+        with _one_thread_workers() as (pool, workers):
+            pending: deque[Future[LayerChange]] = deque()
+            for index in _track(selected, progress, "comparing layers"):
+                layer_a, layer_b = model_a.layer(index), model_b.layer(index)  # read here, in order
+                pending.append(pool.submit(layer_change, layer_a, layer_b, rank, top_k))
+                if len(pending) > workers:  # at most one layer pair waits for a worker
+                    result.layers.append(pending.popleft().result())
+            result.layers.extend(future.result() for future in pending)
         return result
     profile_b: LayerProfile | None = None
     for index in _track(selected, progress, "profiling layers"):
@@ -362,6 +372,28 @@ def _matched_layer(index: int, model_a: AttentionModel, model_b: AttentionModel)
     return min(model_b.layer_indices, key=lambda j: (abs(_relative_depth(j, model_b) - depth), j))
 
 
+MAX_LAYER_WORKERS = 4  # each holds one layer pair in float64 (~200 MB for gpt2-medium)
+
+
+@contextmanager
+def _one_thread_workers() -> Iterator[tuple[ThreadPoolExecutor, int]]:
+    """A pool of layer workers, as many as torch has threads (at most MAX_LAYER_WORKERS), each
+    running torch on one thread. The decompositions are LAPACK calls with many memory-bound
+    steps; torch's OpenMP pool spins at each step's barrier, and on a busy 2-core machine that
+    made a 1024 x 1024 float64 svdvals 20x slower on 2 threads than on 1. Whole layers on
+    one-thread workers use the cores without barriers."""
+    import torch
+
+    threads = torch.get_num_threads()
+    workers = min(threads, MAX_LAYER_WORKERS)
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            yield pool, workers
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _track(items: list[int], show: bool, description: str):
     if not show:
         return items
@@ -375,31 +407,45 @@ def layer_change(
     layer_a: AttentionLayer, layer_b: AttentionLayer, rank: int, top_k: int
 ) -> LayerChange:
     """Every elementwise measure of one layer, W_a -> W_b (same shapes)."""
-    a = {role: _double(getattr(layer_a, role)) for role in WEIGHT_ROLES}
-    b = {role: _double(getattr(layer_b, role)) for role in WEIGHT_ROLES}
+    a, b = _double_layer(layer_a), _double_layer(layer_b)
+    heads_a = {role: _torch(getattr(a, role)) for role in WEIGHT_ROLES}
+    heads_b = {role: _torch(getattr(b, role)) for role in WEIGHT_ROLES}
     matrices = {
         role: _matrix_change(
-            a[role], b[role], _double(layer_a.full(role)), _double(layer_b.full(role)), rank, top_k
+            heads_a[role], heads_b[role], _torch(a.full(role)), _torch(b.full(role)), rank, top_k
         )
         for role in WEIGHT_ROLES
     }
     circuits = {
-        name: _circuit_change(*_circuit_factors(a, name), *_circuit_factors(b, name))
+        name: _circuit_change(*_circuit_factors(heads_a, name), *_circuit_factors(heads_b, name))
         for name in CIRCUITS
     }
     return LayerChange(layer=layer_a.index, matrices=matrices, circuits=circuits)
 
 
-def _double(array: np.ndarray):
-    """A contiguous float64 torch copy: norms and spectra accumulate without float32 round-off,
-    and in the same order whatever the checkpoint's storage layout."""
+def _double_layer(layer: AttentionLayer) -> AttentionLayer:
+    """The layer's weights as contiguous float64 arrays, converted once: norms and spectra
+    accumulate without float32 round-off, and in the same order whatever the checkpoint's
+    storage layout (so a folder and an extracted file give identical numbers)."""
+    return replace(
+        layer,
+        **{
+            role: np.ascontiguousarray(getattr(layer, role), dtype=np.float64)
+            for role in WEIGHT_ROLES
+        },
+    )
+
+
+def _torch(array: np.ndarray):
+    """A contiguous torch view (or copy, for a transposed full matrix) of a float64 array."""
     import torch
 
-    return torch.tensor(np.ascontiguousarray(array), dtype=torch.float64)
+    return torch.from_numpy(np.ascontiguousarray(array))
 
 
 def _matrix_change(heads_a, heads_b, full_a, full_b, rank: int, top_k: int) -> MatrixChange:
-    """heads_*: [h, d_in, d_out] per-head blocks; full_*: the same weights as one matrix."""
+    """heads_*: [h, d_in, d_out] per-head blocks; full_*: the same weights as one matrix
+    [d_in, d_out]; all float64."""
     import torch
 
     head_squared_a = (heads_a * heads_a).sum(dim=(1, 2))  # [h]
@@ -424,12 +470,13 @@ def _matrix_change(heads_a, heads_b, full_a, full_b, rank: int, top_k: int) -> M
         s_delta = torch.zeros(min(delta.shape), dtype=delta.dtype)
         similarity_in = similarity_out = amplification = 0.0
     else:
-        u_delta, s_delta, vh_delta = torch.linalg.svd(delta, full_matrices=False)
+        s_delta = singular_values(delta)
         r = min(rank, s_delta.numel())
-        u_a, _, vh_a = torch.linalg.svd(full_a, full_matrices=False)
-        similarity_in = _subspace_similarity(u_a[:, :r], u_delta[:, :r])
-        similarity_out = _subspace_similarity(vh_a[:r].T, vh_delta[:r].T)
-        projected = float(torch.linalg.matrix_norm(u_delta[:, :r].T @ full_a @ vh_delta[:r].T))
+        u_delta, v_delta = top_singular_vectors(delta, r)
+        u_a, v_a = top_singular_vectors(full_a, r)
+        similarity_in = _subspace_similarity(u_a, u_delta)
+        similarity_out = _subspace_similarity(v_a, v_delta)
+        projected = float(torch.linalg.matrix_norm(u_delta.T @ full_a @ v_delta))
         amplification = _relative(fro_delta, projected)
     return MatrixChange(
         fro_a=fro_a,
@@ -504,29 +551,74 @@ def layer_profile(layer: AttentionLayer, relative_depth: float) -> LayerProfile:
     """One model's layer described on its own (structural mode)."""
     import torch
 
-    weights = {role: _double(getattr(layer, role)) for role in WEIGHT_ROLES}
+    layer = _double_layer(layer)
+    weights = {role: _torch(getattr(layer, role)) for role in WEIGHT_ROLES}
     matrices = {}
     for role in WEIGHT_ROLES:
-        singular_values = torch.linalg.svdvals(_double(layer.full(role)))
+        values = singular_values(_torch(layer.full(role)))
         head_fro = torch.linalg.matrix_norm(weights[role])
         mean = float(head_fro.mean())
         matrices[role] = MatrixProfile(
-            fro=float(torch.linalg.vector_norm(singular_values)),
-            stable_rank=stable_rank(singular_values),
-            effective_rank=effective_rank(singular_values),
-            spectrum=_normalised(singular_values).tolist(),
+            fro=float(torch.linalg.vector_norm(values)),
+            stable_rank=stable_rank(values),
+            effective_rank=effective_rank(values),
+            spectrum=_normalised(values).tolist(),
             head_fro=head_fro.tolist(),
             head_fro_spread=float(head_fro.std(correction=0)) / mean if mean > 0 else 0.0,
         )
     circuits = {}
     for name in CIRCUITS:
-        singular_values = circuit_singular_values(*_circuit_factors(weights, name))  # [h, d_head]
+        values = circuit_singular_values(*_circuit_factors(weights, name))  # [h, d_head]
         circuits[name] = CircuitProfile(
-            head_fro=torch.linalg.vector_norm(singular_values, dim=1).tolist(),
-            head_stable_rank=[stable_rank(s) for s in singular_values],
-            head_spectra=[_normalised(s).tolist() for s in singular_values],
+            head_fro=torch.linalg.vector_norm(values, dim=1).tolist(),
+            head_stable_rank=[stable_rank(s) for s in values],
+            head_spectra=[_normalised(s).tolist() for s in values],
         )
     return LayerProfile(layer.index, relative_depth, matrices, circuits)
+
+
+# ---------------------------------------------------------------------------------------------
+# Full-matrix spectra: the one place that decomposes a whole [d_in, d_out] weight (or change).
+#
+# Measured on the bench pair (gpt2-medium and a copy with 1% noise, see bench/RESULTS.md §2),
+# float32 is not enough for the singular values themselves: a float32 SVD of ΔW is off by
+# ~3e-6 * s_1 in every value, so ΔW's small singular values (s_1 / s_min up to 2e5 there) come
+# out up to 1e-2 wrong. The top singular *directions*, on the other hand, only need a float32
+# start: a float64 Rayleigh-Ritz step on a float32 subspace makes them exact to ~1e-7.
+
+
+def singular_values(matrix):
+    """All singular values of a float64 matrix, largest first, without vectors (svdvals)."""
+    import torch
+
+    return torch.linalg.svdvals(matrix)
+
+
+RITZ_DIRECTIONS = 64  # the float32 subspace that holds the top singular directions
+
+
+def top_singular_vectors(matrix, count: int):
+    """The top-`count` singular directions of a float64 matrix [d_in, d_out]: left [d_in,
+    count] and right [d_out, count], orthonormal columns, largest first.
+
+    The eigenvectors of the float32 Gram matrix M^T M span a subspace V [d_out, k] that holds
+    the top directions up to float32 round-off; Q = orth(M V) and the float64 SVD of the small
+    Q^T M [k, d_out] (a Rayleigh-Ritz step) then give them to float64 accuracy. Costs one
+    float32 eigendecomposition of d_out x d_out plus thin products, against a float64 SVD with
+    vectors of the whole matrix (about 10x less on 1024 x 1024).
+    """
+    import torch
+
+    k = max(RITZ_DIRECTIONS, 2 * count)
+    if k >= min(matrix.shape):  # small matrices: the full SVD is as cheap
+        left, _, right_t = torch.linalg.svd(matrix, full_matrices=False)
+        return left[:, :count], right_t[:count].T
+    single = matrix.float()
+    _, eigenvectors = torch.linalg.eigh(single.T @ single)  # ascending eigenvalues
+    subspace = eigenvectors[:, -k:].double()  # [d_out, k]
+    basis, _ = torch.linalg.qr(matrix @ subspace)  # [d_in, k], orthonormal
+    small_left, _, right_t = torch.linalg.svd(basis.T @ matrix, full_matrices=False)
+    return basis @ small_left[:, :count], right_t[:count].T
 
 
 # ---------------------------------------------------------------------------------------------
