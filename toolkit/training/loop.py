@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from toolkit.errors import ToolkitError
-from toolkit.fileio import write_json
+from toolkit.fileio import give_plain_permissions, write_json
 from toolkit.render import stderr_console
 from toolkit.training.data import (
     data_collator,
@@ -364,6 +364,7 @@ def _save_checkpoint(
     accelerator.save_state(str(folder))
     accelerator.wait_for_everyone()  # every process's RNG state is written
     if accelerator.is_main_process:
+        give_plain_permissions(folder)  # safetensors writes owner-only files
         write_json(folder / COMPLETE, {"step": step})
         keep = {
             p.parent
