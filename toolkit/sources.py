@@ -120,6 +120,11 @@ def _looks_like_path(spec: str) -> bool:
 
 def _from_folder(name: str, folder: Path) -> ModelSource:
     config_file = folder / "config.json"
+    if not config_file.is_file() and (folder / "final" / "config.json").is_file():
+        raise ToolkitError(
+            f"{folder} is a fine-tuning run: its model is in {folder / 'final'}, pass that folder "
+            f"(and {folder / 'shift'} holds the snapshots along the way)"
+        )
     if not config_file.is_file():
         raise ToolkitError(f"{folder} has no config.json: pass a folder written by save_pretrained")
     try:
