@@ -2,7 +2,8 @@
 
 torch splits each large operation across a pool of OpenMP threads and waits for the slowest one at
 the end. When another process holds one of those cores, every operation waits for the thread that
-shares it, so a 2-thread run slows down 3-5x instead of 2x (bench/busy.py measures it). The policy:
+shares it: with 2 threads on 2 cores, one of them busy, runs took 3-5x their quiet time (issue 14;
+bench/busy.py measures it), where 1 thread would lose at most half a core. The policy:
 as many threads as there are cores that nothing else is running on, at least 1; waiting threads
 sleep instead of spinning (OMP_WAIT_POLICY=PASSIVE), so they do not steal the core they wait for.
 
@@ -71,8 +72,9 @@ def requested_threads(option: int | None = None) -> int | None:
 def apply_thread_policy(option: int | None = None) -> int:
     """Set torch's thread pools (and the OpenMP settings torch reads) and return the count.
 
-    Call it before the first torch operation: the OpenMP wait policy is read once, when the
-    OpenMP runtime starts, and the inter-op pool cannot be resized after its first use.
+    Call it before torch is imported: the OpenMP runtime reads its settings once, when it starts
+    (with torch already imported, only the intra-op thread count can still change). torch's
+    inter-op pool is left alone: it starts threads only for work the toolkit does not run.
     """
     threads = requested_threads(option)
     if threads is None:
