@@ -8,10 +8,10 @@ Two commands, each run on a quiet machine and with one core kept busy by a spinn
 process that this script starts and stops: `toolkit compare minilm <fine-tuned copy> --json`
 and a 20-step MiniLM fine-tune (`--json`, no evaluation but the last, tracking every 10 steps).
 Quiet and busy runs alternate (quiet, busy, then busy, quiet in the next round, ...), and so do
-the checkouts given with --tree (each its own PYTHONPATH; "toolkit" is the one this script
-imports), so that load from other users falls on all alike; the ratio is
-median(busy wall) / median(quiet wall). Prints one JSON object; --results merges it into
-bench/results.json under "busy".
+the checkouts given with --tree (each its own PYTHONPATH; "toolkit" is the checkout holding this
+script), so that load from other users falls on all alike; the ratio is
+median(busy wall) / median(quiet wall). Prints one JSON object and the table;
+`python bench/run.py --only busy` records them in bench/results.json and bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -84,10 +84,10 @@ def spinner() -> subprocess.Popen:
     return subprocess.Popen([PY, "-c", "while True: pass"])
 
 
-def summary(walls: dict, args, trees: dict) -> dict:
+def summary(walls: dict, settings: list[str], trees: dict) -> dict:
     """Medians and busy/quiet ratios of the rounds so far."""
     result = {
-        "settings": args.env,
+        "settings": settings,
         "trees": trees,
         "rounds": len(next(iter(walls.values()))["busy"]),
         "load_average_at_end": os.getloadavg()[0],
@@ -104,21 +104,16 @@ def summary(walls: dict, args, trees: dict) -> dict:
     return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument(
-        "--env", action="append", default=[], help="NAME=VALUE for the measured commands"
-    )
-    parser.add_argument("--only", choices=["compare", "finetune"], action="append")
-    parser.add_argument(
-        "--tree", action="append", default=[], help="NAME=PATH: also measure this checkout"
-    )
-    parser.add_argument("--results", action="store_true", help="merge into bench/results.json")
-    args = parser.parse_args()
+def measure_busy(
+    rounds: int,
+    trees: dict[str, str] | None = None,
+    settings: list[str] = (),
+    only: list[str] | None = None,
+) -> dict:
+    """Quiet and busy wall seconds of each command for each checkout in `trees` (name -> path)."""
     WORK.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    for setting in args.env:
+    for setting in settings:
         name, _, value = setting.partition("=")
         env[name] = value
     run_dir = WORK / "run"
@@ -133,10 +128,10 @@ def main() -> None:
             clear_run,
         ),
     }
-    trees = {"toolkit": str(HERE.parent)} | dict(tree.split("=", 1) for tree in args.tree)
-    runs = [(tree, name) for name in args.only or commands for tree in trees]
+    trees = {"toolkit": str(HERE.parent)} | (trees or {})
+    runs = [(tree, name) for name in only or commands for tree in trees]
     walls = {run: {"quiet": [], "busy": []} for run in runs}
-    for index in range(args.rounds):
+    for index in range(rounds):
         order = ["quiet", "busy"] if index % 2 == 0 else ["busy", "quiet"]
         for tree, name in runs[index % len(runs) :] + runs[: index % len(runs)]:
             command, before = commands[name]
@@ -149,15 +144,51 @@ def main() -> None:
                         busy.kill()
                         busy.wait()
                 walls[tree, name][state].append(seconds)
-                log(f"round {index + 1}/{args.rounds} {tree} {name} {state}: {seconds:.1f} s")
-        result = summary(walls, args, trees)
+                log(f"round {index + 1}/{rounds} {tree} {name} {state}: {seconds:.1f} s")
+        result = summary(walls, list(settings), trees)
         (WORK / "partial.json").write_text(json.dumps(result, indent=2) + "\n")  # rounds so far
+    return result
+
+
+def busy_table(results: dict) -> list[str]:
+    """The section of bench/RESULTS.md."""
+    lines = [
+        "## 5. A busy core (`python bench/run.py --only busy`, or `python bench/busy.py`)",
+        "",
+        "Wall seconds with one of the cores held by another process (a spinning Python process "
+        "that the benchmark starts) against a quiet machine: `toolkit compare minilm` against a "
+        "copy whose attention weights carry 1% noise, and a 20-step MiniLM fine-tune (batch 8, "
+        "32 tokens, tracking every 10 steps). Quiet and busy runs alternate, and so do the "
+        f"checkouts; medians of {results['rounds']} rounds; load average "
+        f"{results['load_average_at_end']:.1f} at the end ({results['date']}).",
+        "",
+        "| checkout | command | quiet s | busy s | busy / quiet |",
+        "| --- | --- | ---: | ---: | ---: |",
+    ]
+    for tree in results["trees"]:
+        for name, r in results.get(tree, {}).items():
+            lines.append(
+                f"| {tree} | {name} | {r['quiet_median']:.1f} | {r['busy_median']:.1f} | "
+                f"{r['ratio']:.2f} |"
+            )
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--env", action="append", default=[], help="NAME=VALUE for the measured commands"
+    )
+    parser.add_argument("--only", choices=["compare", "finetune"], action="append")
+    parser.add_argument(
+        "--tree", action="append", default=[], help="NAME=PATH: also measure this checkout"
+    )
+    args = parser.parse_args()
+    trees = dict(tree.split("=", 1) for tree in args.tree)
+    result = measure_busy(args.rounds, trees, args.env, args.only)
     print(json.dumps(result, indent=2))
-    if args.results:
-        results_file = HERE / "results.json"
-        results = json.loads(results_file.read_text()) if results_file.is_file() else {}
-        results.setdefault("busy", []).append(result)
-        results_file.write_text(json.dumps(results, indent=2) + "\n")
+    print("\n".join(busy_table(result)), file=sys.stderr)
 
 
 if __name__ == "__main__":

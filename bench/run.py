@@ -370,10 +370,24 @@ def finetune_table(results: dict) -> list[str]:
     ]
 
 
+def bench_busy(repeat: int) -> dict:
+    """5. Wall time with one core held by another process, against a quiet machine."""
+    from busy import measure_busy  # bench/busy.py, which imports this module's helpers
+
+    return measure_busy(max(repeat, 3))
+
+
+def busy_table(results: dict) -> list[str]:
+    from busy import busy_table as table
+
+    return table(results)
+
+
 SECTIONS = {
     "extraction": (bench_extraction, extraction_table),
     "compare": (bench_compare, compare_table),
     "finetune": (bench_finetune, finetune_table),
+    "busy": (bench_busy, busy_table),
 }
 
 
