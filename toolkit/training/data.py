@@ -169,10 +169,10 @@ def _load_local(path: Path, encoding: str | None = None):
         raise ToolkitError(
             f"cannot read {path}: the suffix must be one of {', '.join(LOCAL_BUILDERS)}"
         )
+    if path.stat().st_size == 0:
+        raise ToolkitError(f"{path} is empty (0 bytes): give a file with a header and data rows")
     if builder != "parquet":
         check_text_file(path, encoding or "utf-8")
-    elif path.stat().st_size == 0:
-        raise ToolkitError(f"{path} is empty (0 bytes): give a file with data rows")
     options = {"encoding": encoding} if encoding else {}
     try:
         return load_dataset(builder, data_files=str(path), split="train", **options)
@@ -185,14 +185,12 @@ def _load_local(path: Path, encoding: str | None = None):
 
 
 def check_text_file(path: Path, encoding: str) -> None:
-    """Stop on an empty or blank file, or one that is not `encoding` text, before loading it.
+    """Stop on a file of blank lines, or one that is not `encoding` text, before loading it.
 
-    The dataset builders report all three as "An error occurred while generating the dataset".
+    The dataset builders report both as "An error occurred while generating the dataset".
     """
     import codecs
 
-    if path.stat().st_size == 0:
-        raise ToolkitError(f"{path} is empty (0 bytes): give a file with a header and data rows")
     decoder = codecs.getincrementaldecoder(encoding)()
     blank, offset = True, 0
     with path.open("rb") as file:
