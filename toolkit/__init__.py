@@ -34,6 +34,10 @@ _PUBLIC = {
 __all__ = sorted(_PUBLIC)
 
 
+def __dir__() -> list[str]:
+    return [*__all__, "__version__"]
+
+
 def __getattr__(name: str):
     if name in _PUBLIC:
         return getattr(import_module(_PUBLIC[name]), name)

@@ -88,6 +88,14 @@ class AttentionModel:
     prefix: str = ""
     layer_indices: tuple[int, ...] = ()
 
+    def __repr__(self) -> str:  # short: the config (a long dict) is one attribute away
+        d = self.dims
+        return (
+            f"AttentionModel({self.name!r}, family={self.family.name!r}, "
+            f"layers={len(self.layer_indices)}, heads={d.n_heads}, d_model={d.d_model}, "
+            f"d_head={d.d_head})"
+        )
+
     @property
     def name(self) -> str:
         return self.source.name

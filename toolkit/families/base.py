@@ -54,6 +54,9 @@ class Family:
     causal: bool
     hook_modules: Callable[[object, int], tuple[object, object]]
 
+    def __repr__(self) -> str:  # the functions' addresses say nothing to a reader
+        return f"Family({self.name!r}, model_types={self.model_types}, causal={self.causal})"
+
 
 def split_heads_in(weight_in_out: np.ndarray, n_heads: int) -> np.ndarray:
     """[d_model, n_heads*d_head] (x @ W layout) -> [n_heads, d_model, d_head], as a view."""

@@ -37,13 +37,15 @@ def write_compare_plots(comparison: Comparison, out_dir: str | Path) -> list[Pat
 
 
 def plot_folder(out_dir: str | Path) -> Path:
-    """The folder for the figures, created now; a clear error before any work if it cannot be."""
+    """The folder for the figures, created now with its parents (like `mkdir -p`); a clear error
+    before any work if it cannot be."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ToolkitError(f"plot folder {out_dir} is a file: give a folder")
-    if not out_dir.parent.is_dir():
-        raise ToolkitError(f"cannot create plot folder {out_dir}: {out_dir.parent} does not exist")
-    out_dir.mkdir(exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ToolkitError(f"cannot create plot folder {out_dir} ({err.strerror})") from None
     return out_dir
 
 

@@ -56,10 +56,13 @@ def render_summary(summary: ModelSummary, heads: bool, console: Console) -> None
 
 def render_verify(report: VerifyReport, console: Console) -> None:
     r = report
-    console.print(
-        f"[bold]{r.model}[/bold]  family [cyan]{r.family}[/cyan]  input {r.inputs['kind']} "
-        f"{_shape(r.inputs['shape'])}"
+    sequences, tokens = r.inputs["shape"]
+    inputs = (
+        f"{sequences} texts x {tokens} tokens"
+        if r.inputs["kind"] == "texts"
+        else f"{sequences} sequences x {tokens} {r.inputs['kind']}"
     )
+    console.print(f"[bold]{r.model}[/bold]  family [cyan]{r.family}[/cyan]  input: {inputs}")
     table = Table(
         title="Attention recomputed from the extracted tensors vs the real model "
         f"(max |difference|, tolerance {r.tolerance:g})"

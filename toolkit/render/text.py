@@ -140,12 +140,12 @@ TEXT: dict[str, dict[str, str]] = {
         "qkv.sv_median_init": "σ median init",
         "qkv.sv_median_trained": "σ median trained",
         "qkv.spectra_steeper": (
-            "Singular values (figure): the fresh random matrices have largest / median = "
+            "Singular values: the fresh random matrices have largest / median = "
             "{init_ratio:.1f} on average, the trained ones {trained_ratio:.1f}: training has "
             "concentrated the weights in fewer directions."
         ),
         "qkv.spectra_flatter": (
-            "Singular values (figure): the fresh random matrices have largest / median = "
+            "Singular values: the fresh random matrices have largest / median = "
             "{init_ratio:.1f} on average, the trained ones {trained_ratio:.1f}: training has not "
             "concentrated the weights in fewer directions."
         ),
@@ -347,11 +347,11 @@ TEXT: dict[str, dict[str, str]] = {
         "qkv.sv_median_init": "初始 σ 中位数",
         "qkv.sv_median_trained": "训练后 σ 中位数",
         "qkv.spectra_steeper": (
-            "奇异值(见图):新初始化的随机矩阵最大值/中位数平均为 {init_ratio:.1f},训练后为 "
+            "奇异值:新初始化的随机矩阵最大值/中位数平均为 {init_ratio:.1f},训练后为 "
             "{trained_ratio:.1f}:训练把权重集中到了更少的方向上。"
         ),
         "qkv.spectra_flatter": (
-            "奇异值(见图):新初始化的随机矩阵最大值/中位数平均为 {init_ratio:.1f},训练后为 "
+            "奇异值:新初始化的随机矩阵最大值/中位数平均为 {init_ratio:.1f},训练后为 "
             "{trained_ratio:.1f}:训练并没有把权重集中到更少的方向上。"
         ),
         "qkv.loss_masked": (

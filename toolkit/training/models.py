@@ -41,6 +41,12 @@ def gpt2_config_overrides(model: str) -> dict | None:
     return overrides
 
 
+def check_model(config) -> None:
+    """Resolve `config.model` (a typo, a missing folder) before the run writes anything."""
+    if gpt2_config_overrides(config.model) is None:
+        resolve_source(config.model)
+
+
 def training_tokenizer(config, train_texts, run_dir: Path):
     """The pretrained model's tokenizer, or (for gpt2-config) the BPE tokenizer of this run.
 

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from toolkit.errors import ToolkitError, first_line
+from toolkit.errors import ToolkitError, close_match, first_line
 
 TASKS = ("classification", "causal-lm")
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -155,5 +155,9 @@ def _recipe_path(path: str | Path) -> Path:
     named = RECIPES_DIR / f"{path}.yaml"
     if path.suffix == "" and named.is_file():
         return named
-    known = ", ".join(p.stem for p in sorted(RECIPES_DIR.glob("*.yaml"))) or "none"
-    raise ToolkitError(f"no recipe file {path} (recipes in {RECIPES_DIR}: {known})")
+    names = [p.stem for p in sorted(RECIPES_DIR.glob("*.yaml"))]
+    near = close_match(str(path), names) if path.suffix == "" else None
+    hint = f"did you mean '{near}'? " if near else ""
+    raise ToolkitError(
+        f"no recipe file {path}: {hint}(recipes in {RECIPES_DIR}: {', '.join(names) or 'none'})"
+    )

@@ -1,0 +1,77 @@
+"""The thread policy: explicit choices win; otherwise the cores no other process is busy on."""
+
+from __future__ import annotations
+
+import pytest
+
+from toolkit.errors import ToolkitError
+from toolkit.threads import (
+    apply_thread_policy,
+    choose_threads,
+    requested_threads,
+    runnable_in,
+)
+
+
+@pytest.mark.parametrize(
+    "cores, others, expected",
+    [(2, 0, 2), (2, 1, 1), (2, 7, 1), (8, 3, 5), (1, 0, 1)],
+)
+def test_threads_are_the_cores_left_over_and_at_least_one(cores, others, expected):
+    assert choose_threads(cores, others) == expected
+
+
+def test_runnable_count_is_read_from_proc_loadavg_format():
+    assert runnable_in("0.52 0.60 0.61 3/456 7890\n") == 3
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for name in ("TOOLKIT_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_option_beats_toolkit_threads_beats_omp_num_threads(clean_env):
+    assert requested_threads() is None
+    clean_env.setenv("OMP_NUM_THREADS", "3")
+    assert requested_threads() == 3
+    clean_env.setenv("TOOLKIT_THREADS", "2")
+    assert requested_threads() == 2
+    assert requested_threads(5) == 5
+
+
+@pytest.mark.parametrize("value", ["0", "two", "-1"])
+def test_a_bad_thread_count_is_a_clear_error(clean_env, value):
+    clean_env.setenv("TOOLKIT_THREADS", value)
+    with pytest.raises(ToolkitError, match="TOOLKIT_THREADS"):
+        requested_threads()
+
+
+def test_policy_sets_torch_threads_and_passive_waiting(clean_env):
+    import os
+
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        assert apply_thread_policy(1) == 1
+        assert torch.get_num_threads() == 1
+        assert os.environ["OMP_NUM_THREADS"] == "1"
+        assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_automatic_choice_is_within_the_usable_cores(clean_env):
+    import os
+
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        threads = apply_thread_policy()
+        assert 1 <= threads <= len(os.sched_getaffinity(0))
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
