@@ -97,7 +97,13 @@ def render_recipes(recipes: list, console: Console) -> None:
         table.add_column(column)
     for name, config in recipes:
         dataset = config.dataset + (f" ({config.dataset_config})" if config.dataset_config else "")
-        steps = str(config.max_steps) if config.max_steps else f"{config.epochs} epoch(s)"
+        steps = (
+            str(config.max_steps)
+            if config.max_steps
+            else f"{config.epochs} epoch(s)"
+            if config.epochs
+            else "default"
+        )
         table.add_row(name, config.model, dataset, config.task, steps)
     console.print(table)
     for name, config in recipes:

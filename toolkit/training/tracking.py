@@ -8,7 +8,9 @@ relative change of each weight against step 0 is appended to DIR/shift/trajector
     head change   ||W_t[h] - W_0[h]||_F / ||W_0[h]||_F   W[h]: [d_model, d_head] (w0: transposed)
 
 Snapshots and the trajectory are written atomically by one background thread, so training does
-not wait for the disk; `flush()` waits for it (before a checkpoint and at the end).
+not wait for the disk; `flush()` waits for it (before a checkpoint and at the end). This module
+measures on the host with numpy; `device_tracking.DeviceShiftTracker` measures on the device
+(CUDA) with the same numbers.
 """
 
 from __future__ import annotations
@@ -143,8 +145,14 @@ class ShiftTracker:
     def _append(self, trajectory, step, loss, metrics, attention, tensors) -> ShiftPoint:
         layer_change, head_change = self._relative_change(tensors, trajectory.n_layers)
         point = ShiftPoint(step, loss, metrics, layer_change, head_change, snapshot_name(step))
+        return self._append_point(trajectory, point, attention, lambda: tensors)
+
+    def _append_point(self, trajectory, point, attention, make_tensors) -> ShiftPoint:
+        """Add `point` and write its snapshot; `make_tensors()` runs on the writer thread."""
         trajectory.shift.append(point)
-        self._write(tensors, standard_metadata(attention), trajectory.to_dict(), point.snapshot)
+        self._write(
+            make_tensors, standard_metadata(attention), trajectory.to_dict(), point.snapshot
+        )
         return point
 
     def _relative_change(self, tensors: dict, n_layers: int):
@@ -162,10 +170,11 @@ class ShiftTracker:
                 )
         return layer_change, head_change
 
-    def _write(self, tensors, metadata, trajectory: dict, snapshot: str) -> None:
+    def _write(self, make_tensors, metadata, trajectory: dict, snapshot: str) -> None:
         from safetensors.numpy import save_file
 
         def write():
+            tensors = make_tensors()
             write_atomic(
                 self.shift_dir / snapshot,
                 lambda tmp: save_file(tensors, str(tmp), metadata=metadata),
