@@ -439,12 +439,30 @@ def explain_all(model, revision, allow_pickle, skip, lang, as_json, markdown):
 @click.option("--split", help="The training split (default: train).")
 @click.option("--task", type=click.Choice(["classification", "causal-lm"]))
 @click.option("--output-dir", type=click.Path(file_okay=False), help="Folder for the run's files.")
-@click.option("--epochs", type=int)
+@click.option(
+    "--epochs",
+    type=int,
+    help="Passes over the training rows (default: enough for at least 200 optimizer steps).",
+)
 @click.option("--max-steps", type=int, help="Optimizer steps (overrides --epochs).")
 @click.option("--batch-size", type=int, help="Examples per process per micro-batch.")
 @click.option("--gradient-accumulation-steps", type=int)
-@click.option("--learning-rate", type=float)
+@click.option(
+    "--learning-rate",
+    type=float,
+    help="Peak learning rate (default: 1e-4 x (384 / d_model)^1.5, x10 from random weights).",
+)
 @click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]))
+@click.option(
+    "--compile/--no-compile",
+    default=None,
+    help="torch.compile the model (default: on for CUDA, off on CPU).",
+)
+@click.option(
+    "--group-by-length/--no-group-by-length",
+    default=None,
+    help="Batch texts of similar length together: less padding (classification).",
+)
 @click.option("--seed", type=int)
 @click.option("--max-train-samples", type=int, help="Use at most this many training rows.")
 @click.option("--max-eval-samples", type=int, help="Use at most this many validation rows.")
@@ -476,15 +494,12 @@ def finetune(recipe, as_json, **options):
         return  # under torchrun, the main process speaks for the run
     if as_json:
         _print_json(result.to_dict())
+        if result.warning:  # stdout holds the JSON alone; the person watching still sees it
+            click.echo(f"warning: {result.warning}", err=True)
     else:
-        metrics = ", ".join(f"{name} {value:.4g}" for name, value in result.metrics.items())
-        speed = result.train_samples_per_second
-        click.echo(
-            f"{result.steps} steps in {result.seconds:.0f} s"
-            + (f" ({speed:.1f} samples/s)" if speed else "")
-            + f"; {metrics}\n"
-            f"report: {result.report}\nfinal model: {result.final_dir}"
-        )
+        from toolkit.render.console import finetune_summary
+
+        click.echo(finetune_summary(result))
 
 
 @main.command()

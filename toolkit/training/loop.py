@@ -21,14 +21,19 @@ from pathlib import Path
 from toolkit.errors import ToolkitError
 from toolkit.fileio import write_json
 from toolkit.render import stderr_console
+from toolkit.training.baseline import class_baselines, learning_warning, majority_class
+from toolkit.training.batching import LengthGroupedSampler
 from toolkit.training.data import (
     data_collator,
     group_for_causal_lm,
     load_text_data,
     tokenize_for_classification,
 )
-from toolkit.training.models import build_model, load_tokenizer, save_final
+from toolkit.training.defaults import choose_schedule, describe_schedule
+from toolkit.training.device_tracking import DeviceShiftTracker
+from toolkit.training.models import build_model, gpt2_config_overrides, load_tokenizer, save_final
 from toolkit.training.recipe import FinetuneConfig, check_config
+from toolkit.training.throughput import model_flops_utilisation
 from toolkit.training.tracking import (
     TRAJECTORY_FILE,
     ShiftTracker,
@@ -65,6 +70,18 @@ class FinetuneResult:
     # Training throughput over every update after the first (a warm-up), tracking included,
     # evaluation and checkpoint writes excluded; None when fewer than two updates ran.
     train_samples_per_second: float | None
+    train_tokens_per_second: float | None  # text tokens (padding excluded), same updates
+    mfu: float | None  # model FLOP utilisation on CUDA (training/throughput.py), else None
+    learning_rate: float
+    epochs: int
+    # The settings the default rule chose (training/defaults.py): name -> why; the others given.
+    defaults: dict[str, str]
+    compiled: bool  # torch.compile
+    # The step-0 evaluation on the same rows (causal LM: the starting model's perplexity), or {}.
+    start_metrics: dict[str, float]
+    # False when the final model is no better than its baseline; `warning` then says so.
+    learned: bool
+    warning: str | None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -112,27 +129,46 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
         else:
             train_set = group_for_causal_lm(data.train, tokenizer, config.max_length)
             eval_set = group_for_causal_lm(data.validation, tokenizer, config.max_length)
+    # The baseline every evaluation is read against: the most common TRAINING label.
+    majority = majority_class(train_set["labels"]) if config.task == "classification" else None
     set_seed(config.seed)
     model = build_model(config, tokenizer, data.label_names)
+    cuda = accelerator.device.type == "cuda"
+    compiled = config.compile if config.compile is not None else cuda
+    if compiled:
+        model.compile()  # in place: parameter names and the state dict stay the same
     collate = data_collator(config.task, tokenizer)
     train_loader = DataLoader(
         train_set,
         batch_size=config.batch_size,
-        shuffle=True,
+        sampler=_length_grouped(train_set, config) if config.group_by_length else None,
+        shuffle=not config.group_by_length,
         collate_fn=collate,
         # its own generator: iterating never draws from the global (dropout) RNG
         generator=torch.Generator().manual_seed(config.seed),
+        **_loading_off_the_training_thread(cuda),
     )
     eval_loader = DataLoader(eval_set, batch_size=config.batch_size, collate_fn=collate)
     train_loader, eval_loader = accelerator.prepare(train_loader, eval_loader)
 
     accumulation = config.gradient_accumulation_steps
     updates_per_epoch = math.ceil(len(train_loader) / accumulation)
-    total_steps = config.max_steps or config.epochs * updates_per_epoch
-    epochs = math.ceil(total_steps / updates_per_epoch)
+    schedule = choose_schedule(
+        config.learning_rate,
+        config.epochs,
+        config.max_steps,
+        d_model=model.config.hidden_size,
+        pretrained=config.init == "pretrained" and gpt2_config_overrides(config.model) is None,
+        updates_per_epoch=updates_per_epoch,
+    )
+    total_steps, epochs = schedule.total_steps, schedule.epochs
+    if main:
+        stderr_console().print(
+            describe_schedule(schedule) + ("; torch.compile" if compiled else ""), highlight=False
+        )
     optimizer = torch.optim.AdamW(
         _parameter_groups(model, config.weight_decay),
-        lr=config.learning_rate,
+        lr=schedule.learning_rate,
         fused=accelerator.device.type in ("cpu", "cuda"),  # several times faster
     )
     # A prepared scheduler steps once per process per update, so count its steps that way.
@@ -146,6 +182,9 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
 
     metrics = _load_metrics(config.task)
     trajectory = _start_trajectory(shift_dir, config, resume_step, main)
+    if config.task == "causal-lm" and not resume_step:  # the perplexity to beat
+        start = _evaluate(accelerator, model, eval_loader, metrics, config.task, majority)
+        trajectory.evaluations.append({"step": 0, **start})
     tracker = None
     if config.track_every:
         tracker = _start_tracker(accelerator, model, shift_dir, trajectory, resume_step)
@@ -154,6 +193,7 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
     progress = _progress(main, total_steps, resume_step, label)
     step = resume_step
     timed_since, timed_samples, paused = None, 0, 0.0  # throughput: see FinetuneResult
+    timed_tokens = update_tokens = 0  # device tensors once counted: read once, at the end
     start_epoch, updates_done = divmod(resume_step, updates_per_epoch)
     try:
         model.train()
@@ -166,6 +206,7 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
             micro_losses, update_samples = [], 0
             for batch in batches:
                 update_samples += len(batch["labels"]) * processes
+                update_tokens += _text_tokens(batch) * processes
                 with accelerator.accumulate(model):
                     loss = model(**batch).loss
                     accelerator.backward(loss)
@@ -183,7 +224,8 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
                     timed_since = time.perf_counter()
                 else:
                     timed_samples += update_samples
-                micro_losses, update_samples = [], 0
+                    timed_tokens += update_tokens
+                micro_losses, update_samples, update_tokens = [], 0, 0
                 trajectory.train_loss.append((step, step_loss))
                 progress.update(progress.task_ids[0], completed=step)
                 if step % config.log_every == 0 or step == total_steps:
@@ -195,7 +237,9 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
                 evaluation = {}
                 if config.eval_every and step % config.eval_every == 0 or step == total_steps:
                     paused -= time.perf_counter()
-                    evaluation = _evaluate(accelerator, model, eval_loader, metrics, config.task)
+                    evaluation = _evaluate(
+                        accelerator, model, eval_loader, metrics, config.task, majority
+                    )
                     paused += time.perf_counter()
                     trajectory.evaluations.append({"step": step, **evaluation})
                     _log(
@@ -219,9 +263,25 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
         progress.stop()
         if tracker is not None:
             tracker.close()  # waits for the last snapshot write: part of the timed training
-    samples_per_second = None
+    samples_per_second = tokens_per_second = mfu = None
     if timed_samples:
-        samples_per_second = timed_samples / (time.perf_counter() - timed_since - paused)
+        timed_seconds = time.perf_counter() - timed_since - paused
+        samples_per_second = timed_samples / timed_seconds
+        tokens_per_second = float(timed_tokens) / timed_seconds
+        if cuda:
+            parameters = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
+            device_name = torch.cuda.get_device_name(accelerator.device)
+            mfu = model_flops_utilisation(parameters, tokens_per_second, device_name)
+    final_metrics = {k: v for k, v in trajectory.evaluations[-1].items() if k != "step"}
+    start_metrics = next(
+        (
+            {k: v for k, v in e.items() if k != "step"}
+            for e in trajectory.evaluations
+            if not e["step"]
+        ),
+        {},
+    )
+    warning = learning_warning(final_metrics, start_metrics)
 
     # The end: the final model (transformers format, safetensors), the trajectory, the report.
     accelerator.wait_for_everyone()
@@ -237,10 +297,19 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
         steps=step,
         resumed_from=resume_step,
         train_loss=trajectory.train_loss[-1][1] if trajectory.train_loss else None,
-        metrics={k: v for k, v in trajectory.evaluations[-1].items() if k != "step"},
+        metrics=final_metrics,
         processes=processes,
         seconds=time.perf_counter() - started,
         train_samples_per_second=samples_per_second,
+        train_tokens_per_second=tokens_per_second,
+        mfu=mfu,
+        learning_rate=schedule.learning_rate,
+        epochs=epochs,
+        defaults=schedule.chosen,
+        compiled=compiled,
+        start_metrics=start_metrics,
+        learned=warning is None,
+        warning=warning,
     )
     if main:
         from toolkit.render.training_report import write_training_report
@@ -316,11 +385,18 @@ def _start_tracker(accelerator, model, shift_dir, trajectory, resume_step):
     """Snapshot step 0 (or reload it when resuming); the tracker lives on the main process only."""
     model_config = accelerator.unwrap_model(model).config.to_dict()
     if resume_step:
-        return ShiftTracker.resume(shift_dir, model_config) if accelerator.is_main_process else None
+        if accelerator.is_main_process:
+            return _tracker_class(accelerator).resume(shift_dir, model_config)
+        return None
     state_dict = _full_state_dict(accelerator, model)
     if accelerator.is_main_process:
-        return ShiftTracker.begin(shift_dir, state_dict, model_config, trajectory)
+        return _tracker_class(accelerator).begin(shift_dir, state_dict, model_config, trajectory)
     return None
+
+
+def _tracker_class(accelerator) -> type[ShiftTracker]:
+    """On CUDA the shift is measured on the GPU; elsewhere numpy measures it for free."""
+    return DeviceShiftTracker if accelerator.device.type == "cuda" else ShiftTracker
 
 
 def _track(accelerator, model, tracker, trajectory, step, loss, evaluation) -> None:
@@ -419,13 +495,18 @@ def _load_metrics(task: str) -> dict:
     }
 
 
-def _evaluate(accelerator, model, eval_loader, metrics: dict, task: str) -> dict[str, float]:
-    """Validation loss and the task's metrics, over the whole validation set on all processes."""
+def _evaluate(
+    accelerator, model, eval_loader, metrics: dict, task: str, majority: int | None
+) -> dict[str, float]:
+    """Validation loss and the task's metrics, over the whole validation set on all processes;
+    for classification also the baselines of the same rows (see training/baseline.py)."""
+    import numpy as np
     import torch
     import torch.nn.functional as F
 
     model.eval()
     total_loss, total_count = 0.0, 0
+    all_predictions, all_references = [], []
     for batch in eval_loader:
         with torch.no_grad():
             logits = model(**batch).logits.float()
@@ -435,10 +516,11 @@ def _evaluate(accelerator, model, eval_loader, metrics: dict, task: str) -> dict
             predictions, references, losses = accelerator.gather_for_metrics(
                 (logits.argmax(-1), labels, losses)
             )
+            predictions, references = predictions.cpu().numpy(), references.cpu().numpy()
             for metric in metrics.values():
-                metric.add_batch(
-                    predictions=predictions.cpu().numpy(), references=references.cpu().numpy()
-                )
+                metric.add_batch(predictions=predictions, references=references)
+            all_predictions.append(predictions)
+            all_references.append(references)
             total_loss += losses.sum().item()
             total_count += len(losses)
         else:
@@ -455,7 +537,36 @@ def _evaluate(accelerator, model, eval_loader, metrics: dict, task: str) -> dict
     results = {"eval_loss": total_loss / total_count}
     for metric in metrics.values():
         results.update(metric.compute())
+    if task == "classification":
+        results.update(
+            class_baselines(
+                np.concatenate(all_predictions), np.concatenate(all_references), majority
+            )
+        )
     return results
+
+
+def _text_tokens(batch):
+    """The batch's text tokens, padding excluded (a device tensor: no wait for the device)."""
+    mask = batch.get("attention_mask")
+    return mask.sum() if mask is not None else batch["input_ids"].numel()
+
+
+def _length_grouped(train_set, config: FinetuneConfig) -> LengthGroupedSampler:
+    lengths = [len(ids) for ids in train_set["input_ids"]]
+    return LengthGroupedSampler(lengths, config.batch_size, config.seed)
+
+
+def _loading_off_the_training_thread(cuda: bool) -> dict:
+    """DataLoader options: on CUDA, worker processes collate and pin the next batches while the
+    GPU trains; on CPU the cores are busy training, and workers would only compete for them.
+
+    The batch order is drawn in the main process (sampler), so workers change no number.
+    """
+    if not cuda:
+        return {}
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers fork after tokenizing
+    return {"num_workers": 2, "pin_memory": True, "persistent_workers": True, "prefetch_factor": 4}
 
 
 def _progress(main: bool, total: int, done: int, label: str):
