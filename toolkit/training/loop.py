@@ -194,6 +194,9 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
     step = resume_step
     timed_since, timed_samples, paused = None, 0, 0.0  # throughput: see FinetuneResult
     timed_tokens = update_tokens = 0  # device tensors once counted: read once, at the end
+    # Reading a loss waits for the device to finish the step; losses are read together when a
+    # log line, evaluation, snapshot or checkpoint needs them, so the GPU keeps a queue of work.
+    unread_losses = []
     start_epoch, updates_done = divmod(resume_step, updates_per_epoch)
     try:
         model.train()
@@ -212,7 +215,10 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
                     accelerator.backward(loss)
                     micro_losses.append(loss.detach())
                     if accelerator.sync_gradients:
-                        step_loss = _finite_loss(accelerator, micro_losses, step + 1, run_dir)
+                        # averaged over micro-batches and processes, left on the device
+                        update_loss = accelerator.reduce(
+                            torch.stack(micro_losses).mean(), reduction="mean"
+                        )
                         accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
                     optimizer.step()
                     scheduler.step()
@@ -220,13 +226,16 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
                 if not accelerator.sync_gradients:
                     continue
                 step += 1
+                unread_losses.append((step, update_loss))
+                # The first update's end starts the clock, so wait for the device to reach it.
+                if timed_since is None or _loss_needed(config, step, total_steps):
+                    step_loss = _read_losses(unread_losses, trajectory, run_dir)
                 if timed_since is None:
                     timed_since = time.perf_counter()
                 else:
                     timed_samples += update_samples
                     timed_tokens += update_tokens
                 micro_losses, update_samples, update_tokens = [], 0, 0
-                trajectory.train_loss.append((step, step_loss))
                 progress.update(progress.task_ids[0], completed=step)
                 if step % config.log_every == 0 or step == total_steps:
                     _log(
@@ -448,11 +457,28 @@ def _save_checkpoint(
                 shutil.rmtree(old)
 
 
-def _finite_loss(accelerator, micro_losses: list, step: int, run_dir: Path) -> float:
-    """The update's loss, averaged over micro-batches and processes; stop on NaN or infinity."""
+def _loss_needed(config: FinetuneConfig, step: int, total_steps: int) -> bool:
+    """Whether this step logs, evaluates, tracks or checkpoints (and so needs its loss)."""
+    every = (config.log_every, config.eval_every, config.track_every, config.checkpoint_every)
+    return step == total_steps or any(n and step % n == 0 for n in every)
+
+
+def _read_losses(unread: list, trajectory: Trajectory, run_dir: Path) -> float:
+    """Bring the (step, device loss) pairs to the host in one transfer, record them, and
+    return the last; stop at the first NaN or infinity. Empties `unread`."""
     import torch
 
-    loss = accelerator.reduce(torch.stack(micro_losses).mean(), reduction="mean").item()
+    losses = torch.stack([loss for _, loss in unread]).tolist()
+    steps = [step for step, _ in unread]
+    unread.clear()
+    for step, loss in zip(steps, losses, strict=True):
+        _check_finite(loss, step, run_dir)
+        trajectory.train_loss.append((step, loss))
+    return losses[-1]
+
+
+def _check_finite(loss: float, step: int, run_dir: Path) -> None:
+    """Stop the run on a NaN or infinite loss, naming the checkpoint to resume from."""
     if not math.isfinite(loss):
         kept = latest_checkpoint(run_dir)
         where = (
@@ -464,7 +490,6 @@ def _finite_loss(accelerator, micro_losses: list, step: int, run_dir: Path) -> f
         raise ToolkitError(
             f"the training loss became {loss} at step {step}, so training stopped; {where}"
         )
-    return loss
 
 
 def _parameter_groups(model, weight_decay: float) -> list[dict]:
