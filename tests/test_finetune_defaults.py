@@ -146,3 +146,23 @@ def test_length_grouped_batches_cover_every_row_once_and_repeat_for_a_seed():
         return sum(max(lengths[i] for i in g) - lengths[i] for g in groups for i in g)
 
     assert padding(batches) < 0.1 * padding(random_batches)
+
+
+def test_default_rule_gives_the_rates_known_to_fine_tune_these_widths():
+    from toolkit.training.defaults import default_epochs, default_learning_rate
+
+    assert default_learning_rate(384, pretrained=True) == 1e-4  # MiniLM
+    assert 2e-5 <= default_learning_rate(768, pretrained=True) <= 5e-5  # bert-base, gpt2
+    assert 1e-5 <= default_learning_rate(1024, pretrained=True) < 3e-5  # bert-large
+    assert default_learning_rate(128, pretrained=False) == 1e-3  # a fresh small GPT-2: capped
+    assert default_epochs(29) == 7  # 6 x 29 = 174 < 200 <= 7 x 29 = 203
+    assert default_epochs(2147) == 1 and default_epochs(1) == 20
+
+
+def test_explicit_learning_rate_epochs_and_steps_win_over_the_rule():
+    from toolkit.training.defaults import choose_schedule
+
+    given = choose_schedule(3e-5, 2, None, d_model=384, pretrained=True, updates_per_epoch=29)
+    assert (given.learning_rate, given.epochs, given.total_steps, given.chosen) == (3e-5, 2, 58, {})
+    steps = choose_schedule(None, None, 50, d_model=384, pretrained=True, updates_per_epoch=29)
+    assert (steps.epochs, steps.total_steps, set(steps.chosen)) == (2, 50, {"learning_rate"})

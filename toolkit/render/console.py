@@ -124,7 +124,7 @@ def finetune_summary(result) -> str:
         f"{result.steps} steps in {result.seconds:.0f} s"
         + (f" ({', '.join(speed)})" if speed else "")
         + f"; {metrics}",
-        f"learning rate {result.learning_rate:.2g}, {result.epochs} epoch(s)"
+        f"learning rate {result.learning_rate:.1e}, {result.epochs} epoch(s)"
         + (
             f" (chosen by the default rule: {', '.join(result.defaults)})"
             if result.defaults

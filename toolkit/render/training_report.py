@@ -39,7 +39,7 @@ def write_training_report(run_dir: Path, trajectory: Trajectory, result: Finetun
             else ""
         )
         + (f", MFU {result.mfu:.1%}" if result.mfu is not None else ""),
-        f"- learning rate {result.learning_rate:.2g}, {result.epochs} epoch(s)"
+        f"- learning rate {result.learning_rate:.1e}, {result.epochs} epoch(s)"
         + "".join(
             f"; {name} from the default rule ({why})" for name, why in result.defaults.items()
         )

@@ -81,6 +81,6 @@ def describe_schedule(schedule: Schedule) -> str:
         return f" (default: {schedule.chosen[name]})" if name in schedule.chosen else ""
 
     return (
-        f"learning rate {schedule.learning_rate:.2g}{origin('learning_rate')}; "
+        f"learning rate {schedule.learning_rate:.1e}{origin('learning_rate')}; "
         f"{schedule.epochs} epoch(s), {schedule.total_steps} steps{origin('epochs')}"
     )
