@@ -52,6 +52,13 @@ ROUTES = [
     ("toolkit", 256, True, 0),
     ("toolkit", 256, True, 10),
 ]
+SMOKE_ROUTES = [
+    ("toolkit", 2, False, 2),
+    ("trainer", 2, False, 0),
+    ("bare", 2, False, 0),
+    ("bare", 2, True, 0),
+    ("toolkit", 2, True, 2),
+]
 WHEELS = ["datasets==5.2.0", "evaluate==0.4.6", "dill==0.4.0", "multiprocess==0.70.18"]
 
 
@@ -329,8 +336,8 @@ def main() -> None:
         sys.exit(f"no inputs in {INPUTS}: run 'python bench/gpu/throughput.py --prepare' first")
     routes = ROUTES
     extra = []
-    if args.allow_cpu:  # every route, at sizes a CPU finishes in minutes
-        routes = [(r, max(2, b // 32), c, t and 2) for r, b, c, t in ROUTES]
+    if args.allow_cpu:  # every code path once (compile off and on), at tiny sizes
+        routes = SMOKE_ROUTES
         args.steps, args.max_length, args.precision = 4, 16, "no"
         extra = ["--allow-cpu"]
     shape = SMOKE_SHAPE if args.allow_cpu else BERT_BASE
