@@ -436,29 +436,75 @@ SECTIONS = {
 }
 
 
-def gpu_section() -> list[str]:
+def gpu_section(results_file: Path = HERE / "gpu" / "results.json") -> list[str]:
     """4. GPU: the results of bench/gpu/throughput.py, which runs on a GPU machine only."""
     lines = ["## 4. GPU: bf16 fine-tuning throughput and model FLOP utilisation", ""]
-    gpu_file = HERE / "gpu" / "results.json"
-    if not gpu_file.is_file():
+    if not results_file.is_file():
         return lines + [
-            "Not measured yet: `bench/gpu/throughput.py` runs on a machine with a CUDA GPU, and "
-            "none was lent to the sessions so far.",
+            "Not run, no GPU lent: `bench/gpu/throughput.py` (every route below, about 4 minutes "
+            "on one GPU) is ready and smoke-tested on CPU (`--allow-cpu`); no GPU machine was "
+            "lent to the sessions so far. To run it: `python bench/gpu/throughput.py --prepare` "
+            "here, then `bash bench/gpu/run.sh` on the GPU machine with `bench/work/gpu` carried.",
             "",
         ]
-    g = json.loads(gpu_file.read_text())
-    mfu = f"{100 * g['mfu']:.1f}%" if g["mfu"] is not None else "n/a (peak unknown)"
-    return lines + [
+    g = json.loads(results_file.read_text())
+    routes = [r for r in g["routes"] if "error" not in r]
+
+    def speed(route: str, batch: int, compiled: bool, track_every: int) -> float | None:
+        for r in routes:
+            if (r["route"], r["batch_size"], r["compile"], r["track_every"]) == (
+                route,
+                batch,
+                compiled,
+                track_every,
+            ):
+                return r["samples_per_second"]
+        return None
+
+    lines += [
         f"{g['device']}, torch {g['torch']}: bert-base shape ({g['parameters'] / 1e6:.0f}M), "
-        f"batch {g['batch_size']} x {g['max_length']} tokens, bf16, tracking every "
-        f"{g['track_every']} steps, {g['steps']} steps.",
+        f"{g['steps']} steps of B x {g['max_length']} tokens (every text fills them), "
+        f"{g['precision']}, each route in its own process of one script "
+        "(`bench/gpu/throughput.py`). MFU = 6 x parameters x tokens/s / peak bf16 FLOP/s "
+        f"({g['peak_bf16_tflops']} TFLOP/s).",
         "",
-        "| samples/s | tokens/s | model TFLOP/s (6 x params x tokens) | peak bf16 TFLOP/s | MFU |",
-        "| ---: | ---: | ---: | ---: | ---: |",
-        f"| {g['samples_per_second']:.1f} | {g['tokens_per_second']:.0f} | "
-        f"{g['model_tflops_per_second']:.1f} | {g['peak_bf16_tflops']} | {mfu} |",
-        "",
+        "| route | batch | compile | samples/s | tokens/s | MFU |",
+        "| --- | ---: | --- | ---: | ---: | ---: |",
     ]
+    for r in g["routes"]:
+        name = {"toolkit": "`toolkit finetune`", "trainer": "`Trainer`", "bare": "bare loop"}[
+            r["route"]
+        ]
+        name += f", tracked every {r['track_every']}" if r["track_every"] else ""
+        compiled = "on" if r["compile"] else "off"
+        if "error" in r:
+            lines.append(f"| {name} | {r['batch_size']} | {compiled} | failed: {r['error']} | | |")
+            continue
+        mfu = f"{r['mfu']:.3f}" if r["mfu"] is not None else "n/a"
+        lines.append(
+            f"| {name} | {r['batch_size']} | {compiled} | {r['samples_per_second']:.1f} | "
+            f"{r['tokens_per_second']:.0f} | {mfu} |"
+        )
+    ratios = []
+    for compiled in (False, True):
+        for batch in (64, 256):
+            tracked, untracked = (
+                speed("toolkit", batch, compiled, 10),
+                speed("toolkit", batch, compiled, 0),
+            )
+            bare = speed("bare", batch, compiled, 0)
+            label = f"batch {batch}, compile {'on' if compiled else 'off'}"
+            if tracked and untracked:
+                ratios.append(f"tracked / untracked ({label}): {tracked / untracked:.3f} (>= 0.97)")
+            if untracked and bare:
+                ratios.append(f"toolkit / bare loop ({label}): {untracked / bare:.3f} (>= 0.9)")
+    trainer = speed("trainer", 64, False, 0)
+    best = max(filter(None, (speed("toolkit", 64, c, 0) for c in (False, True))), default=None)
+    if trainer and best:
+        ratios.append(
+            f"toolkit (best of compile on/off) / Trainer, batch 64: {best / trainer:.2f} (>= 1.8)"
+        )
+    return lines + [""] + [f"- {ratio}" for ratio in ratios] + [""]
 
 
 def machine() -> dict:

@@ -135,7 +135,13 @@ def test_snapshot_is_a_model_spec_and_report_has_plots(tracked_run):
     for png in ("shift_by_layer.png", "final_head_shift.png", "loss.png"):
         assert f"]({png})" in report
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
-    assert result.steps == 7 and set(result.metrics) == {"eval_loss", "accuracy", "f1"}
+    assert result.steps == 7 and set(result.metrics) == {
+        "eval_loss",
+        "accuracy",
+        "f1",
+        "majority_accuracy",
+        "top_prediction_share",
+    }
     assert result.report == str(out / "report.md")
 
 
@@ -199,6 +205,13 @@ def test_causal_lm_from_gpt2_config_reports_perplexity(toy_corpus_txt, tmp_path)
     assert result.metrics["perplexity"] == pytest.approx(
         np.exp(result.metrics["eval_loss"]), rel=1e-6
     )
+    # The starting model, evaluated on the same blocks at step 0: a fresh GPT-2 spreads its
+    # guesses over the whole vocabulary, so its perplexity is near the vocabulary size (300).
+    start = result.start_metrics
+    assert _trajectory(tmp_path / "run")["evaluations"][0]["step"] == 0
+    assert start["perplexity"] == pytest.approx(np.exp(start["eval_loss"]), rel=1e-6)
+    assert 150 < start["perplexity"] < 600
+    assert result.metrics["perplexity"] < start["perplexity"] and result.learned
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(result.final_dir).config.n_layer == 2

@@ -463,8 +463,8 @@ def _default(name: str) -> str:
 @click.option(
     "--epochs",
     type=int,
-    help="Passes over the training rows (default: the recipe's, else see README, 'toolkit "
-    "finetune').",
+    help="Passes over the training rows (default: the recipe's, else enough for at least 200 "
+    "optimizer steps; see README, 'toolkit finetune').",
 )
 @click.option("--max-steps", type=int, help="Optimizer steps (overrides --epochs).")
 @click.option(
@@ -480,13 +480,23 @@ def _default(name: str) -> str:
 @click.option(
     "--learning-rate",
     type=float,
-    help="Peak AdamW learning rate, after a linear warm-up (default: the recipe's, else see "
-    "README, 'toolkit finetune').",
+    help="Peak AdamW learning rate, after a linear warm-up (default: the recipe's, else "
+    "1e-4 x (384 / d_model)^1.5, x10 from random weights; see README, 'toolkit finetune').",
 )
 @click.option(
     "--mixed-precision",
     type=click.Choice(["no", "fp16", "bf16"]),
     help=f"Compute in 16-bit floats where supported ({_default('mixed_precision')}).",
+)
+@click.option(
+    "--compile/--no-compile",
+    default=None,
+    help="torch.compile the model (default: on for CUDA, off on CPU).",
+)
+@click.option(
+    "--group-by-length/--no-group-by-length",
+    default=None,
+    help="Batch texts of similar length together: less padding (classification).",
 )
 @click.option(
     "--seed", type=int, help=f"Seed of the data order, split and new weights ({_default('seed')})."
@@ -527,15 +537,12 @@ def finetune(recipe, as_json, **options):
         return  # under torchrun, the main process speaks for the run
     if as_json:
         _print_json(result.to_dict())
+        if result.warning:  # stdout holds the JSON alone; the person watching still sees it
+            click.echo(f"warning: {result.warning}", err=True)
     else:
-        metrics = ", ".join(f"{name} {value:.4g}" for name, value in result.metrics.items())
-        speed = result.train_samples_per_second
-        click.echo(
-            f"{result.steps} steps in {result.seconds:.0f} s"
-            + (f" ({speed:.1f} samples/s)" if speed else "")
-            + f"; {metrics}\n"
-            f"report: {result.report}\nfinal model: {result.final_dir}"
-        )
+        from toolkit.render.console import finetune_summary
+
+        click.echo(finetune_summary(result))
 
 
 @main.command()

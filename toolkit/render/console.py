@@ -102,8 +102,46 @@ def render_recipes(recipes: list, console: Console) -> None:
         table.add_column(column)
     for name, config in recipes:
         dataset = config.dataset + (f" ({config.dataset_config})" if config.dataset_config else "")
-        steps = str(config.max_steps) if config.max_steps else f"{config.epochs} epoch(s)"
+        steps = (
+            str(config.max_steps)
+            if config.max_steps
+            else f"{config.epochs} epoch(s)"
+            if config.epochs
+            else "default"
+        )
         table.add_row(name, config.model, dataset, config.task, steps)
     console.print(table)
     for name, config in recipes:
         console.print(f"[bold]{name}[/bold]: {escape(config.description)}")
+
+
+def finetune_summary(result) -> str:
+    """The lines `toolkit finetune` prints at the end of a run (a FinetuneResult)."""
+    metrics = ", ".join(f"{name} {value:.4g}" for name, value in result.metrics.items())
+    speed = []
+    if result.train_samples_per_second:
+        speed.append(f"{result.train_samples_per_second:.1f} samples/s")
+    if result.train_tokens_per_second:
+        speed.append(f"{result.train_tokens_per_second:.0f} tokens/s")
+    if result.mfu is not None:
+        speed.append(f"MFU {result.mfu:.1%}")
+    lines = [
+        f"{result.steps} steps in {result.seconds:.0f} s"
+        + (f" ({', '.join(speed)})" if speed else "")
+        + f"; {metrics}",
+        f"learning rate {result.learning_rate:.1e}, {result.epochs} epoch(s)"
+        + (
+            f" (chosen by the default rule: {', '.join(result.defaults)})"
+            if result.defaults
+            else ""
+        ),
+    ]
+    if "perplexity" in result.start_metrics:
+        lines.append(
+            f"perplexity of the starting model on the same rows: "
+            f"{result.start_metrics['perplexity']:.4g}"
+        )
+    if result.warning:
+        lines.append(f"WARNING: {result.warning}")
+    lines += [f"report: {result.report}", f"final model: {result.final_dir}"]
+    return "\n".join(lines)

@@ -42,9 +42,29 @@ def write_training_report(
             f"; {result.train_samples_per_second:.1f} training samples/s"
             if result.train_samples_per_second
             else ""
-        ),
+        )
+        + (
+            f", {result.train_tokens_per_second:.0f} tokens/s"
+            if result.train_tokens_per_second
+            else ""
+        )
+        + (f", MFU {result.mfu:.1%}" if result.mfu is not None else ""),
+        f"- learning rate {result.learning_rate:.1e}, {result.epochs} epoch(s)"
+        + "".join(
+            f"; {name} from the default rule ({why})" for name, why in result.defaults.items()
+        )
+        + ("; torch.compile" if result.compiled else ""),
         f"- final training loss: {_number(result.train_loss)}",
         "- final validation: " + ", ".join(f"{k} {_number(v)}" for k, v in result.metrics.items()),
+        *(
+            [
+                "- starting model on the same rows: "
+                + ", ".join(f"{k} {_number(v)}" for k, v in result.start_metrics.items())
+            ]
+            if result.start_metrics
+            else []
+        ),
+        *([f"- **Warning: {result.warning}**"] if result.warning else []),
         f"- final model: `{Path(result.final_dir).name}/`; trajectory: `shift/trajectory.json`",
         "",
         "## Training",

@@ -22,14 +22,25 @@ from pathlib import Path
 from toolkit.errors import ToolkitError, first_line
 from toolkit.fileio import give_plain_permissions, write_json
 from toolkit.progress import stderr_console
+from toolkit.training.baseline import class_baselines, learning_warning, majority_class
+from toolkit.training.batching import LengthGroupedSampler
 from toolkit.training.data import (
     data_collator,
     group_for_causal_lm,
     load_text_data,
     tokenize_for_classification,
 )
-from toolkit.training.models import build_model, check_model, save_final, training_tokenizer
+from toolkit.training.defaults import choose_schedule, describe_schedule
+from toolkit.training.device_tracking import DeviceShiftTracker
+from toolkit.training.models import (
+    build_model,
+    check_model,
+    gpt2_config_overrides,
+    save_final,
+    training_tokenizer,
+)
 from toolkit.training.recipe import FinetuneConfig, check_config
+from toolkit.training.throughput import model_flops_utilisation
 from toolkit.training.tracking import (
     TRAJECTORY_FILE,
     ShiftTracker,
@@ -66,6 +77,18 @@ class FinetuneResult:
     # Training throughput over every update after the first (a warm-up), tracking included,
     # evaluation and checkpoint writes excluded; None when fewer than two updates ran.
     train_samples_per_second: float | None
+    train_tokens_per_second: float | None  # text tokens (padding excluded), same updates
+    mfu: float | None  # model FLOP utilisation on CUDA (training/throughput.py), else None
+    learning_rate: float
+    epochs: int
+    # The settings the default rule chose (training/defaults.py): name -> why; the others given.
+    defaults: dict[str, str]
+    compiled: bool  # torch.compile
+    # The step-0 evaluation on the same rows (causal LM: the starting model's perplexity), or {}.
+    start_metrics: dict[str, float]
+    # False when the final model is no better than its baseline; `warning` then says so.
+    learned: bool
+    warning: str | None
     # The run's Trajectory in memory (not in to_dict: trajectory.json holds it). Complete on the
     # main process; on the others it lacks the shift points, which only the main process tracks.
     trajectory_record: Trajectory | None = field(default=None, repr=False, compare=False)
@@ -124,27 +147,46 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
         else:
             train_set = group_for_causal_lm(data.train, tokenizer, config.max_length)
             eval_set = group_for_causal_lm(data.validation, tokenizer, config.max_length)
+    # The baseline every evaluation is read against: the most common TRAINING label.
+    majority = majority_class(train_set["labels"]) if config.task == "classification" else None
     set_seed(config.seed)
     model = build_model(config, tokenizer, data.label_names)
+    cuda = accelerator.device.type == "cuda"
+    compiled = config.compile if config.compile is not None else cuda
+    if compiled:
+        model.compile()  # in place: parameter names and the state dict stay the same
     collate = data_collator(config.task, tokenizer)
     train_loader = DataLoader(
         train_set,
         batch_size=config.batch_size,
-        shuffle=True,
+        sampler=_length_grouped(train_set, config) if config.group_by_length else None,
+        shuffle=not config.group_by_length,
         collate_fn=collate,
         # its own generator: iterating never draws from the global (dropout) RNG
         generator=torch.Generator().manual_seed(config.seed),
+        **_loading_off_the_training_thread(cuda),
     )
     eval_loader = DataLoader(eval_set, batch_size=config.batch_size, collate_fn=collate)
     train_loader, eval_loader = accelerator.prepare(train_loader, eval_loader)
 
     accumulation = config.gradient_accumulation_steps
     updates_per_epoch = math.ceil(len(train_loader) / accumulation)
-    total_steps = config.max_steps or config.epochs * updates_per_epoch
-    epochs = math.ceil(total_steps / updates_per_epoch)
+    schedule = choose_schedule(
+        config.learning_rate,
+        config.epochs,
+        config.max_steps,
+        d_model=model.config.hidden_size,
+        pretrained=config.init == "pretrained" and gpt2_config_overrides(config.model) is None,
+        updates_per_epoch=updates_per_epoch,
+    )
+    total_steps, epochs = schedule.total_steps, schedule.epochs
+    if main:
+        stderr_console().print(
+            describe_schedule(schedule) + ("; torch.compile" if compiled else ""), highlight=False
+        )
     optimizer = torch.optim.AdamW(
         _parameter_groups(model, config.weight_decay),
-        lr=config.learning_rate,
+        lr=schedule.learning_rate,
         fused=accelerator.device.type in ("cpu", "cuda"),  # several times faster
     )
     # A prepared scheduler steps once per process per update, so count its steps that way.
@@ -158,6 +200,9 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
 
     metrics = _load_metrics(config.task)
     trajectory = _start_trajectory(shift_dir, config, resume_step, main)
+    if config.task == "causal-lm" and not resume_step:  # the perplexity to beat
+        start = _evaluate(accelerator, model, eval_loader, metrics, config.task, majority)
+        trajectory.evaluations.append({"step": 0, **start})
     tracker = None
     if config.track_every:
         tracker = _start_tracker(accelerator, model, shift_dir, trajectory, resume_step)
@@ -166,6 +211,10 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
     progress = _progress(main, total_steps, resume_step, label)
     step = resume_step
     timed_since, timed_samples, paused = None, 0, 0.0  # throughput: see FinetuneResult
+    timed_tokens = update_tokens = 0  # device tensors once counted: read once, at the end
+    # Reading a loss waits for the device to finish the step; losses are read together when a
+    # log line, evaluation, snapshot or checkpoint needs them, so the GPU keeps a queue of work.
+    unread_losses = []
     start_epoch, updates_done = divmod(resume_step, updates_per_epoch)
     try:
         model.train()
@@ -178,12 +227,16 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
             micro_losses, update_samples = [], 0
             for batch in batches:
                 update_samples += len(batch["labels"]) * processes
+                update_tokens += _text_tokens(batch) * processes
                 with accelerator.accumulate(model):
                     loss = model(**batch).loss
                     accelerator.backward(loss)
                     micro_losses.append(loss.detach())
                     if accelerator.sync_gradients:
-                        step_loss = _finite_loss(accelerator, micro_losses, step + 1, run_dir)
+                        # averaged over micro-batches and processes, left on the device
+                        update_loss = accelerator.reduce(
+                            torch.stack(micro_losses).mean(), reduction="mean"
+                        )
                         accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
                     optimizer.step()
                     scheduler.step()
@@ -191,12 +244,16 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
                 if not accelerator.sync_gradients:
                     continue
                 step += 1
+                unread_losses.append((step, update_loss))
+                # The first update's end starts the clock, so wait for the device to reach it.
+                if timed_since is None or _loss_needed(config, step, total_steps):
+                    step_loss = _read_losses(unread_losses, trajectory, run_dir)
                 if timed_since is None:
                     timed_since = time.perf_counter()
                 else:
                     timed_samples += update_samples
-                micro_losses, update_samples = [], 0
-                trajectory.train_loss.append((step, step_loss))
+                    timed_tokens += update_tokens
+                micro_losses, update_samples, update_tokens = [], 0, 0
                 progress.update(progress.task_ids[0], completed=step)
                 if step % config.log_every == 0 or step == total_steps:
                     _log(
@@ -207,7 +264,9 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
                 evaluation = {}
                 if config.eval_every and step % config.eval_every == 0 or step == total_steps:
                     paused -= time.perf_counter()
-                    evaluation = _evaluate(accelerator, model, eval_loader, metrics, config.task)
+                    evaluation = _evaluate(
+                        accelerator, model, eval_loader, metrics, config.task, majority
+                    )
                     paused += time.perf_counter()
                     trajectory.evaluations.append({"step": step, **evaluation})
                     _log(
@@ -231,9 +290,25 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
         progress.stop()
         if tracker is not None:
             tracker.close()  # waits for the last snapshot write: part of the timed training
-    samples_per_second = None
+    samples_per_second = tokens_per_second = mfu = None
     if timed_samples:
-        samples_per_second = timed_samples / (time.perf_counter() - timed_since - paused)
+        timed_seconds = time.perf_counter() - timed_since - paused
+        samples_per_second = timed_samples / timed_seconds
+        tokens_per_second = float(timed_tokens) / timed_seconds
+        if cuda:
+            parameters = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
+            device_name = torch.cuda.get_device_name(accelerator.device)
+            mfu = model_flops_utilisation(parameters, tokens_per_second, device_name)
+    final_metrics = {k: v for k, v in trajectory.evaluations[-1].items() if k != "step"}
+    start_metrics = next(
+        (
+            {k: v for k, v in e.items() if k != "step"}
+            for e in trajectory.evaluations
+            if not e["step"]
+        ),
+        {},
+    )
+    warning = learning_warning(final_metrics, start_metrics)
 
     # The end: the final model (transformers format, safetensors) and the trajectory.
     accelerator.wait_for_everyone()
@@ -249,10 +324,19 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
         steps=step,
         resumed_from=resume_step,
         train_loss=trajectory.train_loss[-1][1] if trajectory.train_loss else None,
-        metrics={k: v for k, v in trajectory.evaluations[-1].items() if k != "step"},
+        metrics=final_metrics,
         processes=processes,
         seconds=time.perf_counter() - started,
         train_samples_per_second=samples_per_second,
+        train_tokens_per_second=tokens_per_second,
+        mfu=mfu,
+        learning_rate=schedule.learning_rate,
+        epochs=epochs,
+        defaults=schedule.chosen,
+        compiled=compiled,
+        start_metrics=start_metrics,
+        learned=warning is None,
+        warning=warning,
         trajectory_record=trajectory,
     )
     if main:
@@ -326,11 +410,18 @@ def _start_tracker(accelerator, model, shift_dir, trajectory, resume_step):
     """Snapshot step 0 (or reload it when resuming); the tracker lives on the main process only."""
     model_config = accelerator.unwrap_model(model).config.to_dict()
     if resume_step:
-        return ShiftTracker.resume(shift_dir, model_config) if accelerator.is_main_process else None
+        if accelerator.is_main_process:
+            return _tracker_class(accelerator).resume(shift_dir, model_config)
+        return None
     state_dict = _full_state_dict(accelerator, model)
     if accelerator.is_main_process:
-        return ShiftTracker.begin(shift_dir, state_dict, model_config, trajectory)
+        return _tracker_class(accelerator).begin(shift_dir, state_dict, model_config, trajectory)
     return None
+
+
+def _tracker_class(accelerator) -> type[ShiftTracker]:
+    """On CUDA the shift is measured on the GPU; elsewhere numpy measures it for free."""
+    return DeviceShiftTracker if accelerator.device.type == "cuda" else ShiftTracker
 
 
 def _track(accelerator, model, tracker, trajectory, step, loss, evaluation) -> None:
@@ -383,11 +474,28 @@ def _save_checkpoint(
                 shutil.rmtree(old)
 
 
-def _finite_loss(accelerator, micro_losses: list, step: int, run_dir: Path) -> float:
-    """The update's loss, averaged over micro-batches and processes; stop on NaN or infinity."""
+def _loss_needed(config: FinetuneConfig, step: int, total_steps: int) -> bool:
+    """Whether this step logs, evaluates, tracks or checkpoints (and so needs its loss)."""
+    every = (config.log_every, config.eval_every, config.track_every, config.checkpoint_every)
+    return step == total_steps or any(n and step % n == 0 for n in every)
+
+
+def _read_losses(unread: list, trajectory: Trajectory, run_dir: Path) -> float:
+    """Bring the (step, device loss) pairs to the host in one transfer, record them, and
+    return the last; stop at the first NaN or infinity. Empties `unread`."""
     import torch
 
-    loss = accelerator.reduce(torch.stack(micro_losses).mean(), reduction="mean").item()
+    losses = torch.stack([loss for _, loss in unread]).tolist()
+    steps = [step for step, _ in unread]
+    unread.clear()
+    for step, loss in zip(steps, losses, strict=True):
+        _check_finite(loss, step, run_dir)
+        trajectory.train_loss.append((step, loss))
+    return losses[-1]
+
+
+def _check_finite(loss: float, step: int, run_dir: Path) -> None:
+    """Stop the run on a NaN or infinite loss, naming the checkpoint to resume from."""
     if not math.isfinite(loss):
         kept = latest_checkpoint(run_dir)
         where = (
@@ -399,7 +507,6 @@ def _finite_loss(accelerator, micro_losses: list, step: int, run_dir: Path) -> f
         raise ToolkitError(
             f"the training loss became {loss} at step {step}, so training stopped; {where}"
         )
-    return loss
 
 
 def _parameter_groups(model, weight_decay: float) -> list[dict]:
@@ -430,13 +537,18 @@ def _load_metrics(task: str) -> dict:
     }
 
 
-def _evaluate(accelerator, model, eval_loader, metrics: dict, task: str) -> dict[str, float]:
-    """Validation loss and the task's metrics, over the whole validation set on all processes."""
+def _evaluate(
+    accelerator, model, eval_loader, metrics: dict, task: str, majority: int | None
+) -> dict[str, float]:
+    """Validation loss and the task's metrics, over the whole validation set on all processes;
+    for classification also the baselines of the same rows (see training/baseline.py)."""
+    import numpy as np
     import torch
     import torch.nn.functional as F
 
     model.eval()
     total_loss, total_count = 0.0, 0
+    all_predictions, all_references = [], []
     for batch in eval_loader:
         with torch.no_grad():
             logits = model(**batch).logits.float()
@@ -446,10 +558,11 @@ def _evaluate(accelerator, model, eval_loader, metrics: dict, task: str) -> dict
             predictions, references, losses = accelerator.gather_for_metrics(
                 (logits.argmax(-1), labels, losses)
             )
+            predictions, references = predictions.cpu().numpy(), references.cpu().numpy()
             for metric in metrics.values():
-                metric.add_batch(
-                    predictions=predictions.cpu().numpy(), references=references.cpu().numpy()
-                )
+                metric.add_batch(predictions=predictions, references=references)
+            all_predictions.append(predictions)
+            all_references.append(references)
             total_loss += losses.sum().item()
             total_count += len(losses)
         else:
@@ -466,7 +579,36 @@ def _evaluate(accelerator, model, eval_loader, metrics: dict, task: str) -> dict
     results = {"eval_loss": total_loss / total_count}
     for metric in metrics.values():
         results.update(metric.compute())
+    if task == "classification":
+        results.update(
+            class_baselines(
+                np.concatenate(all_predictions), np.concatenate(all_references), majority
+            )
+        )
     return results
+
+
+def _text_tokens(batch):
+    """The batch's text tokens, padding excluded (a device tensor: no wait for the device)."""
+    mask = batch.get("attention_mask")
+    return mask.sum() if mask is not None else batch["input_ids"].numel()
+
+
+def _length_grouped(train_set, config: FinetuneConfig) -> LengthGroupedSampler:
+    lengths = [len(ids) for ids in train_set["input_ids"]]
+    return LengthGroupedSampler(lengths, config.batch_size, config.seed)
+
+
+def _loading_off_the_training_thread(cuda: bool) -> dict:
+    """DataLoader options: on CUDA, worker processes collate and pin the next batches while the
+    GPU trains; on CPU the cores are busy training, and workers would only compete for them.
+
+    The batch order is drawn in the main process (sampler), so workers change no number.
+    """
+    if not cuda:
+        return {}
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers fork after tokenizing
+    return {"num_workers": 2, "pin_memory": True, "persistent_workers": True, "prefetch_factor": 4}
 
 
 def _progress(main: bool, total: int, done: int, label: str):

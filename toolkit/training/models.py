@@ -19,6 +19,9 @@ from toolkit.training.data import train_bpe_tokenizer
 
 GPT2_CONFIG = "gpt2-config"
 DEFAULT_BPE_VOCAB = 4096
+# Training never needs the attention probabilities (verify and the lessons load eager models):
+# the fused scaled-dot-product kernel is faster and uses less memory.
+TRAINING_ATTENTION = "sdpa"
 
 
 def gpt2_config_overrides(model: str) -> dict | None:
@@ -103,7 +106,8 @@ def build_model(config, tokenizer, label_names: list[str] | None):
                 "eos_token_id": tokenizer.eos_token_id,
                 "pad_token_id": tokenizer.pad_token_id,
                 **labels,
-            }
+            },
+            attn_implementation=TRAINING_ATTENTION,
         )
         model_class = (
             GPT2LMHeadModel if config.task == "causal-lm" else GPT2ForSequenceClassification
@@ -119,13 +123,16 @@ def build_model(config, tokenizer, label_names: list[str] | None):
     model_class = (
         AutoModelForCausalLM if config.task == "causal-lm" else AutoModelForSequenceClassification
     )
-    settings = {} if config.task == "causal-lm" else {"pad_token_id": tokenizer.pad_token_id}
+    settings = {"attn_implementation": TRAINING_ATTENTION}
+    if config.task == "classification":
+        settings["pad_token_id"] = tokenizer.pad_token_id
     try:
         if config.init == "random":
             # The checkpoint's architecture, every weight drawn afresh by the model's own
             # initializer (normal(0, initializer_range) for BERT and GPT-2) from the seeded RNG.
+            attention = settings.pop("attn_implementation")
             model_config = AutoConfig.from_pretrained(source.path, **settings, **labels)
-            return model_class.from_config(model_config)
+            return model_class.from_config(model_config, attn_implementation=attention)
         # A classifier checkpoint with another number of labels gets a new head.
         mismatched = {} if config.task == "causal-lm" else {"ignore_mismatched_sizes": True}
         return model_class.from_pretrained(source.path, **settings, **mismatched, **labels)

@@ -36,16 +36,18 @@ class FinetuneConfig:
     max_eval_samples: int | None = None
     validation_fraction: float = 0.1
     max_length: int = 128
-    epochs: int = 1
+    epochs: int | None = None  # None: enough for a minimum of steps (training/defaults.py)
     max_steps: int | None = None
     batch_size: int = 16
     gradient_accumulation_steps: int = 1
-    learning_rate: float = 5e-5
+    learning_rate: float | None = None  # None: scaled to the model's width (training/defaults.py)
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0
     mixed_precision: str = "no"
     seed: int = 42
+    compile: bool | None = None  # torch.compile the model; None: on for CUDA, off on CPU
+    group_by_length: bool = False  # batches of similar length (less padding); classification
     eval_every: int = 0
     track_every: int = 10
     checkpoint_every: int = 0
@@ -105,12 +107,12 @@ def check_config(config: FinetuneConfig) -> FinetuneConfig:
             f"unknown mixed precision '{config.mixed_precision}': "
             f"choose {', '.join(MIXED_PRECISION)}"
         )
-    for name in ("epochs", "batch_size", "gradient_accumulation_steps", "max_length", "log_every"):
+    for name in ("batch_size", "gradient_accumulation_steps", "max_length", "log_every"):
         if getattr(config, name) < 1:
             raise ToolkitError(
                 f"{name.replace('_', '-')} must be at least 1, not {getattr(config, name)}"
             )
-    for name in ("max_steps", "max_train_samples", "max_eval_samples"):
+    for name in ("epochs", "max_steps", "max_train_samples", "max_eval_samples"):
         value = getattr(config, name)
         if value is not None and value < 1:
             raise ToolkitError(f"{name.replace('_', '-')} must be at least 1, not {value}")
@@ -121,8 +123,12 @@ def check_config(config: FinetuneConfig) -> FinetuneConfig:
         raise ToolkitError(
             f"validation-fraction must be between 0 and 1, not {config.validation_fraction}"
         )
-    if config.learning_rate <= 0:
+    if config.learning_rate is not None and config.learning_rate <= 0:
         raise ToolkitError(f"learning-rate must be positive, not {config.learning_rate}")
+    if config.group_by_length and config.task != "classification":
+        raise ToolkitError(
+            "--group-by-length is for classification: causal-lm blocks are all --max-length long"
+        )
     return config
 
 

@@ -11,7 +11,9 @@ W_start is the weight at step 0 (named apart from w0, the output projection); W[
 [d_model, d_head] slice (w0: [d_head, d_model]).
 
 Snapshots and the trajectory are written atomically by one background thread, so training does
-not wait for the disk; `flush()` waits for it (before a checkpoint and at the end).
+not wait for the disk; `flush()` waits for it (before a checkpoint and at the end). This module
+measures on the host with numpy; `device_tracking.DeviceShiftTracker` measures on the device
+(CUDA) with the same numbers.
 """
 
 from __future__ import annotations
@@ -148,8 +150,12 @@ class ShiftTracker:
     def _append(self, trajectory, step, loss, metrics, attention, tensors) -> ShiftPoint:
         layer_change, head_change = self._relative_change(tensors, trajectory.n_layers)
         point = ShiftPoint(step, loss, metrics, layer_change, head_change, snapshot_name(step))
+        return self._append_point(trajectory, point, attention, lambda: tensors)
+
+    def _append_point(self, trajectory, point, attention, make_tensors) -> ShiftPoint:
+        """Add `point` and write its snapshot; `make_tensors()` runs on the writer thread."""
         trajectory.shift.append(point)
-        self._write(tensors, attention, trajectory.to_dict(), point.snapshot)
+        self._write(make_tensors, attention, trajectory.to_dict(), point.snapshot)
         return point
 
     def _relative_change(self, tensors: dict, n_layers: int):
@@ -167,10 +173,10 @@ class ShiftTracker:
                 )
         return layer_change, head_change
 
-    def _write(self, tensors, attention, trajectory: dict, snapshot: str) -> None:
-        shapes = {name: tensor.shape for name, tensor in tensors.items()}
-
+    def _write(self, make_tensors, attention, trajectory: dict, snapshot: str) -> None:
         def write():
+            tensors = make_tensors()
+            shapes = {name: tensor.shape for name, tensor in tensors.items()}
             write_standard_tensors(self.shift_dir / snapshot, attention, shapes, tensors.items())
             write_json(self.shift_dir / TRAJECTORY_FILE, trajectory)
 

@@ -1,0 +1,59 @@
+"""Shift tracking on the device (torch ops where the weights live) gives the numpy route's
+numbers and snapshots: both run here on CPU tensors of tiny real models."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from toolkit.training.device_tracking import DeviceShiftTracker
+from toolkit.training.tracking import ShiftTracker, Trajectory, snapshot_name
+
+
+def _perturbed(model, seed: int) -> dict:
+    """A copy of the state dict with every weight moved by noise of a different size per tensor."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for index, (name, tensor) in enumerate(model.state_dict().items()):
+        scale = 0.01 * (1 + index % 5)
+        state[name] = tensor + scale * torch.randn(tensor.shape, generator=generator)
+    return state
+
+
+@pytest.mark.parametrize("family", ["bert-classifier", "gpt2-lm"])
+def test_device_route_equals_numpy_route(
+    family, tiny_bert_classifier, tiny_gpt2_lm_scaled, tmp_path
+):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if family == "bert-classifier":
+        model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_classifier)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(tiny_gpt2_lm_scaled)
+    config = model.config.to_dict()
+    runs = {}
+    for name, tracker_class in (("numpy", ShiftTracker), ("device", DeviceShiftTracker)):
+        folder = tmp_path / name
+        folder.mkdir()
+        trajectory = Trajectory(model="m", task="t")
+        tracker = tracker_class.begin(folder, model.state_dict(), config, trajectory)
+        for step in (3, 6):
+            tracker.record(trajectory, step, _perturbed(model, step), 0.5, {})
+        tracker.close()
+        runs[name] = (folder, trajectory)
+    (numpy_dir, expected), (device_dir, got) = runs["numpy"], runs["device"]
+    assert [p.step for p in got.shift] == [0, 3, 6]
+    for want, have in zip(expected.shift[1:], got.shift[1:], strict=True):
+        for role in ("wq", "wk", "wv", "w0"):
+            assert np.max(np.array(want.head_change[role])) > 0.01  # the noise moved every head
+            np.testing.assert_allclose(have.head_change[role], want.head_change[role], atol=1e-6)
+            np.testing.assert_allclose(have.layer_change[role], want.layer_change[role], atol=1e-6)
+    for step in (0, 3, 6):
+        want = load_file(str(numpy_dir / snapshot_name(step)))
+        have = load_file(str(device_dir / snapshot_name(step)))
+        assert want.keys() == have.keys()
+        for name in want:
+            np.testing.assert_array_equal(have[name], want[name], err_msg=name)

@@ -1,0 +1,168 @@
+"""Default settings that learn, the majority-class baseline beside every classification score,
+a plain warning when a model learned nothing, and length-grouped batches."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from conftest import FILLER, NEGATIVE, POSITIVE
+
+import toolkit
+from toolkit.training.batching import LengthGroupedSampler
+from toolkit.training.recipe import FinetuneConfig
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+LABEL_SHARES = {"positive": 0.65, "negative": 0.2, "neutral": 0.15}
+
+
+def _review(label: str, rng: random.Random) -> str:
+    """Filler words plus one keyword that decides the label (neutral: none)."""
+    words = rng.sample(FILLER, rng.randint(3, 8))
+    if label != "neutral":
+        words.append(rng.choice(POSITIVE if label == "positive" else NEGATIVE))
+    rng.shuffle(words)
+    return " ".join(words)
+
+
+def _imbalanced_csv(path: Path, rows: int, seed: int, labels_follow_text: bool = True) -> Path:
+    rng = random.Random(seed)
+    names, weights = list(LABEL_SHARES), list(LABEL_SHARES.values())
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label"])
+        for _ in range(rows):
+            label = rng.choices(names, weights)[0]
+            text = _review(label, rng)
+            if not labels_follow_text:
+                label = rng.choices(names, weights)[0]  # drawn afresh: the text says nothing
+            writer.writerow([text, label])
+    return path
+
+
+@pytest.mark.slow
+def test_default_settings_beat_the_majority_class_on_held_out_rows(
+    tiny_bert_with_tokenizer, tmp_path
+):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    data = _imbalanced_csv(tmp_path / "train.csv", 300, seed=0)
+    result = toolkit.finetune(
+        FinetuneConfig(
+            model=str(tiny_bert_with_tokenizer),
+            dataset=str(data),
+            output_dir=str(tmp_path / "run"),
+            max_length=16,
+            track_every=0,
+        )
+    )
+    # The rule: d_model 48 -> 1e-4 x (384/48)^1.5 = 2.3e-3, above the 1e-3 ceiling; 270 training
+    # rows are 17 batches of 16, so at least 200 steps take 12 epochs (204 steps).
+    assert result.learning_rate == 1e-3 and result.epochs == 12 and result.steps == 204
+    assert set(result.defaults) == {"learning_rate", "epochs"}
+    assert result.learned and result.warning is None
+
+    held_out = list(csv.DictReader(open(_imbalanced_csv(tmp_path / "test.csv", 200, seed=1))))
+    model = AutoModelForSequenceClassification.from_pretrained(result.final_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(result.final_dir)
+    with torch.no_grad():
+        encoded = tokenizer([row["text"] for row in held_out], padding=True, return_tensors="pt")
+        predicted = model(**encoded).logits.argmax(-1).tolist()
+    truth = [row["label"] for row in held_out]
+    right = sum(model.config.id2label[p] == t for p, t in zip(predicted, truth, strict=True))
+    majority_share = Counter(truth).most_common(1)[0][1] / len(truth)
+    assert right / len(truth) > majority_share + 0.1, (right / len(truth), majority_share)
+
+
+@pytest.mark.slow
+def test_labels_unrelated_to_the_text_give_the_warning_line_and_json_field(
+    tiny_bert_with_tokenizer, tmp_path
+):
+    data = _imbalanced_csv(tmp_path / "noise.csv", 300, seed=2, labels_follow_text=False)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(toolkit.__file__).parents[1]),
+        "OMP_NUM_THREADS": "1",
+    }
+    command = [sys.executable, "-m", "toolkit", "finetune", "--model"]
+    command += [str(tiny_bert_with_tokenizer), "--dataset", str(data), "--max-length", "16"]
+    command += ["--track-every", "0", "--group-by-length", "--json"]
+    run = subprocess.run(
+        [*command, "--output-dir", str(tmp_path / "run")], env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    assert result["learned"] is False
+    assert result["warning"].startswith("the model did not learn")
+    assert "--learning-rate" in result["warning"]
+    warnings = [line for line in run.stderr.splitlines() if line.startswith("warning: ")]
+    assert warnings == [f"warning: {result['warning']}"]
+    # the majority baseline of the validation rows, from the CSV itself: the seeded split's rows
+    metrics = result["metrics"]
+    assert metrics["accuracy"] <= metrics["majority_accuracy"] or (
+        metrics["top_prediction_share"] >= 0.95
+    )
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert f"**Warning: {result['warning']}**" in report
+
+
+def test_majority_accuracy_counts_the_training_majority_on_the_evaluated_rows():
+    from toolkit.training.baseline import class_baselines, majority_class
+
+    train_labels = [2, 2, 2, 0, 1]  # class 2 is the training majority
+    references = [0, 0, 0, 2, 1]  # ... but not the validation one
+    predictions = [1, 1, 1, 1, 0]
+    assert majority_class(train_labels) == 2
+    baselines = class_baselines(predictions, references, majority=2)
+    assert baselines == {"majority_accuracy": 1 / 5, "top_prediction_share": 4 / 5}
+
+
+def test_length_grouped_batches_cover_every_row_once_and_repeat_for_a_seed():
+    rng = random.Random(0)
+    lengths = [rng.randint(5, 500) for _ in range(1000)]
+    sampler = LengthGroupedSampler(lengths, batch_size=8, seed=3)
+    sampler.set_epoch(1)
+    order = list(sampler)
+    assert sorted(order) == list(range(1000))
+    again = LengthGroupedSampler(lengths, batch_size=8, seed=3)  # a resumed run's sampler
+    again.set_epoch(1)
+    assert list(again) == order
+    again.set_epoch(2)
+    assert list(again) != order and sorted(again) == list(range(1000))
+    # Grouped: the padding a batch needs (longest minus each row) is far below random batches'.
+    batches = [order[i : i + 8] for i in range(0, 1000, 8)]
+    shuffled = rng.sample(range(1000), 1000)
+    random_batches = [shuffled[i : i + 8] for i in range(0, 1000, 8)]
+
+    def padding(groups):
+        return sum(max(lengths[i] for i in g) - lengths[i] for g in groups for i in g)
+
+    assert padding(batches) < 0.1 * padding(random_batches)
+
+
+def test_default_rule_gives_the_rates_known_to_fine_tune_these_widths():
+    from toolkit.training.defaults import default_epochs, default_learning_rate
+
+    assert default_learning_rate(384, pretrained=True) == 1e-4  # MiniLM
+    assert 2e-5 <= default_learning_rate(768, pretrained=True) <= 5e-5  # bert-base, gpt2
+    assert 1e-5 <= default_learning_rate(1024, pretrained=True) < 3e-5  # bert-large
+    assert default_learning_rate(128, pretrained=False) == 1e-3  # a fresh small GPT-2: capped
+    assert default_epochs(29) == 7  # 6 x 29 = 174 < 200 <= 7 x 29 = 203
+    assert default_epochs(2147) == 1 and default_epochs(1) == 20
+
+
+def test_explicit_learning_rate_epochs_and_steps_win_over_the_rule():
+    from toolkit.training.defaults import choose_schedule
+
+    given = choose_schedule(3e-5, 2, None, d_model=384, pretrained=True, updates_per_epoch=29)
+    assert (given.learning_rate, given.epochs, given.total_steps, given.chosen) == (3e-5, 2, 58, {})
+    steps = choose_schedule(None, None, 50, d_model=384, pretrained=True, updates_per_epoch=29)
+    assert (steps.epochs, steps.total_steps, set(steps.chosen)) == (2, 50, {"learning_rate"})
