@@ -445,6 +445,12 @@ def explain_all(model, revision, allow_pickle, skip, lang, as_json, markdown):
 @click.option("--gradient-accumulation-steps", type=int)
 @click.option("--learning-rate", type=float)
 @click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]))
+@click.option(
+    "--fsdp",
+    is_flag=True,
+    help="Shard the model across the processes (FSDP2; launch with torchrun or accelerate "
+    "launch): Accelerate's FSDP plugin on GPUs, torch's fully_shard per block on CPU.",
+)
 @click.option("--seed", type=int)
 @click.option("--max-train-samples", type=int, help="Use at most this many training rows.")
 @click.option("--max-eval-samples", type=int, help="Use at most this many validation rows.")
@@ -470,7 +476,8 @@ def finetune(recipe, as_json, **options):
     from toolkit.training.recipe import FinetuneConfig, load_recipe
 
     config = load_recipe(recipe) if recipe else FinetuneConfig()
-    options["resume"] = options["resume"] or None
+    options["resume"] = options["resume"] or None  # an absent flag keeps the recipe's setting
+    options["fsdp"] = options["fsdp"] or None
     result = run_finetune(config.with_overrides(**options))
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun, the main process speaks for the run

@@ -29,6 +29,12 @@ from toolkit.training.data import (
 )
 from toolkit.training.models import build_model, load_tokenizer, save_final
 from toolkit.training.recipe import FinetuneConfig, check_config
+from toolkit.training.sharding import (
+    accelerate_fsdp_plugin,
+    checkpoint_shards,
+    full_state_dict,
+    shard_on_cpu,
+)
 from toolkit.training.tracking import (
     TRAJECTORY_FILE,
     ShiftTracker,
@@ -89,6 +95,8 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
     logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
     run_dir = Path(config.output_dir)
     shift_dir = run_dir / "shift"
+    # --fsdp: Accelerate shards on GPUs; on CPU it would use DDP, so the model is sharded here.
+    shard_here = config.fsdp and not torch.cuda.is_available()
     accelerator = Accelerator(
         # torchrun on a machine without GPUs: ask for CPU explicitly, or every process runs alone.
         cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
@@ -96,6 +104,7 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         # A seeded sampler: the same data order in every process and every resumed run.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
+        fsdp_plugin=accelerate_fsdp_plugin() if config.fsdp and not shard_here else None,
     )
     main = accelerator.is_main_process
     checkpoint = _open_run_dir(run_dir, config, accelerator)
@@ -114,6 +123,8 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
             eval_set = group_for_causal_lm(data.validation, tokenizer, config.max_length)
     set_seed(config.seed)
     model = build_model(config, tokenizer, data.label_names)
+    if shard_here:
+        model = shard_on_cpu(model, accelerator.num_processes, config.mixed_precision)
     collate = data_collator(config.task, tokenizer)
     train_loader = DataLoader(
         train_set,
@@ -140,7 +151,11 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
     scheduler = get_linear_schedule_with_warmup(
         optimizer, int(config.warmup_ratio * total_steps) * processes, total_steps * processes
     )
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if shard_here:  # model and optimizer stay outside Accelerate; their shards go through DCP
+        scheduler = accelerator.prepare(scheduler)
+        checkpoint_shards(accelerator, model, optimizer)
+    else:
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if checkpoint:
         accelerator.load_state(str(checkpoint))  # model, optimizer, scheduler, RNG states
 
@@ -170,12 +185,12 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
                     loss = model(**batch).loss
                     accelerator.backward(loss)
                     micro_losses.append(loss.detach())
-                    if accelerator.sync_gradients:
+                    if accelerator.sync_gradients:  # (an unprepared optimizer steps only here)
                         step_loss = _finite_loss(accelerator, micro_losses, step + 1, run_dir)
                         accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad()
+                        optimizer.step()
+                        scheduler.step()
+                        optimizer.zero_grad()
                 if not accelerator.sync_gradients:
                     continue
                 step += 1
@@ -225,7 +240,7 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
 
     # The end: the final model (transformers format, safetensors), the trajectory, the report.
     accelerator.wait_for_everyone()
-    state_dict = _full_state_dict(accelerator, model)
+    state_dict = full_state_dict(accelerator, model)
     result = FinetuneResult(
         output_dir=str(run_dir),
         final_dir=str(run_dir / "final"),
@@ -317,34 +332,16 @@ def _start_tracker(accelerator, model, shift_dir, trajectory, resume_step):
     model_config = accelerator.unwrap_model(model).config.to_dict()
     if resume_step:
         return ShiftTracker.resume(shift_dir, model_config) if accelerator.is_main_process else None
-    state_dict = _full_state_dict(accelerator, model)
+    state_dict = full_state_dict(accelerator, model)
     if accelerator.is_main_process:
         return ShiftTracker.begin(shift_dir, state_dict, model_config, trajectory)
     return None
 
 
 def _track(accelerator, model, tracker, trajectory, step, loss, evaluation) -> None:
-    state_dict = _full_state_dict(accelerator, model)  # every process, before the main one records
+    state_dict = full_state_dict(accelerator, model)  # every process, before the main one records
     if accelerator.is_main_process:
         tracker.record(trajectory, step, state_dict, loss, evaluation)
-
-
-def _full_state_dict(accelerator, model) -> dict:
-    """The unwrapped model's full weights, complete on the main process; call it on EVERY process.
-
-    Under FSDP and DeepSpeed ZeRO-3 each rank holds a shard, and gathering the full weights is a
-    collective that every rank must enter (a gather on the main process alone would hang); the
-    other ranks get an empty or partial dict and ignore it. Under DDP or one process it is the
-    model's own state dict: no copy, no communication.
-    """
-    try:
-        return accelerator.get_state_dict(model)
-    except ValueError as err:  # ZeRO-3 without 16-bit gathering raises ValueError
-        raise ToolkitError(
-            "cannot gather the full weights to track them under DeepSpeed ZeRO-3: set "
-            "zero3_save_16bit_model: true (stage3_gather_16bit_weights_on_model_save) in the "
-            f"accelerate config ({str(err).splitlines()[0][:120]})"
-        ) from None
 
 
 def _save_checkpoint(

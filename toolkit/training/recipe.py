@@ -45,6 +45,7 @@ class FinetuneConfig:
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0
     mixed_precision: str = "no"
+    fsdp: bool = False  # shard the model across processes (FSDP2); see training/sharding.py
     seed: int = 42
     eval_every: int = 0
     track_every: int = 10
