@@ -1,4 +1,4 @@
-"""Sharded fine-tuning (`--fsdp`): shard the model, and read or checkpoint whole weights from shards.
+"""Sharded fine-tuning (`--fsdp`): shard the model; read and checkpoint whole weights from shards.
 
 Under FSDP each process holds a slice of every parameter (FSDP2: a `DTensor` whose local part is
 a block of rows, e.g. 24 of the 48 rows of `attention.self.query.weight`). Tracking and saving
