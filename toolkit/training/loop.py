@@ -31,6 +31,7 @@ from toolkit.training.models import build_model, load_tokenizer, save_final
 from toolkit.training.recipe import FinetuneConfig, check_config
 from toolkit.training.sharding import (
     accelerate_fsdp_plugin,
+    check_cpu_sharding,
     checkpoint_shards,
     full_state_dict,
     shard_on_cpu,
@@ -106,6 +107,8 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
         fsdp_plugin=accelerate_fsdp_plugin() if config.fsdp and not shard_here else None,
     )
+    if shard_here:
+        check_cpu_sharding(accelerator.num_processes, config.mixed_precision)
     main = accelerator.is_main_process
     checkpoint = _open_run_dir(run_dir, config, accelerator)
     resume_step = json.loads((checkpoint / COMPLETE).read_text())["step"] if checkpoint else 0
@@ -124,7 +127,7 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
     set_seed(config.seed)
     model = build_model(config, tokenizer, data.label_names)
     if shard_here:
-        model = shard_on_cpu(model, accelerator.num_processes, config.mixed_precision)
+        model = shard_on_cpu(model)
     collate = data_collator(config.task, tokenizer)
     train_loader = DataLoader(
         train_set,

@@ -35,15 +35,8 @@ def accelerate_fsdp_plugin():
     )
 
 
-def shard_on_cpu(model, processes: int, mixed_precision: str):
-    """Shard `model` in place with FSDP2 over the gloo process group; seed-identical on every rank.
-
-    Each block named in the model's `_no_split_modules` (BertLayer, GPT2Block, ...) becomes one
-    shard unit, gathered just before it runs; the root unit holds the rest (embeddings, heads,
-    GPT-2's tied `lm_head`). Call before the optimizer is built: sharding replaces the parameters.
-    """
-    from torch.distributed.fsdp import fully_shard
-
+def check_cpu_sharding(processes: int, mixed_precision: str) -> None:
+    """Refuse `--fsdp` on CPU where it cannot run, before the run writes anything."""
     if processes < 2:
         raise ToolkitError(
             "--fsdp shards the model across processes: launch with "
@@ -53,6 +46,17 @@ def shard_on_cpu(model, processes: int, mixed_precision: str):
         raise ToolkitError(
             f"--fsdp on CPU trains in float32: drop --mixed-precision {mixed_precision}"
         )
+
+
+def shard_on_cpu(model):
+    """Shard `model` in place with FSDP2 over the gloo process group; seed-identical on every rank.
+
+    Each block named in the model's `_no_split_modules` (BertLayer, GPT2Block, ...) becomes one
+    shard unit, gathered just before it runs; the root unit holds the rest (embeddings, heads,
+    GPT-2's tied `lm_head`). Call before the optimizer is built: sharding replaces the parameters.
+    """
+    from torch.distributed.fsdp import fully_shard
+
     blocks = set(getattr(model, "_no_split_modules", None) or ())
     for module in model.modules():
         if type(module).__name__ in blocks:
