@@ -36,8 +36,7 @@ KEY_BIASES = (".bk", "attention.self.key.bias")  # standard snapshot name, BERT'
 
 
 def _launch(*args: str) -> subprocess.Popen:
-    """Two processes under torchrun; --standalone picks a free port, so runs may overlap. Its own
-    session, so that a SIGKILL to the group takes torchrun and both workers down together."""
+    """Two processes under torchrun; --standalone picks a free port, so runs may overlap."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
     return subprocess.Popen(
@@ -46,7 +45,6 @@ def _launch(*args: str) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        start_new_session=True,
     )
 
 
@@ -58,6 +56,16 @@ def _finish(process: subprocess.Popen) -> str:
     stdout, stderr = process.communicate(timeout=600)
     assert process.returncode == 0, stderr[-3000:]
     return stdout
+
+
+def _kill_all(process: subprocess.Popen) -> None:
+    """SIGKILL torchrun and its workers (each worker runs in a session of its own)."""
+    import psutil  # an Accelerate dependency
+
+    for worker in psutil.Process(process.pid).children(recursive=True):
+        worker.send_signal(signal.SIGKILL)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
 
 
 def _trajectory(run: Path) -> dict:
@@ -188,8 +196,7 @@ def test_fsdp2_gpt2_lm_killed_and_resumed_ends_like_ddp(toy_corpus_txt, tmp_path
     deadline = time.monotonic() + 500
     while not marker.exists() and victim.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    os.killpg(victim.pid, signal.SIGKILL)  # torchrun and both workers
-    victim.communicate()
+    _kill_all(victim)
     assert marker.exists() and not (fsdp / "final").exists(), "the run must die mid-way"
 
     result = json.loads(
