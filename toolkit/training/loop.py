@@ -31,7 +31,7 @@ from toolkit.training.models import build_model, load_tokenizer, save_final
 from toolkit.training.recipe import FinetuneConfig, check_config
 from toolkit.training.sharding import (
     accelerate_fsdp_plugin,
-    check_cpu_sharding,
+    check_sharding,
     checkpoint_shards,
     full_state_dict,
     shard_on_cpu,
@@ -107,8 +107,8 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
         fsdp_plugin=accelerate_fsdp_plugin() if config.fsdp and not shard_here else None,
     )
-    if shard_here:
-        check_cpu_sharding(accelerator.num_processes, config.mixed_precision)
+    if config.fsdp:
+        check_sharding(accelerator, shard_here, config.mixed_precision)
     main = accelerator.is_main_process
     checkpoint = _open_run_dir(run_dir, config, accelerator)
     resume_step = json.loads((checkpoint / COMPLETE).read_text())["step"] if checkpoint else 0

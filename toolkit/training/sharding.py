@@ -35,14 +35,21 @@ def accelerate_fsdp_plugin():
     )
 
 
-def check_cpu_sharding(processes: int, mixed_precision: str) -> None:
-    """Refuse `--fsdp` on CPU where it cannot run, before the run writes anything."""
-    if processes < 2:
+def check_sharding(accelerator, on_cpu: bool, mixed_precision: str) -> None:
+    """Refuse `--fsdp` where it would not shard, before the run writes anything."""
+    from accelerate.utils import DistributedType
+
+    if not on_cpu and accelerator.distributed_type != DistributedType.FSDP:
+        raise ToolkitError(
+            "--fsdp: Accelerate did not shard the model (it does on GPUs in processes started by "
+            "torchrun or accelerate launch): launch with torchrun --nproc_per_node N"
+        )
+    if on_cpu and accelerator.num_processes < 2:
         raise ToolkitError(
             "--fsdp shards the model across processes: launch with "
             "torchrun --nproc_per_node N -m toolkit finetune ... (N at least 2)"
         )
-    if mixed_precision != "no":
+    if on_cpu and mixed_precision != "no":
         raise ToolkitError(
             f"--fsdp on CPU trains in float32: drop --mixed-precision {mixed_precision}"
         )
