@@ -4,7 +4,8 @@
          -> on schedule: evaluate, track the shift, checkpoint -> save DIR/final -> DIR/report.md
 
 Runs the same in one process or several (`torchrun --nproc_per_node N -m toolkit finetune ...`):
-every process trains, the main process alone writes files.
+every process trains, the main process alone writes files. `--fsdp` shards the model across them
+(training/sharding.py).
 """
 
 from __future__ import annotations
@@ -188,7 +189,7 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
                     loss = model(**batch).loss
                     accelerator.backward(loss)
                     micro_losses.append(loss.detach())
-                    if accelerator.sync_gradients:  # (an unprepared optimizer steps only here)
+                    if accelerator.sync_gradients:  # (--fsdp on CPU: a plain optimizer)
                         step_loss = _finite_loss(accelerator, micro_losses, step + 1, run_dir)
                         accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
                         optimizer.step()

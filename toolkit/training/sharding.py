@@ -18,13 +18,20 @@ Two routes ask for sharding with `--fsdp`:
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from toolkit.errors import ToolkitError
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator, FullyShardedDataParallelPlugin
+    from torch import Tensor
+    from torch.nn import Module
+    from torch.optim import Optimizer
 
 SHARDS = "sharded"  # DIR/checkpoints/step_N/sharded/: the DCP checkpoint of model and optimizer
 
 
-def accelerate_fsdp_plugin():
+def accelerate_fsdp_plugin() -> FullyShardedDataParallelPlugin:
     """Accelerate's FSDP2 plugin: one shard unit per transformer block (`_no_split_modules`)."""
     from accelerate import FullyShardedDataParallelPlugin
 
@@ -35,7 +42,7 @@ def accelerate_fsdp_plugin():
     )
 
 
-def check_sharding(accelerator, on_cpu: bool, mixed_precision: str) -> None:
+def check_sharding(accelerator: Accelerator, on_cpu: bool, mixed_precision: str) -> None:
     """Refuse `--fsdp` where it would not shard, before the run writes anything."""
     from accelerate.utils import DistributedType
 
@@ -55,7 +62,7 @@ def check_sharding(accelerator, on_cpu: bool, mixed_precision: str) -> None:
         )
 
 
-def shard_on_cpu(model):
+def shard_on_cpu(model: Module) -> Module:
     """Shard `model` in place with FSDP2 over the gloo process group; seed-identical on every rank.
 
     Each block named in the model's `_no_split_modules` (BertLayer, GPT2Block, ...) becomes one
@@ -72,7 +79,7 @@ def shard_on_cpu(model):
     return model
 
 
-def checkpoint_shards(accelerator, model, optimizer) -> None:
+def checkpoint_shards(accelerator: Accelerator, model: Module, optimizer: Optimizer) -> None:
     """Make `accelerator.save_state` / `load_state` write and read the model's and optimizer's
     shards with torch.distributed.checkpoint, in `SHARDS/` beside Accelerate's own files."""
     accelerator.register_save_state_pre_hook(
@@ -83,7 +90,7 @@ def checkpoint_shards(accelerator, model, optimizer) -> None:
     )
 
 
-def _save_shards(model, optimizer, folder: Path) -> None:
+def _save_shards(model: Module, optimizer: Optimizer, folder: Path) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -91,7 +98,7 @@ def _save_shards(model, optimizer, folder: Path) -> None:
     dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder)
 
 
-def _load_shards(model, optimizer, folder: Path) -> None:
+def _load_shards(model: Module, optimizer: Optimizer, folder: Path) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -104,7 +111,7 @@ def _load_shards(model, optimizer, folder: Path) -> None:
     )
 
 
-def full_state_dict(accelerator, model) -> dict:
+def full_state_dict(accelerator: Accelerator, model: Module) -> dict[str, Tensor]:
     """The model's whole weights, on the main process; call it on EVERY process.
 
     FSDP2 (`DTensor` parameters, from `--fsdp` on either route): every process gathers each
@@ -120,8 +127,8 @@ def full_state_dict(accelerator, model) -> dict:
     # After a forward pass without backward, FSDP2 may leave some parameters unsharded (plain
     # tensors), but its state dict always holds DTensors: ask the module, not one parameter.
     if isinstance(model, FSDPModule) or any(isinstance(p, DTensor) for p in model.parameters()):
-        whole: dict = {}
-        gathered: dict[int, object] = {}  # id(parameter) -> whole tensor
+        whole: dict[str, Tensor] = {}
+        gathered: dict[int, Tensor | None] = {}  # id(parameter) -> whole tensor (main process)
         # keep_vars: the parameters themselves, so that a tied pair is one object
         for name, tensor in model.state_dict(keep_vars=True).items():
             if isinstance(tensor, DTensor):
