@@ -189,7 +189,9 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
                     loss = model(**batch).loss
                     accelerator.backward(loss)
                     micro_losses.append(loss.detach())
-                    if accelerator.sync_gradients:  # (--fsdp on CPU: a plain optimizer)
+                    # Step only when gradients sync: --fsdp on CPU uses a plain optimizer, which
+                    # (unlike Accelerate's) does not skip accumulation micro-steps by itself.
+                    if accelerator.sync_gradients:
                         step_loss = _finite_loss(accelerator, micro_losses, step + 1, run_dir)
                         accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
                         optimizer.step()
