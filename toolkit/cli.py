@@ -499,6 +499,12 @@ def _default(name: str) -> str:
     help="Batch texts of similar length together: less padding (classification).",
 )
 @click.option(
+    "--fsdp",
+    is_flag=True,
+    help="Shard the model across the processes (FSDP2; launch with torchrun or accelerate "
+    "launch): Accelerate's FSDP plugin on GPUs, torch's fully_shard per block on CPU.",
+)
+@click.option(
     "--seed", type=int, help=f"Seed of the data order, split and new weights ({_default('seed')})."
 )
 @click.option("--max-train-samples", type=int, help="Use at most this many training rows.")
@@ -531,7 +537,8 @@ def finetune(recipe, as_json, **options):
     from toolkit.workflows import finetune_with_report
 
     config = load_recipe(recipe) if recipe else FinetuneConfig()
-    options["resume"] = options["resume"] or None
+    options["resume"] = options["resume"] or None  # an absent flag keeps the recipe's setting
+    options["fsdp"] = options["fsdp"] or None
     result = finetune_with_report(config.with_overrides(**options))
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun, the main process speaks for the run

@@ -5,7 +5,8 @@
 
 Runs the same in one process or several (`torchrun --nproc_per_node N -m toolkit finetune ...`):
 every process trains, the main process alone writes files. The run's report (DIR/report.md) is
-composed above training, by `toolkit.workflows.finetune_with_report`.
+composed above training, by `toolkit.workflows.finetune_with_report`. `--fsdp` shards the model
+across the processes (training/sharding.py).
 """
 
 from __future__ import annotations
@@ -41,6 +42,13 @@ from toolkit.training.models import (
 )
 from toolkit.training.recipe import FinetuneConfig, check_config
 from toolkit.training.throughput import model_flops_utilisation
+from toolkit.training.sharding import (
+    accelerate_fsdp_plugin,
+    check_sharding,
+    checkpoint_shards,
+    full_state_dict,
+    shard_on_cpu,
+)
 from toolkit.training.tracking import (
     TRAJECTORY_FILE,
     ShiftTracker,
@@ -122,6 +130,8 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
     logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
     run_dir = Path(config.output_dir)
     shift_dir = run_dir / "shift"
+    # --fsdp: Accelerate shards on GPUs; on CPU it would use DDP, so the model is sharded here.
+    shard_here = config.fsdp and not torch.cuda.is_available()
     accelerator = Accelerator(
         # torchrun on a machine without GPUs: ask for CPU explicitly, or every process runs alone.
         cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
@@ -129,7 +139,10 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         # A seeded sampler: the same data order in every process and every resumed run.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
+        fsdp_plugin=accelerate_fsdp_plugin() if config.fsdp and not shard_here else None,
     )
+    if config.fsdp:
+        check_sharding(accelerator, shard_here, config.mixed_precision)
     main = accelerator.is_main_process
     # Data, tokenizer, model. The main process goes first so that dataset caches and a trained
     # tokenizer are written once and then reused by the others. Bad data or a bad model name
@@ -151,6 +164,8 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
     majority = majority_class(train_set["labels"]) if config.task == "classification" else None
     set_seed(config.seed)
     model = build_model(config, tokenizer, data.label_names)
+    if shard_here:
+        model = shard_on_cpu(model)
     cuda = accelerator.device.type == "cuda"
     compiled = config.compile if config.compile is not None else cuda
     if compiled:
@@ -194,7 +209,11 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
     scheduler = get_linear_schedule_with_warmup(
         optimizer, int(config.warmup_ratio * total_steps) * processes, total_steps * processes
     )
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if shard_here:  # model and optimizer stay outside Accelerate; their shards go through DCP
+        scheduler = accelerator.prepare(scheduler)
+        checkpoint_shards(accelerator, model, optimizer)
+    else:
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if checkpoint:
         accelerator.load_state(str(checkpoint))  # model, optimizer, scheduler, RNG states
 
@@ -232,15 +251,17 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
                     loss = model(**batch).loss
                     accelerator.backward(loss)
                     micro_losses.append(loss.detach())
+                    # Step only when gradients sync: --fsdp on CPU uses a plain optimizer, which
+                    # (unlike Accelerate's) does not skip accumulation micro-steps by itself.
                     if accelerator.sync_gradients:
                         # averaged over micro-batches and processes, left on the device
                         update_loss = accelerator.reduce(
                             torch.stack(micro_losses).mean(), reduction="mean"
                         )
                         accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad()
+                        optimizer.step()
+                        scheduler.step()
+                        optimizer.zero_grad()
                 if not accelerator.sync_gradients:
                     continue
                 step += 1
@@ -312,7 +333,7 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
 
     # The end: the final model (transformers format, safetensors) and the trajectory.
     accelerator.wait_for_everyone()
-    state_dict = _full_state_dict(accelerator, model)
+    state_dict = full_state_dict(accelerator, model)
     result = FinetuneResult(
         output_dir=str(run_dir),
         final_dir=str(run_dir / "final"),
@@ -413,7 +434,7 @@ def _start_tracker(accelerator, model, shift_dir, trajectory, resume_step):
         if accelerator.is_main_process:
             return _tracker_class(accelerator).resume(shift_dir, model_config)
         return None
-    state_dict = _full_state_dict(accelerator, model)
+    state_dict = full_state_dict(accelerator, model)
     if accelerator.is_main_process:
         return _tracker_class(accelerator).begin(shift_dir, state_dict, model_config, trajectory)
     return None
@@ -425,27 +446,9 @@ def _tracker_class(accelerator) -> type[ShiftTracker]:
 
 
 def _track(accelerator, model, tracker, trajectory, step, loss, evaluation) -> None:
-    state_dict = _full_state_dict(accelerator, model)  # every process, before the main one records
+    state_dict = full_state_dict(accelerator, model)  # every process, before the main one records
     if accelerator.is_main_process:
         tracker.record(trajectory, step, state_dict, loss, evaluation)
-
-
-def _full_state_dict(accelerator, model) -> dict:
-    """The unwrapped model's full weights, complete on the main process; call it on EVERY process.
-
-    Under FSDP and DeepSpeed ZeRO-3 each rank holds a shard, and gathering the full weights is a
-    collective that every rank must enter (a gather on the main process alone would hang); the
-    other ranks get an empty or partial dict and ignore it. Under DDP or one process it is the
-    model's own state dict: no copy, no communication.
-    """
-    try:
-        return accelerator.get_state_dict(model)
-    except ValueError as err:  # ZeRO-3 without 16-bit gathering raises ValueError
-        raise ToolkitError(
-            "cannot gather the full weights to track them under DeepSpeed ZeRO-3: set "
-            "zero3_save_16bit_model: true (stage3_gather_16bit_weights_on_model_save) in the "
-            f"accelerate config ({first_line(err, 120)})"
-        ) from None
 
 
 def _save_checkpoint(

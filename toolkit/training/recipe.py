@@ -45,6 +45,7 @@ class FinetuneConfig:
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0
     mixed_precision: str = "no"
+    fsdp: bool = False  # shard the model across processes (FSDP2); see training/sharding.py
     seed: int = 42
     compile: bool | None = None  # torch.compile the model; None: on for CUDA, off on CPU
     group_by_length: bool = False  # batches of similar length (less padding); classification
