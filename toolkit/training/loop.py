@@ -20,7 +20,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from toolkit.errors import ToolkitError, first_line
+from toolkit.errors import ToolkitError
 from toolkit.fileio import give_plain_permissions, write_json
 from toolkit.progress import stderr_console
 from toolkit.training.baseline import class_baselines, learning_warning, majority_class
@@ -41,7 +41,6 @@ from toolkit.training.models import (
     training_tokenizer,
 )
 from toolkit.training.recipe import FinetuneConfig, check_config
-from toolkit.training.throughput import model_flops_utilisation
 from toolkit.training.sharding import (
     accelerate_fsdp_plugin,
     check_sharding,
@@ -49,6 +48,7 @@ from toolkit.training.sharding import (
     full_state_dict,
     shard_on_cpu,
 )
+from toolkit.training.throughput import model_flops_utilisation
 from toolkit.training.tracking import (
     TRAJECTORY_FILE,
     ShiftTracker,
