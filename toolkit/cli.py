@@ -443,7 +443,25 @@ def explain_all(model, revision, allow_pickle, skip, lang, as_json, markdown):
 @click.option("--max-steps", type=int, help="Optimizer steps (overrides --epochs).")
 @click.option("--batch-size", type=int, help="Examples per process per micro-batch.")
 @click.option("--gradient-accumulation-steps", type=int)
-@click.option("--learning-rate", type=float)
+@click.option(
+    "--learning-rate",
+    type=float,
+    help="Peak learning rate; default 5e-5 for --method full, 5e-4 for --method lora.",
+)
+@click.option(
+    "--method",
+    type=click.Choice(["full", "lora"]),
+    help="full (default): train every weight; lora: freeze them and train (alpha/r)·B·A beside "
+    "the --lora-targets matrices (peft). DIR/final/ holds the merged model either way.",
+)
+@click.option("--lora-rank", type=int, help="r, the rank of B·A (default 8).")
+@click.option("--lora-alpha", type=float, help="alpha; the update is scaled by alpha/r (default 16).")
+@click.option("--lora-dropout", type=float, help="Dropout on the LoRA branch's input (default 0.05).")
+@click.option(
+    "--lora-targets",
+    help="Matrices to adapt, comma-separated from wq,wk,wv,w0 (default all four); GPT-2 adapts "
+    "its fused wq,wk,wv together.",
+)
 @click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]))
 @click.option("--seed", type=int)
 @click.option("--max-train-samples", type=int, help="Use at most this many training rows.")
@@ -464,7 +482,7 @@ def finetune(recipe, as_json, **options):
 
     RECIPE is a YAML file or the name of one in recipes/ (see 'toolkit recipes'); options override
     its settings. Writes DIR/final/ (the model), DIR/shift/ (snapshots, trajectory.json) and
-    DIR/report.md. Several processes: torchrun --nproc_per_node N -m toolkit finetune ...
+    DIR/report.md; with --method lora also DIR/adapter/ (PEFT format). Several processes: torchrun --nproc_per_node N -m toolkit finetune ...
     """
     from toolkit.training.loop import finetune as run_finetune
     from toolkit.training.recipe import FinetuneConfig, load_recipe
@@ -484,6 +502,7 @@ def finetune(recipe, as_json, **options):
             + (f" ({speed:.1f} samples/s)" if speed else "")
             + f"; {metrics}\n"
             f"report: {result.report}\nfinal model: {result.final_dir}"
+            + (f"\nadapter: {result.adapter_dir}" if result.adapter_dir else "")
         )
 
 

@@ -27,6 +27,15 @@ from toolkit.training.data import (
     load_text_data,
     tokenize_for_classification,
 )
+from toolkit.training.lora import (
+    ADAPTER_DIR,
+    base_model,
+    is_lora_model,
+    merged_state_dict,
+    save_adapter,
+    trainable_parameters,
+    wrap_with_lora,
+)
 from toolkit.training.models import build_model, load_tokenizer, save_final
 from toolkit.training.recipe import FinetuneConfig, check_config
 from toolkit.training.tracking import (
@@ -65,6 +74,10 @@ class FinetuneResult:
     # Training throughput over every update after the first (a warm-up), tracking included,
     # evaluation and checkpoint writes excluded; None when fewer than two updates ran.
     train_samples_per_second: float | None
+    method: str = "full"  # or "lora"
+    trainable_parameters: int = 0  # what the optimizer updates (LoRA: B, A and the task head)
+    total_parameters: int = 0
+    adapter_dir: str | None = None  # LoRA: the adapter in PEFT format
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -114,6 +127,9 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
             eval_set = group_for_causal_lm(data.validation, tokenizer, config.max_length)
     set_seed(config.seed)
     model = build_model(config, tokenizer, data.label_names)
+    if config.method == "lora":
+        model = wrap_with_lora(model, config)
+    trainable, total = trainable_parameters(model)
     collate = data_collator(config.task, tokenizer)
     train_loader = DataLoader(
         train_set,
@@ -241,11 +257,18 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
         processes=processes,
         seconds=time.perf_counter() - started,
         train_samples_per_second=samples_per_second,
+        method=config.method,
+        trainable_parameters=trainable,
+        total_parameters=total,
+        adapter_dir=str(run_dir / ADAPTER_DIR) if config.method == "lora" else None,
     )
     if main:
         from toolkit.render.training_report import write_training_report
 
-        save_final(accelerator.unwrap_model(model), tokenizer, state_dict, run_dir / "final")
+        unwrapped = accelerator.unwrap_model(model)
+        save_final(base_model(unwrapped), tokenizer, state_dict, run_dir / "final")
+        if result.adapter_dir:
+            save_adapter(unwrapped, tokenizer, Path(result.adapter_dir))
         write_json(shift_dir / TRAJECTORY_FILE, trajectory.to_dict())
         write_training_report(run_dir, trajectory, result)
     accelerator.wait_for_everyone()
@@ -335,8 +358,10 @@ def _full_state_dict(accelerator, model) -> dict:
     Under FSDP and DeepSpeed ZeRO-3 each rank holds a shard, and gathering the full weights is a
     collective that every rank must enter (a gather on the main process alone would hang); the
     other ranks get an empty or partial dict and ignore it. Under DDP or one process it is the
-    model's own state dict: no copy, no communication.
+    model's own state dict: no copy, no communication. A LoRA model gives its effective weights.
     """
+    if is_lora_model(accelerator.unwrap_model(model)):
+        return merged_state_dict(accelerator.unwrap_model(model))
     try:
         return accelerator.get_state_dict(model)
     except ValueError as err:  # ZeRO-3 without 16-bit gathering raises ValueError
