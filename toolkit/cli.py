@@ -455,8 +455,12 @@ def explain_all(model, revision, allow_pickle, skip, lang, as_json, markdown):
     "the --lora-targets matrices (peft). DIR/final/ holds the merged model either way.",
 )
 @click.option("--lora-rank", type=int, help="r, the rank of B·A (default 8).")
-@click.option("--lora-alpha", type=float, help="alpha; the update is scaled by alpha/r (default 16).")
-@click.option("--lora-dropout", type=float, help="Dropout on the LoRA branch's input (default 0.05).")
+@click.option(
+    "--lora-alpha", type=float, help="alpha; the update is scaled by alpha/r (default 16)."
+)
+@click.option(
+    "--lora-dropout", type=float, help="Dropout on the LoRA branch's input (default 0.05)."
+)
 @click.option(
     "--lora-targets",
     help="Matrices to adapt, comma-separated from wq,wk,wv,w0 (default all four); GPT-2 adapts "
@@ -482,7 +486,8 @@ def finetune(recipe, as_json, **options):
 
     RECIPE is a YAML file or the name of one in recipes/ (see 'toolkit recipes'); options override
     its settings. Writes DIR/final/ (the model), DIR/shift/ (snapshots, trajectory.json) and
-    DIR/report.md; with --method lora also DIR/adapter/ (PEFT format). Several processes: torchrun --nproc_per_node N -m toolkit finetune ...
+    DIR/report.md; with --method lora also DIR/adapter/ (PEFT format). Several processes:
+    torchrun --nproc_per_node N -m toolkit finetune ...
     """
     from toolkit.training.loop import finetune as run_finetune
     from toolkit.training.recipe import FinetuneConfig, load_recipe
