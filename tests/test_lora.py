@@ -4,6 +4,7 @@ and `compare` see; ΔW has rank <= r where adapted and is exactly zero elsewhere
 from __future__ import annotations
 
 import copy
+import json
 import signal
 import time
 
@@ -212,3 +213,22 @@ def test_lora_run_killed_and_resumed_equals_an_uninterrupted_one(toy_corpus_txt,
     assert [p["step"] for p in b["shift"]] == list(range(0, 25, 4))
     assert b["train_loss"] == a["train_loss"] and b["shift"] == a["shift"]
     assert b["evaluations"] == a["evaluations"]
+
+
+def test_trajectory_intruders_match_a_numpy_count_on_the_snapshots(lora_run):
+    from test_intruders import _numpy_count
+
+    from toolkit.analysis.intruders import trajectory_intruders
+
+    out, _ = lora_run
+    shift = json.loads((out / "shift" / "trajectory.json").read_text())["shift"]
+    found = trajectory_intruders(out / "shift", [(p["step"], p["snapshot"]) for p in shift])
+    assert [point.step for point in found] == [4, 8, 12]
+    start = toolkit.load_attention(out / "shift" / shift[0]["snapshot"])
+    for point, snapshot in zip(found, shift[1:], strict=True):
+        now = toolkit.load_attention(out / "shift" / snapshot["snapshot"])
+        for layer in range(BERT_SHAPE["num_hidden_layers"]):
+            for role in ("wq", "wk", "wv", "w0"):
+                a, b = start.layer(layer).full(role), now.layer(layer).full(role)
+                expected = _numpy_count(a.astype(np.float64), b.astype(np.float64), 10, 0.5)
+                assert point.counts[role][layer] == expected, (point.step, layer, role)

@@ -158,6 +158,21 @@ def verify(model, revision, allow_pickle, texts, as_json):
     show_default=True,
     help="Singular values in the energy share; heads in the summary.",
 )
+@click.option(
+    "--intruder-k",
+    type=click.IntRange(min=1),
+    default=10,
+    show_default=True,
+    help="Intruder dimensions: how many of B's top singular vectors to check (as the paper).",
+)
+@click.option(
+    "--intruder-epsilon",
+    type=click.FloatRange(min=0, max=1, min_open=True),
+    default=0.5,
+    show_default=True,
+    help="Intruder dimensions: a singular vector of B whose max |cos| to every singular vector "
+    "of A is below this is an intruder.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
 @click.option(
     "--plot",
@@ -166,11 +181,23 @@ def verify(model, revision, allow_pickle, texts, as_json):
     help="Write PNG figures into this folder.",
 )
 def compare(
-    model_a, model_b, revision_a, revision_b, allow_pickle, layers, rank, top_k, as_json, plot_dir
+    model_a,
+    model_b,
+    revision_a,
+    revision_b,
+    allow_pickle,
+    layers,
+    rank,
+    top_k,
+    intruder_k,
+    intruder_epsilon,
+    as_json,
+    plot_dir,
 ):
     """How MODEL_B's Wq/Wk/Wv/W0 differ from MODEL_A's, per layer, head and matrix.
 
     Same family and sizes: element-wise change, spectrum of the change, QK/OV circuit change.
+    Same family and sizes also counts intruder dimensions (Shuttleworth et al. 2024).
     Different families or sizes: both models' spectra, ranks and norms side by side.
     """
     from toolkit.analysis.compare import compare as run_compare
@@ -189,6 +216,8 @@ def compare(
         top_k=top_k,
         layers=layers,
         progress=not as_json,
+        intruder_k=intruder_k,
+        intruder_epsilon=intruder_epsilon,
     )
     if as_json:
         _print_json(comparison.to_dict())

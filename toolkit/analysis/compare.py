@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from toolkit.analysis.intruders import DEFAULT_EPSILON, DEFAULT_K, Intruders, intruder_dimensions
 from toolkit.attention import WEIGHT_ROLES, AttentionLayer, AttentionModel, load_attention
 from toolkit.errors import ToolkitError
 
@@ -76,6 +77,7 @@ class MatrixChange:
     amplification: float | None
     delta_singular_values: list[float]
     heads: list[HeadChange]
+    intruders: Intruders | None = None  # W_b's singular vectors unlike all of W_a's (intruders.py)
 
 
 @dataclass
@@ -266,6 +268,8 @@ def compare(
     top_k: int = 8,
     layers: Sequence[int] | None = None,
     progress: bool = False,
+    intruder_k: int = DEFAULT_K,
+    intruder_epsilon: float = DEFAULT_EPSILON,
 ) -> Comparison:
     """Compare the attention weights of model `a` (the reference) with those of model `b`.
 
@@ -273,7 +277,8 @@ def compare(
     `rank`: the r of the LoRA measures; `top_k`: how many singular values the energy share
     counts and how many heads the summary ranks. `layers`: indices in `a` (default all); in
     structural mode each is paired with `b`'s layer at the nearest relative depth.
-    `progress`: show a progress bar over layers on stderr.
+    `progress`: show a progress bar over layers on stderr. `intruder_k`, `intruder_epsilon`:
+    the intruder-dimension count of each matrix (see `toolkit.analysis.intruders`).
     """
     if rank < 1 or top_k < 1:
         raise ToolkitError(f"rank and top_k must be at least 1 (got rank {rank}, top_k {top_k})")
@@ -302,9 +307,15 @@ def compare(
                 f"{info_b.name}: choose layers both hold with --layer"
             )
         for index in _track(selected, progress, "comparing layers"):
-            result.layers.append(
-                layer_change(model_a.layer(index), model_b.layer(index), rank, top_k)
-            )
+            change = layer_change(model_a.layer(index), model_b.layer(index), rank, top_k)
+            for role, matrix in change.matrices.items():
+                matrix.intruders = intruder_dimensions(
+                    model_a.layer(index).full(role),
+                    model_b.layer(index).full(role),
+                    intruder_k,
+                    intruder_epsilon,
+                )
+            result.layers.append(change)
         return result
     profile_b: LayerProfile | None = None
     for index in _track(selected, progress, "profiling layers"):
