@@ -3,6 +3,7 @@ utilisation: model FLOPs ~= 6 x parameters x tokens, against the card's peak bf1
 
     python bench/gpu/throughput.py                      # on a machine with a CUDA GPU
     python bench/gpu/throughput.py --peak-tflops 989    # a card not in PEAK_BF16_TFLOPS
+    python bench/gpu/throughput.py --method lora        # LoRA r 8 on Wq/Wk/Wv/W0: results-lora.json
 
 Prints one JSON object and writes bench/gpu/results.json. Every sequence is exactly --max-length
 tokens long (texts are joined until truncation), so tokens = samples x max_length. The timing is
@@ -79,6 +80,7 @@ def main() -> None:
     parser.add_argument("--track-every", type=int, default=10)
     parser.add_argument("--peak-tflops", type=float, default=None)
     parser.add_argument("--allow-cpu", action="store_true", help="smoke test without a GPU")
+    parser.add_argument("--method", choices=["full", "lora"], default="full")
     args = parser.parse_args()
 
     import torch
@@ -96,7 +98,7 @@ def main() -> None:
     data = long_texts_csv(
         WORK / "gpu_texts.csv", rows=args.batch_size * 8, min_words=args.max_length
     )
-    out = WORK / "gpu_run"
+    out = WORK / f"gpu_run_{args.method}"
     if out.exists():
         import shutil
 
@@ -116,6 +118,7 @@ def main() -> None:
             max_eval_samples=args.batch_size,
             learning_rate=2e-5,
             seed=0,
+            method=args.method,
         )
     )
     from transformers import AutoModelForSequenceClassification
@@ -128,6 +131,12 @@ def main() -> None:
     achieved = 6 * params * tokens_per_second
     peak = args.peak_tflops or peak_tflops(device)
     report = {
+        "method": args.method,
+        # LoRA computes no weight gradients for the frozen matrices: 6 x params overstates its
+        # work, so compare the methods by samples/s and memory, not by MFU.
+        "peak_allocated_gb": torch.cuda.max_memory_allocated() / 2**30
+        if torch.cuda.is_available()
+        else None,
         "device": device,
         "torch": torch.__version__,
         "parameters": params,
@@ -141,7 +150,8 @@ def main() -> None:
         "peak_bf16_tflops": peak,
         "mfu": achieved / (peak * 1e12) if peak else None,
     }
-    (HERE / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    name = "results.json" if args.method == "full" else f"results-{args.method}.json"
+    (HERE / name).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
 
 
