@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import signal
-import time
 
 import numpy as np
 import pytest
@@ -182,7 +180,7 @@ def test_unknown_lora_target_and_default_learning_rates():
 def test_lora_run_killed_and_resumed_equals_an_uninterrupted_one(toy_corpus_txt, tmp_path):
     """SIGKILL after the step-8 checkpoint, then --resume: the same adapter, merged model and
     trajectory as a run never interrupted (dropout on the LoRA branch makes the RNG matter)."""
-    from test_finetune_faults import _finish, _toolkit, _trajectory
+    from test_finetune_faults import _finish, _kill_after, _toolkit, _trajectory
 
     run = [
         *TINY_GPT2_LM_OPTIONS,
@@ -193,13 +191,7 @@ def test_lora_run_killed_and_resumed_equals_an_uninterrupted_one(toy_corpus_txt,
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     reference = _toolkit("--dataset", str(toy_corpus_txt), "--output-dir", str(whole), *run)
     victim = _toolkit("--dataset", str(toy_corpus_txt), "--output-dir", str(killed), *run)
-    marker = killed / "checkpoints" / "step_000008" / "complete.json"
-    deadline = time.monotonic() + 240
-    while not marker.exists() and victim.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
-    assert marker.exists() and not (killed / "final").exists(), "the run must die mid-way"
+    _kill_after(victim, killed / "checkpoints" / "step_000008" / "complete.json", killed)
     resumed = ("--dataset", str(toy_corpus_txt), "--output-dir", str(killed), *run, "--resume")
     _finish(_toolkit(*resumed))
     _finish(reference)

