@@ -89,3 +89,41 @@ def test_cli_options_reach_the_json(tiny_bert):
     assert len(found["max_similarity"]) == 4
     bad = CliRunner().invoke(main, ["compare", str(tiny_bert), str(tiny_bert), "--intruder-k", "0"])
     assert bad.exit_code != 0 and "Traceback" not in bad.output
+
+
+def test_training_report_counts_intruders_over_the_snapshots(tiny_bert, tmp_path):
+    """Step 0: a model's standard tensors; step 5: the same with one large rank-one addition to
+    layer 0's wv. The report's section counts what a plain numpy SVD counts, by step."""
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    from toolkit.analysis.summary import extract
+    from toolkit.render.training_report import _intruder_section
+    from toolkit.training.tracking import ShiftPoint, Trajectory
+
+    shift = tmp_path / "shift"
+    shift.mkdir()
+    extract(str(tiny_bert), str(shift / "step_000000.safetensors"))
+    with safe_open(str(shift / "step_000000.safetensors"), "np") as f:
+        metadata, tensors = f.metadata(), {name: f.get_tensor(name) for name in f.keys()}
+    heads, d_model, d_head = tensors["layers.0.wv"].shape
+    full = tensors["layers.0.wv"].transpose(1, 0, 2).reshape(d_model, heads * d_head)
+    rng = np.random.default_rng(4)
+    moved = full + 50.0 * np.outer(
+        rng.standard_normal(d_model), rng.standard_normal(heads * d_head)
+    )
+    tensors["layers.0.wv"] = np.ascontiguousarray(
+        moved.reshape(d_model, heads, d_head).transpose(1, 0, 2), dtype=np.float32
+    )
+    save_file(tensors, str(shift / "step_000005.safetensors"), metadata=metadata)
+    trajectory = Trajectory(model="tiny", task="classification", n_layers=2, n_heads=heads)
+    trajectory.shift = [
+        ShiftPoint(step, None, {}, {}, {}, f"step_{step:06d}.safetensors") for step in (0, 5)
+    ]
+    expected = _numpy_count(
+        full.astype(np.float64), moved.astype(np.float32).astype(np.float64), 10, 0.5
+    )
+    assert expected >= 1
+    lines = _intruder_section(tmp_path, trajectory)
+    assert "| 5 | 0 | 0 | " + str(expected) + " | 0 |" in lines
+    assert (tmp_path / "intruders_by_step.png").read_bytes()[:4] == b"\x89PNG"

@@ -133,15 +133,17 @@ def _shift_section(run_dir: Path, trajectory: Trajectory) -> list[str]:
 
 
 def _intruder_section(run_dir: Path, trajectory: Trajectory) -> list[str]:
-    """Intruder dimensions of each snapshot against step 0, shown only when some appear."""
+    """Intruder dimensions of each snapshot against step 0, shown when the run ends with some."""
     from toolkit.analysis.intruders import DEFAULT_EPSILON, DEFAULT_K, trajectory_intruders
 
     snapshots = [(p.step, p.snapshot) for p in trajectory.shift]
-    if len(snapshots) < 2:
+    # the last snapshot first: a run that ends without intruders costs one snapshot's SVDs
+    if (
+        len(snapshots) < 2
+        or not trajectory_intruders(run_dir / "shift", [snapshots[0], snapshots[-1]])[0].total
+    ):
         return []
     found = trajectory_intruders(run_dir / "shift", snapshots)
-    if not any(point.total for point in found):
-        return []
     lines = [
         "## Intruder dimensions",
         "",
