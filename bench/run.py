@@ -428,11 +428,79 @@ def busy_table(results: dict) -> list[str]:
     return table(results)
 
 
+def bench_lora(repeat: int) -> dict:
+    """3b. Full fine-tuning against LoRA (r 8 on Wq/Wk/Wv/W0) on the bert-base shape: training
+    samples/s and the peak RSS of each training process; the same recipe as section 3, no
+    tracking, the order alternated each round; medians of the rounds."""
+    recipe = prepare_finetune_recipe()
+    env = {**ENV, "OMP_NUM_THREADS": str(os.cpu_count())}
+    runs = WORK / "lora-runs"
+    base = [*TOOLKIT, "finetune", str(recipe), "--json", "--track-every", "0"]
+    routes = {"full": [*base, "--method", "full"], "lora": [*base, "--method", "lora"]}
+    speeds = {route: [] for route in routes}
+    peaks = {route: [] for route in routes}
+    trainable = {}
+    for index in range(repeat):
+        for route in list(routes)[index % 2 :] + list(routes)[: index % 2]:
+            log(f"lora: {route}, round {index + 1}/{repeat}")
+            shutil.rmtree(runs / route, ignore_errors=True)
+            process = subprocess.Popen(
+                [*routes[route], "--output-dir", str(runs / route)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                env=env,
+                text=True,
+            )
+            output = process.stdout.read()
+            _, status, usage = os.wait4(process.pid, 0)
+            if os.waitstatus_to_exitcode(status) != 0:
+                raise RuntimeError(f"finetune --method {route} failed")
+            result = json.loads(output)
+            speeds[route].append(result["train_samples_per_second"])
+            peaks[route].append(usage.ru_maxrss / 1024)  # KiB on Linux
+            trainable[route] = result["trainable_parameters"]
+    return {
+        "settings": FINETUNE_RECIPE,
+        "threads": os.cpu_count(),
+        "samples_per_second": speeds,
+        "peak_rss_mb": peaks,
+        "trainable_parameters": trainable,
+        "median": {route: statistics.median(values) for route, values in speeds.items()},
+        "median_peak_rss_mb": {route: statistics.median(v) for route, v in peaks.items()},
+    }
+
+
+def lora_table(results: dict) -> list[str]:
+    s, speed, peak = results["settings"], results["median"], results["median_peak_rss_mb"]
+    trainable = results["trainable_parameters"]
+    return [
+        "## 3b. LoRA against full fine-tuning",
+        "",
+        f"The classifier and recipe of section 3 ({s['max_steps']} steps of {s['batch_size']} x "
+        f"{s['max_length']} tokens, {results['threads']} torch threads, no tracking), trained by "
+        "`toolkit finetune --method full` and `--method lora` (r 8, alpha 16, Wq/Wk/Wv/W0). "
+        "Samples/s as in section 3; memory is the peak resident set size of each training "
+        "process (getrusage of the child: Python, torch and data included). Routes alternate; "
+        f"medians of {len(results['samples_per_second']['full'])} rounds.",
+        "",
+        "| method | trainable parameters | samples/s | peak RSS MB |",
+        "| --- | ---: | ---: | ---: |",
+        *(
+            f"| {route} | {trainable[route]:,} | {speed[route]:.2f} | {peak[route]:.0f} |"
+            for route in ("full", "lora")
+        ),
+        "",
+        f"LoRA / full: {speed['lora'] / speed['full']:.2f}x the samples/s, "
+        f"{peak['lora'] / peak['full']:.2f}x the peak RSS.",
+    ]
+
+
 SECTIONS = {
     "extraction": (bench_extraction, extraction_table),
     "compare": (bench_compare, compare_table),
     "finetune": (bench_finetune, finetune_table),
     "busy": (bench_busy, busy_table),
+    "lora": (bench_lora, lora_table),
 }
 
 

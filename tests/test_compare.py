@@ -439,7 +439,7 @@ def test_cli_json_and_plots(tiny_bert, bert_one_head_moved, tmp_path):
         heads["wq"]["fro_delta"] / np.sqrt(sum(h["fro_a"] ** 2 for h in heads.values()))
     )
     written = sorted(plots.glob("*.png"))
-    assert len(written) == 4
+    assert len(written) == 5  # with intruder_dimensions.png
     for path in written:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
 

@@ -406,11 +406,11 @@ def test_explain_all_writes_markdown_with_figures_and_json(tiny_bert, tmp_path):
     result = CliRunner().invoke(
         main,
         ["explain", "all", str(tiny_bert), "--lang", "zh", "--json", "--markdown", str(report)]
-        + ["--skip", "pretrained"],  # it fine-tunes, and tiny_bert has no tokenizer
+        + ["--skip", "pretrained", "--skip", "lora"],  # they fine-tune; tiny_bert has no tokenizer
     )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert set(data) == set(LESSONS) - {"pretrained"}
+    assert set(data) == set(LESSONS) - {"pretrained", "lora"}
     assert data["w0"]["w0_shape"] == [48, 48]
     text = report.read_text(encoding="utf-8")
     assert "问题一" in text and "问题二" in text and "问题三" in text

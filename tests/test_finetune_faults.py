@@ -59,6 +59,16 @@ def _finish(process: subprocess.Popen) -> None:
     assert process.returncode == 0, stderr
 
 
+def _kill_after(victim: subprocess.Popen, marker: Path, run: Path) -> None:
+    """SIGKILL `victim` as soon as `marker` (a checkpoint's complete.json) exists."""
+    deadline = time.monotonic() + 240
+    while not marker.exists() and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert marker.exists() and not (run / "final").exists(), "the run must die mid-way"
+
+
 def _trajectory(run: Path) -> dict:
     return json.loads((run / "shift" / "trajectory.json").read_text())
 
@@ -69,13 +79,7 @@ def test_sigkill_then_resume_gives_the_same_weights_and_trajectory(toy_corpus_tx
     reference = _toolkit("--dataset", str(toy_corpus_txt), "--output-dir", str(whole), *RUN)
 
     victim = _toolkit("--dataset", str(toy_corpus_txt), "--output-dir", str(killed), *RUN)
-    marker = killed / "checkpoints" / "step_000024" / "complete.json"
-    deadline = time.monotonic() + 240
-    while not marker.exists() and victim.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
-    assert marker.exists() and not (killed / "final").exists(), "the run must die mid-way"
+    _kill_after(victim, killed / "checkpoints" / "step_000024" / "complete.json", killed)
 
     _finish(
         _toolkit("--dataset", str(toy_corpus_txt), "--output-dir", str(killed), *RUN, "--resume")

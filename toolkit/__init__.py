@@ -22,6 +22,8 @@ _PUBLIC = {
     "explain_softmax": "toolkit.lessons.softmax",
     "explain_qkv": "toolkit.lessons.qkv",
     "explain_pretrained": "toolkit.lessons.pretrained",
+    "explain_lora": "toolkit.lessons.lora",
+    "intruder_dimensions": "toolkit.analysis.intruders",
     "explain_all": "toolkit.lessons",
     "ToolkitError": "toolkit.errors",
     "finetune": "toolkit.training.loop",

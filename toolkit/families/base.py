@@ -13,8 +13,8 @@ Everything downstream works on that layout only.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -43,6 +43,9 @@ class Family:
     causal: whether a token attends only to itself and earlier tokens.
     hook_modules(model, layer): (module whose input is the attention block's input,
         module whose output is the block's output before dropout and residual).
+    lora_targets: role (wq, wk, wv, w0) -> the name, as `peft` matches it (a suffix of the
+        module's path), of the `nn.Linear`/`Conv1D` that holds the role's weight in every layer;
+        roles stored fused in one module map to the same name. Empty: LoRA is not supported.
     """
 
     name: str
@@ -53,6 +56,7 @@ class Family:
     score_scale: Callable[[dict, int, Dimensions], float]
     causal: bool
     hook_modules: Callable[[object, int], tuple[object, object]]
+    lora_targets: Mapping[str, str] = field(default_factory=dict)
 
     def __repr__(self) -> str:  # the functions' addresses say nothing to a reader
         return f"Family({self.name!r}, model_types={self.model_types}, causal={self.causal})"

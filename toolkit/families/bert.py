@@ -71,4 +71,10 @@ FAMILY = Family(
     score_scale=score_scale,
     causal=False,
     hook_modules=hook_modules,
+    lora_targets={
+        "wq": "attention.self.query",
+        "wk": "attention.self.key",
+        "wv": "attention.self.value",
+        "w0": "attention.output.dense",
+    },
 )

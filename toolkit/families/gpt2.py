@@ -73,4 +73,11 @@ FAMILY = Family(
     score_scale=score_scale,
     causal=True,
     hook_modules=hook_modules,
+    # q, k and v share one fused Conv1D: LoRA adapts them together or not at all
+    lora_targets={
+        "wq": "attn.c_attn",
+        "wk": "attn.c_attn",
+        "wv": "attn.c_attn",
+        "w0": "attn.c_proj",
+    },
 )

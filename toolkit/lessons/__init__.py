@@ -19,6 +19,7 @@ LESSONS: dict[str, str] = {
     "softmax": "toolkit.lessons.softmax:explain_softmax",
     "qkv": "toolkit.lessons.qkv:explain_qkv",
     "pretrained": "toolkit.lessons.pretrained:explain_pretrained",
+    "lora": "toolkit.lessons.lora:explain_lora",
 }
 
 

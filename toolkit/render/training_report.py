@@ -17,7 +17,12 @@ if TYPE_CHECKING:
     from toolkit.training.loop import FinetuneResult
     from toolkit.training.tracking import Trajectory
 
-PLOTS = {"shift": "shift_by_layer.png", "heads": "final_head_shift.png", "loss": "loss.png"}
+PLOTS = {
+    "shift": "shift_by_layer.png",
+    "heads": "final_head_shift.png",
+    "loss": "loss.png",
+    "intruders": "intruders_by_step.png",
+}
 TOP_HEADS = 5
 
 
@@ -74,6 +79,7 @@ def write_training_report(
     ]
     if trajectory.shift:
         lines += _shift_section(run_dir, trajectory)
+        lines += _intruder_section(run_dir, trajectory)
     else:
         lines += ["Shift tracking was off (--track-every 0).", ""]
     if start_vs_end is not None:
@@ -149,6 +155,52 @@ def _shift_section(run_dir: Path, trajectory: Trajectory) -> list[str]:
         for change, role, layer, head in moved[:TOP_HEADS]
     ]
     return lines + [""]
+
+
+def _intruder_section(run_dir: Path, trajectory: Trajectory) -> list[str]:
+    """Intruder dimensions of each snapshot against step 0, shown when the run ends with some."""
+    from toolkit.analysis.intruders import DEFAULT_EPSILON, DEFAULT_K, trajectory_intruders
+
+    snapshots = [(p.step, p.snapshot) for p in trajectory.shift]
+    # the last snapshot first: a run that ends without intruders costs one snapshot's SVDs
+    if (
+        len(snapshots) < 2
+        or not trajectory_intruders(run_dir / "shift", [snapshots[0], snapshots[-1]])[0].total
+    ):
+        return []
+    found = trajectory_intruders(run_dir / "shift", snapshots)
+    lines = [
+        "## Intruder dimensions",
+        "",
+        f"Singular vectors among each matrix's top {DEFAULT_K} with max |cos| < "
+        f"{DEFAULT_EPSILON:g} to every singular vector of the same matrix at step 0 (Shuttleworth "
+        "et al. 2024), summed over layers.",
+        "",
+        f"![intruders by step]({_plot_intruders(run_dir / PLOTS['intruders'], found)})",
+        "",
+        "| step | " + " | ".join(WEIGHT_ROLES) + " |",
+        "|---|" + "---|" * len(WEIGHT_ROLES),
+    ]
+    lines += [
+        f"| {point.step} | "
+        + " | ".join(str(sum(point.counts[role])) for role in WEIGHT_ROLES)
+        + " |"
+        for point in found
+    ]
+    return lines + [""]
+
+
+def _plot_intruders(path: Path, found: list) -> str:
+    """Intruder dimensions summed over layers, one line per weight, against the step."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(6, 3.4))
+    steps = [point.step for point in found]
+    for role in WEIGHT_ROLES:
+        axis.plot(steps, [sum(point.counts[role]) for point in found], "o-", label=role)
+    axis.set_xlabel("step")
+    axis.set_ylabel("intruder dimensions (all layers)")
+    axis.legend(fontsize="small")
+    return _save(figure, path)
 
 
 def _plot_shift(path: Path, trajectory: Trajectory) -> str:

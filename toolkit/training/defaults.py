@@ -1,7 +1,8 @@
 """The learning rate and length of a run when the user gives neither: a rule from the model's
 width and the dataset's size, known before the first step.
 
-    learning rate  1e-4 x (384 / d_model) ** 1.5, x 10 from random weights, within [1e-5, 1e-3]
+    learning rate  1e-4 x (384 / d_model) ** 1.5, x 10 from random weights, x 10 for LoRA,
+                   within [1e-5, 1e-3]
     epochs         enough for at least 200 optimizer steps, at most 20 epochs
 
 MiniLM (d_model 384) gets 1e-4, bert-base and gpt2 (768) 3.5e-5, bert-large (1024) 2.3e-5: the
@@ -19,6 +20,9 @@ REFERENCE_WIDTH = 384
 REFERENCE_LEARNING_RATE = 1e-4
 WIDTH_EXPONENT = 1.5
 RANDOM_INIT_FACTOR = 10.0
+# LoRA trains a few new, zero-started matrices and needs a larger step than a full fine-tune
+# (Hu et al. 2021 used 2e-4..5e-4 on RoBERTa/DeBERTa/GPT-2, where full fine-tunes use ~2e-5..5e-5).
+LORA_FACTOR = 10.0
 LEARNING_RATE_RANGE = (1e-5, 1e-3)
 MIN_STEPS = 200
 MAX_DEFAULT_EPOCHS = 20
@@ -35,11 +39,13 @@ class Schedule:
     chosen: dict[str, str] = field(default_factory=dict)
 
 
-def default_learning_rate(d_model: int, pretrained: bool) -> float:
+def default_learning_rate(d_model: int, pretrained: bool, method: str = "full") -> float:
     """The rule's learning rate for a model `d_model` wide, to two significant digits."""
     rate = REFERENCE_LEARNING_RATE * (REFERENCE_WIDTH / d_model) ** WIDTH_EXPONENT
     if not pretrained:
         rate *= RANDOM_INIT_FACTOR  # fresh weights need larger steps to leave their start
+    if method == "lora":
+        rate *= LORA_FACTOR
     low, high = LEARNING_RATE_RANGE
     return float(f"{min(max(rate, low), high):.2g}")
 
@@ -56,13 +62,16 @@ def choose_schedule(
     d_model: int,
     pretrained: bool,
     updates_per_epoch: int,
+    method: str = "full",
 ) -> Schedule:
     """Fill in what the user left out (None) by the rule above."""
     chosen = {}
     if learning_rate is None:
-        learning_rate = default_learning_rate(d_model, pretrained)
+        learning_rate = default_learning_rate(d_model, pretrained, method)
         start = "pretrained" if pretrained else "random weights"
-        chosen["learning_rate"] = f"d_model {d_model}, {start}"
+        chosen["learning_rate"] = f"d_model {d_model}, {start}" + (
+            ", LoRA" if method == "lora" else ""
+        )
     if max_steps:
         epochs = math.ceil(max_steps / updates_per_epoch)
     elif epochs is None:

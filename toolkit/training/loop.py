@@ -33,6 +33,15 @@ from toolkit.training.data import (
 )
 from toolkit.training.defaults import choose_schedule, describe_schedule
 from toolkit.training.device_tracking import DeviceShiftTracker
+from toolkit.training.lora import (
+    ADAPTER_DIR,
+    base_model,
+    is_lora_model,
+    merged_state_dict,
+    save_adapter,
+    trainable_parameters,
+    wrap_with_lora,
+)
 from toolkit.training.models import (
     build_model,
     check_model,
@@ -100,6 +109,10 @@ class FinetuneResult:
     # The run's Trajectory in memory (not in to_dict: trajectory.json holds it). Complete on the
     # main process; on the others it lacks the shift points, which only the main process tracks.
     trajectory_record: Trajectory | None = field(default=None, repr=False, compare=False)
+    method: str = "full"  # or "lora"
+    trainable_parameters: int = 0  # what the optimizer updates (LoRA: B, A and the task head)
+    total_parameters: int = 0
+    adapter_dir: str | None = None  # LoRA: the adapter in PEFT format
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -164,6 +177,9 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
     majority = majority_class(train_set["labels"]) if config.task == "classification" else None
     set_seed(config.seed)
     model = build_model(config, tokenizer, data.label_names)
+    if config.method == "lora":
+        model = wrap_with_lora(model, config)
+    trainable, total = trainable_parameters(model)
     if shard_here:
         model = shard_on_cpu(model)
     cuda = accelerator.device.type == "cuda"
@@ -193,6 +209,7 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
         d_model=model.config.hidden_size,
         pretrained=config.init == "pretrained" and gpt2_config_overrides(config.model) is None,
         updates_per_epoch=updates_per_epoch,
+        method=config.method,
     )
     total_steps, epochs = schedule.total_steps, schedule.epochs
     if main:
@@ -333,7 +350,7 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
 
     # The end: the final model (transformers format, safetensors) and the trajectory.
     accelerator.wait_for_everyone()
-    state_dict = full_state_dict(accelerator, model)
+    state_dict = _weights(accelerator, model)
     result = FinetuneResult(
         output_dir=str(run_dir),
         final_dir=str(run_dir / "final"),
@@ -359,9 +376,16 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
         learned=warning is None,
         warning=warning,
         trajectory_record=trajectory,
+        method=config.method,
+        trainable_parameters=trainable,
+        total_parameters=total,
+        adapter_dir=str(run_dir / ADAPTER_DIR) if config.method == "lora" else None,
     )
     if main:
-        save_final(accelerator.unwrap_model(model), tokenizer, state_dict, run_dir / "final")
+        unwrapped = accelerator.unwrap_model(model)
+        save_final(base_model(unwrapped), tokenizer, state_dict, run_dir / "final")
+        if result.adapter_dir:
+            save_adapter(unwrapped, tokenizer, Path(result.adapter_dir))
         write_json(shift_dir / TRAJECTORY_FILE, trajectory.to_dict())
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -434,7 +458,7 @@ def _start_tracker(accelerator, model, shift_dir, trajectory, resume_step):
         if accelerator.is_main_process:
             return _tracker_class(accelerator).resume(shift_dir, model_config)
         return None
-    state_dict = full_state_dict(accelerator, model)
+    state_dict = _weights(accelerator, model)
     if accelerator.is_main_process:
         return _tracker_class(accelerator).begin(shift_dir, state_dict, model_config, trajectory)
     return None
@@ -446,9 +470,19 @@ def _tracker_class(accelerator) -> type[ShiftTracker]:
 
 
 def _track(accelerator, model, tracker, trajectory, step, loss, evaluation) -> None:
-    state_dict = full_state_dict(accelerator, model)  # every process, before the main one records
+    state_dict = _weights(accelerator, model)  # every process, before the main one records
     if accelerator.is_main_process:
         tracker.record(trajectory, step, state_dict, loss, evaluation)
+
+
+def _weights(accelerator, model) -> dict:
+    """The whole weights to track and save, complete on the main process; call it on EVERY
+    process (under sharding it is a collective). A LoRA model gives its effective weights
+    W + (alpha/r)·B·A under the base model's names."""
+    unwrapped = accelerator.unwrap_model(model)
+    if is_lora_model(unwrapped):
+        return merged_state_dict(unwrapped)
+    return full_state_dict(accelerator, model)
 
 
 def _save_checkpoint(

@@ -10,11 +10,13 @@ import dataclasses
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from toolkit.attention import WEIGHT_ROLES
 from toolkit.errors import ToolkitError, close_match, first_line
 
 TASKS = ("classification", "causal-lm")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 INITS = ("pretrained", "random")
+METHODS = ("full", "lora")
 # toolkit/recipes links to the repository's recipes/, so the recipes ship inside the wheel too
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -40,7 +42,7 @@ class FinetuneConfig:
     max_steps: int | None = None
     batch_size: int = 16
     gradient_accumulation_steps: int = 1
-    learning_rate: float | None = None  # None: scaled to the model's width (training/defaults.py)
+    learning_rate: float | None = None  # None: the rule of training/defaults.py
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0
@@ -55,6 +57,11 @@ class FinetuneConfig:
     log_every: int = 10
     resume: bool = False
     description: str = ""
+    method: str = "full"  # or "lora": frozen weights plus a trained (alpha/r)·B·A (peft)
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    lora_targets: str = "wq,wk,wv,w0"  # comma-separated roles, mapped per family to modules
 
     def with_overrides(self, **overrides) -> FinetuneConfig:
         """A copy with the given fields replaced; None means "not given" and keeps the field."""
@@ -130,7 +137,33 @@ def check_config(config: FinetuneConfig) -> FinetuneConfig:
         raise ToolkitError(
             "--group-by-length is for classification: causal-lm blocks are all --max-length long"
         )
+    if config.method not in METHODS:
+        raise ToolkitError(f"unknown method '{config.method}': choose {' or '.join(METHODS)}")
+    if config.method == "lora":
+        _check_lora(config)
     return config
+
+
+def lora_roles(config: FinetuneConfig) -> list[str]:
+    """The roles of `--lora-targets` ("wq,wv" -> ["wq", "wv"]), in the standard order."""
+    given = {role.strip().lower() for role in config.lora_targets.split(",") if role.strip()}
+    unknown = sorted(given - set(WEIGHT_ROLES))
+    if unknown or not given:
+        raise ToolkitError(
+            f"lora-targets '{config.lora_targets}' must name some of {', '.join(WEIGHT_ROLES)} "
+            "(comma-separated, e.g. wq,wv)"
+        )
+    return [role for role in WEIGHT_ROLES if role in given]
+
+
+def _check_lora(config: FinetuneConfig) -> None:
+    if config.lora_rank < 1:
+        raise ToolkitError(f"lora-rank must be at least 1, not {config.lora_rank}")
+    if config.lora_alpha <= 0:
+        raise ToolkitError(f"lora-alpha must be positive, not {config.lora_alpha}")
+    if not 0 <= config.lora_dropout < 1:
+        raise ToolkitError(f"lora-dropout must be in [0, 1), not {config.lora_dropout}")
+    lora_roles(config)
 
 
 _TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}

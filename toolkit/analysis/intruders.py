@@ -1,0 +1,117 @@
+"""Intruder dimensions (Shuttleworth et al. 2024, "LoRA vs Full Fine-tuning: An Illusion of
+Equivalence", arXiv 2410.21228): new high-ranking singular vectors after a fine-tune.
+
+A fine-tuned matrix W_b's singular vector y_j is an intruder when it is unlike every singular
+vector x_i of the matrix W_a it started from:
+
+    max_i |cos(y_j, x_i)| < epsilon        checked for the top-k y_j (largest singular values)
+
+The paper counts over the top k = 10 singular vectors and reports counts over a range of
+epsilon; 0.5 is the default of peft's `reduce_intruder_dimension`, which implements the paper's
+detector, and is the default here (`--intruder-epsilon`, `--intruder-k`). The vectors compared
+live in the matrix's output space (the paper's U of an nn.Linear weight [out, in]): in this
+toolkit's x @ W layout [d_in, d_out] they are the right singular vectors. The singular vectors
+of W_a form an orthonormal basis of that space (or of W_a's row space), so a random direction in
+d dimensions has max |cos| near sqrt(2 ln(2d) / d): about 0.18 for d = 384, 0.44 for d = 48,
+where epsilon = 0.5 starts to call chance alignments "not intruders" less reliably.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from toolkit.errors import ToolkitError
+
+DEFAULT_K = 10  # as the paper
+DEFAULT_EPSILON = 0.5  # the paper's largest threshold; peft's default
+
+
+@dataclass
+class Intruders:
+    """Intruder dimensions of one matrix W_a -> W_b.
+
+    max_similarity[j]: max_i |cos(y_j, x_i)| for the j-th singular vector y_j of W_b (largest
+    singular value first), over every singular vector x_i of W_a; `count` of them < epsilon.
+    """
+
+    k: int
+    epsilon: float
+    count: int
+    max_similarity: list[float]
+    intruder_ranks: list[int]  # j (0-based) of each intruder among W_b's singular vectors
+
+
+def intruder_dimensions(
+    full_a: np.ndarray, full_b: np.ndarray, k: int = DEFAULT_K, epsilon: float = DEFAULT_EPSILON
+) -> Intruders:
+    """Count W_b's top-k output-side singular vectors that are unlike all of W_a's.
+
+    full_a, full_b: [d_in, d_out], the same matrix before and after (x @ W layout).
+    """
+    return _count(_output_basis(full_a), full_b, k, epsilon)
+
+
+def _output_basis(full: np.ndarray):
+    """The right singular vectors of an x @ W matrix [d_in, d_out], as rows, largest first."""
+    import torch
+
+    matrix = torch.as_tensor(np.ascontiguousarray(full), dtype=torch.float64)
+    return torch.linalg.svd(matrix, full_matrices=False)[2]  # [min(d_in, d_out), d_out]
+
+
+def _count(basis_a, full_b: np.ndarray, k: int, epsilon: float) -> Intruders:
+    if k < 1 or not 0 < epsilon <= 1:
+        raise ToolkitError(
+            f"intruder k must be at least 1 and epsilon in (0, 1] (got k {k}, epsilon {epsilon})"
+        )
+    top = _output_basis(full_b)[:k]  # y_j as rows [k, d_out]
+    similarity = (top @ basis_a.T).abs().amax(dim=1)  # [k]: unit vectors, so |dot| = |cos|
+    ranks = [j for j, value in enumerate(similarity.tolist()) if value < epsilon]
+    return Intruders(k, epsilon, len(ranks), similarity.tolist(), ranks)
+
+
+@dataclass
+class SnapshotIntruders:
+    """Intruder counts of one tracked step against step 0: role -> [n_layers]."""
+
+    step: int
+    counts: dict[str, list[int]]
+
+    @property
+    def total(self) -> int:
+        return sum(sum(per_layer) for per_layer in self.counts.values())
+
+
+def trajectory_intruders(
+    shift_dir: str | Path,
+    snapshots: list[tuple[int, str]],
+    k: int = DEFAULT_K,
+    epsilon: float = DEFAULT_EPSILON,
+) -> list[SnapshotIntruders]:
+    """Intruders of every tracked snapshot against the first one (step 0), per layer and matrix.
+
+    snapshots: (step, file name in `shift_dir`) in step order, the first being step 0, as a
+    trajectory's shift points list them.
+    """
+    from toolkit.attention import WEIGHT_ROLES, load_attention
+
+    shift_dir = Path(shift_dir)
+    start = load_attention(shift_dir / snapshots[0][1])
+    start_basis = {
+        (layer.index, role): _output_basis(layer.full(role))
+        for layer in start.layers()
+        for role in WEIGHT_ROLES
+    }
+    result = []
+    for step, name in snapshots[1:]:
+        now = load_attention(shift_dir / name)
+        counts = {role: [] for role in WEIGHT_ROLES}
+        for layer in now.layers():
+            for role in WEIGHT_ROLES:
+                found = _count(start_basis[layer.index, role], layer.full(role), k, epsilon)
+                counts[role].append(found.count)
+        result.append(SnapshotIntruders(step, counts))
+    return result
