@@ -109,14 +109,17 @@ def _intruder_grid(comparison: Comparison):
     import matplotlib.pyplot as plt
 
     counts = np.array(
-        [[layer.matrices[role].intruders.count for role in WEIGHTS] for layer in comparison.layers]
+        [
+            [layer.matrices[role].intruders.count for role in WEIGHT_ROLES]
+            for layer in comparison.layers
+        ]
     )  # [layers, 4]
     settings = comparison.layers[0].matrices["wq"].intruders
     figure, axis = plt.subplots(figsize=(5, 0.45 * len(counts) + 2), layout="constrained")
     image = axis.imshow(counts, aspect="auto", cmap="magma_r", vmin=0, vmax=max(settings.k, 1))
     for (row, column), value in np.ndenumerate(counts):
         axis.text(column, row, str(value), ha="center", va="center", color="tab:blue")
-    axis.set_xticks(range(len(WEIGHTS)), WEIGHTS)
+    axis.set_xticks(range(len(WEIGHT_ROLES)), WEIGHT_ROLES)
     axis.set_yticks(range(len(counts)), [str(layer.layer) for layer in comparison.layers])
     axis.set_xlabel("matrix")
     axis.set_ylabel("layer")
@@ -307,7 +310,7 @@ def _elementwise_markdown(c: Comparison) -> list[str]:
     if settings is not None:
         totals = {
             role: sum(layer.matrices[role].intruders.count for layer in c.layers)
-            for role in WEIGHTS
+            for role in WEIGHT_ROLES
         }
         lines += [
             "",

@@ -176,7 +176,7 @@ def _side_by_side(a: float | None, b: float | None) -> str:
 
 def _render_intruders(c: Comparison, console: Console) -> None:
     """Layer x matrix counts of intruder dimensions (Shuttleworth et al. 2024)."""
-    first = c.layers[0].matrices[WEIGHTS[0]].intruders if c.layers else None
+    first = c.layers[0].matrices[WEIGHT_ROLES[0]].intruders if c.layers else None
     if first is None:
         return
     table = Table(
@@ -185,16 +185,16 @@ def _render_intruders(c: Comparison, console: Console) -> None:
         caption="Shuttleworth et al. 2024 (arXiv 2410.21228): LoRA makes them, full "
         "fine-tuning rarely does; output-side singular vectors",
     )
-    for column in ("layer", *WEIGHTS, "lowest max |cos| (matrix)"):
+    for column in ("layer", *WEIGHT_ROLES, "lowest max |cos| (matrix)"):
         table.add_column(column, justify="right")
     for layer in c.layers:
-        found = {role: layer.matrices[role].intruders for role in WEIGHTS}
+        found = {role: layer.matrices[role].intruders for role in WEIGHT_ROLES}
         role, lowest = min(
             ((role, min(f.max_similarity)) for role, f in found.items()), key=lambda x: x[1]
         )
         table.add_row(
             str(layer.layer),
-            *(str(found[role].count) for role in WEIGHTS),
+            *(str(found[role].count) for role in WEIGHT_ROLES),
             f"{lowest:.3f} ({role})",
         )
     console.print(table)
