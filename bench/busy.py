@@ -171,6 +171,8 @@ def busy_table(results: dict) -> list[str]:
                 f"| {tree} | {name} | {r['quiet_median']:.1f} | {r['busy_median']:.1f} | "
                 f"{r['ratio']:.2f} |"
             )
+    if results.get("note"):  # what the numbers can and cannot show, written by whoever ran it
+        lines += ["", results["note"]]
     return lines
 
 
