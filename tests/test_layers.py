@@ -16,6 +16,7 @@ PACKAGE = Path(toolkit.__file__).parent
 # Bottom to top; a module may import its own layer and the ones below, never one above.
 LAYERS = [
     ("toolkit.errors", "toolkit.safetensors_format", "toolkit.fileio", "toolkit.progress"),
+    ("toolkit.threads",),
     ("toolkit.sources", "toolkit.checkpoint", "toolkit.families"),
     ("toolkit.attention",),
     ("toolkit.runtime", "toolkit.analysis", "toolkit.training", "toolkit.lessons"),
