@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 import click
 
@@ -165,8 +166,23 @@ def verify(model, revision, allow_pickle, texts, as_json):
     type=click.Path(file_okay=False),
     help="Write PNG figures into this folder.",
 )
+@click.option(
+    "--html",
+    type=click.Path(dir_okay=False),
+    help="Also write the interactive page (as 'toolkit view A B' does) to this file.",
+)
 def compare(
-    model_a, model_b, revision_a, revision_b, allow_pickle, layers, rank, top_k, as_json, plot_dir
+    model_a,
+    model_b,
+    revision_a,
+    revision_b,
+    allow_pickle,
+    layers,
+    rank,
+    top_k,
+    as_json,
+    plot_dir,
+    html,
 ):
     """How MODEL_B's Wq/Wk/Wv/W0 differ from MODEL_A's, per layer, head and matrix.
 
@@ -179,6 +195,10 @@ def compare(
         from toolkit.render.compare_plots import plot_folder
 
         plot_folder(plot_dir)
+    if html:
+        from toolkit.fileio import check_output_path
+
+        check_output_path(html)
     comparison = run_compare(
         model_a,
         model_b,
@@ -201,6 +221,51 @@ def compare(
 
         paths = write_compare_plots(comparison, plot_dir)
         click.echo(f"wrote {len(paths)} figures to {plot_dir}", err=as_json)
+    if html:
+        from toolkit.view import write_comparison_view
+
+        write_comparison_view(comparison, model_a, model_b, html)
+        click.echo(f"wrote {html}", err=as_json)
+
+
+@main.command()
+@click.argument("target", metavar="RUN_DIR | MODEL_A")
+@click.argument("model_b", required=False)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False),
+    help="The HTML file to write; default: RUN_DIR/view.html, or view.html for two models.",
+)
+@click.option(
+    "--text",
+    "texts",
+    multiple=True,
+    help="A text to show the attention on (repeatable); default: two sentences.",
+)
+def view(target, model_b, output, texts):
+    """One self-contained HTML page to explore, offline, in a browser.
+
+    RUN_DIR (a 'toolkit finetune' output folder): the layer x head shift over every snapshot
+    with a step slider, the loss and metric curves, the start-against-end comparison, and
+    each head's attention on the texts before and after. MODEL_A MODEL_B: the page of
+    'toolkit compare MODEL_A MODEL_B' with both models' attention.
+    """
+    from toolkit.fileio import check_output_path
+    from toolkit.view import write_comparison_view, write_run_view
+
+    if output is not None:
+        check_output_path(output)
+    if model_b is None:
+        path = write_run_view(target, output, texts or None)
+    else:
+        from toolkit.analysis.compare import compare as run_compare
+
+        comparison = run_compare(target, model_b, progress=True)
+        path = write_comparison_view(
+            comparison, target, model_b, output or "view.html", texts or None
+        )
+    click.echo(f"wrote {path}")
 
 
 @main.group()
@@ -468,6 +533,7 @@ def finetune(recipe, as_json, **options):
     """
     from toolkit.training.loop import finetune as run_finetune
     from toolkit.training.recipe import FinetuneConfig, load_recipe
+    from toolkit.view import VIEW_FILE
 
     config = load_recipe(recipe) if recipe else FinetuneConfig()
     options["resume"] = options["resume"] or None
@@ -483,7 +549,8 @@ def finetune(recipe, as_json, **options):
             f"{result.steps} steps in {result.seconds:.0f} s"
             + (f" ({speed:.1f} samples/s)" if speed else "")
             + f"; {metrics}\n"
-            f"report: {result.report}\nfinal model: {result.final_dir}"
+            f"report: {result.report}\nview: {Path(result.output_dir) / VIEW_FILE}\n"
+            f"final model: {result.final_dir}"
         )
 
 

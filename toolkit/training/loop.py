@@ -2,6 +2,7 @@
 
     data -> tokenizer, model -> prepare -> for each step: forward, backward, clip, step
          -> on schedule: evaluate, track the shift, checkpoint -> save DIR/final -> DIR/report.md
+         -> DIR/view.html
 
 Runs the same in one process or several (`torchrun --nproc_per_node N -m toolkit finetune ...`):
 every process trains, the main process alone writes files.
@@ -244,10 +245,12 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
     )
     if main:
         from toolkit.render.training_report import write_training_report
+        from toolkit.view import write_run_view
 
         save_final(accelerator.unwrap_model(model), tokenizer, state_dict, run_dir / "final")
         write_json(shift_dir / TRAJECTORY_FILE, trajectory.to_dict())
         write_training_report(run_dir, trajectory, result)
+        write_run_view(run_dir)  # DIR/view.html, the interactive page of report.md's numbers
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result
