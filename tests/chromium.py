@@ -84,15 +84,14 @@ class Browser:
                 return reply["result"]
             self.events.append(reply)
 
-    def wait_for(self, method: str, timeout: float | None = None) -> dict:
-        """The first event named `method` (already received or arriving within `timeout`)."""
-        deadline = time.monotonic() + (timeout or self.timeout)
-        seen = 0
+    def wait_for(self, method: str, session: str, since: int = 0) -> dict:
+        """The first event named `method` of `session` among `events[since:]`, waiting for it."""
+        deadline = time.monotonic() + self.timeout
         while True:
-            for event in self.events[seen:]:
-                if event.get("method") == method:
+            for event in self.events[since:]:
+                if event.get("method") == method and event.get("sessionId") == session:
                     return event
-            seen = len(self.events)
+            since = len(self.events)
             self.events.append(self._receive(deadline - time.monotonic()))
 
     def _receive(self, timeout: float) -> dict:
@@ -121,9 +120,9 @@ class Browser:
             "Emulation.setDeviceMetricsOverride",
             {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False},
         )
-        started = time.monotonic()
+        started, since = time.monotonic(), len(self.events)
         page.send("Page.navigate", {"url": url})
-        self.wait_for("Page.loadEventFired")
+        self.wait_for("Page.loadEventFired", session, since)
         page.load_seconds = time.monotonic() - started
         return page
 

@@ -478,7 +478,7 @@ function attentionMatrix(tokens, probs, picked) {
     class: "attention-matrix" });
   tokens.forEach((t, i) => {
     const row = svgEl("text", { x: left - 4, y: top + i * cell + cell * 0.7, "text-anchor": "end",
-      class: `token${i === picked ? " picked" : ""}` }, t);
+      class: `token${i === picked ? " picked" : ""}`, "data-token": i }, t);
     row.addEventListener("click", () => pickToken(i));
     svg.append(row);
     const x = left + i * cell + cell * 0.7;
@@ -509,7 +509,7 @@ function attentionLines(tokens, probs, picked) {
   tokens.forEach((t, i) => {
     for (const [x, anchor] of [[104, "end"], [196, "start"]]) {
       const label = svgEl("text", { x, y: top + i * gap + 4, "text-anchor": anchor,
-        class: `token${i === picked && anchor === "end" ? " picked" : ""}` }, t);
+        class: `token${i === picked && anchor === "end" ? " picked" : ""}`, "data-token": i }, t);
       label.addEventListener("click", () => pickToken(i));
       svg.append(label);
     }
