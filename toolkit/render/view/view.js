@@ -79,7 +79,9 @@ function pickHead(layer, head) {
 // ---------------------------------------------------------------------------------------------
 // A layer x head heatmap. value(layer, head) -> number | null; scale [min, max].
 
-function heatmap({ name, title, layers, heads, value, min = 0, max, describe }) {
+// layerIds: the model's index of each row (a comparison may hold only some layers)
+function heatmap({ name, title, layers, heads, value, min = 0, max, describe,
+  layerIds = range(layers) }) {
   const left = 22, top = 16;
   const width = Math.max(left + heads * CELL + 4, 90), height = top + layers * CELL + 14;
   const svg = svgEl("svg", { width, height, class: "heatmap", "data-map": name });
@@ -87,7 +89,7 @@ function heatmap({ name, title, layers, heads, value, min = 0, max, describe }) 
   const cells = [];
   for (const layer of range(layers)) {
     svg.append(svgEl("text", { x: left - 4, y: top + layer * CELL + 12, "text-anchor": "end" },
-      String(layer)));
+      String(layerIds[layer])));
     for (const head of range(heads)) {
       const rect = svgEl("rect", {
         class: "cell", x: left + head * CELL, y: top + layer * CELL,
@@ -95,7 +97,7 @@ function heatmap({ name, title, layers, heads, value, min = 0, max, describe }) 
       });
       rect.addEventListener("mousemove", (event) => showTip(event, describe(layer, head)));
       rect.addEventListener("mouseleave", hideTip);
-      rect.addEventListener("click", () => pickHead(layer, head));
+      rect.addEventListener("click", () => pickHead(layerIds[layer], head));
       svg.append(rect);
       cells.push(rect);
     }
@@ -107,7 +109,7 @@ function heatmap({ name, title, layers, heads, value, min = 0, max, describe }) 
       rect.setAttribute("data-value", v === null ? "" : String(v));
       rect.setAttribute("fill", v === null ? "#ccc" : colour((v - min) / (max - min || 1)));
       rect.classList.toggle("picked",
-        +rect.dataset.layer === state.layer && +rect.dataset.head === state.head);
+        layerIds[+rect.dataset.layer] === state.layer && +rect.dataset.head === state.head);
     }
   }
   update();
@@ -116,13 +118,13 @@ function heatmap({ name, title, layers, heads, value, min = 0, max, describe }) 
 }
 
 function scaleLegend(min, max, label) {
-  const svg = svgEl("svg", { width: 180, height: 30 });
+  const svg = svgEl("svg", { width: 170, height: 44 });
+  svg.append(svgEl("text", { x: 10, y: 12 }, label));
   range(60).forEach((i) => svg.append(svgEl("rect", {
-    x: 10 + i * 2.5, y: 2, width: 2.6, height: 10, fill: colour(i / 59),
+    x: 10 + i * 2.5, y: 18, width: 2.6, height: 10, fill: colour(i / 59),
   })));
-  svg.append(svgEl("text", { x: 10, y: 26 }, fmt(min)));
-  svg.append(svgEl("text", { x: 160, y: 26, "text-anchor": "end" }, fmt(max)));
-  svg.append(svgEl("text", { x: 85, y: 26, "text-anchor": "middle" }, label));
+  svg.append(svgEl("text", { x: 10, y: 40 }, fmt(min)));
+  svg.append(svgEl("text", { x: 160, y: 40, "text-anchor": "end" }, fmt(max)));
   return svg;
 }
 
@@ -210,7 +212,8 @@ function runSection(run) {
   }
   section.append(el("p", { class: "muted" },
     "Relative change of each head against step 0: ||W_t[h] - W_0[h]||_F / ||W_0[h]||_F; " +
-    "'all four' is wq, wk, wv, w0 of the head taken together. Hover a cell for its numbers, " +
+    "'all four' is wq, wk, wv, w0 of the head taken together. Rows are layers, columns heads. " +
+    "Hover a cell for its numbers, " +
     "click it to see that head's attention below."));
   const maps = [...ROLES, "all"];
   const change = run.head_change;
@@ -311,9 +314,9 @@ function elementwise(section, c) {
   const headValue = (role, key) => (l, h) => c.layers[l].matrices[role].heads[h][key];
   const relative = Object.fromEntries(ROLES.map((r) => [r, headValue(r, "relative_change")]));
   relative.all = (l, h) => c.head_relative_change[l][h];
-  const layerName = (l) => c.layers[l].layer;
+  const layerIds = c.layers.map((layer) => layer.layer);
   const describe = (title, value) => (l, h) =>
-    `${title} · layer ${layerName(l)} · head ${h}\n${fmt(value(l, h))}`;
+    `${title} · layer ${layerIds[l]} · head ${h}\n${fmt(value(l, h))}`;
   const maxOf = (fns) => Math.max(...fns.flatMap((f) => range(layers).flatMap((l) =>
     range(heads).map((h) => f(l, h)))).filter((v) => v !== null)) || 1;
 
@@ -322,7 +325,7 @@ function elementwise(section, c) {
   const row = el("div", { class: "row" });
   for (const m of [...ROLES, "all"]) {
     const title = m === "all" ? "all four" : m;
-    row.append(heatmap({ name: `compare-${m}`, title, layers, heads, max, value: relative[m],
+    row.append(heatmap({ name: `compare-${m}`, title, layers, heads, max, value: relative[m], layerIds,
       describe: describe(`${title} relative change`, relative[m]) }).svg);
   }
   row.append(scaleLegend(0, max, "relative change"));
@@ -335,6 +338,7 @@ function elementwise(section, c) {
   const cosRow = el("div", { class: "row" });
   for (const r of ROLES) {
     cosRow.append(heatmap({ name: `cosine-${r}`, title: r, layers, heads, min: minCosine, max: 1,
+      layerIds,
       value: cosine[r], describe: describe(`${r} cosine`, cosine[r]) }).svg);
   }
   cosRow.append(scaleLegend(minCosine, 1, "cosine"));
@@ -346,7 +350,7 @@ function elementwise(section, c) {
   const circuitRow = el("div", { class: "row" });
   for (const name of ["qk", "ov"]) {
     circuitRow.append(heatmap({ name: `circuit-${name}`, title: `${name.toUpperCase()} relative change`,
-      layers, heads, max: circuitMax, value: circuit(name),
+      layers, heads, max: circuitMax, value: circuit(name), layerIds,
       describe: describe(`${name.toUpperCase()} relative change`, circuit(name)) }).svg);
   }
   circuitRow.append(scaleLegend(0, circuitMax, "relative change"));
@@ -445,7 +449,7 @@ function attentionSection(att) {
 }
 
 function attentionPanel(side, index) {
-  const panel = el("div", { class: "panel", "data-side": index === 0 ? "a" : "b" },
+  const panel = el("div", { class: "panel attention-panel", "data-side": index === 0 ? "a" : "b" },
     [el("h3", {}, side.label)]);
   if (!side.maps) {
     panel.append(el("p", { class: "note" }, `Attention unavailable: ${side.unavailable}`));
@@ -538,6 +542,18 @@ document.getElementById("subtitle").textContent = D.kind === "run"
   ? `${D.run.n_layers} layers × ${D.run.n_heads} heads, ${D.run.steps.length} snapshots ` +
     `(steps ${D.run.steps.join(", ")})`
   : `${D.comparison.mode} comparison`;
+// start on the head that moved most: at the run's last snapshot, or in the comparison
+if (D.run && D.run.steps.length) {
+  const last = D.run.head_change.all[D.run.steps.length - 1];
+  let best = -1;
+  last.forEach((heads, l) => heads.forEach((v, h) => {
+    if (v > best) { best = v; state.layer = l; state.head = h; }
+  }));
+} else if (D.comparison && D.comparison.mode === "elementwise") {
+  const top = D.comparison.summary.top_heads[0];
+  state.layer = top.layer;
+  state.head = top.head;
+}
 if (D.run) runSection(D.run);
 if (D.comparison) comparisonSection(D.comparison);
 attentionSection(D.attention);
