@@ -156,6 +156,18 @@ def test_top_heads_follow_the_slider(run_page, run_dir):
     assert all_four == sorted(all_four, reverse=True) and wq  # largest first
 
 
+def test_play_runs_through_every_snapshot(run_page, run_dir):
+    _set_step(run_page, 2)  # at the end, play starts over from the first snapshot
+    run_page.evaluate("document.getElementById('play').click()")
+    seen = run_page.evaluate(
+        "new Promise(done => { const seen = []; const label = document.getElementById("
+        "'step-label'); const timer = setInterval(() => { seen.push(label.textContent.split(' ')"
+        "[0]); if (document.getElementById('play').textContent === 'Play') { clearInterval(timer);"
+        " done(seen); } }, 50); })"
+    )
+    assert list(dict.fromkeys(seen)) == [str(p["step"]) for p in _trajectory(run_dir)["shift"]]
+
+
 def test_hover_shows_the_heads_numbers(run_page, run_dir):
     last = _trajectory(run_dir)["shift"][-1]
     _set_step(run_page, 2)
