@@ -321,6 +321,26 @@ def test_a_text_cannot_break_out_of_the_page(run_dir, browser, tmp_path):
     assert page.evaluate("document.getElementById('text-select').options[0].text") == text
 
 
+def test_run_without_tracking_still_shows_curves_and_attention(run_dir, browser, tmp_path):
+    """--track-every 0: no snapshots, no comparison; the page says so and shows the rest."""
+    copy = tmp_path / "untracked"
+    shutil.copytree(run_dir, copy)
+    trajectory = {**_trajectory(run_dir), "shift": [], "n_layers": 0, "n_heads": 0}
+    (copy / "shift" / "trajectory.json").write_text(json.dumps(trajectory))
+    (copy / "compare.json").unlink()
+    result = CliRunner().invoke(main, ["view", str(copy)])
+    assert result.exit_code == 0, result.output
+    page = browser.open((copy / "view.html").as_uri())
+    assert page.problems() == []
+    assert "tracking was off" in page.evaluate("document.getElementById('run').textContent")
+    # the loss chart: training loss and validation loss (evaluated at steps 2 and 4)
+    assert (
+        page.evaluate("document.querySelector('#run .chart').querySelectorAll('polyline').length")
+        == 2
+    )
+    assert page.evaluate("document.querySelectorAll('.attention-matrix').length") == 2
+
+
 def test_random_init_run_says_why_base_attention_is_missing(run_dir, tmp_path):
     copy = tmp_path / "random"
     shutil.copytree(run_dir, copy)

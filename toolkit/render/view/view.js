@@ -208,6 +208,7 @@ function runSection(run) {
   main.append(section);
   if (!run.steps.length) {
     section.append(el("p", { class: "note" }, "Shift tracking was off in this run (--track-every 0)."));
+    section.append(curves(run).row);
     return;
   }
   section.append(el("p", { class: "muted" },
@@ -248,23 +249,12 @@ function runSection(run) {
   listeners.head.push(describeHead);
   listeners.step.push(describeHead);
 
-  const curves = el("div", { class: "row" });
-  section.append(curves);
-  const losses = lineChart({ title: "loss", xLabel: "step", series: [
-    { name: "training loss", points: run.train_loss },
-    { name: "validation loss", dots: true, points: run.evaluations.map((e) => [e.step, e.eval_loss]) },
-  ] });
-  const metricNames = [...new Set(run.evaluations.flatMap((e) => Object.keys(e)))]
-    .filter((k) => k !== "step" && k !== "eval_loss");
-  const metrics = lineChart({ title: "validation metrics", xLabel: "step",
-    series: metricNames.map((name) => ({ name, dots: true,
-      points: run.evaluations.filter((e) => name in e).map((e) => [e.step, e[name]]) })) });
-  curves.append(losses.svg, metrics.svg);
+  const { row: curvesRow, mark } = curves(run);
+  section.append(curvesRow);
   const top = el("div", { class: "panel" });
-  curves.append(top);
+  curvesRow.append(top);
   listeners.step.push(() => {
-    losses.mark(run.steps[state.step]);
-    metrics.mark(run.steps[state.step]);
+    mark(run.steps[state.step]);
     const ranked = [];
     range(run.n_layers).forEach((l) => range(run.n_heads).forEach((h) =>
       ranked.push([change.all[state.step][l][h], l, h])));
@@ -296,6 +286,23 @@ function runSection(run) {
     }, 700);
   });
   setStep(run.steps.length - 1);
+}
+
+// The loss and metric curves of a run; mark(step) draws the current step on both.
+function curves(run) {
+  const losses = lineChart({ title: "loss", xLabel: "step", series: [
+    { name: "training loss", points: run.train_loss },
+    { name: "validation loss", dots: true, points: run.evaluations.map((e) => [e.step, e.eval_loss]) },
+  ] });
+  const metricNames = [...new Set(run.evaluations.flatMap((e) => Object.keys(e)))]
+    .filter((k) => k !== "step" && k !== "eval_loss");
+  const metrics = lineChart({ title: "validation metrics", xLabel: "step",
+    series: metricNames.map((name) => ({ name, dots: true,
+      points: run.evaluations.filter((e) => name in e).map((e) => [e.step, e[name]]) })) });
+  return {
+    row: el("div", { class: "row" }, [losses.svg, metrics.svg]),
+    mark(step) { losses.mark(step); metrics.mark(step); },
+  };
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -538,10 +545,14 @@ function softmaxRow(tokens, row, picked) {
 // ---------------------------------------------------------------------------------------------
 
 const main = document.getElementById("main");
-document.getElementById("subtitle").textContent = D.kind === "run"
-  ? `${D.run.n_layers} layers × ${D.run.n_heads} heads, ${D.run.steps.length} snapshots ` +
-    `(steps ${D.run.steps.join(", ")})`
-  : `${D.comparison.mode} comparison`;
+const subtitles = {
+  run: () => (D.run.steps.length
+    ? `${D.run.n_layers} layers × ${D.run.n_heads} heads, ${D.run.steps.length} snapshots ` +
+      `(steps ${D.run.steps.join(", ")})`
+    : "no snapshots (shift tracking was off)"),
+  comparison: () => `${D.comparison.mode} comparison`,
+};
+document.getElementById("subtitle").textContent = subtitles[D.kind]();
 // start on the head that moved most: at the run's last snapshot, or in the comparison
 if (D.run && D.run.steps.length) {
   const last = D.run.head_change.all[D.run.steps.length - 1];
