@@ -6,8 +6,10 @@ screenshots, from a real run.
     python bench/view_page.py out/x --screenshot docs/view
 
 Load time: from Page.navigate to the load event (the page's script has run by then: it is
-inline), each time in a new tab; the median of --repeat loads. Screenshots: DIR.png (the top of
-the page) and DIR-attention.png (the attention of the head that moved most), as 256-colour PNGs.
+inline), each time in a new tab, in turn with an empty page; the median of --repeat loads, as
+wall time and as CPU time of the page's main thread (which a busy machine does not inflate).
+Screenshots: PREFIX.png (the top of the page) and PREFIX-attention.png (the attention of the head
+that moved most), as 256-colour PNGs.
 """
 
 from __future__ import annotations
@@ -38,19 +40,32 @@ def main() -> None:
         sys.exit(f"no Chromium-family browser found: {INSTALL_HINT}")
     browser = Browser(executable)
     try:
-        loads = []
-        for _ in range(args.repeat):
-            page = browser.open(page_file.as_uri(), WIDTH, HEIGHT)
-            problems, requests = page.problems(), page.requests()
-            if problems or requests != [page_file.as_uri()]:
-                sys.exit(f"the page is not clean: {problems or requests}")
-            loads.append(page.load_seconds)
-            page.send("Page.close")
+        with tempfile.TemporaryDirectory() as tmp:
+            # the browser's own cost of a tab and a load, measured in turn with the page's
+            empty = Path(tmp) / "empty.html"
+            empty.write_text("<!DOCTYPE html><title>empty</title>")
+            walls = {page_file: [], empty: []}
+            cpus = {page_file: [], empty: []}
+            for _ in range(args.repeat):
+                for path in walls:
+                    page = browser.open(path.as_uri(), WIDTH, HEIGHT)
+                    problems, requests = page.problems(), page.requests()
+                    if problems or requests != [path.as_uri()]:
+                        sys.exit(f"{path} is not clean: {problems or requests}")
+                    walls[path].append(page.load_seconds)
+                    cpus[path].append(page.load_cpu_seconds)
+                    page.send("Page.close")
         print(f"page: {page_file} ({page_file.stat().st_size / 1e6:.2f} MB)")
         print(
-            f"load in headless Chromium: median {statistics.median(loads):.2f} s over "
-            f"{len(loads)} loads (min {min(loads):.2f}, max {max(loads):.2f})"
+            "load in headless Chromium (new tab, navigation to load event), median of "
+            f"{args.repeat}:"
         )
+        for name, path in (("the page", page_file), ("an empty page", empty)):
+            print(
+                f"  {name}: {statistics.median(walls[path]):.2f} s wall (min "
+                f"{min(walls[path]):.2f}), {statistics.median(cpus[path]):.3f} s CPU of its "
+                "main thread"
+            )
         if args.screenshot:
             _screenshots(browser, page_file, args.screenshot)
     finally:
@@ -66,9 +81,7 @@ def _screenshots(browser: Browser, page_file: Path, prefix: Path) -> None:
         "[...document.querySelectorAll('#top-heads tr')][1].children[0].textContent + ',' + "
         "[...document.querySelectorAll('#top-heads tr')][1].children[1].textContent"
     ).split(",")
-    x, y = page.centre_of(
-        f'svg[data-map="run-all"] rect[data-layer="{layer}"][data-head="{head}"]'
-    )
+    x, y = page.centre_of(f'svg[data-map="run-all"] rect[data-layer="{layer}"][data-head="{head}"]')
     page.mouse("click", x, y)
     page.evaluate("document.getElementById('attention').scrollIntoView()")
     attention = prefix.with_name(prefix.name + "-attention.png")
