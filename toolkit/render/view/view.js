@@ -70,6 +70,18 @@ function select(id, options, value, onChange) {
 
 function range(n) { return Array.from({ length: n }, (_, i) => i); }
 
+// [min, max] of the defined values (a loop: spreading a long run's values into Math.max would
+// pass more arguments than a call may take)
+function extent(values) {
+  let low = Infinity, high = -Infinity;
+  for (const v of values) {
+    if (v === null) continue;
+    if (v < low) low = v;
+    if (v > high) high = v;
+  }
+  return [low, high];
+}
+
 function pickHead(layer, head) {
   state.layer = layer;
   state.head = head;
@@ -141,8 +153,8 @@ function lineChart({ title, series, width = 380, height = 200, logY = false, xLa
     return { svg, mark() {} };
   }
   const ty = (y) => (logY ? Math.log10(y) : y);
-  const xs = points.map((p) => p[0]), ys = points.map((p) => ty(p[1]));
-  let [x0, x1, y0, y1] = [Math.min(...xs), Math.max(...xs), Math.min(...ys), Math.max(...ys)];
+  let [x0, x1] = extent(points.map((p) => p[0]));
+  let [y0, y1] = extent(points.map((p) => ty(p[1])));
   if (x0 === x1) x1 = x0 + 1;
   if (y0 === y1) { y0 -= 0.5; y1 += 0.5; }
   const sx = (x) => pad.left + ((x - x0) / (x1 - x0)) * (width - pad.left - pad.right);
@@ -163,7 +175,7 @@ function lineChart({ title, series, width = 380, height = 200, logY = false, xLa
   series.forEach((s, i) => {
     const color = s.color || COLORS[i % COLORS.length];
     const valid = s.points.filter((p) => p[1] !== null && (!logY || p[1] > 0));
-    if (valid.length > 1 && !s.dotsOnly) {
+    if (valid.length > 1) {
       svg.append(svgEl("polyline", { fill: "none", stroke: color, "stroke-width": 1.3,
         points: valid.map((p) => `${sx(p[0]).toFixed(1)},${sy(p[1]).toFixed(1)}`).join(" ") }));
     }
@@ -218,7 +230,7 @@ function runSection(run) {
     "click it to see that head's attention below."));
   const maps = [...ROLES, "all"];
   const change = run.head_change;
-  const max = Math.max(...maps.flatMap((m) => change[m].flat(2).filter((v) => v !== null))) || 1;
+  const max = extent(maps.flatMap((m) => change[m].flat(2)))[1] || 1;
   const slider = el("input", { id: "step-slider", type: "range", min: 0,
     max: run.steps.length - 1, value: 0, step: 1 });
   const stepLabel = el("span", { id: "step-label" });
@@ -324,8 +336,9 @@ function elementwise(section, c) {
   const layerIds = c.layers.map((layer) => layer.layer);
   const describe = (title, value) => (l, h) =>
     `${title} · layer ${layerIds[l]} · head ${h}\n${fmt(value(l, h))}`;
-  const maxOf = (fns) => Math.max(...fns.flatMap((f) => range(layers).flatMap((l) =>
-    range(heads).map((h) => f(l, h)))).filter((v) => v !== null)) || 1;
+  const all = (fns) => fns.flatMap((f) => range(layers).flatMap((l) =>
+    range(heads).map((h) => f(l, h))));
+  const maxOf = (fns) => extent(all(fns))[1] || 1;
 
   section.append(el("h3", {}, "Relative change ||W_b[h] - W_a[h]|| / ||W_a[h]|| per head"));
   const max = maxOf(Object.values(relative));
@@ -340,8 +353,7 @@ function elementwise(section, c) {
 
   section.append(el("h3", {}, "Cosine of W_a[h] and W_b[h]"));
   const cosine = Object.fromEntries(ROLES.map((r) => [r, headValue(r, "cosine")]));
-  const minCosine = Math.min(...ROLES.flatMap((r) => range(layers).flatMap((l) =>
-    range(heads).map((h) => cosine[r](l, h)))));
+  const minCosine = extent(all(Object.values(cosine)))[0];
   const cosRow = el("div", { class: "row" });
   for (const r of ROLES) {
     cosRow.append(heatmap({ name: `cosine-${r}`, title: r, layers, heads, min: minCosine, max: 1,
