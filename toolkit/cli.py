@@ -533,7 +533,6 @@ def finetune(recipe, as_json, **options):
     """
     from toolkit.training.loop import finetune as run_finetune
     from toolkit.training.recipe import FinetuneConfig, load_recipe
-    from toolkit.view import VIEW_FILE
 
     config = load_recipe(recipe) if recipe else FinetuneConfig()
     options["resume"] = options["resume"] or None
@@ -543,6 +542,8 @@ def finetune(recipe, as_json, **options):
     if as_json:
         _print_json(result.to_dict())
     else:
+        from toolkit.view import VIEW_FILE
+
         metrics = ", ".join(f"{name} {value:.4g}" for name, value in result.metrics.items())
         speed = result.train_samples_per_second
         click.echo(
