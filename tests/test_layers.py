@@ -21,7 +21,7 @@ LAYERS = [
     ("toolkit.attention",),
     ("toolkit.runtime", "toolkit.analysis", "toolkit.training", "toolkit.lessons"),
     ("toolkit.render",),
-    ("toolkit.workflows",),
+    ("toolkit.workflows", "toolkit.view"),
     ("toolkit.cli", "toolkit.__main__"),
 ]
 

@@ -190,6 +190,11 @@ def verify(model, revision, allow_pickle, texts, as_json):
     type=click.Path(file_okay=False),
     help="Write PNG figures into this folder.",
 )
+@click.option(
+    "--html",
+    type=click.Path(dir_okay=False),
+    help="Also write the interactive page (as 'toolkit view A B' does) to this file.",
+)
 def compare(
     model_a,
     model_b,
@@ -203,6 +208,7 @@ def compare(
     intruder_epsilon,
     as_json,
     plot_dir,
+    html,
 ):
     """How MODEL_B's Wq/Wk/Wv/W0 differ from MODEL_A's, per layer, head and matrix.
 
@@ -216,6 +222,10 @@ def compare(
         from toolkit.render.compare_plots import plot_folder
 
         plot_folder(plot_dir)
+    if html:
+        from toolkit.fileio import check_output_path
+
+        check_output_path(html)
     comparison = run_compare(
         model_a,
         model_b,
@@ -240,6 +250,51 @@ def compare(
 
         paths = write_compare_plots(comparison, plot_dir)
         click.echo(f"wrote {len(paths)} figures to {plot_dir}", err=as_json)
+    if html:
+        from toolkit.view import write_comparison_view
+
+        write_comparison_view(comparison, model_a, model_b, html)
+        click.echo(f"wrote {html}", err=as_json)
+
+
+@main.command()
+@click.argument("target", metavar="RUN_DIR | MODEL_A")
+@click.argument("model_b", required=False)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False),
+    help="The HTML file to write; default: RUN_DIR/view.html, or view.html for two models.",
+)
+@click.option(
+    "--text",
+    "texts",
+    multiple=True,
+    help="A text to show the attention on (repeatable); default: two sentences.",
+)
+def view(target, model_b, output, texts):
+    """One self-contained HTML page to explore, offline, in a browser.
+
+    RUN_DIR (a 'toolkit finetune' output folder): the layer x head shift over every snapshot
+    with a step slider, the loss and metric curves, the start-against-end comparison, and
+    each head's attention on the texts before and after. MODEL_A MODEL_B: the page of
+    'toolkit compare MODEL_A MODEL_B' with both models' attention.
+    """
+    from toolkit.fileio import check_output_path
+    from toolkit.view import write_comparison_view, write_run_view
+
+    if output is not None:
+        check_output_path(output)
+    if model_b is None:
+        path = write_run_view(target, output, texts or None)
+    else:
+        from toolkit.analysis.compare import compare as run_compare
+
+        comparison = run_compare(target, model_b, progress=True)
+        path = write_comparison_view(
+            comparison, target, model_b, output or "view.html", texts or None
+        )
+    click.echo(f"wrote {path}")
 
 
 @main.group()

@@ -1,4 +1,5 @@
-"""Functions that compose a computation with its rendering: a fine-tuning run and its report.
+"""Functions that compose a computation with its rendering: a fine-tuning run and its report
+and interactive page.
 
 They live above both layers (training returns results, render formats them), so that neither
 imports the other.
@@ -17,13 +18,17 @@ def finetune_with_report(config: FinetuneConfig | dict) -> FinetuneResult:
 
     The report: the step-0 snapshot compared with the final model (every number in
     DIR/compare.json, figures in DIR/compare/), plots of the shift and the loss, and
-    DIR/report.md, whose path is set as `result.report`.
+    DIR/report.md, whose path is set as `result.report`; then DIR/view.html, the same numbers as
+    one interactive page (`result.view`; it reads compare.json, so it comes second).
     """
     from accelerate import PartialState
+
+    from toolkit.view import write_run_view
 
     result = finetune(config)
     if PartialState().is_main_process:
         result.report = str(write_finetune_report(result))
+        result.view = str(write_run_view(result.output_dir))
     return result
 
 

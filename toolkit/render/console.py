@@ -143,7 +143,10 @@ def finetune_summary(result) -> str:
         )
     if result.warning:
         lines.append(f"WARNING: {result.warning}")
-    lines += [f"report: {result.report}", f"final model: {result.final_dir}"]
+    lines.append(f"report: {result.report}")
+    if result.view:
+        lines.append(f"view: {result.view}")
+    lines.append(f"final model: {result.final_dir}")
     if result.adapter_dir:
         lines.append(f"adapter: {result.adapter_dir}")
     return "\n".join(lines)

@@ -113,6 +113,7 @@ class FinetuneResult:
     trainable_parameters: int = 0  # what the optimizer updates (LoRA: B, A and the task head)
     total_parameters: int = 0
     adapter_dir: str | None = None  # LoRA: the adapter in PEFT format
+    view: str | None = None  # DIR/view.html once `finetune_with_report` wrote it
 
     def to_dict(self) -> dict:
         data = asdict(self)
