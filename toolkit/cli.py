@@ -424,7 +424,8 @@ def explain_all(model, revision, allow_pickle, skip, lang, as_json, markdown):
     "--model",
     help="Model to fine-tune: 'minilm', a save_pretrained folder, a Hub id, "
     "or 'gpt2-config:n_layer=2,n_head=4,n_embd=128' (a fresh GPT-2 with a BPE "
-    "tokenizer trained on the data).",
+    "tokenizer trained on the data), or 'llama-config:num_hidden_layers=2,"
+    "num_attention_heads=6,num_key_value_heads=2,hidden_size=96' (a fresh Llama).",
 )
 @click.option(
     "--init",

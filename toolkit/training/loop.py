@@ -392,13 +392,15 @@ def _finite_loss(accelerator, micro_losses: list, step: int, run_dir: Path) -> f
 
 
 def _parameter_groups(model, weight_decay: float) -> list[dict]:
-    """AdamW groups: weight decay on weight matrices, none on biases and normalisation weights."""
+    """AdamW groups: weight decay on weight matrices, none on biases and normalisation weights
+    (LayerNorm's, and RMSNorm's: torch's or a model's own class such as LlamaRMSNorm)."""
     import torch
 
     no_decay = {
         id(p)
         for module in model.modules()
-        if isinstance(module, torch.nn.LayerNorm)
+        if isinstance(module, torch.nn.LayerNorm | torch.nn.RMSNorm)
+        or type(module).__name__.endswith("RMSNorm")
         for p in module.parameters()
     }
     no_decay |= {id(p) for name, p in model.named_parameters() if name.endswith("bias")}
