@@ -2,6 +2,7 @@
 
     python bench/run.py                # everything (prepares its own inputs under bench/work/)
     python bench/run.py --only extraction
+    python bench/run.py --only extraction --shape llama-1b   # one row, merged into results.json
 
 Writes bench/RESULTS.md and bench/results.json. Every measured command runs as its own process;
 wall time and peak RSS come from os.wait4 on that process (median of --repeat runs).
@@ -28,10 +29,32 @@ PY = sys.executable
 TOOLKIT = [PY, "-m", "toolkit"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
+# Llama 3.2 1B's shape: grouped-query attention (32 query / 8 key-value heads), rotary positions
+# with llama3 scaling, tied embeddings; stored in bfloat16 as that model ships.
+LLAMA_1B = {
+    "hidden_size": 2048,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 64,
+    "intermediate_size": 8192,
+    "vocab_size": 128256,
+    "max_position_embeddings": 131072,
+    "tie_word_embeddings": True,
+    "rope_parameters": {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
+}
 SHAPES = {
     "bert-base": ("bert", {}),
     "gpt2": ("gpt2", {}),
     "gpt2-medium": ("gpt2", {"n_embd": 1024, "n_layer": 24, "n_head": 16}),
+    "llama-1b": ("llama", LLAMA_1B),
 }
 
 
@@ -79,10 +102,17 @@ def prepare_checkpoint(name: str) -> Path:
     code = (
         "import sys, torch\n"
         "from transformers import BertConfig, BertModel, GPT2Config, GPT2Model\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM\n"
         "torch.manual_seed(0)\n"
         f"overrides = {overrides!r}\n"
-        f"model = (BertModel(BertConfig(**overrides)) if {family!r} == 'bert' "
-        "else GPT2Model(GPT2Config(**overrides)))\n"
+        f"family = {family!r}\n"
+        "if family == 'llama':  # built in bfloat16: half the memory of float32, as it ships\n"
+        "    torch.set_default_dtype(torch.bfloat16)\n"
+        "    model = LlamaForCausalLM(LlamaConfig(**overrides))\n"
+        "elif family == 'bert':\n"
+        "    model = BertModel(BertConfig(**overrides))\n"
+        "else:\n"
+        "    model = GPT2Model(GPT2Config(**overrides))\n"
         "model.save_pretrained(sys.argv[1])\n"
     )
     subprocess.run([PY, "-c", code, str(folder)], check=True, env=ENV)
@@ -100,13 +130,14 @@ def attention_bytes(folder: Path) -> int:
     return json.loads(out.stdout)["attention_parameters"] * 4
 
 
-def bench_extraction(repeat: int) -> dict:
-    """1. inspect/extract (lazy) vs AutoModel-then-slice vs TransformerLens, per model shape."""
+def bench_extraction(repeat: int, shapes: list[str] | None = None) -> dict:
+    """1. inspect/extract (lazy) vs AutoModel-then-slice vs TransformerLens, per model shape
+    (`shapes`: only those rows)."""
     results = {}
     baseline = measure([PY, "-c", "import toolkit.cli, numpy, safetensors"], repeat)
     results["interpreter_baseline"] = baseline
     results["help"] = measure([*TOOLKIT, "--help"], repeat)
-    for name in SHAPES:
+    for name in shapes or SHAPES:
         folder = prepare_checkpoint(name)
         out = WORK / f"{name}.attention.safetensors"
         log(f"extraction: {name}")
@@ -153,7 +184,7 @@ def extraction_table(results: dict) -> list[str]:
         "TransformerLens RSS MB | toolkit RSS / (attention + baseline) |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for name in SHAPES:
+    for name in (name for name in SHAPES if name in results):
         row = results[name]
         budget = row["attention_mb"] + base["peak_rss_mb"]
         for job in ("inspect", "extract"):
@@ -410,6 +441,12 @@ def main() -> None:
     parser.add_argument("--only", action="append", choices=sorted(SECTIONS))
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument(
+        "--shape",
+        action="append",
+        choices=sorted(SHAPES),
+        help="extraction: only this model shape (repeatable); other rows are kept",
+    )
+    parser.add_argument(
         "--render", action="store_true", help="only rewrite RESULTS.md from results.json"
     )
     args = parser.parse_args()
@@ -421,7 +458,10 @@ def main() -> None:
     for name in [] if args.render else args.only or SECTIONS:
         run, _ = SECTIONS[name]
         log(f"section {name}")
-        results[name] = run(args.repeat)
+        if name == "extraction" and args.shape:
+            results[name] = {**results.get(name, {}), **run(args.repeat, args.shape)}
+        else:
+            results[name] = run(args.repeat)
     results_file.write_text(json.dumps(results, indent=2) + "\n")
     m = results["machine"]
     lines = [
