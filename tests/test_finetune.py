@@ -165,18 +165,23 @@ def test_f1_metric_matches_scikit_learn():
 
 
 @pytest.mark.slow
-def test_causal_lm_from_gpt2_config_reports_perplexity(toy_corpus_txt, tmp_path):
+def _language_model_run(model: str, corpus: Path, out: Path, steps: int):
+    """A short causal-LM run of a model built from a config spec, tracked every 10 steps."""
     config = FinetuneConfig(
-        model=TINY_GPT2_SPEC,
-        dataset=str(toy_corpus_txt),
+        model=model,
+        dataset=str(corpus),
         task="causal-lm",
-        output_dir=str(tmp_path / "run"),
+        output_dir=str(out),
         max_length=32,
-        max_steps=30,
+        max_steps=steps,
         learning_rate=3e-3,
         track_every=10,
     )
-    result = toolkit.finetune(config)
+    return toolkit.finetune(config)
+
+
+def test_causal_lm_from_gpt2_config_reports_perplexity(toy_corpus_txt, tmp_path):
+    result = _language_model_run(TINY_GPT2_SPEC, toy_corpus_txt, tmp_path / "run", 30)
     losses = [loss for _, loss in _trajectory(tmp_path / "run")["train_loss"]]
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
     # perplexity is exp(mean token NLL) over the validation blocks
@@ -295,17 +300,7 @@ TINY_LLAMA_SPEC = (
 
 
 def test_causal_lm_from_llama_config_tracks_key_value_heads(toy_corpus_txt, tmp_path):
-    config = FinetuneConfig(
-        model=TINY_LLAMA_SPEC,
-        dataset=str(toy_corpus_txt),
-        task="causal-lm",
-        output_dir=str(tmp_path / "run"),
-        max_length=32,
-        max_steps=20,
-        learning_rate=3e-3,
-        track_every=10,
-    )
-    result = toolkit.finetune(config)
+    result = _language_model_run(TINY_LLAMA_SPEC, toy_corpus_txt, tmp_path / "run", 20)
     losses = [loss for _, loss in _trajectory(tmp_path / "run")["train_loss"]]
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
     from transformers import AutoModelForCausalLM

@@ -3,10 +3,10 @@
 
 from __future__ import annotations
 
-import math
+import dataclasses
 
-from toolkit.families.base import Dimensions, Family, NameMap
-from toolkit.families.bert import convert
+from toolkit.families import bert
+from toolkit.families.base import Dimensions, NameMap
 
 
 def dimensions(config: dict) -> Dimensions:
@@ -23,10 +23,6 @@ def layer_names(layer: int, config: dict) -> NameMap:
     }
 
 
-def score_scale(config: dict, layer: int, dims: Dimensions) -> float:
-    return 1.0 / math.sqrt(dims.d_head)
-
-
 def hook_modules(model, layer: int):
     attention = model.transformer.layer[layer].attention
     # attention receives the block input (as query, key and value); out_lin produces
@@ -34,13 +30,12 @@ def hook_modules(model, layer: int):
     return attention, attention.out_lin
 
 
-FAMILY = Family(
+# BERT's layout conversion, scale and bidirectional mask under other names
+FAMILY = dataclasses.replace(
+    bert.FAMILY,
     name="distilbert",
     model_types=("distilbert",),
     dimensions=dimensions,
     layer_names=layer_names,
-    convert=convert,
-    score_scale=score_scale,
-    causal=False,
     hook_modules=hook_modules,
 )
