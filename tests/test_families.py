@@ -228,3 +228,42 @@ def test_verify_fails_when_the_rope_scaling_is_ignored(tiny_llama):
     assert unscaled.inv_freq.shape == rotary_from_config(attention.config).inv_freq.shape
     wrong = _with_family(attention, rotary=lambda config: Rotary(unscaled.inv_freq, 1.0))
     assert not verify(attention=wrong).passed
+
+
+def test_compare_pairs_each_query_head_with_its_key_value_head(tiny_llama, tmp_path):
+    """Only key/value head 1 of layer 1 moves: wk changes in that one entry, and the QK circuit
+    changes for query heads 3, 4, 5 (the group reading it) and for no other."""
+    from click.testing import CliRunner
+    from transformers import AutoModel
+
+    from toolkit.cli import main
+
+    model = AutoModel.from_pretrained(tiny_llama)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        model.layers[1].self_attn.k_proj.weight[10:20] += 0.05 * torch.randn(
+            10, 48, generator=generator
+        )  # rows of key/value head 1 (d_head 10)
+    model.save_pretrained(tmp_path)
+    result = compare(tiny_llama, tmp_path)
+    layer = result.layers[1]
+    wk = [h.fro_delta for h in layer.matrices["wk"].heads]
+    assert len(wk) == 2 and wk[0] == 0.0 and wk[1] > 0
+    a, b = load_attention(str(tiny_llama)).layer(1), load_attention(str(tmp_path)).layer(1)
+    for head in range(6):
+        kv = head // 3
+        qk_a = a.wq[head].astype(np.float64) @ a.wk[kv].astype(np.float64).T
+        qk_b = b.wq[head].astype(np.float64) @ b.wk[kv].astype(np.float64).T
+        expected = np.linalg.norm(qk_b - qk_a)
+        assert layer.circuits["qk"][head].fro_delta == pytest.approx(expected, rel=1e-9, abs=1e-12)
+        assert (expected > 0) == (head in (3, 4, 5))
+        assert layer.head_change("wk", head).fro_delta == wk[kv]
+    assert all(h.fro_delta == 0.0 for h in layer.circuits["ov"])
+    moved = [entry["head"] for entry in result.top_heads() if entry["relative_change"] > 0]
+    assert sorted(moved) == [3, 4, 5]
+    cli = CliRunner().invoke(
+        main, ["compare", str(tiny_llama), str(tmp_path), "--plot", str(tmp_path / "figs")]
+    )
+    assert cli.exit_code == 0, cli.output
+    assert "2 key/value heads" in cli.output
+    assert (tmp_path / "figs" / "circuit_change_heatmaps.png").is_file()
