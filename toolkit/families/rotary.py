@@ -27,6 +27,22 @@ def rotary_from_config(config: dict) -> Rotary:
     return Rotary(inv_freq.float(), float(scaling))
 
 
+def rope_settings(config: dict) -> dict:
+    """rope_type, rope_theta and the scaling settings of a config.json dict, without building
+    the config (inspect must not import transformers): transformers 5 writes
+    `rope_parameters`; 4.x wrote `rope_theta` and `rope_scaling`; `partial_rotary_factor` may
+    stand beside them."""
+    settings = dict(config.get("rope_parameters") or {})
+    if not settings:
+        settings = dict(config.get("rope_scaling") or {})
+        settings.setdefault("rope_type", settings.pop("type", "default"))
+        settings["rope_theta"] = config.get("rope_theta", 10000.0)
+    if "partial_rotary_factor" in config:
+        settings.setdefault("partial_rotary_factor", config["partial_rotary_factor"])
+    settings.setdefault("rope_type", "default")
+    return settings
+
+
 def rope_parameters(model_config) -> dict:
     """rope_type, rope_theta and scaling settings (transformers 5: `rope_parameters`; 4.x:
     `rope_theta` and `rope_scaling`)."""
