@@ -96,6 +96,8 @@ def prepare_checkpoint(name: str) -> Path:
     if (folder / "model.safetensors").is_file() or (
         folder / "model.safetensors.index.json"
     ).is_file():
+        if SHAPES[name][0] == "llama":
+            prepare_tokenizer(folder)
         return folder
     family, overrides = SHAPES[name]
     log(f"building {name} from its config (random init)")
@@ -116,7 +118,23 @@ def prepare_checkpoint(name: str) -> Path:
         "model.save_pretrained(sys.argv[1])\n"
     )
     subprocess.run([PY, "-c", code, str(folder)], check=True, env=ENV)
+    if family == "llama":
+        prepare_tokenizer(folder)
     return folder
+
+
+def prepare_tokenizer(folder: Path) -> None:
+    """A small BPE tokenizer beside a Llama checkpoint: TransformerLens boots one with the model
+    (real Llama checkpoints ship theirs; a tokenizer-less Llama folder makes it fail)."""
+    if (folder / "tokenizer.json").is_file():
+        return
+    code = (
+        "import sys\n"
+        "from toolkit.training.data import train_bpe_tokenizer\n"
+        "texts = ['the cat sat on the mat', 'attention is all you need'] * 50\n"
+        "train_bpe_tokenizer(texts, 300).save_pretrained(sys.argv[1])\n"
+    )
+    subprocess.run([PY, "-c", code, str(folder)], check=True, env=ENV)
 
 
 def attention_bytes(folder: Path) -> int:
