@@ -202,9 +202,17 @@ def extraction_table(results: dict) -> list[str]:
         "TransformerLens RSS MB | toolkit RSS / (attention + baseline) |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+    apart = [
+        f"{name} on {results[name]['date']} (interpreter baseline then "
+        f"{results[name]['interpreter_baseline']['wall_s']:.2f} s)"
+        for name in SHAPES
+        if "date" in results.get(name, {})
+    ]
+    if apart:
+        lines[-2:-2] = [f"Rows measured apart (`--shape`): {', '.join(apart)}.", ""]
     for name in (name for name in SHAPES if name in results):
         row = results[name]
-        budget = row["attention_mb"] + base["peak_rss_mb"]
+        budget = row["attention_mb"] + row.get("interpreter_baseline", base)["peak_rss_mb"]
         for job in ("inspect", "extract"):
             ours, auto, lens = (
                 row[f"{route}_{job}"] for route in ("toolkit", "automodel", "transformerlens")
@@ -471,13 +479,17 @@ def main() -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     results_file = HERE / "results.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
-    if not args.render:
+    if not args.render and not args.shape:
         results["machine"] = machine()
     for name in [] if args.render else args.only or SECTIONS:
         run, _ = SECTIONS[name]
         log(f"section {name}")
-        if name == "extraction" and args.shape:
-            results[name] = {**results.get(name, {}), **run(args.repeat, args.shape)}
+        if name == "extraction" and args.shape:  # rows measured apart carry their own date
+            rows = run(args.repeat, args.shape)
+            baseline, _ = rows.pop("interpreter_baseline"), rows.pop("help")
+            for shape in args.shape:
+                rows[shape].update(date=machine()["date"], interpreter_baseline=baseline)
+            results[name] = {**results.get(name, {}), **rows}
         else:
             results[name] = run(args.repeat)
     results_file.write_text(json.dumps(results, indent=2) + "\n")
