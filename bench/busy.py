@@ -55,9 +55,9 @@ def prepare_child() -> Path:
     folder = WORK / "minilm-child"
     if (folder / "model.safetensors").is_file():
         return folder
-    from toolkit.sources import embedded_model_dir
+    from toolkit.sources import embedded_model_path
 
-    return write_child(embedded_model_dir(), folder)
+    return write_child(embedded_model_path(), folder)
 
 
 def prepare_recipe() -> Path:

@@ -2,6 +2,7 @@
 
     python bench/run.py                # everything (prepares its own inputs under bench/work/)
     python bench/run.py --only extraction
+    python bench/run.py --only extraction --shape llama-1b   # one row, merged into results.json
 
 Writes bench/RESULTS.md and bench/results.json. Every measured command runs as its own process;
 wall time and peak RSS come from os.wait4 on that process (median of --repeat runs).
@@ -28,10 +29,32 @@ PY = sys.executable
 TOOLKIT = [PY, "-m", "toolkit"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
+# Llama 3.2 1B's shape: grouped-query attention (32 query / 8 key-value heads), rotary positions
+# with llama3 scaling, tied embeddings; stored in bfloat16 as that model ships.
+LLAMA_1B = {
+    "hidden_size": 2048,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 64,
+    "intermediate_size": 8192,
+    "vocab_size": 128256,
+    "max_position_embeddings": 131072,
+    "tie_word_embeddings": True,
+    "rope_parameters": {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
+}
 SHAPES = {
     "bert-base": ("bert", {}),
     "gpt2": ("gpt2", {}),
     "gpt2-medium": ("gpt2", {"n_embd": 1024, "n_layer": 24, "n_head": 16}),
+    "llama-1b": ("llama", LLAMA_1B),
 }
 
 
@@ -75,20 +98,45 @@ def prepare_checkpoint(name: str) -> Path:
     if (folder / "model.safetensors").is_file() or (
         folder / "model.safetensors.index.json"
     ).is_file():
+        if SHAPES[name][0] == "llama":
+            prepare_tokenizer(folder)
         return folder
     family, overrides = SHAPES[name]
     log(f"building {name} from its config (random init)")
     code = (
         "import sys, torch\n"
         "from transformers import BertConfig, BertModel, GPT2Config, GPT2Model\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM\n"
         "torch.manual_seed(0)\n"
         f"overrides = {overrides!r}\n"
-        f"model = (BertModel(BertConfig(**overrides)) if {family!r} == 'bert' "
-        "else GPT2Model(GPT2Config(**overrides)))\n"
+        f"family = {family!r}\n"
+        "if family == 'llama':  # built in bfloat16: half the memory of float32, as it ships\n"
+        "    torch.set_default_dtype(torch.bfloat16)\n"
+        "    model = LlamaForCausalLM(LlamaConfig(**overrides))\n"
+        "elif family == 'bert':\n"
+        "    model = BertModel(BertConfig(**overrides))\n"
+        "else:\n"
+        "    model = GPT2Model(GPT2Config(**overrides))\n"
         "model.save_pretrained(sys.argv[1])\n"
     )
     subprocess.run([PY, "-c", code, str(folder)], check=True, env=ENV)
+    if family == "llama":
+        prepare_tokenizer(folder)
     return folder
+
+
+def prepare_tokenizer(folder: Path) -> None:
+    """A small BPE tokenizer beside a Llama checkpoint: TransformerLens boots one with the model
+    (real Llama checkpoints ship theirs; a tokenizer-less Llama folder makes it fail)."""
+    if (folder / "tokenizer.json").is_file():
+        return
+    code = (
+        "import sys\n"
+        "from toolkit.training.data import train_bpe_tokenizer\n"
+        "texts = ['the cat sat on the mat', 'attention is all you need'] * 50\n"
+        "train_bpe_tokenizer(texts, 300).save_pretrained(sys.argv[1])\n"
+    )
+    subprocess.run([PY, "-c", code, str(folder)], check=True, env=ENV)
 
 
 def attention_bytes(folder: Path) -> int:
@@ -102,13 +150,14 @@ def attention_bytes(folder: Path) -> int:
     return json.loads(out.stdout)["attention_parameters"] * 4
 
 
-def bench_extraction(repeat: int) -> dict:
-    """1. inspect/extract (lazy) vs AutoModel-then-slice vs TransformerLens, per model shape."""
+def bench_extraction(repeat: int, shapes: list[str] | None = None) -> dict:
+    """1. inspect/extract (lazy) vs AutoModel-then-slice vs TransformerLens, per model shape
+    (`shapes`: only those rows)."""
     results = {}
     baseline = measure([PY, "-c", "import toolkit.cli, numpy, safetensors"], repeat)
     results["interpreter_baseline"] = baseline
     results["help"] = measure([*TOOLKIT, "--help"], repeat)
-    for name in SHAPES:
+    for name in shapes or SHAPES:
         folder = prepare_checkpoint(name)
         out = WORK / f"{name}.attention.safetensors"
         log(f"extraction: {name}")
@@ -155,9 +204,17 @@ def extraction_table(results: dict) -> list[str]:
         "TransformerLens RSS MB | toolkit RSS / (attention + baseline) |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for name in SHAPES:
+    apart = [
+        f"{name} on {results[name]['date']} (interpreter baseline then "
+        f"{results[name]['interpreter_baseline']['wall_s']:.2f} s)"
+        for name in SHAPES
+        if "date" in results.get(name, {})
+    ]
+    if apart:
+        lines[-2:-2] = [f"Rows measured apart (`--shape`): {', '.join(apart)}.", ""]
+    for name in (name for name in SHAPES if name in results):
         row = results[name]
-        budget = row["attention_mb"] + base["peak_rss_mb"]
+        budget = row["attention_mb"] + row.get("interpreter_baseline", base)["peak_rss_mb"]
         for job in ("inspect", "extract"):
             ours, auto, lens = (
                 row[f"{route}_{job}"] for route in ("toolkit", "automodel", "transformerlens")
@@ -314,14 +371,14 @@ def prepare_classifier() -> Path:
     code = (
         "import sys, torch\n"
         "from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification\n"
-        "from toolkit.sources import embedded_model_dir\n"
+        "from toolkit.sources import embedded_model_path\n"
         "torch.manual_seed(0)\n"
         f"labels = {list(FINETUNE_LABELS)!r}\n"
         "model = BertForSequenceClassification(BertConfig(\n"
         "    num_labels=len(labels), id2label=dict(enumerate(labels)),\n"
         "    label2id={name: i for i, name in enumerate(labels)}))\n"
         "model.save_pretrained(sys.argv[1])\n"
-        "AutoTokenizer.from_pretrained(embedded_model_dir()).save_pretrained(sys.argv[1])\n"
+        "AutoTokenizer.from_pretrained(embedded_model_path()).save_pretrained(sys.argv[1])\n"
     )
     subprocess.run([PY, "-c", code, str(folder)], check=True, env=ENV)
     return folder
@@ -594,18 +651,31 @@ def main() -> None:
     parser.add_argument("--only", action="append", choices=sorted(SECTIONS))
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument(
+        "--shape",
+        action="append",
+        choices=sorted(SHAPES),
+        help="extraction: only this model shape (repeatable); other rows are kept",
+    )
+    parser.add_argument(
         "--render", action="store_true", help="only rewrite RESULTS.md from results.json"
     )
     args = parser.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     results_file = HERE / "results.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
-    if not args.render:
+    if not args.render and not args.shape:
         results["machine"] = machine()
     for name in [] if args.render else args.only or SECTIONS:
         run, _ = SECTIONS[name]
         log(f"section {name}")
-        results[name] = run(args.repeat)
+        if name == "extraction" and args.shape:  # rows measured apart carry their own date
+            rows = run(args.repeat, args.shape)
+            baseline, _ = rows.pop("interpreter_baseline"), rows.pop("help")
+            for shape in args.shape:
+                rows[shape].update(date=machine()["date"], interpreter_baseline=baseline)
+            results[name] = {**results.get(name, {}), **rows}
+        else:
+            results[name] = run(args.repeat)
     results_file.write_text(json.dumps(results, indent=2) + "\n")
     m = results["machine"]
     lines = [

@@ -88,11 +88,146 @@ def tiny_gpt2_unscaled(tmp_path_factory):
     return _save(GPT2Model(config), tmp_path_factory.mktemp("tiny_gpt2_unscaled"))
 
 
+# --- modern families: grouped-query attention, rotary positions, optional biases -------------
+# Odd shapes throughout: head counts that are not powers of two, h / h_kv = 3 or 5, d_head != 64,
+# and h * d_head != d_model where the config allows an explicit head_dim.
+LLAMA_SHAPE = {
+    "hidden_size": 48,
+    "num_attention_heads": 6,
+    "num_key_value_heads": 2,  # groups of 3
+    "head_dim": 10,  # h * d_head = 60 != d_model
+    "num_hidden_layers": 2,
+    "intermediate_size": 40,
+    "vocab_size": 120,
+    "max_position_embeddings": 64,
+}
+
+
+def _modern(config_class, model_class, seed, folder, **settings):
+    import torch
+
+    torch.manual_seed(seed)
+    return _save(model_class(config_class(**settings)), folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    """LlamaModel: 6 query / 2 key-value heads, d_head 10, llama3 rope scaling, no biases."""
+    from transformers import LlamaConfig, LlamaModel
+
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": 500.0,
+        "factor": 4.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 2.0,
+        "original_max_position_embeddings": 8,
+    }
+    return _modern(
+        LlamaConfig,
+        LlamaModel,
+        11,
+        tmp_path_factory.mktemp("tiny_llama"),
+        **LLAMA_SHAPE,
+        rope_parameters=rope,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_biased(tmp_path_factory):
+    """LlamaForCausalLM ('model.' prefix) with attention_bias=True and linear rope scaling,
+    5 query / 5 key-value heads (multi-head attention in the Llama layout)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shape = {**LLAMA_SHAPE, "hidden_size": 45, "num_attention_heads": 5, "num_key_value_heads": 5}
+    shape["head_dim"] = 6
+    rope = {"rope_type": "linear", "rope_theta": 1000.0, "factor": 2.0}
+    return _modern(
+        LlamaConfig,
+        LlamaForCausalLM,
+        12,
+        tmp_path_factory.mktemp("tiny_llama_biased"),
+        **shape,
+        attention_bias=True,
+        rope_parameters=rope,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral(tmp_path_factory):
+    """MistralModel: 10 query / 2 key-value heads (groups of 5), d_head 6, sliding window 3."""
+    from transformers import MistralConfig, MistralModel
+
+    shape = {**LLAMA_SHAPE, "hidden_size": 40, "num_attention_heads": 10, "head_dim": 6}
+    return _modern(
+        MistralConfig,
+        MistralModel,
+        13,
+        tmp_path_factory.mktemp("tiny_mistral"),
+        **shape,
+        sliding_window=3,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory):
+    """Qwen2Model: 9 query / 3 key-value heads, d_head 6, q/k/v biases, yarn rope scaling, and a
+    sliding window of 4 on layer 1 only (max_window_layers 1)."""
+    from transformers import Qwen2Config, Qwen2Model
+
+    shape = {**LLAMA_SHAPE, "hidden_size": 54, "num_attention_heads": 9, "num_key_value_heads": 3}
+    shape.pop("head_dim")
+    rope = {
+        "rope_type": "yarn",
+        "rope_theta": 10000.0,
+        "factor": 2.0,
+        "original_max_position_embeddings": 8,
+    }
+    return _modern(
+        Qwen2Config,
+        Qwen2Model,
+        14,
+        tmp_path_factory.mktemp("tiny_qwen2"),
+        **shape,
+        rope_parameters=rope,
+        use_sliding_window=True,
+        sliding_window=4,
+        max_window_layers=1,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_roberta(tmp_path_factory):
+    """RobertaModel: 2 layers, 5 heads, d_model 30 (d_head 6)."""
+    from transformers import RobertaConfig, RobertaModel
+
+    shape = {**BERT_SHAPE, "hidden_size": 30, "num_attention_heads": 5}
+    return _modern(
+        RobertaConfig, RobertaModel, 15, tmp_path_factory.mktemp("tiny_roberta"), **shape
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_distilbert(tmp_path_factory):
+    """DistilBertModel: 2 layers, 7 heads, d_model 42 (d_head 6)."""
+    from transformers import DistilBertConfig, DistilBertModel
+
+    shape = {"dim": 42, "n_heads": 7, "n_layers": 2, "hidden_dim": 40, "vocab_size": 120}
+    return _modern(
+        DistilBertConfig,
+        DistilBertModel,
+        16,
+        tmp_path_factory.mktemp("tiny_distilbert"),
+        **shape,
+        max_position_embeddings=64,
+    )
+
+
 @pytest.fixture(scope="session")
 def minilm():
-    from toolkit.sources import embedded_model_dir
+    from toolkit.sources import embedded_model_path
 
-    return embedded_model_dir()
+    return embedded_model_path()
 
 
 # --- fine-tuning: a learnable toy task, a toy corpus, and a tiny BERT with a real tokenizer ---

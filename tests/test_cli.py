@@ -118,12 +118,15 @@ def test_unknown_hub_id_offline_fails_fast(tmp_path):
 
 
 def test_unsupported_architecture_names_the_supported_families(tmp_path):
-    from transformers import DistilBertConfig, DistilBertModel
+    from transformers import AlbertConfig, AlbertModel
 
-    DistilBertModel(
-        DistilBertConfig(dim=32, n_heads=2, n_layers=1, hidden_dim=32, vocab_size=50)
-    ).save_pretrained(tmp_path)
-    assert_clean_error(run("inspect", str(tmp_path)), "distilbert", "bert, gpt2")
+    config = AlbertConfig(
+        hidden_size=32, num_attention_heads=2, num_hidden_layers=1, intermediate_size=32
+    )
+    AlbertModel(config).save_pretrained(tmp_path)
+    assert_clean_error(
+        run("inspect", str(tmp_path)), "albert", "bert, distilbert, gpt2, llama, mistral"
+    )
 
 
 def test_pickled_weights_are_refused_then_allowed_by_flag(tiny_bert, tmp_path):

@@ -12,7 +12,7 @@ import pytest
 from conftest import BERT_SHAPE
 from safetensors.numpy import load_file
 from test_intruders import _numpy_count
-from toolkit.lessons.text import say
+from toolkit.render.text import say
 
 import toolkit
 from toolkit.lessons.lora import RANK_TOLERANCE, explain_lora

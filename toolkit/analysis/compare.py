@@ -89,12 +89,23 @@ class MatrixChange:
 @dataclass
 class LayerChange:
     layer: int
-    matrices: dict[str, MatrixChange]  # wq, wk, wv, w0
-    circuits: dict[str, list[HeadChange]]  # qk, ov: one entry per head
+    matrices: dict[str, MatrixChange]  # wq, w0: one head per query head; wk, wv: per kv head
+    circuits: dict[str, list[HeadChange]]  # qk, ov: one entry per query head
+
+    def head_change(self, role: str, head: int) -> HeadChange:
+        """Query head `head`'s change in `role`: for wk and wv, that of the key/value head it
+        reads (head // (h / h_kv)), shared with the other query heads of its group."""
+        heads = self.matrices[role].heads
+        group = len(self.matrices["wq"].heads) // len(heads)
+        return heads[head // group]
 
     def head_relative_change(self) -> list[float | None]:
-        """Per head, all four matrices together: sqrt(sum ||ΔW_m[h]||^2 / sum ||W_a,m[h]||^2)."""
-        heads = zip(*(self.matrices[role].heads for role in WEIGHT_ROLES), strict=True)
+        """Per query head, all four matrices together (wk, wv: its key/value head's):
+        sqrt(sum ||ΔW_m[h]||^2 / sum ||W_a,m[h]||^2)."""
+        heads = [
+            [self.head_change(role, head) for role in WEIGHT_ROLES]
+            for head in range(len(self.matrices["wq"].heads))
+        ]
         return [
             _relative(
                 _root_sum_square(h.fro_delta for h in per_role),
@@ -171,6 +182,7 @@ class ModelInfo:
     n_heads: int
     d_model: int
     d_head: int
+    n_kv_heads: int | None = None  # None in results saved before grouped-query attention
 
 
 @dataclass
@@ -244,7 +256,8 @@ def _build(kind, value):
     origin = typing.get_origin(kind)
     if is_dataclass(kind):
         hints = typing.get_type_hints(kind)
-        return kind(**{f.name: _build(hints[f.name], value[f.name]) for f in fields(kind)})
+        present = [f for f in fields(kind) if f.name in value]  # newer fields have defaults
+        return kind(**{f.name: _build(hints[f.name], value[f.name]) for f in present})
     if origin is list:
         (item,) = typing.get_args(kind)
         return [_build(item, v) for v in value]
@@ -364,7 +377,9 @@ def _open(
 
 def _info(model: AttentionModel) -> ModelInfo:
     d = model.dims
-    return ModelInfo(str(model.name), model.family.name, d.n_layers, d.n_heads, d.d_model, d.d_head)
+    return ModelInfo(
+        str(model.name), model.family.name, d.n_layers, d.n_heads, d.d_model, d.d_head, d.n_kv_heads
+    )
 
 
 def _structural_reason(a: ModelInfo, b: ModelInfo) -> str | None:
@@ -374,7 +389,7 @@ def _structural_reason(a: ModelInfo, b: ModelInfo) -> str | None:
     else:
         differ = [
             f"{name} {getattr(a, name)} vs {getattr(b, name)}"
-            for name in ("n_layers", "n_heads", "d_model", "d_head")
+            for name in ("n_layers", "n_heads", "n_kv_heads", "d_model", "d_head")
             if getattr(a, name) != getattr(b, name)
         ]
         if not differ:
@@ -530,11 +545,13 @@ def _head_change(
 
 
 def _circuit_factors(weights: dict, circuit: str):
-    """Thin factors (L, R), each [h, d_model, d_head], of the circuit L @ R^T of every head:
-    QK = wq[i] @ wk[i]^T, OV = wv[i] @ w0[i] = wv[i] @ (w0[i]^T)^T."""
+    """Thin factors (L, R), each [h, d_model, d_head], of the circuit L @ R^T of every query
+    head i, with g = i // (h / h_kv) its key/value head:
+    QK = wq[i] @ wk[g]^T, OV = wv[g] @ w0[i] = wv[g] @ (w0[i]^T)^T."""
+    group = weights["wq"].shape[0] // weights["wk"].shape[0]
     if circuit == "qk":
-        return weights["wq"], weights["wk"]
-    return weights["wv"], weights["w0"].transpose(1, 2)
+        return weights["wq"], weights["wk"].repeat_interleave(group, dim=0)
+    return weights["wv"].repeat_interleave(group, dim=0), weights["w0"].transpose(1, 2)
 
 
 def _circuit_inner(left_1, right_1, left_2, right_2):

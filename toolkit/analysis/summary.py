@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from toolkit.attention import (
+    BIAS_ROLES,
     WEIGHT_ROLES,
     AttentionModel,
     frobenius,
@@ -35,6 +36,9 @@ class LayerSummary:
 
 @dataclass
 class ModelSummary:
+    """head_fro of wq and w0 has one entry per query head, of wk and wv one per key/value head.
+    biases: the bias tensors the model has; absent_biases: those it has not (bias-free)."""
+
     model: str
     family: str
     n_layers: int
@@ -44,6 +48,10 @@ class ModelSummary:
     attention_parameters: int
     total_parameters: int | None
     layers: list[LayerSummary] = field(default_factory=list)
+    n_kv_heads: int | None = None
+    biases: list[str] = field(default_factory=list)
+    absent_biases: list[str] = field(default_factory=list)
+    positions: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -61,6 +69,10 @@ def summarize(model: AttentionModel, layers: Sequence[int] | None = None) -> Mod
         d_head=d.d_head,
         attention_parameters=model.attention_parameters(),
         total_parameters=model.total_parameters(),
+        n_kv_heads=d.n_kv_heads,
+        biases=list(model.bias_roles),
+        absent_biases=[role for role in BIAS_ROLES if role not in model.bias_roles],
+        positions=model.positions(),
     )
     for layer in model.layers(layers):
         matrices = {
@@ -104,6 +116,6 @@ def extract(
         "family": attention.family.name,
         "output": str(output),
         "layers": selected,
-        "tensors": len(selected) * 8,
+        "tensors": len(selected) * (len(WEIGHT_ROLES) + len(attention.bias_roles)),
         "bytes": nbytes,
     }

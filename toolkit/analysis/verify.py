@@ -3,7 +3,9 @@ compare it with what the real model computes.
 
 This is the proof that the extraction is right, and the concrete answer to "why one W0":
 the block output is Concat(z_0..z_{h-1}) @ W0 + b0, which equals sum_i z_i @ w0[i] + b0,
-where w0[i] is the d_head-row block of W0 that belongs to head i.
+where w0[i] is the d_head-row block of W0 that belongs to head i. Rotary models have q and k
+rotated by position; grouped-query models repeat each key/value head for its group of query
+heads; causal and sliding-window masks are the model's own.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ class VerifyReport:
     tolerance: float
     inputs: dict  # how the input was made: texts or random ids, and its shape
     layers: list[LayerCheck] = field(default_factory=list)
+    n_kv_heads: int | None = None  # key/value heads (h_kv = n_heads for multi-head attention)
+    positions: dict = field(default_factory=dict)  # the positional scheme the check applied
 
     @property
     def passed(self) -> bool:
@@ -47,26 +51,63 @@ class VerifyReport:
         return {**asdict(self), "passed": self.passed}
 
 
-def recompute_layer(layer: AttentionLayer, hidden, mask, scale: float):
-    """Multi-head attention from the standard tensors alone.
+def recompute_layer(layer: AttentionLayer, hidden, mask, scale: float, rotation=None):
+    """Multi-head (or grouped-query) attention from the standard tensors alone.
 
     hidden: [batch, tokens, d_model] input of the attention block.
     mask: [batch, 1 or heads, tokens, tokens] bool, True where a query may attend to a key.
+    rotation: (cos, sin) [tokens, rotary_dim] for rotary models (`positional_rotation`), or None.
     Returns (probs [batch, heads, tokens, tokens], z [batch, heads, tokens, d_head], output
     [batch, tokens, d_model]).
     """
     import torch
 
-    t = layer.as_torch()
-    q = torch.einsum("btd,hde->bhte", hidden, t["wq"]) + t["bq"][None, :, None, :]
-    k = torch.einsum("btd,hde->bhte", hidden, t["wk"]) + t["bk"][None, :, None, :]
-    v = torch.einsum("btd,hde->bhte", hidden, t["wv"]) + t["bv"][None, :, None, :]
+    q, k, v = query_key_value(layer, hidden, rotation)
     scores = (q @ k.transpose(-1, -2)) * scale  # [batch, heads, tokens, tokens]
     scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     z = probs @ v  # [batch, heads, tokens, d_head]
-    output = torch.einsum("bhte,hed->btd", z, t["w0"]) + t["b0"]
-    return probs, z, output
+    output = torch.einsum("bhte,hed->btd", z, torch.from_numpy(layer.w0))
+    return probs, z, output if layer.b0 is None else output + torch.from_numpy(layer.b0)
+
+
+def query_key_value(layer: AttentionLayer, hidden, rotation=None):
+    """q, k, v: [batch, heads, tokens, d_head] for every query head, from hidden [batch, tokens,
+    d_model]: positions rotated into q and k (rotary models), and each key/value head repeated
+    for the h / h_kv query heads of its group (query head i reads key/value head i // group)."""
+    from toolkit.families.rotary import rotate
+
+    q, k, v = (_project(hidden, layer, role) for role in "qkv")
+    if rotation is not None:
+        q, k = rotate(q, *rotation), rotate(k, *rotation)
+    group = q.shape[1] // k.shape[1]
+    return q, k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+
+
+def _project(hidden, layer: AttentionLayer, role: str):
+    """hidden [batch, tokens, d_model] @ w{role} (+ b{role}) -> [batch, heads, tokens, d_head]."""
+    import torch
+
+    weight, bias = getattr(layer, "w" + role), getattr(layer, "b" + role)
+    weight = torch.from_numpy(np.ascontiguousarray(weight))  # [heads, d_model, d_head]
+    projected = torch.einsum("btd,hde->bhte", hidden, weight)
+    return projected if bias is None else projected + torch.from_numpy(bias)[None, :, None, :]
+
+
+def positional_rotation(attention: AttentionModel, tokens: int):
+    """(cos, sin) [tokens, rotary_dim] at positions 0..tokens-1 for a rotary model, else None."""
+    import torch
+
+    from toolkit.families.rotary import rotation
+
+    rotary = attention.family.rotary(attention.config)
+    return None if rotary is None else rotation(rotary, torch.arange(tokens))
+
+
+def layer_mask(attention: AttentionModel, index: int, padding):
+    """The mask of layer `index`: padding, causal order and the sliding window, as the model's."""
+    family = attention.family
+    return allowed_mask(padding, family.causal, family.sliding_window(attention.config, index))
 
 
 def concat_then_w0(layer: AttentionLayer, z):
@@ -75,9 +116,8 @@ def concat_then_w0(layer: AttentionLayer, z):
 
     batch, heads, tokens, d_head = z.shape
     concat = z.transpose(1, 2).reshape(batch, tokens, heads * d_head)
-    return concat @ torch.from_numpy(np.ascontiguousarray(layer.full("w0"))) + torch.from_numpy(
-        layer.b0
-    )
+    output = concat @ torch.from_numpy(np.ascontiguousarray(layer.full("w0")))
+    return output if layer.b0 is None else output + torch.from_numpy(layer.b0)
 
 
 def verify(
@@ -105,8 +145,8 @@ def verify(
             "the model returned no attention probabilities: it does not use eager attention"
         )
 
-    mask = allowed_mask(padding, attention.family.causal)
     d = attention.dims
+    rotation = positional_rotation(attention, input_ids.shape[1])
     report = VerifyReport(
         model=str(attention.name),
         family=attention.family.name,
@@ -116,29 +156,37 @@ def verify(
         w0_shape=[d.n_heads * d.d_head, d.d_model],
         tolerance=TOLERANCE,
         inputs=inputs_info,
+        n_kv_heads=d.n_kv_heads,
+        positions=attention.positions(),
     )
     valid = padding.bool()  # compare only real (not padding) query positions
     for index in attention.layer_indices:
         layer = attention.layer(index)
         scale = attention.family.score_scale(attention.config, index, d)
-        probs, z, output = recompute_layer(layer, captured.inputs[index], mask, scale)
+        mask = layer_mask(attention, index, padding)
+        probs, z, output = recompute_layer(layer, captured.inputs[index], mask, scale, rotation)
         model_probs = outputs.attentions[index].float()
         model_output = captured.outputs[index]
         probs_diff = (probs - model_probs).abs().amax(dim=(1, 3))[valid].max().item()
         output_diff = (output - model_output).abs().amax(dim=-1)[valid].max().item()
-        concat_diff = (concat_then_w0(layer, z) - output).abs().max().item()
+        concat_diff = (concat_then_w0(layer, z) - output).abs().amax(dim=-1)[valid].max().item()
         report.layers.append(
             LayerCheck(index, {"probs": probs_diff, "output": output_diff}, concat_diff)
         )
     return report
 
 
-def allowed_mask(padding, causal: bool):
-    """[batch, 1, tokens, tokens] bool: True where a query may attend to a key."""
+def allowed_mask(padding, causal: bool, sliding_window: int | None = None):
+    """[batch, 1, tokens, tokens] bool: True where a query may attend to a key.
+
+    A sliding window lets query q see key k only when q - k < sliding_window."""
     import torch
 
     keys = padding.bool()[:, None, None, :]
     if not causal:
         return keys
     tokens = padding.shape[1]
-    return keys & torch.ones(tokens, tokens, dtype=torch.bool).tril()[None, None]
+    allowed = torch.ones(tokens, tokens, dtype=torch.bool).tril()
+    if sliding_window is not None:
+        allowed = allowed.triu(-(sliding_window - 1))
+    return keys & allowed[None, None]

@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 from toolkit.errors import ToolkitError
-from toolkit.families import bert, gpt2
+from toolkit.families import bert, distilbert, gpt2, llama, mistral, qwen2, roberta
 from toolkit.families.base import Dimensions, Family
 
-FAMILIES: tuple[Family, ...] = (bert.FAMILY, gpt2.FAMILY)
+FAMILIES: tuple[Family, ...] = (
+    bert.FAMILY,
+    gpt2.FAMILY,
+    llama.FAMILY,
+    mistral.FAMILY,
+    qwen2.FAMILY,
+    roberta.FAMILY,
+    distilbert.FAMILY,
+)
 
 
 def supported_model_types() -> list[str]:

@@ -1,14 +1,35 @@
 """The contract between model families and the rest of the toolkit.
 
 A family adapter knows its checkpoint's tensor names and storage layout and turns one layer's
-tensors into the standard per-head layout:
+tensors into the standard per-head layout, with h query heads and h_kv key/value heads:
 
-    wq, wk, wv : [n_heads, d_model, d_head]   head i's query is  x @ wq[i] + bq[i]
-    w0         : [n_heads, d_head, d_model]   the block's output is  sum_i z_i @ w0[i] + b0
-    bq, bk, bv : [n_heads, d_head]
-    b0         : [d_model]
+    wq         : [h,    d_model, d_head]   query head i is  x @ wq[i] + bq[i]
+    wk, wv     : [h_kv, d_model, d_head]   query head i reads key/value head i // (h / h_kv)
+    w0         : [h,    d_head, d_model]   the block's output is  sum_i z_i @ w0[i] + b0
+    bq         : [h, d_head];  bk, bv : [h_kv, d_head];  b0 : [d_model]
 
-Everything downstream works on that layout only.
+Multi-head attention is the case h_kv = h (BERT, GPT-2). Grouped-query attention (Llama,
+Mistral, Qwen2) has h_kv < h: the h / h_kv query heads of a group share one key/value head.
+A bias the model does not have is absent from the converted dict (never a zero tensor).
+
+Everything downstream works on that layout only. An adapter (`Family`) supplies:
+
+- `dimensions(config)`: the Dimensions, from the `config.json` dict.
+- `layer_names(layer, config)`: role -> checkpoint tensor name (without the model prefix) for
+  every attention tensor of that layer the checkpoint holds.
+- `convert(tensors, dims)`: those tensors -> the standard layout above (numpy, float32).
+- `bias_roles(config)`: which of bq, bk, bv, b0 the model has.
+- `score_scale(config, layer, dims)`: the factor the model multiplies q . k by.
+- `causal`: whether a token attends only to itself and earlier tokens.
+- `sliding_window(config, layer)`: the window (a query sees keys with q - k < window) or None.
+- `rotary(config)`: None for models whose positions are added to the embeddings; for rotary
+  models a `Rotary` (inverse frequencies and the scale of cos/sin, computed as the model does).
+- `positions(config)`: the positional scheme and its parameters, for metadata and inspect.
+- `hook_modules(model, layer)`: (module whose input is the attention block's input, module whose
+  output is the block's output before dropout and residual), on the model `AutoModel` builds.
+- `lora_targets`: role (wq, wk, wv, w0) -> the name, as `peft` matches it (a suffix of the
+  module's path), of the `nn.Linear`/`Conv1D` that holds the role's weight in every layer; roles
+  stored fused in one module map to the same name. Empty: LoRA is not supported.
 """
 
 from __future__ import annotations
@@ -20,6 +41,7 @@ import numpy as np
 
 # role -> tensor name (without the model prefix) for one layer
 NameMap = dict[str, str]
+ALL_BIASES = ("bq", "bk", "bv", "b0")
 
 
 @dataclass(frozen=True)
@@ -28,35 +50,57 @@ class Dimensions:
     n_heads: int
     d_model: int
     d_head: int
+    n_kv_heads: int | None = None  # None: one key/value head per query head (h_kv = h)
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per key/value head: h / h_kv."""
+        return self.n_heads // self.n_kv_heads
+
+    def kv_head(self, head: int) -> int:
+        """The key/value head that query head `head` reads."""
+        return head // self.group_size
+
+
+@dataclass(frozen=True)
+class Rotary:
+    """Rotary position embedding of one model: angle of pair j at position p = p * inv_freq[j].
+
+    inv_freq: [rotary_dim / 2] float32 torch tensor (the first rotary_dim dimensions of each
+    head rotate; the rest pass through when the rotary is partial).
+    attention_scaling: the factor cos and sin are multiplied by (1 except for yarn/longrope).
+    """
+
+    inv_freq: object
+    attention_scaling: float
+
+    @property
+    def rotary_dim(self) -> int:
+        return 2 * self.inv_freq.numel()
 
 
 @dataclass(frozen=True)
 class Family:
-    """One model family's adapter: names, layout conversion, and how to run it for `verify`.
-
-    name: short family name shown to users.
-    model_types: the `config.json` `model_type` values it handles.
-    dimensions(config): the model's Dimensions.
-    layer_names(layer): role -> checkpoint name for that layer's attention tensors.
-    convert(tensors, dims): role -> array dict, into the standard layout (see module doc).
-    score_scale(config, layer, dims): the factor the model multiplies q.k by.
-    causal: whether a token attends only to itself and earlier tokens.
-    hook_modules(model, layer): (module whose input is the attention block's input,
-        module whose output is the block's output before dropout and residual).
-    lora_targets: role (wq, wk, wv, w0) -> the name, as `peft` matches it (a suffix of the
-        module's path), of the `nn.Linear`/`Conv1D` that holds the role's weight in every layer;
-        roles stored fused in one module map to the same name. Empty: LoRA is not supported.
-    """
+    """One model family's adapter (the contract is in the module docstring)."""
 
     name: str
     model_types: tuple[str, ...]
     dimensions: Callable[[dict], Dimensions]
-    layer_names: Callable[[int], NameMap]
+    layer_names: Callable[[int, dict], NameMap]
     convert: Callable[[dict[str, np.ndarray], Dimensions], dict[str, np.ndarray]]
     score_scale: Callable[[dict, int, Dimensions], float]
     causal: bool
     hook_modules: Callable[[object, int], tuple[object, object]]
+    bias_roles: Callable[[dict], tuple[str, ...]] = lambda config: ALL_BIASES
+    sliding_window: Callable[[dict, int], int | None] = lambda config, layer: None
+    rotary: Callable[[dict], Rotary | None] = lambda config: None
+    positions: Callable[[dict], dict] = lambda config: {"scheme": "learned absolute"}
     lora_targets: Mapping[str, str] = field(default_factory=dict)
+    # the defaults above describe BERT and GPT-2: every bias, full attention, learned positions
 
     def __repr__(self) -> str:  # the functions' addresses say nothing to a reader
         return f"Family({self.name!r}, model_types={self.model_types}, causal={self.causal})"

@@ -22,7 +22,7 @@ def dimensions(config: dict) -> Dimensions:
     return Dimensions(config["num_hidden_layers"], n_heads, d_model, d_model // n_heads)
 
 
-def layer_names(layer: int) -> NameMap:
+def layer_names(layer: int, config: dict) -> NameMap:
     block = f"encoder.layer.{layer}.attention"
     return {
         "wq": f"{block}.self.query.weight",

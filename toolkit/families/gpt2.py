@@ -23,7 +23,7 @@ def dimensions(config: dict) -> Dimensions:
     return Dimensions(n_layers, n_heads, d_model, d_model // n_heads)
 
 
-def layer_names(layer: int) -> NameMap:
+def layer_names(layer: int, config: dict) -> NameMap:
     block = f"h.{layer}.attn"
     return {
         "w_qkv": f"{block}.c_attn.weight",

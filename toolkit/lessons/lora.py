@@ -76,7 +76,7 @@ class Finding:
     """One paper's claim, and whether these two runs reproduce it, with the deciding numbers."""
 
     paper: str  # "hu2021" or "shuttleworth2024"
-    claim: str  # the key of its wording in toolkit.lessons.text ("lora.claim.<claim>")
+    claim: str  # the key of its wording in toolkit.render.text ("lora.claim.<claim>")
     reproduced: bool
     numbers: dict[str, float | int | None]
 

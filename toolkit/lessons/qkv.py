@@ -49,7 +49,8 @@ class LayerQkv:
     init: dict[str, WeightStats]  # role -> stats of the freshly initialised model
     trained: dict[str, WeightStats]  # role -> stats of the model at hand
     grad_norm: dict[str, float]  # role -> ||dL/dW||_F of the whole layer matrix
-    grad_norm_per_head: dict[str, list[float]]  # role -> [h] ||dL/dW[i]||_F in the standard layout
+    # role -> ||dL/dW[i]||_F per head of the standard layout: [h] for wq, [h_kv] for wk and wv
+    grad_norm_per_head: dict[str, list[float]]
     update_vs_minus_lr_grad_max_abs_diff: dict[str, float]  # role -> max |ΔW - (-lr * grad)|
     update_relative: dict[str, float]  # role -> ||ΔW||_F / ||W||_F
 
@@ -72,6 +73,7 @@ class QkvLesson:
     loss: float
     loss_after_step: float
     layers: list[LayerQkv] = field(default_factory=list)
+    n_kv_heads: int | None = None  # fewer than n_heads: each wk/wv head serves a group of queries
     # Averages over every layer's Wq, Wk and Wv
     mean_std_init: float = 0.0
     mean_std_trained: float = 0.0
@@ -141,6 +143,7 @@ def explain_qkv(
         lr=lr,
         loss=loss.item(),
         loss_after_step=loss_after.item(),
+        n_kv_heads=d.n_kv_heads,
     )
     for index in attention.layer_indices:
         trained, init, grad = attention.layer(index), initial.layer(index), grads.layer(index)

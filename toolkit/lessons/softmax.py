@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from toolkit.analysis.verify import allowed_mask
+from toolkit.analysis.verify import layer_mask, positional_rotation, query_key_value
 from toolkit.attention import AttentionModel, load_attention
 from toolkit.errors import ToolkitError
 from toolkit.runtime import captured_blocks, load_model, make_inputs, token_strings
@@ -108,12 +108,13 @@ def explain_softmax(
     with captured_blocks(net, attention) as captured, torch.no_grad():
         outputs = net(input_ids=input_ids, attention_mask=padding, output_attentions=True)
     x = captured.inputs[layer][0]  # [tokens, d_model], the attention block's input
-    keys = allowed_mask(padding, attention.family.causal)[0, 0].expand(n_tokens, n_tokens)[query]
+    keys = layer_mask(attention, layer, padding)[0, 0].expand(n_tokens, n_tokens)[query]
     keys = keys.nonzero().flatten()  # [keys]
 
-    t = standard.as_torch()
-    q = x[query] @ t["wq"][head] + t["bq"][head]  # [d_head]
-    k = x[keys] @ t["wk"][head] + t["bk"][head]  # [keys, d_head]
+    # every head's q and k [1, heads, tokens, d_head]: rotated by position in rotary models, and
+    # k the key head this query head shares with its group in grouped-query models
+    q, k, _ = query_key_value(standard, x[None], positional_rotation(attention, n_tokens))
+    q, k = q[0, head, query], k[0, head, keys]  # [d_head], [keys, d_head]
     raw = k @ q  # [keys]
     scale = attention.family.score_scale(attention.config, layer, d)
     scores = raw * scale

@@ -12,7 +12,12 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from toolkit.analysis.verify import allowed_mask, concat_then_w0, recompute_layer
+from toolkit.analysis.verify import (
+    concat_then_w0,
+    layer_mask,
+    positional_rotation,
+    recompute_layer,
+)
 from toolkit.attention import AttentionModel, head_frobenius, load_attention
 from toolkit.runtime import captured_blocks, load_model, make_inputs
 
@@ -50,6 +55,7 @@ class W0Lesson:
     head_block_abs_mean: list[list[float]]  # mean |W0| over each head's rows, [h, d_model]
     reinserted_max_abs_diff: float  # the swap route with the original W0 vs the untouched model
     replacements: list[W0Replacement] = field(default_factory=list)
+    n_kv_heads: int | None = None  # key/value heads; fewer than n_heads: grouped-query attention
     # the range of the replacements' relative changes: [min, max]
     layer_output_change_range: list[float] = field(default_factory=list)
     final_output_change_range: list[float] = field(default_factory=list)
@@ -85,11 +91,12 @@ def explain_w0(
         final = net(input_ids=input_ids, attention_mask=padding).last_hidden_state
     block = captured.outputs[layer]  # [batch, tokens, d_model]
     scale = attention.family.score_scale(attention.config, layer, d)
-    mask = allowed_mask(padding, attention.family.causal)
+    mask = layer_mask(attention, layer, padding)
+    rotation = positional_rotation(attention, input_ids.shape[1])
     # z: [batch, heads, tokens, d_head], each head's output before W0
-    _, z, _ = recompute_layer(standard, captured.inputs[layer], mask, scale)
-    t = standard.as_torch()
-    per_head_sum = torch.einsum("bhte,hed->btd", z, t["w0"]) + t["b0"]  # sum_i z_i @ w0[i] + b0
+    _, z, per_head_sum = recompute_layer(  # per_head_sum: sum_i z_i @ w0[i] + b0
+        standard, captured.inputs[layer], mask, scale, rotation
+    )
     concat_route = concat_then_w0(standard, z)  # Concat(z) @ W0 + b0
 
     w0 = standard.full("w0")  # [h*d_head, d_model]
@@ -119,6 +126,7 @@ def explain_w0(
         head_block_norms=head_frobenius(standard.w0).tolist(),
         head_block_abs_mean=np.abs(standard.w0).mean(axis=1).tolist(),
         reinserted_max_abs_diff=(reinserted - final)[valid].abs().max().item(),
+        n_kv_heads=d.n_kv_heads,
     )
 
     def replaced(kind: str, head: int | None, new_w0: np.ndarray) -> W0Replacement:
@@ -151,7 +159,8 @@ def run_with_w0(net, attention: AttentionModel, layer: int, w0: np.ndarray, inpu
 
     _, output_module = attention.family.hook_modules(net, layer)
     new_w0 = torch.from_numpy(np.ascontiguousarray(w0, dtype=np.float32))
-    b0 = torch.from_numpy(attention.layer(layer).b0)
+    b0 = attention.layer(layer).b0
+    b0 = 0.0 if b0 is None else torch.from_numpy(b0)  # bias-free models (Llama) have none
     seen = {}
 
     def replace(module, args, output):

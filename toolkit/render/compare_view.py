@@ -33,9 +33,15 @@ def render_comparison(comparison: Comparison, console: Console) -> None:
 
 def _describe(info) -> str:
     return (
-        f"{info.name}  family {info.family}  layers {info.n_layers}  heads {info.n_heads}  "
-        f"d_model {info.d_model}  d_head {info.d_head}"
+        f"{info.name}  family {info.family}  layers {info.n_layers}  heads {info.n_heads}"
+        f"{_kv_heads(info)}  d_model {info.d_model}  d_head {info.d_head}"
     )
+
+
+def _kv_heads(info) -> str:
+    """' (3 key/value heads)' for grouped-query attention, '' when every head has its own."""
+    shared = info.n_kv_heads is not None and info.n_kv_heads != info.n_heads
+    return f" ({info.n_kv_heads} key/value heads)" if shared else ""
 
 
 def _render_elementwise(c: Comparison, console: Console) -> None:
@@ -106,7 +112,7 @@ def _render_elementwise(c: Comparison, console: Console) -> None:
             str(entry["layer"]),
             str(head),
             number(entry["relative_change"]),
-            *(number(layer.matrices[role].heads[head].relative_change) for role in WEIGHT_ROLES),
+            *(number(layer.head_change(role, head).relative_change) for role in WEIGHT_ROLES),
             *(number(layer.circuits[name][head].relative_change) for name in ("qk", "ov")),
         )
     console.print(top)

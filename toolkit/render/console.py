@@ -25,7 +25,18 @@ def render_summary(summary: ModelSummary, heads: bool, console: Console) -> None
     )
     console.print(
         f"[bold]{s.model}[/bold]  family [cyan]{s.family}[/cyan]  "
-        f"layers {s.n_layers}  heads {s.n_heads}  d_model {s.d_model}  d_head {s.d_head}"
+        f"layers {s.n_layers}  heads {s.n_heads}  key/value heads {s.n_kv_heads}  "
+        f"d_model {s.d_model}  d_head {s.d_head}"
+    )
+    if s.n_kv_heads != s.n_heads:
+        console.print(
+            f"grouped-query attention: query head i reads key/value head i // "
+            f"{s.n_heads // s.n_kv_heads} (wk, wv have {s.n_kv_heads} heads)"
+        )
+    console.print(f"positions: {escape(_positions(s.positions))}")
+    absent = ", ".join(s.absent_biases)
+    console.print(
+        f"biases: {', '.join(s.biases) or 'none'}" + (f"  (absent: {absent})" if absent else "")
     )
     console.print(f"attention parameters {s.attention_parameters:,}{share}")
     table = Table(title="Frobenius norms of the attention weights (standard layout)")
@@ -46,12 +57,22 @@ def render_summary(summary: ModelSummary, heads: bool, console: Console) -> None
             per_head.add_column("head", justify="right")
             for role in WEIGHT_ROLES:
                 per_head.add_column(role, justify="right")
+            group = s.n_heads // s.n_kv_heads
             for head in range(s.n_heads):
+                # wk, wv: the key/value head this query head reads (shared within its group)
+                index = {"wq": head, "w0": head, "wk": head // group, "wv": head // group}
                 per_head.add_row(
-                    str(head),
-                    *(f"{getattr(layer, role).head_fro[head]:.3f}" for role in WEIGHT_ROLES),
+                    str(head) if group == 1 else f"{head} (kv {head // group})",
+                    *(f"{getattr(layer, role).head_fro[index[role]]:.3f}" for role in WEIGHT_ROLES),
                 )
             console.print(per_head)
+
+
+def _positions(positions: dict) -> str:
+    """'rotary (rope_theta 10000, rope_type default)' or 'learned absolute'."""
+    settings = {key: value for key, value in positions.items() if key != "scheme"}
+    details = ", ".join(f"{key} {value}" for key, value in settings.items() if value is not None)
+    return positions.get("scheme", "?") + (f" ({details})" if details else "")
 
 
 def render_verify(report: VerifyReport, console: Console) -> None:
@@ -63,6 +84,12 @@ def render_verify(report: VerifyReport, console: Console) -> None:
         else f"{sequences} sequences x {tokens} {r.inputs['kind']}"
     )
     console.print(f"[bold]{r.model}[/bold]  family [cyan]{r.family}[/cyan]  input: {inputs}")
+    console.print(f"positions: {escape(_positions(r.positions))}")
+    if r.n_kv_heads != r.n_heads:
+        console.print(
+            f"{r.n_heads} query heads share {r.n_kv_heads} key/value heads: each key/value head "
+            f"is repeated for its group of {r.n_heads // r.n_kv_heads} before the scores"
+        )
     table = Table(
         title="Attention recomputed from the extracted tensors vs the real model "
         f"(max |difference|, tolerance {r.tolerance:g})"

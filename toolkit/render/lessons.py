@@ -64,6 +64,7 @@ def present_w0(r: W0Lesson, lang: str) -> list[Block]:
             )
         ),
         Paragraph(say(lang, "w0.why_one", d_model=r.d_model, n_heads=r.n_heads)),
+        *_shared_kv(lang, "w0.shared_kv", r.n_heads, r.n_kv_heads),
         Paragraph(dimension),
         Paragraph(
             say(
@@ -278,11 +279,13 @@ def present_qkv(r: QkvLesson, lang: str) -> list[Block]:
         Figure("qkv", say(lang, "qkv.figure"), partial(figures.qkv_spectra, r)),
         Paragraph(loss),
         Table(say(lang, "qkv.grad_table"), [say(lang, "layer")] + list(QKV), grad_rows),
+        *_shared_kv(lang, "qkv.shared_kv", r.n_heads, r.n_kv_heads),
     ]
     for role in QKV:
+        heads = len(r.layers[0].grad_norm_per_head[role]) if r.layers else 0  # h_kv for wk, wv
         rows = [
             [str(head)] + [f"{layer.grad_norm_per_head[role][head]:.4f}" for layer in r.layers]
-            for head in range(r.n_heads)
+            for head in range(heads)
         ]
         columns = [say(lang, "head")] + [
             f"{say(lang, 'layer')} {layer.layer}" for layer in r.layers
@@ -303,6 +306,14 @@ def present_qkv(r: QkvLesson, lang: str) -> list[Block]:
         )
     )
     return blocks
+
+
+def _shared_kv(lang: str, key: str, n_heads: int, n_kv_heads: int | None) -> list[Block]:
+    """The grouped-query paragraph, only for models whose heads share keys and values."""
+    if n_kv_heads is None or n_kv_heads == n_heads:
+        return []
+    group = n_heads // n_kv_heads
+    return [Paragraph(say(lang, key, n_heads=n_heads, n_kv_heads=n_kv_heads, group=group))]
 
 
 def present_pretrained(r: PretrainedLesson, lang: str) -> list[Block]:

@@ -160,6 +160,17 @@ TEXT: dict[str, dict[str, str]] = {
             "final hidden state, scored against the model's own input embeddings (tied weights); "
             "loss = mean cross-entropy = {loss:.4f}. Dropout is off."
         ),
+        "w0.shared_kv": (
+            "This model uses grouped-query attention: its {n_heads} query heads share {n_kv_heads} key/value heads, "
+            "{group} query heads to each (query head i reads key/value head i // {group}). Heads of one group "
+            "weigh the same values v with their own attention patterns, so their z_i differ; W0 still has one "
+            "block w0[i] per query head, and Concat(z) is still {n_heads} x d_head wide."
+        ),
+        "qkv.shared_kv": (
+            "Here wk and wv have only {n_kv_heads} heads for {n_heads} query heads: each key/value head is shared "
+            "by {group} query heads, so its gradient sums what all {group} of them asked of it, and its rows in "
+            "the per-head tables below are key/value heads, not query heads."
+        ),
         "qkv.grad_table": "Gradient norm ||dL/dW|| per layer",
         "qkv.grad_head_table": "Gradient norm of {role} per head (rows) and layer (columns)",
         "qkv.sgd": (
@@ -397,6 +408,15 @@ TEXT: dict[str, dict[str, str]] = {
         "qkv.loss_next": (
             '在 "{text}" 上做一次反向传播。损失:用最终隐藏状态预测每一个下一个词元,打分用模型自己的'
             "输入词嵌入(权重共享);损失 = 平均交叉熵 = {loss:.4f}。dropout 已关闭。"
+        ),
+        "w0.shared_kv": (
+            "这个模型使用分组查询注意力(GQA):{n_heads} 个查询头共享 {n_kv_heads} 个键/值头,每组 {group} 个查询头"
+            "(第 i 个查询头读取第 i // {group} 个键/值头)。同一组的头对同一组值 v 加权,但注意力模式各不相同,"
+            "所以它们的 z_i 不同;W0 仍然为每个查询头保留一个行块 w0[i],Concat(z) 的宽度仍是 {n_heads} x d_head。"
+        ),
+        "qkv.shared_kv": (
+            "这里 wk 和 wv 只有 {n_kv_heads} 个头,对应 {n_heads} 个查询头:每个键/值头由 {group} 个查询头共享,"
+            "所以它的梯度是这 {group} 个查询头对它的要求之和;下面逐头表格中 wk、wv 的行是键/值头,而不是查询头。"
         ),
         "qkv.grad_table": "每层的梯度范数 ||dL/dW||",
         "qkv.grad_head_table": "{role} 的梯度范数,按头(行)和层(列)",

@@ -45,7 +45,7 @@ from toolkit.training.lora import (
 from toolkit.training.models import (
     build_model,
     check_model,
-    gpt2_config_overrides,
+    config_overrides,
     save_final,
     training_tokenizer,
 )
@@ -208,7 +208,7 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
         config.epochs,
         config.max_steps,
         d_model=model.config.hidden_size,
-        pretrained=config.init == "pretrained" and gpt2_config_overrides(config.model) is None,
+        pretrained=config.init == "pretrained" and config_overrides(config.model) is None,
         updates_per_epoch=updates_per_epoch,
         method=config.method,
     )
@@ -548,13 +548,15 @@ def _check_finite(loss: float, step: int, run_dir: Path) -> None:
 
 
 def _parameter_groups(model, weight_decay: float) -> list[dict]:
-    """AdamW groups: weight decay on weight matrices, none on biases and normalisation weights."""
+    """AdamW groups: weight decay on weight matrices, none on biases and normalisation weights
+    (LayerNorm's, and RMSNorm's: torch's or a model's own class such as LlamaRMSNorm)."""
     import torch
 
     no_decay = {
         id(p)
         for module in model.modules()
-        if isinstance(module, torch.nn.LayerNorm)
+        if isinstance(module, torch.nn.LayerNorm | torch.nn.RMSNorm)
+        or type(module).__name__.endswith("RMSNorm")
         for p in module.parameters()
     }
     no_decay |= {id(p) for name, p in model.named_parameters() if name.endswith("bias")}

@@ -1,9 +1,12 @@
-"""The model and tokenizer a run starts from: a pretrained checkpoint, or GPT-2 built from a config.
+"""The model and tokenizer a run starts from: a pretrained checkpoint, or a GPT-2 or Llama
+built from a config.
 
 `--model gpt2-config:n_layer=2,n_head=4,n_embd=128` builds a fresh GPT-2-architecture model
 (no pretrained weights needed) with a byte-level BPE tokenizer trained on the run's training
-texts; `vocab_size` there sets the tokenizer's size (default 4096). The trained tokenizer is
-saved in DIR/tokenizer/ so that every process and every resumed run uses the same one.
+texts; `vocab_size` there sets the tokenizer's size (default 4096). `--model llama-config:
+num_hidden_layers=2,num_attention_heads=6,num_key_value_heads=2,hidden_size=96` does the same
+for the Llama architecture (grouped-query attention, rotary positions, RMSNorm). The trained
+tokenizer is saved in DIR/tokenizer/ so that every process and every resumed run uses the same one.
 """
 
 from __future__ import annotations
@@ -17,48 +20,59 @@ from toolkit.runtime import load_tokenizer
 from toolkit.sources import resolve_source
 from toolkit.training.data import train_bpe_tokenizer
 
-GPT2_CONFIG = "gpt2-config"
+# spec prefix -> (transformers config class, an example)
+CONFIG_SPECS = {
+    "gpt2-config": ("GPT2Config", "gpt2-config:n_layer=2,n_head=4,n_embd=128"),
+    "llama-config": (
+        "LlamaConfig",
+        "llama-config:num_hidden_layers=2,num_attention_heads=6,num_key_value_heads=2,"
+        "hidden_size=96,intermediate_size=192",
+    ),
+}
 DEFAULT_BPE_VOCAB = 4096
 # Training never needs the attention probabilities (verify and the lessons load eager models):
 # the fused scaled-dot-product kernel is faster and uses less memory.
 TRAINING_ATTENTION = "sdpa"
 
 
-def gpt2_config_overrides(model: str) -> dict | None:
-    """`gpt2-config:key=value,...` -> {key: value}; None for any other model spec."""
+def config_overrides(model: str) -> tuple[str, dict] | None:
+    """`gpt2-config:key=value,...` or `llama-config:...` -> (config class name, {key: value});
+    None for any other model spec."""
     name, _, settings = model.partition(":")
-    if name != GPT2_CONFIG:
+    if name not in CONFIG_SPECS:
         return None
-    from transformers import GPT2Config
+    import transformers
 
-    known = GPT2Config().to_dict()
+    class_name, example = CONFIG_SPECS[name]
+    known = getattr(transformers, class_name)().to_dict()
     overrides = {}
     for item in filter(None, settings.split(",")):
         key, equals, value = item.partition("=")
         if not equals or key not in known:
             raise ToolkitError(
-                f"'{item}' in --model {model} is not key=value with a GPT2Config key "
-                "(e.g. gpt2-config:n_layer=2,n_head=4,n_embd=128)"
+                f"'{item}' in --model {model} is not key=value with a {class_name} key "
+                f"(e.g. {example})"
             )
         overrides[key] = _number(value)
-    return overrides
+    return class_name, overrides
 
 
 def check_model(config) -> None:
     """Resolve `config.model` (a typo, a missing folder) before the run writes anything."""
-    if gpt2_config_overrides(config.model) is None:
+    if config_overrides(config.model) is None:
         resolve_source(config.model)
 
 
 def training_tokenizer(config, train_texts, run_dir: Path):
-    """The pretrained model's tokenizer, or (for gpt2-config) the BPE tokenizer of this run.
+    """The pretrained model's tokenizer, or (for a config spec) the BPE tokenizer of this run.
 
     Loaded by `toolkit.runtime.load_tokenizer` (one policy); training cannot do without one.
     """
-    overrides = gpt2_config_overrides(config.model)
-    if overrides is None:
+    spec = config_overrides(config.model)
+    if spec is None:
         folder = resolve_source(config.model).path
     else:
+        overrides = spec[1]
         folder = run_dir / "tokenizer"
         if not folder.is_dir():
             tokenizer = train_bpe_tokenizer(
@@ -77,16 +91,10 @@ def build_model(config, tokenizer, label_names: list[str] | None):
 
     `config.init` "pretrained" loads the checkpoint's weights; "random" builds the same
     architecture from the checkpoint's config with freshly initialised weights. A
-    `gpt2-config:` model is always built fresh.
+    `gpt2-config:` or `llama-config:` model is always built fresh.
     """
-    from transformers import (
-        AutoConfig,
-        AutoModelForCausalLM,
-        AutoModelForSequenceClassification,
-        GPT2Config,
-        GPT2ForSequenceClassification,
-        GPT2LMHeadModel,
-    )
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     labels = {}
     if label_names is not None:
@@ -95,11 +103,13 @@ def build_model(config, tokenizer, label_names: list[str] | None):
             "id2label": dict(enumerate(label_names)),
             "label2id": {name: i for i, name in enumerate(label_names)},
         }
-    overrides = gpt2_config_overrides(config.model)
-    if overrides is not None:
-        gpt2 = GPT2Config(
+    spec = config_overrides(config.model)
+    if spec is not None:
+        class_name, overrides = spec
+        positions = "n_positions" if class_name == "GPT2Config" else "max_position_embeddings"
+        model_config = getattr(transformers, class_name)(
             **{
-                "n_positions": config.max_length,
+                positions: config.max_length,
                 **overrides,
                 "vocab_size": len(tokenizer),
                 "bos_token_id": tokenizer.eos_token_id,
@@ -110,9 +120,11 @@ def build_model(config, tokenizer, label_names: list[str] | None):
             attn_implementation=TRAINING_ATTENTION,
         )
         model_class = (
-            GPT2LMHeadModel if config.task == "causal-lm" else GPT2ForSequenceClassification
+            AutoModelForCausalLM
+            if config.task == "causal-lm"
+            else AutoModelForSequenceClassification
         )
-        return model_class(gpt2)
+        return model_class.from_config(model_config)
     source = resolve_source(config.model)
     family = family_for_config(source.config)  # only families whose attention we can track
     if config.task == "causal-lm" and not family.causal:
