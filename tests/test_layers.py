@@ -17,7 +17,7 @@ PACKAGE = Path(toolkit.__file__).parent
 LAYERS = [
     ("toolkit.errors", "toolkit.safetensors_format", "toolkit.fileio", "toolkit.progress"),
     ("toolkit.threads",),
-    ("toolkit.sources", "toolkit.checkpoint", "toolkit.families"),
+    ("toolkit.sources", "toolkit.checkpoint", "toolkit.gguf_checkpoint", "toolkit.families"),
     ("toolkit.attention",),
     ("toolkit.runtime", "toolkit.analysis", "toolkit.training", "toolkit.lessons"),
     ("toolkit.render",),
