@@ -23,16 +23,18 @@ def _perturbed(model, seed: int) -> dict:
     return state
 
 
-@pytest.mark.parametrize("family", ["bert-classifier", "gpt2-lm"])
+@pytest.mark.parametrize("family", ["bert-classifier", "gpt2-lm", "llama-gqa"])
 def test_device_route_equals_numpy_route(
-    family, tiny_bert_classifier, tiny_gpt2_lm_scaled, tmp_path
+    family, tiny_bert_classifier, tiny_gpt2_lm_scaled, tiny_llama, tmp_path
 ):
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     if family == "bert-classifier":
         model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_classifier)
-    else:
+    elif family == "gpt2-lm":
         model = AutoModelForCausalLM.from_pretrained(tiny_gpt2_lm_scaled)
+    else:  # grouped-query attention: wk, wv have fewer heads than wq, w0; no biases
+        model = AutoModel.from_pretrained(tiny_llama)
     config = model.config.to_dict()
     runs = {}
     for name, tracker_class in (("numpy", ShiftTracker), ("device", DeviceShiftTracker)):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from toolkit.attention import WEIGHT_ROLES, attention_from_state_dict
+from toolkit.attention import WEIGHT_ROLES, attention_from_state_dict, standard_name
 from toolkit.training.tracking import (
     ShiftPoint,
     ShiftTracker,
@@ -30,15 +30,16 @@ def layer_gather_index(attention, state_dict: dict, layer: int) -> dict[str, np.
     """role -> [n_heads, rows * cols] int64: where each standard weight's elements sit in the
     flattened concatenation of the layer's parameters (in `layer_names` order)."""
     offset, positions = 0, {}
-    for raw_role, name in attention.family.layer_names(layer).items():
+    for raw_role, name in attention.family.layer_names(layer, attention.config).items():
         shape = tuple(state_dict[attention.prefix + name].shape)
         count = int(np.prod(shape))
         positions[raw_role] = np.arange(offset, offset + count, dtype=np.int64).reshape(shape)
         offset += count
     standard = attention.family.convert(positions, attention.dims)  # layout ops only
-    n_heads = attention.dims.n_heads
+    # wk, wv have h_kv heads under grouped-query attention, wq and w0 h
     return {
-        role: np.ascontiguousarray(standard[role]).reshape(n_heads, -1) for role in WEIGHT_ROLES
+        role: np.ascontiguousarray(standard[role]).reshape(len(standard[role]), -1)
+        for role in WEIGHT_ROLES
     }
 
 
@@ -47,7 +48,7 @@ def layer_flat(attention, state_dict: dict, layer: int):
     parameters' device."""
     import torch
 
-    names = attention.family.layer_names(layer).values()
+    names = attention.family.layer_names(layer, attention.config).values()
     return torch.cat(
         [state_dict[attention.prefix + name].detach().reshape(-1).float() for name in names]
     )
@@ -77,7 +78,7 @@ class DeviceShiftTracker(ShiftTracker):
         shapes = {
             attention.prefix + name: tuple(state_dict[attention.prefix + name].shape)
             for layer in range(trajectory.n_layers)
-            for name in attention.family.layer_names(layer).values()
+            for name in attention.family.layer_names(layer, attention.config).values()
         }
 
         def standard_tensors():
@@ -85,7 +86,7 @@ class DeviceShiftTracker(ShiftTracker):
             raw = {}
             for layer, flat in enumerate(host_flats):
                 position = 0
-                for tensor_name in attention.family.layer_names(layer).values():
+                for tensor_name in attention.family.layer_names(layer, attention.config).values():
                     shape = shapes[attention.prefix + tensor_name]
                     count = int(np.prod(shape))
                     raw[attention.prefix + tensor_name] = flat[position : position + count].view(
@@ -103,14 +104,17 @@ class DeviceShiftTracker(ShiftTracker):
         import torch
 
         device = next(iter(state_dict.values())).device
-        n_layers, n_heads = attention.dims.n_layers, attention.dims.n_heads
+        n_layers = attention.dims.n_layers
         index = layer_gather_index(attention, state_dict, 0)  # every layer has one layout
         self._index = {role: torch.from_numpy(i).to(device) for role, i in index.items()}
         self._start = {
             role: torch.stack(
                 [
-                    torch.from_numpy(self.start[f"layers.{layer}.{role}"]).reshape(n_heads, -1)
-                    for layer in range(n_layers)
+                    torch.from_numpy(start).reshape(len(start), -1)  # [heads of the role, ...]
+                    for start in (
+                        self.weights_at_start[standard_name(layer, role)]
+                        for layer in range(n_layers)
+                    )
                 ]
             ).to(device)
             for role in WEIGHT_ROLES
@@ -133,7 +137,15 @@ class DeviceShiftTracker(ShiftTracker):
             start = self._start_norm[role]
             heads.append(moved / start)
             layers.append((moved.square().sum(-1) / start.square().sum(-1)).sqrt())  # [L]
-        heads, layers = torch.stack(heads).cpu().tolist(), torch.stack(layers).cpu().tolist()
+        # one transfer: wq/w0 have h heads, wk/wv h_kv under grouped-query attention
+        sizes = [len(change[0]) for change in heads]
+        flat = torch.cat([change.reshape(-1) for change in heads + layers]).cpu()
+        pieces = flat.split([len(flats) * size for size in sizes] + [len(flats)] * len(layers))
+        heads = [
+            piece.reshape(len(flats), size).tolist()
+            for piece, size in zip(pieces[: len(sizes)], sizes, strict=True)
+        ]
+        layers = [piece.tolist() for piece in pieces[len(sizes) :]]
         return (
             dict(zip(WEIGHT_ROLES, layers, strict=True)),
             dict(zip(WEIGHT_ROLES, heads, strict=True)),
