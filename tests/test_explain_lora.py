@@ -12,12 +12,12 @@ import pytest
 from conftest import BERT_SHAPE
 from safetensors.numpy import load_file
 from test_intruders import _numpy_count
-from toolkit.render.text import say
 
 import toolkit
 from toolkit.lessons.lora import RANK_TOLERANCE, explain_lora
 from toolkit.render.lessons import lesson_blocks
 from toolkit.render.report import Paragraph, write_markdown
+from toolkit.render.text import say
 
 ROLES = ("wq", "wk", "wv", "w0")
 RANK, LAYERS, D_MODEL = 2, BERT_SHAPE["num_hidden_layers"], BERT_SHAPE["hidden_size"]

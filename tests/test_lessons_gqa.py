@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from toolkit.analysis.verify import verify
-from toolkit.runtime import make_inputs
 from toolkit.attention import load_attention
 from toolkit.lessons.qkv import explain_qkv
 from toolkit.lessons.softmax import explain_softmax
 from toolkit.lessons.w0 import explain_w0
 from toolkit.render.lessons import present_qkv, present_w0
 from toolkit.render.report import Paragraph
+from toolkit.runtime import make_inputs
 
 
 def _eager(path):
