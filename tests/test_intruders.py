@@ -97,9 +97,9 @@ def test_training_report_counts_intruders_over_the_snapshots(tiny_bert, tmp_path
     from safetensors import safe_open
     from safetensors.numpy import save_file
 
+    from toolkit.analysis.intruders import run_intruders
     from toolkit.analysis.summary import extract
     from toolkit.render.training_report import _intruder_section
-    from toolkit.training.tracking import ShiftPoint, Trajectory
 
     shift = tmp_path / "shift"
     shift.mkdir()
@@ -116,14 +116,11 @@ def test_training_report_counts_intruders_over_the_snapshots(tiny_bert, tmp_path
         moved.reshape(d_model, heads, d_head).transpose(1, 0, 2), dtype=np.float32
     )
     save_file(tensors, str(shift / "step_000005.safetensors"), metadata=metadata)
-    trajectory = Trajectory(model="tiny", task="classification", n_layers=2, n_heads=heads)
-    trajectory.shift = [
-        ShiftPoint(step, None, {}, {}, {}, f"step_{step:06d}.safetensors") for step in (0, 5)
-    ]
+    snapshots = [(step, f"step_{step:06d}.safetensors") for step in (0, 5)]
     expected = _numpy_count(
         full.astype(np.float64), moved.astype(np.float32).astype(np.float64), 10, 0.5
     )
     assert expected >= 1
-    lines = _intruder_section(tmp_path, trajectory)
+    lines = _intruder_section(tmp_path, run_intruders(shift, snapshots))
     assert "| 5 | 0 | 0 | " + str(expected) + " | 0 |" in lines
     assert (tmp_path / "intruders_by_step.png").read_bytes()[:4] == b"\x89PNG"

@@ -35,14 +35,18 @@ def finetune_with_report(config: FinetuneConfig | dict) -> FinetuneResult:
 def write_finetune_report(result: FinetuneResult) -> Path:
     """Compare the run's step-0 snapshot with its final model and write DIR/report.md."""
     from toolkit.analysis.compare import compare
+    from toolkit.analysis.intruders import run_intruders
     from toolkit.fileio import write_json
     from toolkit.render.training_report import write_training_report
     from toolkit.training.tracking import snapshot_name
 
     run_dir = Path(result.output_dir)
+    trajectory = result.trajectory_record
     start = run_dir / "shift" / snapshot_name(0)
-    comparison = None
+    comparison, intruders = None, []
     if start.is_file():  # tracking was on
         comparison = compare(start, result.final_dir)
         write_json(run_dir / "compare.json", comparison.to_dict())
-    return write_training_report(run_dir, result.trajectory_record, result, comparison)
+        snapshots = [(point.step, point.snapshot) for point in trajectory.shift]
+        intruders = run_intruders(run_dir / "shift", snapshots)
+    return write_training_report(run_dir, trajectory, result, comparison, intruders)

@@ -115,3 +115,19 @@ def trajectory_intruders(
                 counts[role].append(found.count)
         result.append(SnapshotIntruders(step, counts))
     return result
+
+
+def run_intruders(
+    shift_dir: str | Path, snapshots: list[tuple[int, str]]
+) -> list[SnapshotIntruders]:
+    """`trajectory_intruders` over a run's snapshots when its last one has intruders, else [].
+
+    The last snapshot is checked first: a run that ends without intruders costs one snapshot's
+    decompositions, not one per snapshot.
+    """
+    if (
+        len(snapshots) < 2
+        or not trajectory_intruders(shift_dir, [snapshots[0], snapshots[-1]])[0].total
+    ):
+        return []
+    return trajectory_intruders(shift_dir, snapshots)

@@ -14,6 +14,7 @@ from toolkit.fileio import write_atomic
 
 if TYPE_CHECKING:
     from toolkit.analysis.compare import Comparison
+    from toolkit.analysis.intruders import SnapshotIntruders
     from toolkit.training.loop import FinetuneResult
     from toolkit.training.tracking import Trajectory
 
@@ -31,11 +32,13 @@ def write_training_report(
     trajectory: Trajectory,
     result: FinetuneResult,
     start_vs_end: Comparison | None = None,
+    intruders: list[SnapshotIntruders] | None = None,
 ) -> Path:
     """Write the plots and DIR/report.md; return the report's path.
 
     `start_vs_end`: the step-0 snapshot compared with the final model (its figures go into
-    DIR/compare/); None when tracking was off.
+    DIR/compare/); None when tracking was off. `intruders`: each snapshot's intruder dimensions
+    against step 0 (`analysis.intruders.run_intruders`), shown when there are any.
     """
     lines = [
         f"# Fine-tuning report: {result.model} on {result.dataset}",
@@ -79,7 +82,7 @@ def write_training_report(
     ]
     if trajectory.shift:
         lines += _shift_section(run_dir, trajectory)
-        lines += _intruder_section(run_dir, trajectory)
+        lines += _intruder_section(run_dir, intruders or [])
     else:
         lines += ["Shift tracking was off (--track-every 0).", ""]
     if start_vs_end is not None:
@@ -157,18 +160,13 @@ def _shift_section(run_dir: Path, trajectory: Trajectory) -> list[str]:
     return lines + [""]
 
 
-def _intruder_section(run_dir: Path, trajectory: Trajectory) -> list[str]:
-    """Intruder dimensions of each snapshot against step 0, shown when the run ends with some."""
-    from toolkit.analysis.intruders import DEFAULT_EPSILON, DEFAULT_K, trajectory_intruders
+def _intruder_section(run_dir: Path, found: list[SnapshotIntruders]) -> list[str]:
+    """Intruder dimensions of each snapshot against step 0 (`analysis.intruders.run_intruders`:
+    empty unless the run ends with some)."""
+    from toolkit.analysis.intruders import DEFAULT_EPSILON, DEFAULT_K
 
-    snapshots = [(p.step, p.snapshot) for p in trajectory.shift]
-    # the last snapshot first: a run that ends without intruders costs one snapshot's SVDs
-    if (
-        len(snapshots) < 2
-        or not trajectory_intruders(run_dir / "shift", [snapshots[0], snapshots[-1]])[0].total
-    ):
+    if not found:
         return []
-    found = trajectory_intruders(run_dir / "shift", snapshots)
     lines = [
         "## Intruder dimensions",
         "",
