@@ -167,13 +167,18 @@ def test_fused_gpt2_qkv_cannot_be_adapted_in_part(toy_corpus_txt, tmp_path):
 
 
 def test_unknown_lora_target_and_default_learning_rates():
+    from toolkit.training.defaults import default_learning_rate
+
     with pytest.raises(ToolkitError, match=r"lora-targets 'wq,wo' must name some of wq"):
         check_config(
             FinetuneConfig(dataset="x", output_dir="x", method="lora", lora_targets="wq,wo")
         )
-    assert check_config(FinetuneConfig(dataset="x", output_dir="x")).learning_rate == 5e-5
-    lora = check_config(FinetuneConfig(dataset="x", output_dir="x", method="lora"))
-    assert lora.learning_rate == 5e-4
+    # The default rule (training/defaults.py) gives LoRA ten times a full fine-tune's rate.
+    full = default_learning_rate(384, pretrained=True)
+    assert default_learning_rate(384, pretrained=True, method="lora") == pytest.approx(10 * full)
+    assert default_learning_rate(768, pretrained=True, method="lora") == pytest.approx(
+        10 * default_learning_rate(768, pretrained=True), rel=0.05
+    )
 
 
 @pytest.mark.slow
