@@ -312,10 +312,14 @@ def test_zero_reference_weights_give_no_division_by_zero():
 
     zeros = torch.zeros(2, 6, 3, dtype=torch.float64)
     ones = torch.ones(2, 6, 3, dtype=torch.float64)
-    change = _matrix_change(zeros, ones, zeros[0].repeat(1, 2), ones[0].repeat(1, 2), 2, 2)
+    change = _matrix_change(
+        zeros, ones, zeros[0].repeat(1, 2), ones[0].repeat(1, 2), (2, 2, 2, 0.5)
+    )
     assert change.relative_change is None and change.heads[0].relative_change is None
     assert change.cosine == 0.0 and change.fro_delta == pytest.approx(6.0)
-    same_zero = _matrix_change(zeros, zeros, zeros[0].repeat(1, 2), zeros[0].repeat(1, 2), 2, 2)
+    same_zero = _matrix_change(
+        zeros, zeros, zeros[0].repeat(1, 2), zeros[0].repeat(1, 2), (2, 2, 2, 0.5)
+    )
     assert (same_zero.relative_change, same_zero.cosine) == (0.0, 1.0)
     circuit = _circuit_change(zeros, zeros, ones, ones)
     assert circuit[0].relative_change is None and circuit[0].cosine == 0.0

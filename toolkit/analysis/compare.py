@@ -34,7 +34,13 @@ from pathlib import Path
 
 import numpy as np
 
-from toolkit.analysis.intruders import DEFAULT_EPSILON, DEFAULT_K, Intruders, intruder_dimensions
+from toolkit.analysis.intruders import (
+    DEFAULT_EPSILON,
+    DEFAULT_K,
+    Intruders,
+    check_intruder_settings,
+    count_intruders,
+)
 from toolkit.attention import WEIGHT_ROLES, AttentionLayer, AttentionModel, load_attention
 from toolkit.errors import ToolkitError
 
@@ -288,6 +294,7 @@ def compare(
     """
     if rank < 1 or top_k < 1:
         raise ToolkitError(f"rank and top_k must be at least 1 (got rank {rank}, top_k {top_k})")
+    check_intruder_settings(intruder_k, intruder_epsilon)
     model_a = _open(a, revision_a, allow_pickle)
     model_b = _open(b, revision_b, allow_pickle)
     info_a, info_b = _info(model_a), _info(model_b)
@@ -318,10 +325,7 @@ def compare(
                 layer_a, layer_b = model_a.layer(index), model_b.layer(index)  # read here, in order
                 pending.append(
                     pool.submit(
-                        _layer_change_with_intruders,
-                        layer_a,
-                        layer_b,
-                        (rank, top_k, intruder_k, intruder_epsilon),
+                        layer_change, layer_a, layer_b, rank, top_k, intruder_k, intruder_epsilon
                     )
                 )
                 if len(pending) > workers:  # at most one layer pair waits for a worker
@@ -339,19 +343,6 @@ def compare(
             )
         )
     return result
-
-
-def _layer_change_with_intruders(
-    layer_a: AttentionLayer, layer_b: AttentionLayer, settings: tuple[int, int, int, float]
-) -> LayerChange:
-    """`layer_change` plus each matrix's intruder dimensions (one worker's job)."""
-    rank, top_k, intruder_k, intruder_epsilon = settings
-    change = layer_change(layer_a, layer_b, rank, top_k)
-    for role, matrix in change.matrices.items():
-        matrix.intruders = intruder_dimensions(
-            layer_a.full(role), layer_b.full(role), intruder_k, intruder_epsilon
-        )
-    return change
 
 
 def _open(
@@ -429,15 +420,24 @@ def _track(items: list[int], show: bool, description: str):
 
 
 def layer_change(
-    layer_a: AttentionLayer, layer_b: AttentionLayer, rank: int, top_k: int
+    layer_a: AttentionLayer,
+    layer_b: AttentionLayer,
+    rank: int,
+    top_k: int,
+    intruder_k: int = DEFAULT_K,
+    intruder_epsilon: float = DEFAULT_EPSILON,
 ) -> LayerChange:
-    """Every elementwise measure of one layer, W_a -> W_b (same shapes)."""
+    """Every elementwise measure of one layer, W_a -> W_b (same shapes), intruders included."""
     a, b = _double_layer(layer_a), _double_layer(layer_b)
     heads_a = {role: _torch(getattr(a, role)) for role in WEIGHT_ROLES}
     heads_b = {role: _torch(getattr(b, role)) for role in WEIGHT_ROLES}
     matrices = {
         role: _matrix_change(
-            heads_a[role], heads_b[role], _torch(a.full(role)), _torch(b.full(role)), rank, top_k
+            heads_a[role],
+            heads_b[role],
+            _torch(a.full(role)),
+            _torch(b.full(role)),
+            (rank, top_k, intruder_k, intruder_epsilon),
         )
         for role in WEIGHT_ROLES
     }
@@ -468,10 +468,19 @@ def _torch(array: np.ndarray):
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
-def _matrix_change(heads_a, heads_b, full_a, full_b, rank: int, top_k: int) -> MatrixChange:
+def _matrix_change(
+    heads_a, heads_b, full_a, full_b, settings: tuple[int, int, int, float]
+) -> MatrixChange:
     """heads_*: [h, d_in, d_out] per-head blocks; full_*: the same weights as one matrix
-    [d_in, d_out]; all float64."""
+    [d_in, d_out]; all float64. settings: rank, top_k, intruder_k, intruder_epsilon.
+
+    Three decompositions per matrix: ΔW (every ΔW measure), W_a (its top directions for the
+    LoRA measures and all its right singular vectors for the intruders), W_b (its top
+    intruder_k right singular vectors)."""
     import torch
+
+    rank, top_k, intruder_k, intruder_epsilon = settings
+    basis_a, left_a, right_a = singular_basis(full_a, rank)
 
     head_squared_a = (heads_a * heads_a).sum(dim=(1, 2))  # [h]
     head_squared_b = (heads_b * heads_b).sum(dim=(1, 2))
@@ -495,12 +504,10 @@ def _matrix_change(heads_a, heads_b, full_a, full_b, rank: int, top_k: int) -> M
         s_delta = torch.zeros(min(delta.shape), dtype=delta.dtype)
         similarity_in = similarity_out = amplification = 0.0
     else:
-        s_delta = singular_values(delta)
-        r = min(rank, s_delta.numel())
-        u_delta, v_delta = top_singular_vectors(delta, r)
-        u_a, v_a = top_singular_vectors(full_a, r)
-        similarity_in = _subspace_similarity(u_a, u_delta)
-        similarity_out = _subspace_similarity(v_a, v_delta)
+        r = min(rank, min(delta.shape))
+        s_delta, u_delta, v_delta = delta_decomposition(delta, r)
+        similarity_in = _subspace_similarity(left_a[:, :r], u_delta)
+        similarity_out = _subspace_similarity(right_a[:, :r], v_delta)
         projected = float(torch.linalg.matrix_norm(u_delta.T @ full_a @ v_delta))
         amplification = _relative(fro_delta, projected)
     return MatrixChange(
@@ -517,6 +524,9 @@ def _matrix_change(heads_a, heads_b, full_a, full_b, rank: int, top_k: int) -> M
         amplification=amplification,
         delta_singular_values=s_delta.tolist(),
         heads=heads,
+        intruders=count_intruders(
+            basis_a, top_singular_vectors(full_b, intruder_k)[1].T, intruder_epsilon
+        ),
     )
 
 
@@ -606,10 +616,10 @@ def layer_profile(layer: AttentionLayer, relative_depth: float) -> LayerProfile:
 # Full-matrix spectra: the one place that decomposes a whole [d_in, d_out] weight (or change).
 #
 # Measured on the bench pair (gpt2-medium and a copy with 1% noise, see bench/RESULTS.md §2),
-# float32 is not enough for the singular values themselves: a float32 SVD of ΔW is off by
-# ~3e-6 * s_1 in every value, so ΔW's small singular values (s_1 / s_min up to 2e5 there) come
-# out up to 1e-2 wrong. The top singular *directions*, on the other hand, only need a float32
-# start: a float64 Rayleigh-Ritz step on a float32 subspace makes them exact to ~1e-7.
+# float32 is not enough for ΔW's singular values: a float32 SVD of ΔW is off by ~3e-6 * s_1 in
+# every value, so its small singular values (s_1 / s_min up to 2.4e5 there) come out up to 1e-2
+# wrong. The top singular *directions* only need a float32 start: a float64 Rayleigh-Ritz step
+# on a float32 subspace makes them exact to ~1e-7.
 
 
 def singular_values(matrix):
@@ -617,6 +627,37 @@ def singular_values(matrix):
     import torch
 
     return torch.linalg.svdvals(matrix)
+
+
+GRAM_TOLERANCE = 1e-5  # the relative error allowed in a singular value taken from a Gram matrix
+EPS64 = 2.0**-52
+
+
+def delta_decomposition(matrix, count: int):
+    """All singular values of a float64 matrix [d_in, d_out] (largest first) and its top-`count`
+    singular directions, left [d_in, count] and right [d_out, count], from one float64
+    eigendecomposition of the smaller Gram matrix (M^T M or M M^T).
+
+    eigh is backward stable: each eigenvalue of G is off by about eps64 * lambda_1, so
+    s_i = sqrt(lambda_i) is off by about eps64 / 2 * (s_1 / s_i)^2 relative (measured on the
+    bench pair, s_1 / s_min = 2.4e5: 1.7e-6 against svdvals, bound 6.2e-6). When that bound
+    passes GRAM_TOLERANCE for the smallest value (a low-rank change, LoRA's for one) the values
+    come from svdvals instead. The other side's directions are orth(M @ top): M v_i = s_i u_i
+    are orthogonal, so QR returns u_i (up to sign, which no measure sees), and an arbitrary
+    orthonormal completion where s_i = 0, as an SVD does.
+    """
+    import torch
+
+    right_side = matrix.shape[0] >= matrix.shape[1]
+    gram = matrix.T @ matrix if right_side else matrix @ matrix.T
+    eigenvalues, eigenvectors = torch.linalg.eigh(gram)  # ascending
+    eigenvalues, top = eigenvalues.flip(0).clamp(min=0), eigenvectors[:, -count:].flip(1)
+    if eigenvalues[-1] >= eigenvalues[0] * EPS64 / (2 * GRAM_TOLERANCE):
+        values = eigenvalues.sqrt()
+    else:
+        values = singular_values(matrix)
+    other, _ = torch.linalg.qr(matrix @ top if right_side else matrix.T @ top)
+    return (values, other, top) if right_side else (values, top, other)
 
 
 RITZ_DIRECTIONS = 64  # the float32 subspace that holds the top singular directions
@@ -630,20 +671,34 @@ def top_singular_vectors(matrix, count: int):
     the top directions up to float32 round-off; Q = orth(M V) and the float64 SVD of the small
     Q^T M [k, d_out] (a Rayleigh-Ritz step) then give them to float64 accuracy. Costs one
     float32 eigendecomposition of d_out x d_out plus thin products, against a float64 SVD with
-    vectors of the whole matrix (about 10x less on 1024 x 1024).
+    vectors of the whole matrix (about 4x less on 1024 x 1024).
+    """
+    _, left, right = singular_basis(matrix, count)
+    return left, right
+
+
+def singular_basis(matrix, count: int):
+    """(basis [n, d_out], left [d_in, count], right [d_out, count]): every right singular vector
+    of a float64 matrix [d_in, d_out] as rows, largest first (n = min(d_in, d_out)), and the
+    top-`count` directions as `top_singular_vectors` returns them, from one decomposition.
+
+    The basis's first k rows are the float64 Ritz vectors, the others the float32 eigenvectors
+    (enough for the intruder check, see toolkit.analysis.intruders).
     """
     import torch
 
+    size = min(matrix.shape)
     k = max(RITZ_DIRECTIONS, 2 * count)
-    if k >= min(matrix.shape):  # small matrices: the full SVD is as cheap
+    if k >= size:  # small matrices: the full SVD is as cheap
         left, _, right_t = torch.linalg.svd(matrix, full_matrices=False)
-        return left[:, :count], right_t[:count].T
+        return right_t, left[:, :count], right_t[:count].T
     single = matrix.float()
     _, eigenvectors = torch.linalg.eigh(single.T @ single)  # ascending eigenvalues
-    subspace = eigenvectors[:, -k:].double()  # [d_out, k]
-    basis, _ = torch.linalg.qr(matrix @ subspace)  # [d_in, k], orthonormal
+    eigenvectors = eigenvectors.flip(1).double()[:, :size]  # [d_out, n], largest first
+    basis, _ = torch.linalg.qr(matrix @ eigenvectors[:, :k])  # [d_in, k], orthonormal
     small_left, _, right_t = torch.linalg.svd(basis.T @ matrix, full_matrices=False)
-    return basis @ small_left[:, :count], right_t[:count].T
+    rows = torch.cat([right_t, eigenvectors[:, k:].T])
+    return rows, basis @ small_left[:, :count], right_t[:count].T
 
 
 # ---------------------------------------------------------------------------------------------
