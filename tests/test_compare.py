@@ -246,6 +246,29 @@ def _reference_matrix_change(w_a, w_b, rank, top_k):
     }
 
 
+def _reference_intruders(w_a, w_b, k, epsilon):
+    """max_i |cos(y_j, x_i)| over W_a's right singular vectors x_i for W_b's top-k y_j, and how
+    many are below epsilon: numpy float64, full SVDs."""
+    similarity = np.abs(np.linalg.svd(w_b)[2][:k] @ np.linalg.svd(w_a)[2].T).max(axis=1)
+    return similarity, int((similarity < epsilon).sum())
+
+
+def test_low_rank_change_takes_its_singular_values_from_svdvals():
+    """A rank-3 ΔW: the Gram matrix's zero eigenvalues come out near eps64 * s_1^2, i.e. singular
+    values near 1e-8 * s_1 where there are none; the values must match the SVD's instead."""
+    from toolkit.analysis.compare import delta_decomposition
+
+    rng = np.random.default_rng(3)
+    delta = rng.standard_normal((128, 3)) @ rng.standard_normal((3, 96))
+    expected = np.linalg.svd(delta, compute_uv=False)
+    values, left, right = delta_decomposition(torch.from_numpy(delta), 2)
+    assert values[:3].numpy() == pytest.approx(expected[:3], rel=1e-12)
+    assert values[3:].numpy() == pytest.approx(expected[3:], abs=1e-12 * expected[0])
+    u, _, vt = np.linalg.svd(delta)
+    assert np.abs(left.numpy().T @ u[:, :2]) == pytest.approx(np.eye(2), abs=1e-9)
+    assert np.abs(right.numpy().T @ vt[:2].T) == pytest.approx(np.eye(2), abs=1e-9)
+
+
 def test_every_number_equals_a_float64_reference_on_a_nearly_equal_pair(gpt2_wide_pair):
     parent, child = gpt2_wide_pair
     rank, top_k = 8, 8
@@ -260,6 +283,11 @@ def test_every_number_equals_a_float64_reference_on_a_nearly_equal_pair(gpt2_wid
             assert expected["delta_singular_values"][-1] < 1e-3 * expected["fro_delta"]
             for name, value in expected.items():  # every singular value relative, the smallest too
                 assert getattr(got, name) == pytest.approx(value, rel=1e-5), (role, name)
+            similarity, count = _reference_intruders(
+                a.full(role).astype(np.float64), b.full(role).astype(np.float64), k=10, epsilon=0.5
+            )
+            assert got.intruders.count == count
+            assert got.intruders.max_similarity == pytest.approx(similarity, abs=1e-5)
             for h, head in enumerate(got.heads):
                 head_a, head_b = _heads(a, role)[h], _heads(b, role)[h]
                 assert head.fro_delta == pytest.approx(np.linalg.norm(head_b - head_a), rel=1e-5)
