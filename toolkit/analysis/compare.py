@@ -40,6 +40,7 @@ from toolkit.analysis.intruders import (
     Intruders,
     check_intruder_settings,
     count_intruders,
+    leading_rows_hold_the_maximum,
 )
 from toolkit.attention import WEIGHT_ROLES, AttentionLayer, AttentionModel, load_attention
 from toolkit.errors import ToolkitError
@@ -394,17 +395,21 @@ MAX_LAYER_WORKERS = 4  # each holds one layer pair in float64 (~200 MB for gpt2-
 @contextmanager
 def _one_thread_workers() -> Iterator[tuple[ThreadPoolExecutor, int]]:
     """A pool of layer workers, as many as torch has threads (at most MAX_LAYER_WORKERS), each
-    running torch on one thread. The decompositions are LAPACK calls with many memory-bound
-    steps; torch's OpenMP pool spins at each step's barrier, and on a busy 2-core machine that
-    made a 1024 x 1024 float64 svdvals 20x slower on 2 threads than on 1. Whole layers on
-    one-thread workers use the cores without barriers."""
+    running torch (and scipy's BLAS) on one thread. The decompositions are LAPACK calls with
+    many memory-bound steps; a BLAS thread pool spins at each step's barrier, and on a busy
+    2-core machine that made a 1024 x 1024 float64 svdvals 20x slower on 2 threads than on 1.
+    Whole layers on one-thread workers use the cores without barriers."""
     import torch
+    from threadpoolctl import threadpool_limits
 
     threads = torch.get_num_threads()
     workers = min(threads, MAX_LAYER_WORKERS)
     torch.set_num_threads(1)
     try:
-        with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        with (
+            threadpool_limits(1),  # scipy's BLAS and LAPACK too (the eigendecompositions)
+            ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool,
+        ):
             yield pool, workers
     finally:
         torch.set_num_threads(threads)
@@ -480,7 +485,10 @@ def _matrix_change(
     import torch
 
     rank, top_k, intruder_k, intruder_epsilon = settings
-    basis_a, left_a, right_a = singular_basis(full_a, rank)
+    ritz_a, left_a, right_a = singular_directions(full_a, rank)
+    top_b = top_singular_vectors(full_b, intruder_k)[1].T  # y_j as rows [k, d_out]
+    if not leading_rows_hold_the_maximum(ritz_a, top_b):
+        ritz_a = right_singular_basis(full_a, ritz_a)
 
     head_squared_a = (heads_a * heads_a).sum(dim=(1, 2))  # [h]
     head_squared_b = (heads_b * heads_b).sum(dim=(1, 2))
@@ -505,7 +513,8 @@ def _matrix_change(
         similarity_in = similarity_out = amplification = 0.0
     else:
         r = min(rank, min(delta.shape))
-        s_delta, u_delta, v_delta = delta_decomposition(delta, r)
+        s_delta = delta_singular_values(delta)
+        u_delta, v_delta = top_singular_vectors(delta, r)
         similarity_in = _subspace_similarity(left_a[:, :r], u_delta)
         similarity_out = _subspace_similarity(right_a[:, :r], v_delta)
         projected = float(torch.linalg.matrix_norm(u_delta.T @ full_a @ v_delta))
@@ -524,9 +533,7 @@ def _matrix_change(
         amplification=amplification,
         delta_singular_values=s_delta.tolist(),
         heads=heads,
-        intruders=count_intruders(
-            basis_a, top_singular_vectors(full_b, intruder_k)[1].T, intruder_epsilon
-        ),
+        intruders=count_intruders(ritz_a, top_b, intruder_epsilon),
     )
 
 
@@ -633,31 +640,24 @@ GRAM_TOLERANCE = 1e-5  # the relative error allowed in a singular value taken fr
 EPS64 = 2.0**-52
 
 
-def delta_decomposition(matrix, count: int):
-    """All singular values of a float64 matrix [d_in, d_out] (largest first) and its top-`count`
-    singular directions, left [d_in, count] and right [d_out, count], from one float64
-    eigendecomposition of the smaller Gram matrix (M^T M or M M^T).
+def delta_singular_values(matrix):
+    """All singular values of a float64 matrix [d_in, d_out], largest first, as the square roots
+    of the eigenvalues of its smaller Gram matrix (M^T M or M M^T), float64, without vectors.
 
-    eigh is backward stable: each eigenvalue of G is off by about eps64 * lambda_1, so
-    s_i = sqrt(lambda_i) is off by about eps64 / 2 * (s_1 / s_i)^2 relative (measured on the
-    bench pair, s_1 / s_min = 2.4e5: 1.7e-6 against svdvals, bound 6.2e-6). When that bound
-    passes GRAM_TOLERANCE for the smallest value (a low-rank change, LoRA's for one) the values
-    come from svdvals instead. The other side's directions are orth(M @ top): M v_i = s_i u_i
-    are orthogonal, so QR returns u_i (up to sign, which no measure sees), and an arbitrary
-    orthonormal completion where s_i = 0, as an SVD does.
+    About 7x faster than svdvals on 1024 x 1024. eigh is backward stable: each eigenvalue of G
+    is off by about eps64 * lambda_1, so s_i = sqrt(lambda_i) by about eps64 / 2 * (s_1 / s_i)^2
+    relative (the bench pair, s_1 / s_min up to 2.4e5: 1.7e-6 measured against svdvals, bound
+    6.2e-6). Where that bound passes GRAM_TOLERANCE for the smallest value (a low-rank change,
+    LoRA's for one) the values come from svdvals instead.
     """
-    import torch
+    import scipy.linalg
 
-    right_side = matrix.shape[0] >= matrix.shape[1]
-    gram = matrix.T @ matrix if right_side else matrix @ matrix.T
-    eigenvalues, eigenvectors = torch.linalg.eigh(gram)  # ascending
-    eigenvalues, top = eigenvalues.flip(0).clamp(min=0), eigenvectors[:, -count:].flip(1)
-    if eigenvalues[-1] >= eigenvalues[0] * EPS64 / (2 * GRAM_TOLERANCE):
-        values = eigenvalues.sqrt()
-    else:
-        values = singular_values(matrix)
-    other, _ = torch.linalg.qr(matrix @ top if right_side else matrix.T @ top)
-    return (values, other, top) if right_side else (values, top, other)
+    array = matrix.numpy()
+    gram = array.T @ array if array.shape[0] >= array.shape[1] else array @ array.T
+    eigenvalues = np.clip(scipy.linalg.eigvalsh(gram, check_finite=False)[::-1], 0.0, None)
+    if eigenvalues[-1] < eigenvalues[0] * EPS64 / (2 * GRAM_TOLERANCE):
+        return singular_values(matrix)
+    return _torch(np.sqrt(eigenvalues))
 
 
 RITZ_DIRECTIONS = 64  # the float32 subspace that holds the top singular directions
@@ -665,40 +665,52 @@ RITZ_DIRECTIONS = 64  # the float32 subspace that holds the top singular directi
 
 def top_singular_vectors(matrix, count: int):
     """The top-`count` singular directions of a float64 matrix [d_in, d_out]: left [d_in,
-    count] and right [d_out, count], orthonormal columns, largest first.
-
-    The eigenvectors of the float32 Gram matrix M^T M span a subspace V [d_out, k] that holds
-    the top directions up to float32 round-off; Q = orth(M V) and the float64 SVD of the small
-    Q^T M [k, d_out] (a Rayleigh-Ritz step) then give them to float64 accuracy. Costs one
-    float32 eigendecomposition of d_out x d_out plus thin products, against a float64 SVD with
-    vectors of the whole matrix (about 4x less on 1024 x 1024).
-    """
-    _, left, right = singular_basis(matrix, count)
+    count] and right [d_out, count], orthonormal columns, largest first."""
+    _, left, right = singular_directions(matrix, count)
     return left, right
 
 
-def singular_basis(matrix, count: int):
-    """(basis [n, d_out], left [d_in, count], right [d_out, count]): every right singular vector
-    of a float64 matrix [d_in, d_out] as rows, largest first (n = min(d_in, d_out)), and the
-    top-`count` directions as `top_singular_vectors` returns them, from one decomposition.
+def singular_directions(matrix, count: int):
+    """(ritz [k, d_out], left [d_in, count], right [d_out, count]) of a float64 matrix [d_in,
+    d_out]: its top k >= max(64, 2 count) right singular vectors as rows (every one of them for
+    small matrices), and the top-`count` left and right ones as columns, largest first.
 
-    The basis's first k rows are the float64 Ritz vectors, the others the float32 eigenvectors
-    (enough for the intruder check, see toolkit.analysis.intruders).
+    The top eigenvectors of the float32 Gram matrix M^T M (only those: LAPACK's syevr computes
+    a subset) span a subspace V [d_out, k] that holds the top directions up to float32
+    round-off; Q = orth(M V) and the float64 SVD of the small Q^T M [k, d_out] (a Rayleigh-Ritz
+    step) then give them to float64 accuracy (~1e-9 on the bench pair). About 15x less than a
+    float64 SVD with vectors of 1024 x 1024.
     """
+    import scipy.linalg
     import torch
 
-    size = min(matrix.shape)
     k = max(RITZ_DIRECTIONS, 2 * count)
+    size = min(matrix.shape)
     if k >= size:  # small matrices: the full SVD is as cheap
         left, _, right_t = torch.linalg.svd(matrix, full_matrices=False)
         return right_t, left[:, :count], right_t[:count].T
     single = matrix.float()
-    _, eigenvectors = torch.linalg.eigh(single.T @ single)  # ascending eigenvalues
-    eigenvectors = eigenvectors.flip(1).double()[:, :size]  # [d_out, n], largest first
-    basis, _ = torch.linalg.qr(matrix @ eigenvectors[:, :k])  # [d_in, k], orthonormal
+    n = matrix.shape[1]
+    _, eigenvectors = scipy.linalg.eigh(
+        (single.T @ single).numpy(), subset_by_index=[n - k, n - 1], check_finite=False
+    )
+    subspace = torch.from_numpy(np.ascontiguousarray(eigenvectors[:, ::-1], dtype=np.float64))
+    basis, _ = torch.linalg.qr(matrix @ subspace)  # [d_in, k], orthonormal
     small_left, _, right_t = torch.linalg.svd(basis.T @ matrix, full_matrices=False)
-    rows = torch.cat([right_t, eigenvectors[:, k:].T])
-    return rows, basis @ small_left[:, :count], right_t[:count].T
+    return right_t, basis @ small_left[:, :count], right_t[:count].T
+
+
+def right_singular_basis(matrix, ritz):
+    """Every right singular vector of a float64 matrix [d_in, d_out] as rows [min(d_in, d_out),
+    d_out], largest first: the float64 Ritz vectors `ritz` [k, d_out] from `singular_directions`
+    first, then the float32 Gram eigenvectors after them (enough for the intruder check, see
+    toolkit.analysis.intruders)."""
+    import torch
+
+    single = matrix.float()
+    _, eigenvectors = torch.linalg.eigh(single.T @ single)  # ascending eigenvalues
+    rest = eigenvectors.flip(1)[:, ritz.shape[0] : min(matrix.shape)].double()
+    return torch.cat([ritz, rest.T])
 
 
 # ---------------------------------------------------------------------------------------------

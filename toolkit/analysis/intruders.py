@@ -15,12 +15,13 @@ of W_a form an orthonormal basis of that space (or of W_a's row space), so a ran
 d dimensions has max |cos| near sqrt(2 ln(2d) / d): about 0.18 for d = 384, 0.44 for d = 48,
 where epsilon = 0.5 starts to call chance alignments "not intruders" less reliably.
 
-`compare` takes W_a's basis from the float32 eigendecomposition it already does for the LoRA
-measures (its top 64 vectors refined in float64; see `compare.singular_basis`) and W_b's top-k
-refined in float64: float32 is enough here, because a |cos| moves by at most the error of the
-vectors (~1e-6 here, against the float64 SVD's). On the bench pair (gpt2-medium and a copy with
-1% noise, all 96 matrices) every count is the float64 SVD's and every max_similarity within
-1e-5 absolute; tests/test_intruders.py checks the same on a smaller pair.
+`compare` does not decompose W_a in full: it takes W_a's top 64 right singular vectors from the
+Rayleigh-Ritz step its LoRA measures already do (float64 accurate), and W_b's top-k the same
+way; when `leading_rows_hold_the_maximum` (a |cos| bound on the vectors left out) says those 64
+hold every maximum, that is exact. Otherwise the rest of the basis comes from a float32
+eigendecomposition of W_a^T W_a: float32 is enough, because a |cos| moves by at most the error
+of the vectors (~1e-6, against the float64 SVD's). tests/test_intruders.py checks both routes'
+counts and max_similarity (to 1e-5 absolute) against float64 SVDs.
 """
 
 from __future__ import annotations
@@ -75,6 +76,17 @@ def check_intruder_settings(k: int, epsilon: float) -> None:
         raise ToolkitError(
             f"intruder k must be at least 1 and epsilon in (0, 1] (got k {k}, epsilon {epsilon})"
         )
+
+
+def leading_rows_hold_the_maximum(leading, top_b) -> bool:
+    """Whether W_a's leading right singular vectors `leading` [m, d_out] (orthonormal rows)
+    already hold every max_i |cos(y_j, x_i)|, for top_b's rows y_j [k, d_out]: the vectors left
+    out are orthonormal and orthogonal to these, so |cos(y_j, x)| <= sqrt(1 - sum over these of
+    cos^2) for each of them. True for a W_b near W_a (its y_j close to one x_i each), and the
+    rest of W_a's basis is then never needed."""
+    cosines = top_b @ leading.T  # [k, m]
+    left_out = (1.0 - (cosines**2).sum(dim=1)).clamp(min=0.0).sqrt()
+    return bool((cosines.abs().amax(dim=1) >= left_out).all())
 
 
 def count_intruders(basis_a, top_b, epsilon: float) -> Intruders:
