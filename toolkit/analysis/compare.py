@@ -12,12 +12,13 @@ Two modes:
   per-head norms, QK/OV circuit spectra) and layers are set side by side at matched relative depth.
 
 Both read one layer of each model at a time; in elementwise mode layers are computed in parallel
-on one-thread workers (one per torch thread, at most MAX_LAYER_WORKERS). Circuits are never built
-as d_model x d_model products: a head's QK = wq[i] @ wk[i].T is L @ R.T with thin factors L, R
-[d_model, d_head], and ||L R^T||_F^2 = sum((L^T L) * (R^T R)), its singular values those of the
-d_head x d_head core of the factors' QR decompositions. Whole matrices are decomposed in one place
-(`singular_values`, `top_singular_vectors`): ΔW's spectrum without vectors, and only the top-r
-directions where the LoRA measures need directions.
+on one-thread workers (one per usable core or requested thread, at most MAX_LAYER_WORKERS).
+Circuits are never built as d_model x d_model products: a head's QK = wq[i] @ wk[i].T is L @ R.T
+with thin factors L, R [d_model, d_head], and ||L R^T||_F^2 = sum((L^T L) * (R^T R)), its
+singular values those of the d_head x d_head core of the factors' QR decompositions. Whole
+matrices are decomposed in one place (`delta_singular_values`, `singular_directions`): ΔW's
+spectrum from its Gram matrix without vectors, and only the top directions where the LoRA
+measures and the intruder check need directions.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from toolkit.analysis.intruders import (
 )
 from toolkit.attention import WEIGHT_ROLES, AttentionLayer, AttentionModel, load_attention
 from toolkit.errors import ToolkitError
+from toolkit.threads import worker_count
 
 CIRCUITS = ("qk", "ov")
 ELEMENTWISE = "elementwise"
@@ -394,8 +396,9 @@ MAX_LAYER_WORKERS = 4  # each holds one layer pair in float64 (~200 MB for gpt2-
 
 @contextmanager
 def _one_thread_workers() -> Iterator[tuple[ThreadPoolExecutor, int]]:
-    """A pool of layer workers, as many as torch has threads (at most MAX_LAYER_WORKERS), each
-    running torch (and scipy's BLAS) on one thread. The decompositions are LAPACK calls with
+    """A pool of layer workers, as many as `toolkit.threads.worker_count` allows (the threads
+    asked for, else the usable cores; at most MAX_LAYER_WORKERS), each running torch (and
+    scipy's BLAS) on one thread. The decompositions are LAPACK calls with
     many memory-bound steps; a BLAS thread pool spins at each step's barrier, and on a busy
     2-core machine that made a 1024 x 1024 float64 svdvals 20x slower on 2 threads than on 1.
     Whole layers on one-thread workers use the cores without barriers."""
@@ -403,7 +406,7 @@ def _one_thread_workers() -> Iterator[tuple[ThreadPoolExecutor, int]]:
     from threadpoolctl import threadpool_limits
 
     threads = torch.get_num_threads()
-    workers = min(threads, MAX_LAYER_WORKERS)
+    workers = worker_count(MAX_LAYER_WORKERS)
     torch.set_num_threads(1)
     try:
         with (
