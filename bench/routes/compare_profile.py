@@ -19,7 +19,9 @@ import json
 import sys
 import time
 
+import scipy.linalg  # noqa: F401  (loaded before threadpool_limits, which sees loaded ones only)
 import torch
+from threadpoolctl import threadpool_limits
 
 from toolkit import load_attention
 from toolkit.analysis.compare import (
@@ -36,6 +38,7 @@ from toolkit.analysis.intruders import DEFAULT_K, leading_rows_hold_the_maximum
 from toolkit.attention import WEIGHT_ROLES
 
 torch.set_num_threads(1)
+threadpool_limits(1)  # scipy's BLAS too, as compare's workers
 RANK = 8
 stages: dict[str, dict[str, float]] = {"before": {}, "after": {}}
 
@@ -52,6 +55,16 @@ def full_svd(matrix):
     return torch.linalg.svd(matrix, full_matrices=False)
 
 
+def round_one_top_singular_vectors(matrix, count: int):
+    """Round 1's route: all eigenvectors of the float32 Gram matrix (torch eigh), the top 64
+    refined by a float64 Rayleigh-Ritz step."""
+    single = matrix.float()
+    _, eigenvectors = torch.linalg.eigh(single.T @ single)
+    basis, _ = torch.linalg.qr(matrix @ eigenvectors[:, -64:].double())
+    small_left, _, right_t = torch.linalg.svd(basis.T @ matrix, full_matrices=False)
+    return basis @ small_left[:, :count], right_t[:count].T
+
+
 model_a, model_b = load_attention(sys.argv[1]), load_attention(sys.argv[2])
 index = int(sys.argv[3]) if len(sys.argv) > 3 else 0
 both = ("before", "after")
@@ -63,8 +76,8 @@ for role in WEIGHT_ROLES:
     full_a, full_b = _torch(a.full(role)), _torch(b.full(role))
     delta = full_b - full_a
     timed(("before",), "ΔW: spectrum (svdvals f64)", singular_values, delta)
-    timed(("before",), "ΔW: top directions", top_singular_vectors, delta, RANK)
-    timed(("before",), "W_a: top directions", top_singular_vectors, full_a, RANK)
+    timed(("before",), "ΔW: top directions", round_one_top_singular_vectors, delta, RANK)
+    timed(("before",), "W_a: top directions", round_one_top_singular_vectors, full_a, RANK)
     timed(("before",), "intruders: SVD of W_a (f64)", full_svd, full_a)
     timed(("before",), "intruders: SVD of W_b (f64)", full_svd, full_b)
     timed(("after",), "ΔW: spectrum (Gram eigvalsh f64)", delta_singular_values, delta)

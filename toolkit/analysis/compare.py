@@ -402,6 +402,7 @@ def _one_thread_workers() -> Iterator[tuple[ThreadPoolExecutor, int]]:
     many memory-bound steps; a BLAS thread pool spins at each step's barrier, and on a busy
     2-core machine that made a 1024 x 1024 float64 svdvals 20x slower on 2 threads than on 1.
     Whole layers on one-thread workers use the cores without barriers."""
+    import scipy.linalg  # noqa: F401  (loaded first: threadpool_limits sees loaded libraries only)
     import torch
     from threadpoolctl import threadpool_limits
 
