@@ -304,7 +304,7 @@ def compare_table(results: dict) -> list[str]:
         "whose attention weights carry 1% noise), every metric of the issue, `--json`, against "
         f"`AutoModel.from_pretrained` of one of them ({load:.2f} s, "
         f"{results['automodel_load']['peak_rss_mb']:.0f} MB peak RSS), measured in the same run. "
-        "Target (issue 9): compare / AutoModel load <= 3. Before issue 9: 73.9 s, about 15x.",
+        "Target (issue 9): compare / AutoModel load <= 3.",
         "",
         "| compare run | wall s | compare / AutoModel load | peak RSS MB | "
         "peak RSS / one model's fp32 MB |",
@@ -318,11 +318,16 @@ def compare_table(results: dict) -> list[str]:
     lines += [
         "",
         "Where the time goes: one layer (four 1024 x 1024 matrices and 16 heads' circuits) on one "
-        "thread, seconds (`bench/routes/compare_profile.py`). Before: a float64 SVD with vectors "
-        "of ΔW and of W_a per matrix, each weight converted to float64 twice. After: ΔW's "
-        "singular values without vectors (svdvals, float64: float32 gets its small ones wrong by "
-        "up to 1e-2); the top-r directions of ΔW and of W_a from a float32 Gram "
-        "eigendecomposition refined by a float64 Rayleigh-Ritz step; one conversion.",
+        "thread, seconds (`bench/routes/compare_profile.py`). Before (issue 9 round 1, plus the "
+        "intruder check of the LoRA work): ΔW's singular values by float64 svdvals; the top-r "
+        "directions of ΔW and of W_a each from a float32 Gram eigendecomposition refined by a "
+        "float64 Rayleigh-Ritz step; for the intruders a float64 SVD with vectors of W_a and of "
+        "W_b. After (round 2): ΔW's singular values from float64 eigvalsh of its Gram matrix "
+        "(within 1.7e-6 of svdvals here; svdvals where the error bound passes 1e-5); every set of "
+        "top directions from a float32 subset eigendecomposition (LAPACK syevr, top 64 only) "
+        "refined by Rayleigh-Ritz; W_a's top 64 Ritz vectors serve the intruder check too, where "
+        "a |cos| bound shows the rest of W_a's basis cannot hold a larger |cos| (every matrix of "
+        "this pair). Layers run on one-thread workers, one per usable core.",
         "",
         "| stage | before s | after s |",
         "| --- | ---: | ---: |",

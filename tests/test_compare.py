@@ -246,6 +246,31 @@ def _reference_matrix_change(w_a, w_b, rank, top_k):
     }
 
 
+def _reference_intruders(w_a, w_b, k, epsilon):
+    """max_i |cos(y_j, x_i)| over W_a's right singular vectors x_i for W_b's top-k y_j, and how
+    many are below epsilon: numpy float64, full SVDs."""
+    similarity = np.abs(np.linalg.svd(w_b)[2][:k] @ np.linalg.svd(w_a)[2].T).max(axis=1)
+    return similarity, int((similarity < epsilon).sum())
+
+
+def test_low_rank_change_takes_its_singular_values_from_svdvals():
+    """A rank-3 ΔW plus 1e-6 noise (s_1 / s_min ~ 8e7, as a LoRA change in float32 weights): the
+    Gram matrix's eigenvalues are off by ~eps64 * s_1^2, more than the small ones; every value
+    must still match the SVD's to 1e-5 relative."""
+    from toolkit.analysis.compare import delta_singular_values, top_singular_vectors
+
+    rng = np.random.default_rng(3)
+    delta = rng.standard_normal((128, 3)) @ rng.standard_normal((3, 96))
+    delta += 1e-6 * rng.standard_normal(delta.shape)
+    expected = np.linalg.svd(delta, compute_uv=False)
+    values = delta_singular_values(torch.from_numpy(delta))
+    left, right = top_singular_vectors(torch.from_numpy(delta), 2)
+    assert values.numpy() == pytest.approx(expected, rel=1e-5)
+    u, _, vt = np.linalg.svd(delta)
+    assert np.abs(left.numpy().T @ u[:, :2]) == pytest.approx(np.eye(2), abs=1e-9)
+    assert np.abs(right.numpy().T @ vt[:2].T) == pytest.approx(np.eye(2), abs=1e-9)
+
+
 def test_every_number_equals_a_float64_reference_on_a_nearly_equal_pair(gpt2_wide_pair):
     parent, child = gpt2_wide_pair
     rank, top_k = 8, 8
@@ -260,6 +285,11 @@ def test_every_number_equals_a_float64_reference_on_a_nearly_equal_pair(gpt2_wid
             assert expected["delta_singular_values"][-1] < 1e-3 * expected["fro_delta"]
             for name, value in expected.items():  # every singular value relative, the smallest too
                 assert getattr(got, name) == pytest.approx(value, rel=1e-5), (role, name)
+            similarity, count = _reference_intruders(
+                a.full(role).astype(np.float64), b.full(role).astype(np.float64), k=10, epsilon=0.5
+            )
+            assert got.intruders.count == count
+            assert got.intruders.max_similarity == pytest.approx(similarity, abs=1e-5)
             for h, head in enumerate(got.heads):
                 head_a, head_b = _heads(a, role)[h], _heads(b, role)[h]
                 assert head.fro_delta == pytest.approx(np.linalg.norm(head_b - head_a), rel=1e-5)
@@ -312,10 +342,14 @@ def test_zero_reference_weights_give_no_division_by_zero():
 
     zeros = torch.zeros(2, 6, 3, dtype=torch.float64)
     ones = torch.ones(2, 6, 3, dtype=torch.float64)
-    change = _matrix_change(zeros, ones, zeros[0].repeat(1, 2), ones[0].repeat(1, 2), 2, 2)
+    change = _matrix_change(
+        zeros, ones, zeros[0].repeat(1, 2), ones[0].repeat(1, 2), (2, 2, 2, 0.5)
+    )
     assert change.relative_change is None and change.heads[0].relative_change is None
     assert change.cosine == 0.0 and change.fro_delta == pytest.approx(6.0)
-    same_zero = _matrix_change(zeros, zeros, zeros[0].repeat(1, 2), zeros[0].repeat(1, 2), 2, 2)
+    same_zero = _matrix_change(
+        zeros, zeros, zeros[0].repeat(1, 2), zeros[0].repeat(1, 2), (2, 2, 2, 0.5)
+    )
     assert (same_zero.relative_change, same_zero.cosine) == (0.0, 1.0)
     circuit = _circuit_change(zeros, zeros, ones, ones)
     assert circuit[0].relative_change is None and circuit[0].cosine == 0.0

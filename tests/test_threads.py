@@ -27,7 +27,13 @@ def test_runnable_count_is_read_from_proc_loadavg_format():
 
 @pytest.fixture
 def clean_env(monkeypatch):
-    for name in ("TOOLKIT_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY"):
+    for name in (
+        "TOOLKIT_THREADS",
+        "OMP_NUM_THREADS",
+        "MKL_NUM_THREADS",
+        "OMP_WAIT_POLICY",
+        "TOOLKIT_THREADS_AUTOMATIC",
+    ):
         monkeypatch.delenv(name, raising=False)
     return monkeypatch
 
@@ -46,6 +52,20 @@ def test_a_bad_thread_count_is_a_clear_error(clean_env, value):
     clean_env.setenv("TOOLKIT_THREADS", value)
     with pytest.raises(ToolkitError, match="TOOLKIT_THREADS"):
         requested_threads()
+
+
+def test_layer_workers_are_the_threads_asked_for_else_every_usable_core(clean_env):
+    import os
+
+    from toolkit.threads import worker_count
+
+    usable = len(os.sched_getaffinity(0))
+    assert worker_count(64) == usable
+    assert worker_count(1) == 1
+    clean_env.setenv("OMP_NUM_THREADS", "3")
+    assert worker_count(64) == 3
+    clean_env.setenv("TOOLKIT_THREADS_AUTOMATIC", "1")  # the policy chose 3, not the user
+    assert worker_count(64) == usable
 
 
 def test_policy_sets_torch_threads_and_passive_waiting(clean_env):

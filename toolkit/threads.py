@@ -21,6 +21,7 @@ from pathlib import Path
 from toolkit.errors import ToolkitError
 
 ENV = "TOOLKIT_THREADS"
+AUTOMATIC = "TOOLKIT_THREADS_AUTOMATIC"  # set when the policy, not the user, chose the count
 
 
 def usable_cores() -> int:
@@ -79,6 +80,9 @@ def apply_thread_policy(option: int | None = None) -> int:
     threads = requested_threads(option)
     if threads is None:
         threads = choose_threads(usable_cores(), other_runnable())
+        os.environ[AUTOMATIC] = "1"
+    else:
+        os.environ.pop(AUTOMATIC, None)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ["OMP_NUM_THREADS"] = str(threads)  # read by torch and MKL when they load
     os.environ.setdefault("MKL_NUM_THREADS", str(threads))
@@ -87,6 +91,16 @@ def apply_thread_policy(option: int | None = None) -> int:
 
         torch.set_num_threads(threads)
     return threads
+
+
+def worker_count(limit: int) -> int:
+    """How many one-thread workers a job of independent pieces (compare's layers) may run, at
+    most `limit`: the thread count the user asked for, else every usable core. The policy above
+    guards multi-threaded operations, whose barriers wait for a busy core; one-thread workers
+    share no barrier, so another process on a core slows only the worker there, and a count
+    sampled at start-up would hold for the whole job."""
+    asked = None if os.environ.get(AUTOMATIC) else requested_threads()
+    return max(1, min(limit, asked or usable_cores()))
 
 
 def _checked(threads: int, where: str) -> int:

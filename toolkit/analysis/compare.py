@@ -12,12 +12,13 @@ Two modes:
   per-head norms, QK/OV circuit spectra) and layers are set side by side at matched relative depth.
 
 Both read one layer of each model at a time; in elementwise mode layers are computed in parallel
-on one-thread workers (one per torch thread, at most MAX_LAYER_WORKERS). Circuits are never built
-as d_model x d_model products: a head's QK = wq[i] @ wk[i].T is L @ R.T with thin factors L, R
-[d_model, d_head], and ||L R^T||_F^2 = sum((L^T L) * (R^T R)), its singular values those of the
-d_head x d_head core of the factors' QR decompositions. Whole matrices are decomposed in one place
-(`singular_values`, `top_singular_vectors`): ΔW's spectrum without vectors, and only the top-r
-directions where the LoRA measures need directions.
+on one-thread workers (one per usable core or requested thread, at most MAX_LAYER_WORKERS).
+Circuits are never built as d_model x d_model products: a head's QK = wq[i] @ wk[i].T is L @ R.T
+with thin factors L, R [d_model, d_head], and ||L R^T||_F^2 = sum((L^T L) * (R^T R)), its
+singular values those of the d_head x d_head core of the factors' QR decompositions. Whole
+matrices are decomposed in one place (`delta_singular_values`, `singular_directions`): ΔW's
+spectrum from its Gram matrix without vectors, and only the top directions where the LoRA
+measures and the intruder check need directions.
 """
 
 from __future__ import annotations
@@ -34,9 +35,17 @@ from pathlib import Path
 
 import numpy as np
 
-from toolkit.analysis.intruders import DEFAULT_EPSILON, DEFAULT_K, Intruders, intruder_dimensions
+from toolkit.analysis.intruders import (
+    DEFAULT_EPSILON,
+    DEFAULT_K,
+    Intruders,
+    check_intruder_settings,
+    count_intruders,
+    leading_rows_hold_the_maximum,
+)
 from toolkit.attention import WEIGHT_ROLES, AttentionLayer, AttentionModel, load_attention
 from toolkit.errors import ToolkitError
+from toolkit.threads import worker_count
 
 CIRCUITS = ("qk", "ov")
 ELEMENTWISE = "elementwise"
@@ -301,6 +310,7 @@ def compare(
     """
     if rank < 1 or top_k < 1:
         raise ToolkitError(f"rank and top_k must be at least 1 (got rank {rank}, top_k {top_k})")
+    check_intruder_settings(intruder_k, intruder_epsilon)
     model_a = _open(a, revision_a, allow_pickle)
     model_b = _open(b, revision_b, allow_pickle)
     info_a, info_b = _info(model_a), _info(model_b)
@@ -331,10 +341,7 @@ def compare(
                 layer_a, layer_b = model_a.layer(index), model_b.layer(index)  # read here, in order
                 pending.append(
                     pool.submit(
-                        _layer_change_with_intruders,
-                        layer_a,
-                        layer_b,
-                        (rank, top_k, intruder_k, intruder_epsilon),
+                        layer_change, layer_a, layer_b, rank, top_k, intruder_k, intruder_epsilon
                     )
                 )
                 if len(pending) > workers:  # at most one layer pair waits for a worker
@@ -352,19 +359,6 @@ def compare(
             )
         )
     return result
-
-
-def _layer_change_with_intruders(
-    layer_a: AttentionLayer, layer_b: AttentionLayer, settings: tuple[int, int, int, float]
-) -> LayerChange:
-    """`layer_change` plus each matrix's intruder dimensions (one worker's job)."""
-    rank, top_k, intruder_k, intruder_epsilon = settings
-    change = layer_change(layer_a, layer_b, rank, top_k)
-    for role, matrix in change.matrices.items():
-        matrix.intruders = intruder_dimensions(
-            layer_a.full(role), layer_b.full(role), intruder_k, intruder_epsilon
-        )
-    return change
 
 
 def _open(
@@ -417,18 +411,24 @@ MAX_LAYER_WORKERS = 4  # each holds one layer pair in float64 (~200 MB for gpt2-
 
 @contextmanager
 def _one_thread_workers() -> Iterator[tuple[ThreadPoolExecutor, int]]:
-    """A pool of layer workers, as many as torch has threads (at most MAX_LAYER_WORKERS), each
-    running torch on one thread. The decompositions are LAPACK calls with many memory-bound
-    steps; torch's OpenMP pool spins at each step's barrier, and on a busy 2-core machine that
-    made a 1024 x 1024 float64 svdvals 20x slower on 2 threads than on 1. Whole layers on
-    one-thread workers use the cores without barriers."""
+    """A pool of layer workers, as many as `toolkit.threads.worker_count` allows (the threads
+    asked for, else the usable cores; at most MAX_LAYER_WORKERS), each running torch (and
+    scipy's BLAS) on one thread. The decompositions are LAPACK calls with
+    many memory-bound steps; a BLAS thread pool spins at each step's barrier, and on a busy
+    2-core machine that made a 1024 x 1024 float64 svdvals 20x slower on 2 threads than on 1.
+    Whole layers on one-thread workers use the cores without barriers."""
+    import scipy.linalg  # noqa: F401  (loaded first: threadpool_limits sees loaded libraries only)
     import torch
+    from threadpoolctl import threadpool_limits
 
     threads = torch.get_num_threads()
-    workers = min(threads, MAX_LAYER_WORKERS)
+    workers = worker_count(MAX_LAYER_WORKERS)
     torch.set_num_threads(1)
     try:
-        with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        with (
+            threadpool_limits(1),  # scipy's BLAS and LAPACK too (the eigendecompositions)
+            ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool,
+        ):
             yield pool, workers
     finally:
         torch.set_num_threads(threads)
@@ -444,15 +444,24 @@ def _track(items: list[int], show: bool, description: str):
 
 
 def layer_change(
-    layer_a: AttentionLayer, layer_b: AttentionLayer, rank: int, top_k: int
+    layer_a: AttentionLayer,
+    layer_b: AttentionLayer,
+    rank: int,
+    top_k: int,
+    intruder_k: int = DEFAULT_K,
+    intruder_epsilon: float = DEFAULT_EPSILON,
 ) -> LayerChange:
-    """Every elementwise measure of one layer, W_a -> W_b (same shapes)."""
+    """Every elementwise measure of one layer, W_a -> W_b (same shapes), intruders included."""
     a, b = _double_layer(layer_a), _double_layer(layer_b)
     heads_a = {role: _torch(getattr(a, role)) for role in WEIGHT_ROLES}
     heads_b = {role: _torch(getattr(b, role)) for role in WEIGHT_ROLES}
     matrices = {
         role: _matrix_change(
-            heads_a[role], heads_b[role], _torch(a.full(role)), _torch(b.full(role)), rank, top_k
+            heads_a[role],
+            heads_b[role],
+            _torch(a.full(role)),
+            _torch(b.full(role)),
+            (rank, top_k, intruder_k, intruder_epsilon),
         )
         for role in WEIGHT_ROLES
     }
@@ -483,10 +492,22 @@ def _torch(array: np.ndarray):
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
-def _matrix_change(heads_a, heads_b, full_a, full_b, rank: int, top_k: int) -> MatrixChange:
+def _matrix_change(
+    heads_a, heads_b, full_a, full_b, settings: tuple[int, int, int, float]
+) -> MatrixChange:
     """heads_*: [h, d_in, d_out] per-head blocks; full_*: the same weights as one matrix
-    [d_in, d_out]; all float64."""
+    [d_in, d_out]; all float64. settings: rank, top_k, intruder_k, intruder_epsilon.
+
+    Three decompositions per matrix: ΔW (every ΔW measure), W_a (its top directions for the
+    LoRA measures and all its right singular vectors for the intruders), W_b (its top
+    intruder_k right singular vectors)."""
     import torch
+
+    rank, top_k, intruder_k, intruder_epsilon = settings
+    ritz_a, left_a, right_a = singular_directions(full_a, rank)
+    top_b = top_singular_vectors(full_b, intruder_k)[1].T  # y_j as rows [k, d_out]
+    if not leading_rows_hold_the_maximum(ritz_a, top_b):
+        ritz_a = right_singular_basis(full_a, ritz_a)
 
     head_squared_a = (heads_a * heads_a).sum(dim=(1, 2))  # [h]
     head_squared_b = (heads_b * heads_b).sum(dim=(1, 2))
@@ -510,12 +531,11 @@ def _matrix_change(heads_a, heads_b, full_a, full_b, rank: int, top_k: int) -> M
         s_delta = torch.zeros(min(delta.shape), dtype=delta.dtype)
         similarity_in = similarity_out = amplification = 0.0
     else:
-        s_delta = singular_values(delta)
-        r = min(rank, s_delta.numel())
+        r = min(rank, min(delta.shape))
+        s_delta = delta_singular_values(delta)
         u_delta, v_delta = top_singular_vectors(delta, r)
-        u_a, v_a = top_singular_vectors(full_a, r)
-        similarity_in = _subspace_similarity(u_a, u_delta)
-        similarity_out = _subspace_similarity(v_a, v_delta)
+        similarity_in = _subspace_similarity(left_a[:, :r], u_delta)
+        similarity_out = _subspace_similarity(right_a[:, :r], v_delta)
         projected = float(torch.linalg.matrix_norm(u_delta.T @ full_a @ v_delta))
         amplification = _relative(fro_delta, projected)
     return MatrixChange(
@@ -532,6 +552,7 @@ def _matrix_change(heads_a, heads_b, full_a, full_b, rank: int, top_k: int) -> M
         amplification=amplification,
         delta_singular_values=s_delta.tolist(),
         heads=heads,
+        intruders=count_intruders(ritz_a, top_b, intruder_epsilon),
     )
 
 
@@ -623,10 +644,10 @@ def layer_profile(layer: AttentionLayer, relative_depth: float) -> LayerProfile:
 # Full-matrix spectra: the one place that decomposes a whole [d_in, d_out] weight (or change).
 #
 # Measured on the bench pair (gpt2-medium and a copy with 1% noise, see bench/RESULTS.md §2),
-# float32 is not enough for the singular values themselves: a float32 SVD of ΔW is off by
-# ~3e-6 * s_1 in every value, so ΔW's small singular values (s_1 / s_min up to 2e5 there) come
-# out up to 1e-2 wrong. The top singular *directions*, on the other hand, only need a float32
-# start: a float64 Rayleigh-Ritz step on a float32 subspace makes them exact to ~1e-7.
+# float32 is not enough for ΔW's singular values: a float32 SVD of ΔW is off by ~3e-6 * s_1 in
+# every value, so its small singular values (s_1 / s_min up to 2.4e5 there) come out up to 1e-2
+# wrong. The top singular *directions* only need a float32 start: a float64 Rayleigh-Ritz step
+# on a float32 subspace makes them exact to ~1e-7.
 
 
 def singular_values(matrix):
@@ -636,31 +657,81 @@ def singular_values(matrix):
     return torch.linalg.svdvals(matrix)
 
 
+GRAM_TOLERANCE = 1e-5  # the relative error allowed in a singular value taken from a Gram matrix
+EPS64 = 2.0**-52
+
+
+def delta_singular_values(matrix):
+    """All singular values of a float64 matrix [d_in, d_out], largest first, as the square roots
+    of the eigenvalues of its smaller Gram matrix (M^T M or M M^T), float64, without vectors.
+
+    About 7x faster than svdvals on 1024 x 1024. eigh is backward stable: each eigenvalue of G
+    is off by about eps64 * lambda_1, so s_i = sqrt(lambda_i) by about eps64 / 2 * (s_1 / s_i)^2
+    relative (the bench pair, s_1 / s_min up to 2.4e5: 1.7e-6 measured against svdvals, bound
+    6.2e-6). Where that bound passes GRAM_TOLERANCE for the smallest value (a low-rank change,
+    LoRA's for one) the values come from svdvals instead.
+    """
+    import scipy.linalg
+
+    array = matrix.numpy()
+    gram = array.T @ array if array.shape[0] >= array.shape[1] else array @ array.T
+    eigenvalues = np.clip(scipy.linalg.eigvalsh(gram, check_finite=False)[::-1], 0.0, None)
+    if eigenvalues[-1] < eigenvalues[0] * EPS64 / (2 * GRAM_TOLERANCE):
+        return singular_values(matrix)
+    return _torch(np.sqrt(eigenvalues))
+
+
 RITZ_DIRECTIONS = 64  # the float32 subspace that holds the top singular directions
 
 
 def top_singular_vectors(matrix, count: int):
     """The top-`count` singular directions of a float64 matrix [d_in, d_out]: left [d_in,
-    count] and right [d_out, count], orthonormal columns, largest first.
+    count] and right [d_out, count], orthonormal columns, largest first."""
+    _, left, right = singular_directions(matrix, count)
+    return left, right
 
-    The eigenvectors of the float32 Gram matrix M^T M span a subspace V [d_out, k] that holds
-    the top directions up to float32 round-off; Q = orth(M V) and the float64 SVD of the small
-    Q^T M [k, d_out] (a Rayleigh-Ritz step) then give them to float64 accuracy. Costs one
-    float32 eigendecomposition of d_out x d_out plus thin products, against a float64 SVD with
-    vectors of the whole matrix (about 10x less on 1024 x 1024).
+
+def singular_directions(matrix, count: int):
+    """(ritz [k, d_out], left [d_in, count], right [d_out, count]) of a float64 matrix [d_in,
+    d_out]: its top k >= max(64, 2 count) right singular vectors as rows (every one of them for
+    small matrices), and the top-`count` left and right ones as columns, largest first.
+
+    The top eigenvectors of the float32 Gram matrix M^T M (only those: LAPACK's syevr computes
+    a subset) span a subspace V [d_out, k] that holds the top directions up to float32
+    round-off; Q = orth(M V) and the float64 SVD of the small Q^T M [k, d_out] (a Rayleigh-Ritz
+    step) then give them to float64 accuracy (~1e-9 on the bench pair). About 15x less than a
+    float64 SVD with vectors of 1024 x 1024.
     """
+    import scipy.linalg
     import torch
 
     k = max(RITZ_DIRECTIONS, 2 * count)
-    if k >= min(matrix.shape):  # small matrices: the full SVD is as cheap
+    size = min(matrix.shape)
+    if k >= size:  # small matrices: the full SVD is as cheap
         left, _, right_t = torch.linalg.svd(matrix, full_matrices=False)
-        return left[:, :count], right_t[:count].T
+        return right_t, left[:, :count], right_t[:count].T
     single = matrix.float()
-    _, eigenvectors = torch.linalg.eigh(single.T @ single)  # ascending eigenvalues
-    subspace = eigenvectors[:, -k:].double()  # [d_out, k]
+    n = matrix.shape[1]
+    _, eigenvectors = scipy.linalg.eigh(
+        (single.T @ single).numpy(), subset_by_index=[n - k, n - 1], check_finite=False
+    )
+    subspace = torch.from_numpy(np.ascontiguousarray(eigenvectors[:, ::-1], dtype=np.float64))
     basis, _ = torch.linalg.qr(matrix @ subspace)  # [d_in, k], orthonormal
     small_left, _, right_t = torch.linalg.svd(basis.T @ matrix, full_matrices=False)
-    return basis @ small_left[:, :count], right_t[:count].T
+    return right_t, basis @ small_left[:, :count], right_t[:count].T
+
+
+def right_singular_basis(matrix, ritz):
+    """Every right singular vector of a float64 matrix [d_in, d_out] as rows [min(d_in, d_out),
+    d_out], largest first: the float64 Ritz vectors `ritz` [k, d_out] from `singular_directions`
+    first, then the float32 Gram eigenvectors after them (enough for the intruder check, see
+    toolkit.analysis.intruders)."""
+    import torch
+
+    single = matrix.float()
+    _, eigenvectors = torch.linalg.eigh(single.T @ single)  # ascending eigenvalues
+    rest = eigenvectors.flip(1)[:, ritz.shape[0] : min(matrix.shape)].double()
+    return torch.cat([ritz, rest.T])
 
 
 # ---------------------------------------------------------------------------------------------
