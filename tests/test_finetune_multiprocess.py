@@ -83,7 +83,7 @@ def test_two_processes_under_torchrun_write_one_run_and_resume(toy_corpus_txt, t
     trajectory = _trajectory(out)
     assert [p["step"] for p in trajectory["shift"]] == [0, 4, 8, 12]
     assert [s for s, _ in trajectory["train_loss"]] == list(range(1, 13))
-    assert [e["step"] for e in trajectory["evaluations"]] == [6, 12]
+    assert [e["step"] for e in trajectory["evaluations"]] == [0, 6, 12]  # 0: the start
     assert sorted(p.name for p in out.glob("*.md")) == ["report.md"]
     assert "12 optimizer steps on 2 process(es)" in (out / "report.md").read_text()
     assert not list(out.rglob("*.tmp"))  # no temporary file left behind by either process
