@@ -30,9 +30,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def run_dir(toy_sentiment_csv, tiny_bert_with_tokenizer, tmp_path_factory) -> Path:
-    """4 steps of the tiny BERT classifier, snapshots at 0, 2 and 4; finetune writes view.html."""
+    """4 steps of the tiny BERT classifier, snapshots at 0, 2 and 4; the report writes view.html."""
     out = tmp_path_factory.mktemp("view") / "run"
-    toolkit.finetune(
+    toolkit.finetune_with_report(
         toolkit.FinetuneConfig(
             model=str(tiny_bert_with_tokenizer),
             dataset=str(toy_sentiment_csv),
