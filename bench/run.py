@@ -62,34 +62,99 @@ def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+def _descendants(pid: int) -> list[int]:
+    """pid and every process below it (from /proc/PID/task/TID/children)."""
+    found, queue = [], [pid]
+    while queue:
+        current = queue.pop()
+        found.append(current)
+        for task in Path(f"/proc/{current}/task").glob("*"):
+            try:
+                queue += [int(child) for child in (task / "children").read_text().split()]
+            except OSError:
+                pass
+    return found
+
+
+def _tree_pss_mb(pid: int) -> float:
+    """The proportional set size of pid's process tree, MB: memory shared between the
+    processes (forked workers share the parent's pages) counted once in all."""
+    total = 0
+    for member in _descendants(pid):
+        try:
+            for line in Path(f"/proc/{member}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+        except OSError:  # the process ended meanwhile
+            pass
+    return total / 1024
+
+
+class TreeMemory:
+    """Samples a process tree's PSS every `interval` seconds on a thread; `.peak` in MB."""
+
+    def __init__(self, pid: int, interval: float = 0.1):
+        import threading
+
+        self.peak, self._pid, self._interval = 0.0, pid, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.peak = max(self.peak, _tree_pss_mb(self._pid))
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
 def measure(
-    command: list[str], repeat: int, output: Path | None = None, env: dict | None = None
+    command: list[str],
+    repeat: int,
+    output: Path | None = None,
+    env: dict | None = None,
+    tree_memory: bool = False,
 ) -> dict:
-    """Median wall seconds and median peak RSS (MB) of `command` run `repeat` times.
+    """Median wall seconds and median peak RSS (MB) of `command` run `repeat` times;
+    `tree_memory`: also the peak PSS of its whole process tree (`peak_tree_pss_mb`, for
+    commands that start worker processes: ru_maxrss is one process's peak), from one more run,
+    untimed (reading smaps_rollup walks page tables: the sampling would slow the timed runs).
 
     `output`, the file the command writes, is removed before each run (untimed): replacing an
     existing file costs ext4 a forced write-out of the new one, which is not the command's work.
     """
-    walls, peaks = [], []
-    for _ in range(repeat):
+    walls, peaks, trees = [], [], []
+    for run in range(repeat + tree_memory):
+        sampled = run == repeat  # the extra, untimed run
         if output is not None:
             output.unlink(missing_ok=True)
         start = time.perf_counter()
         process = subprocess.Popen(
             command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env or ENV
         )
+        sampler = TreeMemory(process.pid) if sampled else None
         _, status, usage = os.wait4(process.pid, 0)
-        walls.append(time.perf_counter() - start)
-        peaks.append(usage.ru_maxrss / 1024)  # KiB on Linux
+        wall = time.perf_counter() - start
         if os.waitstatus_to_exitcode(status) != 0:
             raise RuntimeError(
                 f"{' '.join(command)} failed: {process.stderr.read().decode()[-2000:]}"
             )
-    return {
+        if sampler is not None:
+            trees.append(sampler.stop())
+            continue
+        walls.append(wall)
+        peaks.append(usage.ru_maxrss / 1024)  # KiB on Linux
+    result = {
         "wall_s": statistics.median(walls),
         "peak_rss_mb": statistics.median(peaks),
         "runs": repeat,
     }
+    if trees:
+        result["peak_tree_pss_mb"] = statistics.median(trees)
+    return result
 
 
 def prepare_checkpoint(name: str) -> Path:
@@ -279,8 +344,10 @@ def bench_compare(repeat: int) -> dict:
         "model_fp32_mb": params * 4 / 1e6,
         "attention_mb": attention_bytes(parent) / 1e6,
         "automodel_load": measure([PY, "-c", load, str(parent)], repeat),
-        "toolkit_compare": measure(compare_command, max(1, repeat - 2)),
-        "toolkit_compare_one_thread": measure(compare_command, max(1, repeat - 2), env=one_thread),
+        "toolkit_compare": measure(compare_command, repeat, tree_memory=True),
+        "toolkit_compare_one_thread": measure(
+            compare_command, max(1, repeat - 2), env=one_thread, tree_memory=True
+        ),
     }
     log("compare: profile of one layer, before and after")
     results["profile_per_layer_s"] = run_json(
@@ -296,7 +363,7 @@ def compare_table(results: dict) -> list[str]:
         ("OMP_NUM_THREADS=1", results["toolkit_compare_one_thread"]),
     ]
     profile = results["profile_per_layer_s"]
-    stages = list(dict.fromkeys([*profile["before"], *profile["after"]]))
+    stages = list(dict.fromkeys(stage for name in profile for stage in profile[name]))
     lines = [
         "## 2. Comparison",
         "",
@@ -306,40 +373,52 @@ def compare_table(results: dict) -> list[str]:
         f"{results['automodel_load']['peak_rss_mb']:.0f} MB peak RSS), measured in the same run. "
         "Target (issue 9): compare / AutoModel load <= 3.",
         "",
-        "| compare run | wall s | compare / AutoModel load | peak RSS MB | "
-        "peak RSS / one model's fp32 MB |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        "| compare run | wall s | compare / AutoModel load | peak RSS MB, main process | "
+        "peak PSS MB, all processes | peak PSS / one model's fp32 MB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for label, r in rows:
+        tree = r.get("peak_tree_pss_mb", r["peak_rss_mb"])
         lines.append(
             f"| {label} | {r['wall_s']:.1f} | {r['wall_s'] / load:.1f}x | "
-            f"{r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / fp32:.2f} of {fp32:.0f} |"
+            f"{r['peak_rss_mb']:.0f} | {tree:.0f} | {tree / fp32:.2f} of {fp32:.0f} |"
         )
     lines += [
         "",
-        "Where the time goes: one layer (four 1024 x 1024 matrices and 16 heads' circuits) on one "
-        "thread, seconds (`bench/routes/compare_profile.py`). Before (issue 9 round 1, plus the "
-        "intruder check of the LoRA work): ΔW's singular values by float64 svdvals; the top-r "
-        "directions of ΔW and of W_a each from a float32 Gram eigendecomposition refined by a "
-        "float64 Rayleigh-Ritz step; for the intruders a float64 SVD with vectors of W_a and of "
-        "W_b. After (round 2): ΔW's singular values from float64 eigvalsh of its Gram matrix "
-        "(within 1.7e-6 of svdvals here; svdvals where the error bound passes 1e-5); every set of "
-        "top directions from a float32 subset eigendecomposition (LAPACK syevr, top 64 only) "
-        "refined by Rayleigh-Ritz; W_a's top 64 Ritz vectors serve the intruder check too, where "
-        "a |cos| bound shows the rest of W_a's basis cannot hold a larger |cos| (every matrix of "
-        "this pair). Layers run on one-thread workers, one per usable core.",
+        "Default threads: layers run in one-thread worker processes, one per usable core "
+        "(forked; each reads its own layers); `OMP_NUM_THREADS=1`: one process. PSS (proportional "
+        "set size, sampled every 0.1 s) counts the pages the forked workers share with the main "
+        "process once.",
         "",
-        "| stage | before s | after s |",
-        "| --- | ---: | ---: |",
+        "Where the time goes: one layer (four 1024 x 1024 matrices and 16 heads' circuits) on one "
+        "thread, seconds (`bench/routes/compare_profile.py`, which times all three rounds in one "
+        "run). Round 1 (issue 9's first speed-up, plus the intruder check of the LoRA work): ΔW's "
+        "singular values by float64 svdvals; the top-r directions of ΔW and of W_a each from all "
+        "eigenvectors of a float32 Gram matrix refined by a float64 Rayleigh-Ritz step; for the "
+        "intruders float64 SVDs with vectors of W_a and W_b. Round 2: ΔW's values from float64 "
+        "eigvalsh of its Gram matrix (within 1.7e-6 of svdvals here; svdvals where the error "
+        "bound passes 1e-5); every set of top directions from a float32 subset "
+        "eigendecomposition (syevr, top 64) refined by Rayleigh-Ritz; W_a's 64 Ritz vectors serve "
+        "the intruder check, where a |cos| bound shows the rest of W_a's basis cannot hold a "
+        "larger |cos|. Round 3 (today): ΔW's values *and* top directions from one float64 "
+        "tridiagonal reduction of its Gram matrix (sytrd; values by sterf, the top 2r vectors "
+        "by stemr, the reflectors applied by ormqr), Gram matrices by syrk (half a product, in "
+        "the Fortran order LAPACK reads without a copy), W_a's directions from a 32-vector and "
+        "W_b's top-k from a 2k-vector float32 subspace (the same vectors to ~1e-9 here), the "
+        "circuits' norms sharing their d_head x d_head products; and worker processes instead "
+        "of threads (scipy's LAPACK wrappers hold the GIL: two threads ran 1.2x faster than one, "
+        "two processes 2x).",
+        "",
+        "| stage | " + " | ".join(f"{name} s" for name in profile) + " |",
+        "| --- |" + " ---: |" * len(profile),
     ]
     for stage in stages:
-        before, after = (profile[route].get(stage) for route in ("before", "after"))
+        cells = [profile[name].get(stage) for name in profile]
         lines.append(
-            f"| {stage} | {'-' if before is None else f'{before:.2f}'} | "
-            f"{'-' if after is None else f'{after:.2f}'} |"
+            f"| {stage} | " + " | ".join("-" if c is None else f"{c:.2f}" for c in cells) + " |"
         )
-    total = {route: sum(profile[route].values()) for route in ("before", "after")}
-    lines.append(f"| total | {total['before']:.2f} | {total['after']:.2f} |")
+    totals = [sum(profile[name].values()) for name in profile]
+    lines.append("| total | " + " | ".join(f"{t:.2f}" for t in totals) + " |")
     return lines
 
 

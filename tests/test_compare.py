@@ -263,12 +263,12 @@ def test_low_rank_change_takes_its_singular_values_from_svdvals():
     delta = rng.standard_normal((128, 3)) @ rng.standard_normal((3, 96))
     delta += 1e-6 * rng.standard_normal(delta.shape)
     expected = np.linalg.svd(delta, compute_uv=False)
-    values = delta_singular_values(torch.from_numpy(delta))
-    left, right = top_singular_vectors(torch.from_numpy(delta), 2)
-    assert values.numpy() == pytest.approx(expected, rel=1e-5)
+    values = delta_singular_values(delta)
+    left, right = top_singular_vectors(delta, 2)
+    assert values == pytest.approx(expected, rel=1e-5)
     u, _, vt = np.linalg.svd(delta)
-    assert np.abs(left.numpy().T @ u[:, :2]) == pytest.approx(np.eye(2), abs=1e-9)
-    assert np.abs(right.numpy().T @ vt[:2].T) == pytest.approx(np.eye(2), abs=1e-9)
+    assert np.abs(left.T @ u[:, :2]) == pytest.approx(np.eye(2), abs=1e-9)
+    assert np.abs(right.T @ vt[:2].T) == pytest.approx(np.eye(2), abs=1e-9)
 
 
 def test_every_number_equals_a_float64_reference_on_a_nearly_equal_pair(gpt2_wide_pair):
@@ -326,6 +326,50 @@ def test_layer_selection_and_opened_models(tiny_gpt2, gpt2_all_moved):
     assert [layer.layer for layer in result.layers] == [1]
 
 
+@pytest.mark.parametrize("reads", ["forked workers read", "layers sent to workers"])
+def test_worker_processes_give_the_numbers_of_one_process(
+    reads, tiny_gpt2, gpt2_all_moved, monkeypatch
+):
+    """Big comparisons run layers in worker processes (forked on Linux, reading their own
+    layers; spawned and sent the layers elsewhere): the same numbers, layer order kept."""
+    import sys
+
+    import toolkit.analysis.compare as module
+
+    alone = compare(tiny_gpt2, gpt2_all_moved).to_dict()
+    monkeypatch.setattr(module, "PROCESS_WORK", 0)  # a tiny pair counts as big
+    monkeypatch.setenv("TOOLKIT_THREADS", "2")
+    monkeypatch.delenv("TOOLKIT_THREADS_AUTOMATIC", raising=False)
+    if reads == "layers sent to workers":
+        monkeypatch.setattr(sys, "platform", "darwin")  # spawn: the layers are pickled over
+    pools = []
+
+    class Pool(module.ProcessPoolExecutor):
+        def __init__(self, *args, **kwargs):
+            pools.append(kwargs["mp_context"].get_start_method())
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(module, "ProcessPoolExecutor", Pool)
+    workers = compare(tiny_gpt2, gpt2_all_moved).to_dict()
+    assert pools == ["fork" if reads == "forked workers read" else "spawn"]
+    assert [layer["layer"] for layer in workers["layers"]] == [0, 1]
+    assert workers["layers"] == alone["layers"]
+
+
+def test_compare_never_imports_torch(tiny_gpt2, gpt2_all_moved):
+    """compare is numpy and scipy only: torch's import (seconds) is not paid for it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from toolkit import compare; "
+        f"compare({str(tiny_gpt2)!r}, {str(gpt2_all_moved)!r}); "
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
 def test_an_extracted_file_is_compared_on_the_layers_it_holds(tiny_gpt2, gpt2_all_moved, tmp_path):
     from toolkit.analysis.summary import extract
 
@@ -340,15 +384,14 @@ def test_an_extracted_file_is_compared_on_the_layers_it_holds(tiny_gpt2, gpt2_al
 def test_zero_reference_weights_give_no_division_by_zero():
     from toolkit.analysis.compare import _circuit_change, _matrix_change
 
-    zeros = torch.zeros(2, 6, 3, dtype=torch.float64)
-    ones = torch.ones(2, 6, 3, dtype=torch.float64)
+    zeros, ones = np.zeros((2, 6, 3)), np.ones((2, 6, 3))
     change = _matrix_change(
-        zeros, ones, zeros[0].repeat(1, 2), ones[0].repeat(1, 2), (2, 2, 2, 0.5)
+        zeros, ones, np.tile(zeros[0], (1, 2)), np.tile(ones[0], (1, 2)), (2, 2, 2, 0.5)
     )
     assert change.relative_change is None and change.heads[0].relative_change is None
     assert change.cosine == 0.0 and change.fro_delta == pytest.approx(6.0)
     same_zero = _matrix_change(
-        zeros, zeros, zeros[0].repeat(1, 2), zeros[0].repeat(1, 2), (2, 2, 2, 0.5)
+        zeros, zeros, np.tile(zeros[0], (1, 2)), np.tile(zeros[0], (1, 2)), (2, 2, 2, 0.5)
     )
     assert (same_zero.relative_change, same_zero.cosine) == (0.0, 1.0)
     circuit = _circuit_change(zeros, zeros, ones, ones)

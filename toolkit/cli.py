@@ -54,7 +54,9 @@ def _console():
 
 
 def _print_json(data: object) -> None:
-    click.echo(json.dumps(data, indent=2))
+    """Indented for a terminal; compact when piped or redirected (for programs: json's C encoder
+    writes it, ~5x faster than the indented pure-Python one on compare's 10^5 numbers)."""
+    click.echo(json.dumps(data, indent=2 if sys.stdout.isatty() else None))
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -12,25 +12,28 @@ Two modes:
   per-head norms, QK/OV circuit spectra) and layers are set side by side at matched relative depth.
 
 Both read one layer of each model at a time; in elementwise mode layers are computed in parallel
-on one-thread workers (one per usable core or requested thread, at most MAX_LAYER_WORKERS).
-Circuits are never built as d_model x d_model products: a head's QK = wq[i] @ wk[i].T is L @ R.T
-with thin factors L, R [d_model, d_head], and ||L R^T||_F^2 = sum((L^T L) * (R^T R)), its
-singular values those of the d_head x d_head core of the factors' QR decompositions. Whole
-matrices are decomposed in one place (`delta_singular_values`, `singular_directions`): ΔW's
-spectrum from its Gram matrix without vectors, and only the top directions where the LoRA
-measures and the intruder check need directions.
+by one-thread worker processes (one per usable core or requested thread, at most
+MAX_LAYER_WORKERS; in this process for small jobs). numpy and scipy only: no torch import (2.5 s
+of start-up). Circuits are never built as d_model x d_model products: a head's QK =
+wq[i] @ wk[i].T is L @ R.T with thin factors L, R [d_model, d_head], and ||L R^T||_F^2 =
+sum((L^T L) * (R^T R)), its singular values those of the d_head x d_head core of the factors'
+QR decompositions. Whole matrices are decomposed in one place (`delta_spectrum`,
+`singular_directions`): ΔW's spectrum and top directions from one float64 eigendecomposition of
+its Gram matrix, and only the top directions of W_a and W_b, where the LoRA measures and the
+intruder check need them.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import types
 import typing
 from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -245,7 +248,7 @@ class Comparison:
         )
 
     def to_dict(self) -> dict:
-        data = asdict(self)
+        data = _plain(self)
         if self.mode == ELEMENTWISE:
             data["summary"] = {
                 "top_heads": self.top_heads(),
@@ -258,6 +261,20 @@ class Comparison:
     def from_dict(cls, data: dict) -> Comparison:
         """Rebuild a Comparison from `to_dict()` output (the derived `summary` is recomputed)."""
         return _build(cls, {key: value for key, value in data.items() if key != "summary"})
+
+
+def _plain(value):
+    """`dataclasses.asdict` without its deep copies of every leaf (a gpt2-medium comparison holds
+    ~10^5 numbers: 1 s against 0.2 s). Lists and dicts are rebuilt; numbers are immutable."""
+    if is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, list):
+        if value and all(type(item) is float for item in value):
+            return list(value)
+        return [_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    return value
 
 
 def _build(kind, value):
@@ -335,15 +352,16 @@ def compare(
                 f"layer {missing[0] if missing else 'none'} of {info_a.name} is not in "
                 f"{info_b.name}: choose layers both hold with --layer"
             )
-        with _one_thread_workers() as (pool, workers):
+        work = _decomposition_work(model_a, len(selected))
+        settings = (rank, top_k, intruder_k, intruder_epsilon)
+        with _layer_workers(work, model_a, model_b) as (pool, workers, workers_read):
             pending: deque[Future[LayerChange]] = deque()
             for index in _track(selected, progress, "comparing layers"):
-                layer_a, layer_b = model_a.layer(index), model_b.layer(index)  # read here, in order
-                pending.append(
-                    pool.submit(
-                        layer_change, layer_a, layer_b, rank, top_k, intruder_k, intruder_epsilon
-                    )
-                )
+                if workers_read:
+                    pending.append(pool.submit(_forked_layer_change, index, index, *settings))
+                else:  # read here, in order
+                    layer_a, layer_b = model_a.layer(index), model_b.layer(index)
+                    pending.append(pool.submit(layer_change, layer_a, layer_b, *settings))
                 if len(pending) > workers:  # at most one layer pair waits for a worker
                     result.layers.append(pending.popleft().result())
             result.layers.extend(future.result() for future in pending)
@@ -407,31 +425,86 @@ def _matched_layer(index: int, model_a: AttentionModel, model_b: AttentionModel)
 
 
 MAX_LAYER_WORKERS = 4  # each holds one layer pair in float64 (~200 MB for gpt2-medium)
+# Below this much decomposition work (sum over the matrices compared of d_in * d_out *
+# min(d_in, d_out); about a second on one core) layers run in the calling process: starting
+# workers would cost more than they save.
+PROCESS_WORK = 2e9
+
+
+def _decomposition_work(model: AttentionModel, layers: int) -> float:
+    d = model.dims
+    shapes = [(d.d_model, d.n_heads * d.d_head), (d.n_heads * d.d_head, d.d_model)]
+    shapes += [(d.d_model, d.n_kv_heads * d.d_head)] * 2
+    return layers * sum(rows * cols * min(rows, cols) for rows, cols in shapes)
+
+
+class _InCaller:
+    """An executor that runs each job at once in the calling thread (small comparisons)."""
+
+    def submit(self, function, *args) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(function(*args))
+        except BaseException as error:  # re-raised by future.result(), as a pool's would be
+            future.set_exception(error)
+        return future
+
+
+_FORKED_MODELS: tuple[AttentionModel, AttentionModel] | None = None  # a forked worker's models
+
+
+def _one_thread(models: tuple[AttentionModel, AttentionModel] | None = None) -> None:
+    """The BLAS/LAPACK libraries loaded (numpy's, scipy's) on one thread in this process;
+    `models`: the two opened models, handed to a forked worker (inherited, not pickled)."""
+    import scipy.linalg  # noqa: F401  (loaded first: threadpool_limits sees loaded libraries only)
+    from threadpoolctl import threadpool_limits
+
+    global _FORKED_MODELS
+    _FORKED_MODELS = models
+    threadpool_limits(1)
+
+
+def _forked_layer_change(index_a: int, index_b: int, *settings) -> LayerChange:
+    """`layer_change` of layers read in the worker (each read opens the file anew: no offset is
+    shared with other processes)."""
+    model_a, model_b = _FORKED_MODELS
+    return layer_change(model_a.layer(index_a), model_b.layer(index_b), *settings)
 
 
 @contextmanager
-def _one_thread_workers() -> Iterator[tuple[ThreadPoolExecutor, int]]:
-    """A pool of layer workers, as many as `toolkit.threads.worker_count` allows (the threads
-    asked for, else the usable cores; at most MAX_LAYER_WORKERS), each running torch (and
-    scipy's BLAS) on one thread. The decompositions are LAPACK calls with
-    many memory-bound steps; a BLAS thread pool spins at each step's barrier, and on a busy
-    2-core machine that made a 1024 x 1024 float64 svdvals 20x slower on 2 threads than on 1.
-    Whole layers on one-thread workers use the cores without barriers."""
+def _layer_workers(
+    work: float, model_a: AttentionModel, model_b: AttentionModel
+) -> Iterator[tuple[_InCaller | ProcessPoolExecutor, int, bool]]:
+    """Where layers are computed: a pool of one-thread worker processes, as many as
+    `toolkit.threads.worker_count` allows (the threads asked for, else the usable cores; at most
+    MAX_LAYER_WORKERS), or this process on one thread when one worker is allowed or the job is
+    small (`work` < PROCESS_WORK).
+
+    One thread each: the decompositions are LAPACK calls with many memory-bound steps; a BLAS
+    thread pool spins at each step's barrier, and on a busy 2-core machine that made a 1024 x
+    1024 float64 svdvals 20x slower on 2 threads than on 1. Processes, not threads: scipy's
+    LAPACK wrappers hold the GIL, and two threads in one process ran a layer 1.2x faster than
+    one, where two processes run it 2x faster (bench/RESULTS.md §2). Workers are forked on
+    Linux (cheap: the modules are already loaded) and read their layers themselves; elsewhere
+    they are spawned and sent the layers. Yields (pool, workers, whether workers read)."""
+    import multiprocessing
+
     import scipy.linalg  # noqa: F401  (loaded first: threadpool_limits sees loaded libraries only)
-    import torch
     from threadpoolctl import threadpool_limits
 
-    threads = torch.get_num_threads()
     workers = worker_count(MAX_LAYER_WORKERS)
-    torch.set_num_threads(1)
-    try:
-        with (
-            threadpool_limits(1),  # scipy's BLAS and LAPACK too (the eigendecompositions)
-            ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool,
-        ):
-            yield pool, workers
-    finally:
-        torch.set_num_threads(threads)
+    if workers == 1 or work < PROCESS_WORK:
+        with threadpool_limits(1):
+            yield _InCaller(), 1, False
+        return
+    fork = sys.platform.startswith("linux")
+    context = multiprocessing.get_context("fork" if fork else "spawn")
+    models = (model_a, model_b) if fork else None
+    with ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_one_thread, initargs=(models,)
+    ) as pool:
+        pool.submit(int).result()  # start the workers now, before a progress bar's thread runs
+        yield pool, workers, fork
 
 
 def _track(items: list[int], show: bool, description: str):
@@ -453,14 +526,14 @@ def layer_change(
 ) -> LayerChange:
     """Every elementwise measure of one layer, W_a -> W_b (same shapes), intruders included."""
     a, b = _double_layer(layer_a), _double_layer(layer_b)
-    heads_a = {role: _torch(getattr(a, role)) for role in WEIGHT_ROLES}
-    heads_b = {role: _torch(getattr(b, role)) for role in WEIGHT_ROLES}
+    heads_a = {role: _contiguous(getattr(a, role)) for role in WEIGHT_ROLES}
+    heads_b = {role: _contiguous(getattr(b, role)) for role in WEIGHT_ROLES}
     matrices = {
         role: _matrix_change(
             heads_a[role],
             heads_b[role],
-            _torch(a.full(role)),
-            _torch(b.full(role)),
+            _contiguous(a.full(role)),
+            _contiguous(b.full(role)),
             (rank, top_k, intruder_k, intruder_epsilon),
         )
         for role in WEIGHT_ROLES
@@ -485,11 +558,9 @@ def _double_layer(layer: AttentionLayer) -> AttentionLayer:
     )
 
 
-def _torch(array: np.ndarray):
-    """A contiguous torch view (or copy, for a transposed full matrix) of a float64 array."""
-    import torch
-
-    return torch.from_numpy(np.ascontiguousarray(array))
+def _contiguous(array: np.ndarray) -> np.ndarray:
+    """The array itself when C-contiguous, else a contiguous copy (a transposed full matrix)."""
+    return np.ascontiguousarray(array)
 
 
 def _matrix_change(
@@ -501,18 +572,18 @@ def _matrix_change(
     Three decompositions per matrix: ΔW (every ΔW measure), W_a (its top directions for the
     LoRA measures and all its right singular vectors for the intruders), W_b (its top
     intruder_k right singular vectors)."""
-    import torch
-
     rank, top_k, intruder_k, intruder_epsilon = settings
     ritz_a, left_a, right_a = singular_directions(full_a, rank)
-    top_b = top_singular_vectors(full_b, intruder_k)[1].T  # y_j as rows [k, d_out]
+    # y_j as rows [k, d_out]; a subspace of 2k float32 directions holds them to ~1e-9 in
+    # |cos| (the bench pair), as 64 did
+    top_b = top_singular_vectors(full_b, intruder_k, 2 * intruder_k)[1].T
     if not leading_rows_hold_the_maximum(ritz_a, top_b):
         ritz_a = right_singular_basis(full_a, ritz_a)
 
-    head_squared_a = (heads_a * heads_a).sum(dim=(1, 2))  # [h]
-    head_squared_b = (heads_b * heads_b).sum(dim=(1, 2))
-    head_dot = (heads_a * heads_b).sum(dim=(1, 2))
-    head_fro_delta = torch.linalg.matrix_norm(heads_b - heads_a)
+    head_squared_a = (heads_a * heads_a).sum(axis=(1, 2))  # [h]
+    head_squared_b = (heads_b * heads_b).sum(axis=(1, 2))
+    head_dot = (heads_a * heads_b).sum(axis=(1, 2))
+    head_fro_delta = np.linalg.norm(heads_b - heads_a, axis=(1, 2))
     heads = [
         _head_change(
             h,
@@ -526,17 +597,16 @@ def _matrix_change(
 
     delta = full_b - full_a  # [d_in, d_out]
     squared_a, squared_b = float((full_a * full_a).sum()), float((full_b * full_b).sum())
-    fro_a, fro_delta = math.sqrt(squared_a), float(torch.linalg.matrix_norm(delta))
+    fro_a, fro_delta = math.sqrt(squared_a), float(np.linalg.norm(delta))
     if fro_delta == 0.0:  # no change: no directions to compare
-        s_delta = torch.zeros(min(delta.shape), dtype=delta.dtype)
+        s_delta = np.zeros(min(delta.shape))
         similarity_in = similarity_out = amplification = 0.0
     else:
         r = min(rank, min(delta.shape))
-        s_delta = delta_singular_values(delta)
-        u_delta, v_delta = top_singular_vectors(delta, r)
+        s_delta, u_delta, v_delta = delta_spectrum(delta, r)
         similarity_in = _subspace_similarity(left_a[:, :r], u_delta)
         similarity_out = _subspace_similarity(right_a[:, :r], v_delta)
-        projected = float(torch.linalg.matrix_norm(u_delta.T @ full_a @ v_delta))
+        projected = float(np.linalg.norm(u_delta.T @ full_a @ v_delta))
         amplification = _relative(fro_delta, projected)
     return MatrixChange(
         fro_a=fro_a,
@@ -571,26 +641,38 @@ def _circuit_factors(weights: dict, circuit: str):
     QK = wq[i] @ wk[g]^T, OV = wv[g] @ w0[i] = wv[g] @ (w0[i]^T)^T."""
     group = weights["wq"].shape[0] // weights["wk"].shape[0]
     if circuit == "qk":
-        return weights["wq"], weights["wk"].repeat_interleave(group, dim=0)
-    return weights["wv"].repeat_interleave(group, dim=0), weights["w0"].transpose(1, 2)
+        return weights["wq"], np.repeat(weights["wk"], group, axis=0)
+    return np.repeat(weights["wv"], group, axis=0), weights["w0"].transpose(0, 2, 1)
 
 
-def _circuit_inner(left_1, right_1, left_2, right_2):
-    """<L1 R1^T, L2 R2^T>_F = trace(R1 L1^T L2 R2^T) = sum((L1^T L2) * (R1^T R2)), per head. [h]"""
-    return (left_1.transpose(1, 2) @ left_2 * (right_1.transpose(1, 2) @ right_2)).sum(dim=(1, 2))
+def _cross(factor_1, factor_2):
+    """factor_1^T factor_2 per head: [h, d, r1] x [h, d, r2] -> [h, r1, r2]."""
+    return factor_1.transpose(0, 2, 1) @ factor_2
+
+
+def _gram_inner(left_gram, right_gram):
+    return (left_gram * right_gram).sum(axis=(1, 2))
 
 
 def _circuit_change(left_a, right_a, left_b, right_b) -> list[HeadChange]:
-    import torch
+    """Per head: ||C_a||, ||C_b||, <C_a, C_b> and ||C_b - C_a|| of C = L R^T, from d_head x d_head
+    products of the thin factors (never the d_model x d_model circuits).
 
-    squared_a = _circuit_inner(left_a, right_a, left_a, right_a)  # [h]
-    squared_b = _circuit_inner(left_b, right_b, left_b, right_b)
-    dot = _circuit_inner(left_a, right_a, left_b, right_b)
-    # L_b R_b^T - L_a R_a^T = ΔL R_b^T + L_a ΔR^T = [ΔL, L_a] @ [R_b, ΔR]^T: rank <= 2 d_head, and
-    # its norm has no cancellation between the two large products when the change is small.
-    left = torch.cat([left_b - left_a, left_a], dim=2)  # [h, d_model, 2 d_head]
-    right = torch.cat([right_b, right_b - right_a], dim=2)
-    squared_delta = _circuit_inner(left, right, left, right).clamp(min=0)
+    C_b - C_a = ΔL R_b^T + L_a ΔR^T = [ΔL, L_a] @ [R_b, ΔR]^T: rank <= 2 d_head, and its norm
+    has no cancellation between the two large products when the change is small. Its squared
+    norm sum(([ΔL, L_a]^T [ΔL, L_a]) * ([R_b, ΔR]^T [R_b, ΔR])) is summed by blocks, so that
+    L_a^T L_a and R_b^T R_b, already formed for the norms, are not formed twice."""
+    left_delta, right_delta = left_b - left_a, right_b - right_a
+    left_aa, right_aa = _cross(left_a, left_a), _cross(right_a, right_a)
+    left_bb, right_bb = _cross(left_b, left_b), _cross(right_b, right_b)
+    squared_a = _gram_inner(left_aa, right_aa)  # [h]
+    squared_b = _gram_inner(left_bb, right_bb)
+    dot = _gram_inner(_cross(left_a, left_b), _cross(right_a, right_b))
+    squared_delta = (
+        _gram_inner(_cross(left_delta, left_delta), right_bb)
+        + 2 * _gram_inner(_cross(left_delta, left_a), _cross(right_b, right_delta))
+        + _gram_inner(left_aa, _cross(right_delta, right_delta))
+    ).clip(min=0)
     return [
         _head_change(
             h, float(squared_a[h]), float(squared_b[h]), float(dot[h]), math.sqrt(squared_delta[h])
@@ -603,37 +685,33 @@ def circuit_singular_values(left, right):
     """Singular values of every head's L @ R^T, [h, d_head], from the QR cores of the factors:
     L = Q_l R_l, R = Q_r R_r  =>  L R^T = Q_l (R_l R_r^T) Q_r^T, whose singular values are the
     d_head x d_head core's."""
-    import torch
-
-    _, core_left = torch.linalg.qr(left)  # [h, d_head, d_head]
-    _, core_right = torch.linalg.qr(right)
-    return torch.linalg.svdvals(core_left @ core_right.transpose(1, 2))
+    core_left = np.linalg.qr(left, mode="r")  # [h, d_head, d_head]
+    core_right = np.linalg.qr(right, mode="r")
+    return np.linalg.svd(core_left @ core_right.transpose(0, 2, 1), compute_uv=False)
 
 
 def layer_profile(layer: AttentionLayer, relative_depth: float) -> LayerProfile:
     """One model's layer described on its own (structural mode)."""
-    import torch
-
     layer = _double_layer(layer)
-    weights = {role: _torch(getattr(layer, role)) for role in WEIGHT_ROLES}
+    weights = {role: _contiguous(getattr(layer, role)) for role in WEIGHT_ROLES}
     matrices = {}
     for role in WEIGHT_ROLES:
-        values = singular_values(_torch(layer.full(role)))
-        head_fro = torch.linalg.matrix_norm(weights[role])
+        values = singular_values(_contiguous(layer.full(role)))
+        head_fro = np.linalg.norm(weights[role], axis=(1, 2))
         mean = float(head_fro.mean())
         matrices[role] = MatrixProfile(
-            fro=float(torch.linalg.vector_norm(values)),
+            fro=float(np.linalg.norm(values)),
             stable_rank=stable_rank(values),
             effective_rank=effective_rank(values),
             spectrum=_normalised(values).tolist(),
             head_fro=head_fro.tolist(),
-            head_fro_spread=float(head_fro.std(correction=0)) / mean if mean > 0 else 0.0,
+            head_fro_spread=float(head_fro.std()) / mean if mean > 0 else 0.0,
         )
     circuits = {}
     for name in CIRCUITS:
         values = circuit_singular_values(*_circuit_factors(weights, name))  # [h, d_head]
         circuits[name] = CircuitProfile(
-            head_fro=torch.linalg.vector_norm(values, dim=1).tolist(),
+            head_fro=np.linalg.norm(values, axis=1).tolist(),
             head_stable_rank=[stable_rank(s) for s in values],
             head_spectra=[_normalised(s).tolist() for s in values],
         )
@@ -652,9 +730,7 @@ def layer_profile(layer: AttentionLayer, relative_depth: float) -> LayerProfile:
 
 def singular_values(matrix):
     """All singular values of a float64 matrix, largest first, without vectors (svdvals)."""
-    import torch
-
-    return torch.linalg.svdvals(matrix)
+    return np.linalg.svd(matrix, compute_uv=False)
 
 
 GRAM_TOLERANCE = 1e-5  # the relative error allowed in a singular value taken from a Gram matrix
@@ -662,39 +738,112 @@ EPS64 = 2.0**-52
 
 
 def delta_singular_values(matrix):
-    """All singular values of a float64 matrix [d_in, d_out], largest first, as the square roots
-    of the eigenvalues of its smaller Gram matrix (M^T M or M M^T), float64, without vectors.
+    """All singular values of a float64 matrix [d_in, d_out], largest first, without vectors:
+    `delta_spectrum` without its directions."""
+    return delta_spectrum(matrix, 0)[0]
 
-    About 7x faster than svdvals on 1024 x 1024. eigh is backward stable: each eigenvalue of G
-    is off by about eps64 * lambda_1, so s_i = sqrt(lambda_i) by about eps64 / 2 * (s_1 / s_i)^2
-    relative (the bench pair, s_1 / s_min up to 2.4e5: 1.7e-6 measured against svdvals, bound
-    6.2e-6). Where that bound passes GRAM_TOLERANCE for the smallest value (a low-rank change,
-    LoRA's for one) the values come from svdvals instead.
+
+def delta_spectrum(matrix, count: int):
+    """(values, left [d_in, count], right [d_out, count]) of a float64 matrix (ΔW): all its
+    singular values, largest first, and its top-`count` singular directions, orthonormal
+    columns, from one float64 eigendecomposition of its smaller Gram matrix (M^T M or M M^T).
+
+    The values are the square roots of the Gram matrix's eigenvalues. eigh is backward stable:
+    each eigenvalue of G is off by about eps64 * lambda_1, so s_i = sqrt(lambda_i) by about
+    eps64 / 2 * (s_1 / s_i)^2 relative (the bench pair, s_1 / s_min up to 2.4e5: 1.7e-6 measured
+    against svdvals, bound 6.2e-6). Where that bound passes GRAM_TOLERANCE for the smallest
+    value (a low-rank change, LoRA's for one) the values come from svdvals instead. The
+    directions: the Gram matrix's top 2 count eigenvectors, from the same tridiagonal
+    reduction (`_top_eigen`), and a Rayleigh-Ritz step on the subspace they span (as in
+    `singular_directions`; float64 vectors are accurate to eps64 * s_1^2 / gap, so twice the
+    count suffices where float32 ones need a wider one). One reduction serves both the values
+    and the directions (bench/RESULTS.md §2 times the rounds).
     """
-    import scipy.linalg
-
-    array = matrix.numpy()
-    gram = array.T @ array if array.shape[0] >= array.shape[1] else array @ array.T
-    eigenvalues = np.clip(scipy.linalg.eigvalsh(gram, check_finite=False)[::-1], 0.0, None)
+    if matrix.shape[0] < matrix.shape[1]:  # work on the side whose Gram matrix is smaller
+        values, left, right = delta_spectrum(matrix.T, count)
+        return values, right, left
+    size = matrix.shape[1]
+    k = 2 * count  # float64 eigenvectors need no wide subspace (see the docstring)
+    if k >= size:  # small matrices: the full SVD is as cheap
+        left, values, right_t = np.linalg.svd(matrix, full_matrices=False)
+        return values, left[:, :count], right_t[:count].T
+    eigenvalues, eigenvectors = _top_eigen(_gram_lower(matrix), k)
+    eigenvalues = np.clip(eigenvalues, 0.0, None)
     if eigenvalues[-1] < eigenvalues[0] * EPS64 / (2 * GRAM_TOLERANCE):
-        return singular_values(matrix)
-    return _torch(np.sqrt(eigenvalues))
+        values = singular_values(matrix)
+    else:
+        values = np.sqrt(eigenvalues)
+    if not count:
+        return values, None, None
+    basis, _ = np.linalg.qr(matrix @ eigenvectors)  # [d_in, k], orthonormal
+    small_left, _, right_t = np.linalg.svd(basis.T @ matrix, full_matrices=False)
+    return values, basis @ small_left[:, :count], right_t[:count].T
 
 
-RITZ_DIRECTIONS = 64  # the float32 subspace that holds the top singular directions
+def _gram_lower(array: np.ndarray) -> np.ndarray:
+    """M^T M of a matrix [d_in, d_out] (float32 or float64), Fortran-ordered [d_out, d_out],
+    its lower triangle only (BLAS syrk: half a matrix product's work; the eigensolvers here read
+    the lower triangle, and take Fortran order without a copy)."""
+    import scipy.linalg.blas
+
+    syrk = scipy.linalg.blas.get_blas_funcs("syrk", (array,))
+    return syrk(1.0, array.T, trans=0, lower=1)  # (M^T)(M^T)^T; M^T is Fortran-ordered
 
 
-def top_singular_vectors(matrix, count: int):
+def _top_eigen(gram: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """(every eigenvalue, largest first; the eigenvectors of the `count` largest as columns
+    [n, count], largest first, or None for count 0) of a symmetric float64 matrix, from one
+    tridiagonal reduction G = Q T Q^T (LAPACK sytrd): the values by sterf, the top vectors of T
+    by stemr (MRRR), and Q applied to them through its Householder reflectors (ormqr), never
+    formed. Only the lower triangle of `gram` is read. sytrd is nearly all of the cost; scipy's
+    eigh can give all values or some vectors, not both from one reduction."""
+    import scipy.linalg.lapack as lapack
+
+    n = gram.shape[0]
+    lwork = int(lapack.dsytrd_lwork(n, lower=1)[0])
+    reduced, diagonal, off, tau, info = lapack.dsytrd(gram, lower=1, lwork=lwork)
+    values, info_values = lapack.dsterf(diagonal, off)  # copies diagonal and off
+    if info or info_values:
+        raise ToolkitError(f"the eigendecomposition of a {n} x {n} Gram matrix failed (LAPACK)")
+    if not count:
+        return values[::-1].copy(), None
+    found, _, tridiagonal_vectors, info = lapack.dstemr(
+        diagonal, np.append(off, 0.0), 2, 0.0, 0.0, n - count + 1, n
+    )
+    if info or found != count:
+        raise ToolkitError(f"the eigenvectors of a {n} x {n} Gram matrix failed (LAPACK)")
+    z = np.ascontiguousarray(tridiagonal_vectors[:, count - 1 :: -1][:, :count])
+    # Q = H(1) ... H(n-1), H(i) = I - tau_i v v^T with v(i+1) = 1 and v(i+2:) below the
+    # subdiagonal of column i: Q = diag(1, Q'), Q' the reflectors of a QR factorisation stored
+    # in reduced[1:, :n-1], which ormqr applies.
+    vectors = np.empty_like(z)
+    vectors[0] = z[0]
+    vectors[1:], _, info = lapack.dormqr(
+        "L", "N", reduced[1:, : n - 1], tau, z[1:], lwork=max(1, 64 * count)
+    )
+    if info:
+        raise ToolkitError(f"the eigenvectors of a {n} x {n} Gram matrix failed (LAPACK)")
+    return values[::-1].copy(), vectors
+
+
+# The float32 subspace that holds the top singular directions. 32 (was 64): the same Ritz
+# vectors to ~1e-9 on the bench pair, and W_a's 32 leading vectors hold every intruder maximum
+# there (`leading_rows_hold_the_maximum`) as 16 already do.
+RITZ_DIRECTIONS = 32
+
+
+def top_singular_vectors(matrix, count: int, directions: int = RITZ_DIRECTIONS):
     """The top-`count` singular directions of a float64 matrix [d_in, d_out]: left [d_in,
     count] and right [d_out, count], orthonormal columns, largest first."""
-    _, left, right = singular_directions(matrix, count)
+    _, left, right = singular_directions(matrix, count, directions)
     return left, right
 
 
-def singular_directions(matrix, count: int):
+def singular_directions(matrix, count: int, directions: int = RITZ_DIRECTIONS):
     """(ritz [k, d_out], left [d_in, count], right [d_out, count]) of a float64 matrix [d_in,
-    d_out]: its top k >= max(64, 2 count) right singular vectors as rows (every one of them for
-    small matrices), and the top-`count` left and right ones as columns, largest first.
+    d_out]: its top k >= max(`directions`, 2 count) right singular vectors as rows (every one
+    of them for small matrices), and the top-`count` left and right ones as columns, largest
+    first.
 
     The top eigenvectors of the float32 Gram matrix M^T M (only those: LAPACK's syevr computes
     a subset) span a subspace V [d_out, k] that holds the top directions up to float32
@@ -703,21 +852,19 @@ def singular_directions(matrix, count: int):
     float64 SVD with vectors of 1024 x 1024.
     """
     import scipy.linalg
-    import torch
 
-    k = max(RITZ_DIRECTIONS, 2 * count)
+    k = max(directions, 2 * count)
     size = min(matrix.shape)
     if k >= size:  # small matrices: the full SVD is as cheap
-        left, _, right_t = torch.linalg.svd(matrix, full_matrices=False)
+        left, _, right_t = np.linalg.svd(matrix, full_matrices=False)
         return right_t, left[:, :count], right_t[:count].T
-    single = matrix.float()
     n = matrix.shape[1]
     _, eigenvectors = scipy.linalg.eigh(
-        (single.T @ single).numpy(), subset_by_index=[n - k, n - 1], check_finite=False
-    )
-    subspace = torch.from_numpy(np.ascontiguousarray(eigenvectors[:, ::-1], dtype=np.float64))
-    basis, _ = torch.linalg.qr(matrix @ subspace)  # [d_in, k], orthonormal
-    small_left, _, right_t = torch.linalg.svd(basis.T @ matrix, full_matrices=False)
+        _gram_lower(matrix.astype(np.float32)), subset_by_index=[n - k, n - 1], check_finite=False
+    )  # the lower triangle, which eigh reads by default
+    subspace = eigenvectors[:, ::-1].astype(np.float64)
+    basis, _ = np.linalg.qr(matrix @ subspace)  # [d_in, k], orthonormal
+    small_left, _, right_t = np.linalg.svd(basis.T @ matrix, full_matrices=False)
     return right_t, basis @ small_left[:, :count], right_t[:count].T
 
 
@@ -726,12 +873,10 @@ def right_singular_basis(matrix, ritz):
     d_out], largest first: the float64 Ritz vectors `ritz` [k, d_out] from `singular_directions`
     first, then the float32 Gram eigenvectors after them (enough for the intruder check, see
     toolkit.analysis.intruders)."""
-    import torch
-
-    single = matrix.float()
-    _, eigenvectors = torch.linalg.eigh(single.T @ single)  # ascending eigenvalues
-    rest = eigenvectors.flip(1)[:, ritz.shape[0] : min(matrix.shape)].double()
-    return torch.cat([ritz, rest.T])
+    single = matrix.astype(np.float32)
+    _, eigenvectors = np.linalg.eigh(single.T @ single)  # ascending eigenvalues
+    rest = eigenvectors[:, ::-1][:, ritz.shape[0] : min(matrix.shape)].astype(np.float64)
+    return np.concatenate([ritz, rest.T])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -740,19 +885,17 @@ def right_singular_basis(matrix, ritz):
 
 def stable_rank(singular_values) -> float:
     """||W||_F^2 / ||W||_2^2 = sum s_i^2 / s_1^2: how many directions carry the energy."""
-    top = float(singular_values.max()) if singular_values.numel() else 0.0
+    top = float(singular_values.max()) if singular_values.size else 0.0
     return float((singular_values**2).sum()) / top**2 if top > 0 else 0.0
 
 
 def effective_rank(singular_values) -> float:
     """Roy & Vetterli (2007): exp of the entropy of p_i = s_i / sum s_j."""
-    import torch
-
     total = float(singular_values.sum())
     if total <= 0:
         return 0.0
     p = singular_values[singular_values > 0] / total
-    return float(torch.exp(-(p * torch.log(p)).sum()))
+    return float(np.exp(-(p * np.log(p)).sum()))
 
 
 def top_k_energy(singular_values, k: int) -> float:
@@ -764,9 +907,7 @@ def top_k_energy(singular_values, k: int) -> float:
 
 def _subspace_similarity(basis_1, basis_2) -> float:
     """LoRA's phi: ||B1^T B2||_F^2 / r for two orthonormal bases [d, r]; 1 = same subspace."""
-    import torch
-
-    return float(torch.linalg.matrix_norm(basis_1.T @ basis_2) ** 2) / basis_1.shape[1]
+    return float(np.linalg.norm(basis_1.T @ basis_2) ** 2) / basis_1.shape[1]
 
 
 def _normalised(singular_values):

@@ -15,9 +15,9 @@ of W_a form an orthonormal basis of that space (or of W_a's row space), so a ran
 d dimensions has max |cos| near sqrt(2 ln(2d) / d): about 0.18 for d = 384, 0.44 for d = 48,
 where epsilon = 0.5 starts to call chance alignments "not intruders" less reliably.
 
-`compare` does not decompose W_a in full: it takes W_a's top 64 right singular vectors from the
+`compare` does not decompose W_a in full: it takes W_a's top 32 right singular vectors from the
 Rayleigh-Ritz step its LoRA measures already do (float64 accurate), and W_b's top-k the same
-way; when `leading_rows_hold_the_maximum` (a |cos| bound on the vectors left out) says those 64
+way; when `leading_rows_hold_the_maximum` (a |cos| bound on the vectors left out) says those 32
 hold every maximum, that is exact. Otherwise the rest of the basis comes from a float32
 eigendecomposition of W_a^T W_a: float32 is enough, because a |cos| moves by at most the error
 of the vectors (~1e-6, against the float64 SVD's). tests/test_intruders.py checks both routes'
@@ -65,10 +65,8 @@ def intruder_dimensions(
 
 def _output_basis(full: np.ndarray):
     """The right singular vectors of an x @ W matrix [d_in, d_out], as rows, largest first."""
-    import torch
-
-    matrix = torch.as_tensor(np.ascontiguousarray(full), dtype=torch.float64)
-    return torch.linalg.svd(matrix, full_matrices=False)[2]  # [min(d_in, d_out), d_out]
+    matrix = np.ascontiguousarray(full, dtype=np.float64)
+    return np.linalg.svd(matrix, full_matrices=False)[2]  # [min(d_in, d_out), d_out]
 
 
 def check_intruder_settings(k: int, epsilon: float) -> None:
@@ -85,14 +83,14 @@ def leading_rows_hold_the_maximum(leading, top_b) -> bool:
     cos^2) for each of them. True for a W_b near W_a (its y_j close to one x_i each), and the
     rest of W_a's basis is then never needed."""
     cosines = top_b @ leading.T  # [k, m]
-    left_out = (1.0 - (cosines**2).sum(dim=1)).clamp(min=0.0).sqrt()
-    return bool((cosines.abs().amax(dim=1) >= left_out).all())
+    left_out = np.sqrt(np.clip(1.0 - (cosines**2).sum(axis=1), 0.0, None))
+    return bool((np.abs(cosines).max(axis=1) >= left_out).all())
 
 
 def count_intruders(basis_a, top_b, epsilon: float) -> Intruders:
     """basis_a: every right singular vector of W_a as rows [n, d_out]; top_b: W_b's top-k right
-    singular vectors y_j as rows [k, d_out], largest first (float64 torch tensors)."""
-    similarity = (top_b @ basis_a.T).abs().amax(dim=1)  # [k]: unit vectors, so |dot| = |cos|
+    singular vectors y_j as rows [k, d_out], largest first (float64 arrays)."""
+    similarity = np.abs(top_b @ basis_a.T).max(axis=1)  # [k]: unit vectors, so |dot| = |cos|
     ranks = [j for j, value in enumerate(similarity.tolist()) if value < epsilon]
     return Intruders(top_b.shape[0], epsilon, len(ranks), similarity.tolist(), ranks)
 
