@@ -150,3 +150,81 @@ def test_in_memory_tensors_are_snapshots_not_views(tiny_gpt2):
         model.h[0].attn.c_proj.bias.add_(1.0)
     np.testing.assert_array_equal(snapshot.w0, before[0])
     np.testing.assert_array_equal(snapshot.b0, before[1])
+
+
+# --- extract keeps a half-precision checkpoint's storage ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bf16_models(tiny_llama, tiny_bert, tmp_path_factory):
+    """The tiny Llama (no biases, grouped-query) and BERT (biases) saved in bfloat16 and float16."""
+    from transformers import AutoModel
+
+    folders = {}
+    for name, source in (("llama", tiny_llama), ("bert", tiny_bert)):
+        for dtype in (torch.bfloat16, torch.float16):
+            folder = tmp_path_factory.mktemp(f"{name}-{str(dtype).split('.')[1]}")
+            AutoModel.from_pretrained(source).to(dtype).save_pretrained(folder)
+            folders[name, dtype] = folder
+    return folders
+
+
+def _file_dtypes(path) -> set[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        return {str(handle.get_slice(name).get_dtype()) for name in handle.keys()}
+
+
+@pytest.mark.parametrize("name", ["llama", "bert"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_extract_keeps_half_storage_bit_for_bit(name, dtype, bf16_models, tmp_path):
+    """Default extract of a bf16/f16 checkpoint writes that dtype, each per-head block equal bit
+    for bit to the slice of the model's own weight (read by safetensors/torch, not the toolkit);
+    --dtype float32 writes float32 of the same values."""
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    from toolkit.analysis.summary import extract
+
+    folder = bf16_models[name, dtype]
+    kept, widened = tmp_path / "kept.safetensors", tmp_path / "f32.safetensors"
+    result = extract(str(folder), kept)
+    assert result["dtype"] == {torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
+    assert _file_dtypes(kept) == {{torch.bfloat16: "BF16", torch.float16: "F16"}[dtype]}
+    assert extract(str(folder), widened, dtype="float32")["bytes"] == 2 * result["bytes"]
+    assert _file_dtypes(widened) == {"F32"}
+
+    model = AutoModel.from_pretrained(folder, dtype=dtype)
+    tensors, wide = load_file(kept), load_file(widened)
+    for index in range(model.config.num_hidden_layers):
+        if name == "llama":
+            attention = model.layers[index].self_attn
+            q, k = attention.q_proj.weight, attention.k_proj.weight
+        else:
+            attention = model.encoder.layer[index].attention.self
+            q, k = attention.query.weight, attention.key.weight
+        heads, kv_heads = (
+            model.config.num_attention_heads,
+            getattr(model.config, "num_key_value_heads", model.config.num_attention_heads),
+        )
+        # nn.Linear weight [h * d_head, d_model]: head i's x @ W block is rows i's transpose
+        expected_q = q.view(heads, -1, q.shape[1]).transpose(1, 2)
+        expected_k = k.view(kv_heads, -1, k.shape[1]).transpose(1, 2)
+        assert tensors[f"layers.{index}.wq"].dtype == dtype
+        assert torch.equal(tensors[f"layers.{index}.wq"], expected_q)
+        assert torch.equal(tensors[f"layers.{index}.wk"], expected_k)
+        assert torch.equal(wide[f"layers.{index}.wq"], expected_q.float())
+    # read back by the toolkit: the same float32 values from either file
+    for index in load_attention(str(kept)).layer_indices:
+        a, b = load_attention(str(kept)).layer(index), load_attention(str(widened)).layer(index)
+        for role, tensor in a.tensors().items():
+            assert tensor.dtype == np.float32 and np.array_equal(tensor, b.tensors()[role])
+
+
+def test_extract_of_float32_checkpoints_stays_float32(tiny_gpt2, tmp_path):
+    from toolkit.analysis.summary import extract
+
+    out = tmp_path / "out.safetensors"
+    assert extract(str(tiny_gpt2), out)["dtype"] == "float32"
+    assert _file_dtypes(out) == {"F32"}

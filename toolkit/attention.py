@@ -103,17 +103,39 @@ class AttentionModel:
     def name(self) -> str:
         return self.source.name
 
-    def layer(self, index: int) -> AttentionLayer:
+    def layer(self, index: int, half: bool = False) -> AttentionLayer:
+        """One layer's standard tensors, float32. `half`: tensors stored in BF16 or F16 come as
+        stored (uint16 bits for BF16, float16; see `storage_dtype`), for a bit-exact copy; the
+        families' conversions only split and transpose, so no value changes."""
         if index not in self.layer_indices:
             raise ToolkitError(self._layer_range_message(index))
         if self.source.is_standard_file:
             roles = WEIGHT_ROLES + self.bias_roles
-            tensors = {role: self.checkpoint.get(standard_name(index, role)) for role in roles}
+            tensors = {
+                role: self.checkpoint.get(standard_name(index, role), half) for role in roles
+            }
         else:
             names = self.family.layer_names(index, self.config)
-            raw = {role: self.checkpoint.get(self.prefix + name) for role, name in names.items()}
+            raw = {
+                role: self.checkpoint.get(self.prefix + name, half) for role, name in names.items()
+            }
             tensors = self.family.convert(raw, self.dims)
         return AttentionLayer(index=index, **tensors)
+
+    def storage_dtype(self) -> str:
+        """The one safetensors dtype all attention tensors are stored in ("BF16", "F16"), else
+        "F32" (float32 storage, mixed dtypes, pickled weights, GGUF: read as float32)."""
+        if self.source.is_standard_file:
+            names = [standard_name(i, r) for i in self.layer_indices for r in WEIGHT_ROLES]
+            names += [standard_name(i, r) for i in self.layer_indices for r in self.bias_roles]
+        else:
+            names = [
+                self.prefix + name
+                for i in self.layer_indices
+                for name in self.family.layer_names(i, self.config).values()
+            ]
+        dtypes = {self.checkpoint.storage_dtype(name) for name in names}
+        return dtypes.pop() if len(dtypes) == 1 and dtypes <= {"BF16", "F16"} else "F32"
 
     def layers(self, indices: Sequence[int] | None = None) -> Iterator[AttentionLayer]:
         for index in self.select_layers(indices):
@@ -267,11 +289,25 @@ def standard_tensor_dict(layers: Sequence[AttentionLayer]) -> dict[str, np.ndarr
     }
 
 
+READERS = 2  # layers read and laid out at once
+
+
+EXTRACT_DTYPES = ("source", "float32")
+
+
 def write_standard_file(
-    path: str | Path, model: AttentionModel, layers: Sequence[int] | None = None
+    path: str | Path,
+    model: AttentionModel,
+    layers: Sequence[int] | None = None,
+    dtype: str = "source",
 ) -> int:
     """Write the standard tensors of `layers` (default all) as a safetensors file, atomically,
-    reading and holding one layer at a time. Returns the number of bytes of tensor data."""
+    laying each layer out straight into the file's memory-mapped pages (at most READERS layers
+    read at a time). Returns the number of bytes of tensor data.
+
+    dtype "source": in the checkpoint's own storage when all its attention tensors share a half
+    precision (BF16 or F16: bit-exact, half the bytes), else float32; "float32": always float32
+    (files numpy's safetensors loader reads: it has no bfloat16)."""
     from concurrent.futures import ThreadPoolExecutor
 
     selected = model.select_layers(layers)
@@ -281,25 +317,34 @@ def write_standard_file(
         for role, shape in standard_shapes(model.dims, model.bias_roles).items()
     }
 
-    def contiguous_layer(index: int) -> dict[str, np.ndarray]:
-        tensors = model.layer(index).tensors()
-        return {standard_name(index, role): np.ascontiguousarray(t) for role, t in tensors.items()}
+    if dtype not in EXTRACT_DTYPES:
+        raise ToolkitError(f"dtype {dtype!r} is not one of {', '.join(EXTRACT_DTYPES)}")
+    storage = model.storage_dtype() if dtype == "source" else "F32"
+    half = storage != "F32"
 
-    def tensors():
-        # Read (and lay out) layer i+1 on a thread while layer i is written: file I/O and numpy
-        # copies release the GIL, so the two overlap. At most two layers are held.
-        if not selected:
-            return
-        with ThreadPoolExecutor(max_workers=1) as reader:
-            pending = reader.submit(contiguous_layer, selected[0])
-            for position in range(len(selected)):
-                layer = pending.result()
-                if position + 1 < len(selected):
-                    pending = reader.submit(contiguous_layer, selected[position + 1])
-                yield from layer.items()
+    def copy_layer(index: int, views: dict[str, np.ndarray]) -> None:
+        for role, tensor in model.layer(index, half).tensors().items():
+            view = views[standard_name(index, role)]
+            if tensor.shape != view.shape or (half and tensor.dtype != view.dtype):
+                raise ToolkitError(
+                    f"layer {index} {role}: {tensor.dtype} {tensor.shape} does not "
+                    f"fit the file's {view.dtype} {view.shape}"
+                )
+            np.copyto(view, tensor)  # the per-head layout, written into the file's pages
 
-    write_standard_tensors(path, model, shapes, tensors())
-    return sum(math.prod(shape) * 4 for shape in shapes.values())
+    def fill(views: dict[str, np.ndarray]) -> None:
+        # Layers on READERS threads: reading and numpy copies release the GIL, and the layout
+        # copies (a transpose per head: the slow part) of two layers use two cores.
+        with ThreadPoolExecutor(max_workers=READERS) as pool:
+            for done in [pool.submit(copy_layer, index, views) for index in selected]:
+                done.result()
+
+    from toolkit.fileio import write_atomic
+    from toolkit.safetensors_format import write_mapped
+
+    metadata = standard_metadata(model)
+    write_atomic(path, lambda tmp: write_mapped(tmp, shapes, metadata, storage, fill))
+    return sum(math.prod(shape) * (2 if half else 4) for shape in shapes.values())
 
 
 def write_standard_tensors(
@@ -307,14 +352,16 @@ def write_standard_tensors(
     model: AttentionModel,
     shapes: dict[str, tuple[int, ...]],
     tensors: Iterable[tuple[str, np.ndarray]],
+    dtype: str = "F32",
 ) -> None:
-    """The one writer of standard-format files: `tensors` (name -> float32 array, in the order of
-    `shapes`) and `model`'s metadata as safetensors, atomically. `tensors` may be a generator, so
-    that only one array is held at a time."""
+    """The one writer of standard-format files: `tensors` (name -> array, in the order of
+    `shapes`; float32, or the half storage `dtype` names) and `model`'s metadata as safetensors,
+    atomically. `tensors` may be a generator, so that only one array is held at a time."""
     from toolkit.fileio import write_atomic
     from toolkit.safetensors_format import write_stream
 
-    write_atomic(path, lambda tmp: write_stream(tmp, shapes, tensors, standard_metadata(model)))
+    metadata = standard_metadata(model)
+    write_atomic(path, lambda tmp: write_stream(tmp, shapes, tensors, metadata, dtype))
 
 
 def standard_metadata(model: AttentionModel) -> dict[str, str]:
@@ -335,8 +382,9 @@ def standard_metadata(model: AttentionModel) -> dict[str, str]:
 
 
 def frobenius(array: np.ndarray) -> float:
-    """Frobenius norm of the whole array."""
-    return float(np.linalg.norm(array.reshape(-1)))
+    """Frobenius norm of the whole array, summed in float64."""
+    axes = _AXES[: array.ndim]
+    return math.sqrt(float(np.einsum(f"{axes},{axes}->", array, array, dtype=np.float64)))
 
 
 def head_frobenius(array: np.ndarray) -> np.ndarray:
@@ -344,6 +392,11 @@ def head_frobenius(array: np.ndarray) -> np.ndarray:
 
     Summed in float64 with numpy (one thread: no wait for torch's worker threads, which on a
     busy machine costs a scheduler time slice per call; tracking calls this ~100 times a step).
+    einsum reads a strided view (a family's transposed per-head layout) in place, where a
+    reshape would first copy it (that copy was two thirds of `inspect` on a Llama-1B shape).
     """
-    flat = array.reshape(array.shape[0], -1)  # [n_heads, a * b]
-    return np.sqrt(np.einsum("hi,hi->h", flat, flat, dtype=np.float64))
+    axes = _AXES[1 : array.ndim]  # h is not among them
+    return np.sqrt(np.einsum(f"h{axes},h{axes}->h", array, array, dtype=np.float64))
+
+
+_AXES = "abcdefghijklmnopqrstuvwxyz"

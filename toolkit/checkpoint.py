@@ -15,7 +15,13 @@ from pathlib import Path
 import numpy as np
 
 from toolkit.errors import ToolkitError, first_line
-from toolkit.safetensors_format import FormatError, TensorInfo, read_header, read_tensor
+from toolkit.safetensors_format import (
+    HALF_DTYPES,
+    FormatError,
+    TensorInfo,
+    read_header,
+    read_tensor,
+)
 
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -119,8 +125,16 @@ class Checkpoint:
         """Total number of values in the checkpoint, read from headers only."""
         return sum(math.prod(self.shape(name)) for name in self.names())
 
-    def get(self, name: str) -> np.ndarray:
-        """One tensor as a float32 numpy array that owns its memory."""
+    def storage_dtype(self, name: str) -> str:
+        """The safetensors dtype a tensor is stored in ("F32", "BF16", "F16", ...); "F32" for
+        weights loaded from pickled files (always read as float32)."""
+        if self._state_dict is not None:
+            return "F32"
+        return self._located[name][1].dtype
+
+    def get(self, name: str, half: bool = False) -> np.ndarray:
+        """One tensor as a float32 numpy array that owns its memory. `half`: a BF16 or F16
+        tensor as stored instead (raw bits as uint16 for BF16, float16 for F16), bit-exact."""
         if name not in self:
             raise ToolkitError(
                 f"tensor {name} is missing from {self.path}: the checkpoint is incomplete"
@@ -132,6 +146,8 @@ class Checkpoint:
             return np.array(self._state_dict[name].detach().float().cpu().numpy())
         file, info = self._located[name]
         try:
+            if half and info.dtype in HALF_DTYPES:
+                return read_tensor(file, info, widen=False)
             return read_tensor(file, info).astype(np.float32, copy=False)
         except (FormatError, OSError) as err:
             raise ToolkitError(f"cannot read {name} from {file} ({err})") from None

@@ -68,7 +68,8 @@ def _print_json(data: object) -> None:
     help="CPU threads for torch (env TOOLKIT_THREADS); default: the cores no other process is "
     "busy on, at least 1.",
 )
-def main(threads: int | None) -> None:
+@click.pass_context
+def main(ctx: click.Context, threads: int | None) -> None:
     """Look inside the attention of real pretrained Transformers (BERT, RoBERTa, DistilBERT,
     GPT-2, Llama, Mistral, Qwen2).
 
@@ -79,7 +80,13 @@ def main(threads: int | None) -> None:
     """
     from toolkit.threads import apply_thread_policy
 
+    if threads is None and ctx.invoked_subcommand in NUMPY_ONLY_COMMANDS:
+        return  # no torch thread pool to size: skip sampling the load (40 ms of a 1 s inspect)
     apply_thread_policy(threads)
+
+
+# Commands that compute with numpy and scipy only (compare sizes its worker processes itself).
+NUMPY_ONLY_COMMANDS = ("inspect", "extract", "compare")
 
 
 @main.command()
@@ -110,14 +117,25 @@ def inspect(model, revision, allow_pickle, layers, heads, as_json):
     help="The .safetensors file to write.",
 )
 @click.option("--layer", "layers", type=int, multiple=True, help="Only this layer (repeatable).")
-def extract(model, revision, allow_pickle, output, layers):
+@click.option(
+    "--dtype",
+    type=click.Choice(["source", "float32"]),
+    default="source",
+    show_default=True,
+    help="source: keep a bfloat16/float16 checkpoint's storage, bit for bit (half the bytes); "
+    "float32: always float32 (for numpy's safetensors loader, which has no bfloat16).",
+)
+def extract(model, revision, allow_pickle, output, layers, dtype):
     """Write the standard per-head tensors (layers.{l}.wq ... b0) to a safetensors file."""
     from toolkit.analysis.summary import extract as extract_tensors
 
-    result = extract_tensors(model, output, layers, revision=revision, allow_pickle=allow_pickle)
+    result = extract_tensors(
+        model, output, layers, revision=revision, allow_pickle=allow_pickle, dtype=dtype
+    )
     click.echo(
-        f"wrote {result['tensors']} tensors ({result['bytes'] / 1e6:.1f} MB) of layers "
-        f"{', '.join(map(str, result['layers']))} from {result['model']} to {result['output']}"
+        f"wrote {result['tensors']} {result['dtype']} tensors ({result['bytes'] / 1e6:.1f} MB) "
+        f"of layers {', '.join(map(str, result['layers']))} from {result['model']} to "
+        f"{result['output']}"
     )
 
 

@@ -67,8 +67,13 @@ class GGUFCheckpoint:
     def num_parameters(self) -> int:
         return sum(int(np.prod(t.shape)) for t in self._tensors.values())
 
-    def get(self, name: str) -> np.ndarray:
-        """One tensor, dequantized to float32, with llama.cpp's q/k row permutation undone."""
+    def storage_dtype(self, name: str) -> str:
+        """Always "F32": GGUF tensors (quantized or not) are dequantized to float32."""
+        return "F32"
+
+    def get(self, name: str, half: bool = False) -> np.ndarray:
+        """One tensor, dequantized to float32, with llama.cpp's q/k row permutation undone
+        (`half` is accepted for the Checkpoint interface: the result is float32)."""
         if name not in self:
             raise ToolkitError(f"tensor {name} is missing from {self.path}: the file is incomplete")
         array = self._dequantize(self._tensors[self._names[name]])

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,8 +87,14 @@ def read_header(path: Path) -> Header:
     return Header(tensors, metadata)
 
 
-def read_tensor(path: Path, info: TensorInfo) -> np.ndarray:
-    """One tensor as float32 (floating dtypes) or its own dtype, read with one positioned read."""
+# Half-precision storage kept as stored by `read_tensor(..., widen=False)` and written back by
+# `write_stream`: BF16 as its raw bits (uint16; numpy has no bfloat16), F16 as float16.
+HALF_DTYPES = {"BF16": np.uint16, "F16": np.float16}
+
+
+def read_tensor(path: Path, info: TensorInfo, widen: bool = True) -> np.ndarray:
+    """One tensor as float32 (floating dtypes) or its own dtype, read with one positioned read;
+    `widen=False` keeps BF16 (as uint16 bits) and F16 as stored."""
     if info.dtype not in NUMPY_DTYPES:
         raise FormatError(f"dtype {info.dtype} is not supported")
     array = np.empty(info.shape, dtype=NUMPY_DTYPES[info.dtype])
@@ -101,11 +107,67 @@ def read_tensor(path: Path, info: TensorInfo) -> np.ndarray:
             if not count:
                 raise FormatError("unexpected end of file")
             done += count
-    if info.dtype == "BF16":
-        return (array.astype(np.uint32) << 16).view(np.float32)
+    if not widen and info.dtype in HALF_DTYPES:
+        return array
+    if info.dtype == "BF16":  # the top half of a float32: one casting shift, no temporary
+        return np.left_shift(array, 16, dtype=np.uint32).view(np.float32)
     if array.dtype.kind == "f" and array.dtype != np.float32:
         return array.astype(np.float32)
     return array
+
+
+def _header(
+    shapes: dict[str, tuple[int, ...]], metadata: dict[str, str], dtype: str
+) -> tuple[np.dtype, dict, bytes]:
+    """(storage dtype, header, encoded header padded to 8 bytes) of a file of `shapes`."""
+    storage = np.dtype("<f4") if dtype == "F32" else np.dtype(HALF_DTYPES[dtype]).newbyteorder("<")
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for name, shape in shapes.items():
+        nbytes = math.prod(shape) * storage.itemsize
+        header[name] = {
+            "dtype": dtype,
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # data starts 8-byte aligned
+    return storage, header, encoded
+
+
+def write_mapped(
+    path: Path,
+    shapes: dict[str, tuple[int, ...]],
+    metadata: dict[str, str],
+    dtype: str,
+    fill: Callable[[dict[str, np.ndarray]], None],
+) -> None:
+    """Write a file of `shapes` in `dtype` (as `write_stream`) whose tensors `fill(views)` lays
+    out in place: the header is written, the file sized and its data memory-mapped, and `views`
+    (name -> writable array of that tensor's shape and storage dtype, in the file) handed to
+    `fill`, which copies each tensor into its view, from as many threads as it likes. Laying a
+    tensor out (a transposing copy) then writes straight into the file's pages: no intermediate
+    array, no second copy by write()."""
+    storage, header, encoded = _header(shapes, metadata, dtype)
+    total = sum(end - begin for begin, end in (header[n]["data_offsets"] for n in shapes))
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(encoded)))
+        handle.write(encoded)
+        start = handle.tell()
+        handle.truncate(start + total)
+    if not total:
+        return
+    mapped = np.memmap(path, dtype=np.uint8, mode="r+", offset=start, shape=(total,))
+    try:
+        views = {}
+        for name, shape in shapes.items():
+            begin, end = header[name]["data_offsets"]
+            views[name] = mapped[begin:end].view(storage).reshape(shape)
+        fill(views)
+    finally:
+        views = None
+        mapped._mmap.close()  # unmap now: the pages stay in the page cache, written back later
 
 
 def write_stream(
@@ -113,23 +175,15 @@ def write_stream(
     shapes: dict[str, tuple[int, ...]],
     arrays: Iterable[tuple[str, np.ndarray]],
     metadata: dict[str, str],
+    dtype: str = "F32",
 ) -> None:
-    """Write float32 tensors whose shapes are known up front, as `arrays` yields them.
+    """Write tensors whose shapes are known up front, as `arrays` yields them, all in `dtype`:
+    "F32" (arrays converted to float32), or "BF16"/"F16" (arrays as `read_tensor(...,
+    widen=False)` gives them: uint16 bits, float16).
 
     `arrays` must yield the names of `shapes` in the same order; only one array is held at a time.
     """
-    header: dict = {"__metadata__": metadata}
-    offset = 0
-    for name, shape in shapes.items():
-        nbytes = math.prod(shape) * 4
-        header[name] = {
-            "dtype": "F32",
-            "shape": list(shape),
-            "data_offsets": [offset, offset + nbytes],
-        }
-        offset += nbytes
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)  # data starts 8-byte aligned
+    storage, header, encoded = _header(shapes, metadata, dtype)
     with open(path, "wb") as handle:
         handle.write(struct.pack("<Q", len(encoded)))
         handle.write(encoded)
@@ -138,4 +192,6 @@ def write_stream(
                 raise ValueError(
                     f"stream out of order: got {name} {array.shape}, expected {expected}"
                 )
-            handle.write(np.ascontiguousarray(array, dtype="<f4").data)
+            if dtype != "F32" and array.dtype != storage:  # never reinterpret other bits
+                raise ValueError(f"{name} is {array.dtype}, not the {dtype} storage of the stream")
+            handle.write(np.ascontiguousarray(array, dtype=storage).data)

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from toolkit.attention import (
     BIAS_ROLES,
+    EXTRACT_DTYPES,
     WEIGHT_ROLES,
     AttentionModel,
-    frobenius,
     head_frobenius,
     load_attention,
     write_standard_file,
 )
+from toolkit.errors import ToolkitError
 from toolkit.fileio import check_output_path
 
 
@@ -75,16 +79,19 @@ def summarize(model: AttentionModel, layers: Sequence[int] | None = None) -> Mod
         positions=model.positions(),
     )
     for layer in model.layers(layers):
-        matrices = {
-            role: MatrixSummary(
-                shape=list(getattr(layer, role).shape),
-                fro=frobenius(getattr(layer, role)),
-                head_fro=head_frobenius(getattr(layer, role)).tolist(),
-            )
-            for role in WEIGHT_ROLES
-        }
+        matrices = {role: _matrix_summary(getattr(layer, role)) for role in WEIGHT_ROLES}
         summary.layers.append(LayerSummary(layer=layer.index, **matrices))
     return summary
+
+
+def _matrix_summary(weight: np.ndarray) -> MatrixSummary:
+    """Shape and norms of one weight; the whole norm from the heads' (one pass over the data)."""
+    head_fro = head_frobenius(weight)
+    return MatrixSummary(
+        shape=list(weight.shape),
+        fro=math.sqrt(float((head_fro**2).sum())),
+        head_fro=head_fro.tolist(),
+    )
 
 
 def inspect_model(
@@ -105,12 +112,19 @@ def extract(
     *,
     revision: str | None = None,
     allow_pickle: bool = False,
+    dtype: str = "source",
 ) -> dict:
-    """Write the standard tensors of `model` to a safetensors file; return what was written."""
+    """Write the standard tensors of `model` to a safetensors file; return what was written.
+
+    dtype "source" (default): a checkpoint stored in bfloat16 or float16 keeps that storage,
+    bit for bit (half the bytes); float32 ones stay float32. "float32": always float32."""
+    if dtype not in EXTRACT_DTYPES:
+        raise ToolkitError(f"dtype {dtype!r} is not one of {', '.join(EXTRACT_DTYPES)}")
     output = check_output_path(output)
     attention = load_attention(model, revision=revision, allow_pickle=allow_pickle)
     selected = attention.select_layers(layers)
-    nbytes = write_standard_file(output, attention, selected)
+    storage = attention.storage_dtype() if dtype == "source" else "F32"
+    nbytes = write_standard_file(output, attention, selected, dtype)
     return {
         "model": str(attention.name),
         "family": attention.family.name,
@@ -118,4 +132,5 @@ def extract(
         "layers": selected,
         "tensors": len(selected) * (len(WEIGHT_ROLES) + len(attention.bias_roles)),
         "bytes": nbytes,
+        "dtype": {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}[storage],
     }

@@ -17,7 +17,9 @@ Everything downstream works on that layout only. An adapter (`Family`) supplies:
 - `dimensions(config)`: the Dimensions, from the `config.json` dict.
 - `layer_names(layer, config)`: role -> checkpoint tensor name (without the model prefix) for
   every attention tensor of that layer the checkpoint holds.
-- `convert(tensors, dims)`: those tensors -> the standard layout above (numpy, float32).
+- `convert(tensors, dims)`: those tensors -> the standard layout above (numpy, float32). It
+  may only split, reshape and transpose (no arithmetic): `extract` passes it a half-precision
+  checkpoint's raw storage (uint16 bits for bfloat16) to copy it bit for bit.
 - `bias_roles(config)`: which of bq, bk, bv, b0 the model has.
 - `score_scale(config, layer, dims)`: the factor the model multiplies q . k by.
 - `causal`: whether a token attends only to itself and earlier tokens.
