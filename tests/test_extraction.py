@@ -228,3 +228,28 @@ def test_extract_of_float32_checkpoints_stays_float32(tiny_gpt2, tmp_path):
     out = tmp_path / "out.safetensors"
     assert extract(str(tiny_gpt2), out)["dtype"] == "float32"
     assert _file_dtypes(out) == {"F32"}
+
+
+def test_extract_onto_a_full_disk_is_one_line_and_leaves_nothing(tmp_path):
+    """The file is reserved (posix_fallocate) before it is mapped: no space is one clean line,
+    exit 1, no partial file. A file-size limit (RLIMIT_FSIZE, its signal ignored) stands in
+    for a full disk."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    out = tmp_path / "x.safetensors"
+    done = subprocess.run(
+        [sys.executable, "-m", "toolkit", "extract", "minilm", "-o", str(out)],
+        capture_output=True,
+        text=True,
+        preexec_fn=small_files,
+    )
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"error: cannot write {out}") and done.stderr.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []

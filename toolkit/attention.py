@@ -343,7 +343,12 @@ def write_standard_file(
     from toolkit.safetensors_format import write_mapped
 
     metadata = standard_metadata(model)
-    write_atomic(path, lambda tmp: write_mapped(tmp, shapes, metadata, storage, fill))
+    try:
+        write_atomic(path, lambda tmp: write_mapped(tmp, shapes, metadata, storage, fill))
+    except OSError as err:  # a full disk, a read-only folder: one line, and no file left behind
+        raise ToolkitError(
+            f"cannot write {path} ({err.strerror or err}): free space or choose another folder"
+        ) from None
     return sum(math.prod(shape) * (2 if half else 4) for shape in shapes.values())
 
 

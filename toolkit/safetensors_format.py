@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -155,7 +156,9 @@ def write_mapped(
         handle.write(struct.pack("<Q", len(encoded)))
         handle.write(encoded)
         start = handle.tell()
-        handle.truncate(start + total)
+        handle.flush()
+        if total:  # reserve the blocks: a full disk fails here, as OSError, not as a SIGBUS later
+            os.posix_fallocate(handle.fileno(), start, total)
     if not total:
         return
     mapped = np.memmap(path, dtype=np.uint8, mode="r+", offset=start, shape=(total,))
