@@ -322,21 +322,24 @@ def write_standard_file(
     storage = model.storage_dtype() if dtype == "source" else "F32"
     half = storage != "F32"
 
-    def copy_layer(index: int, views: dict[str, np.ndarray]) -> None:
+    def copy_layer(index: int, views: dict[str, np.ndarray], release) -> None:
+        names = []
         for role, tensor in model.layer(index, half).tensors().items():
-            view = views[standard_name(index, role)]
+            names.append(standard_name(index, role))
+            view = views[names[-1]]
             if tensor.shape != view.shape or (half and tensor.dtype != view.dtype):
                 raise ToolkitError(
                     f"layer {index} {role}: {tensor.dtype} {tensor.shape} does not "
                     f"fit the file's {view.dtype} {view.shape}"
                 )
             np.copyto(view, tensor)  # the per-head layout, written into the file's pages
+        release(names)
 
-    def fill(views: dict[str, np.ndarray]) -> None:
+    def fill(views: dict[str, np.ndarray], release) -> None:
         # Layers on READERS threads: reading and numpy copies release the GIL, and the layout
         # copies (a transpose per head: the slow part) of two layers use two cores.
         with ThreadPoolExecutor(max_workers=READERS) as pool:
-            for done in [pool.submit(copy_layer, index, views) for index in selected]:
+            for done in [pool.submit(copy_layer, index, views, release) for index in selected]:
                 done.result()
 
     from toolkit.fileio import write_atomic

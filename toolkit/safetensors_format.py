@@ -142,14 +142,18 @@ def write_mapped(
     shapes: dict[str, tuple[int, ...]],
     metadata: dict[str, str],
     dtype: str,
-    fill: Callable[[dict[str, np.ndarray]], None],
+    fill: Callable[[dict[str, np.ndarray], Callable[[Iterable[str]], None]], None],
 ) -> None:
-    """Write a file of `shapes` in `dtype` (as `write_stream`) whose tensors `fill(views)` lays
-    out in place: the header is written, the file sized and its data memory-mapped, and `views`
-    (name -> writable array of that tensor's shape and storage dtype, in the file) handed to
-    `fill`, which copies each tensor into its view, from as many threads as it likes. Laying a
-    tensor out (a transposing copy) then writes straight into the file's pages: no intermediate
-    array, no second copy by write()."""
+    """Write a file of `shapes` in `dtype` (as `write_stream`) whose tensors `fill(views,
+    release)` lays out in place: the header is written, the file sized and its data
+    memory-mapped, and `views` (name -> writable array of that tensor's shape and storage dtype,
+    in the file) handed to `fill`, which copies each tensor into its view, from as many threads
+    as it likes, and calls `release(names)` for tensors it is done with: their pages leave this
+    process (they stay in the page cache, to be written back), so its memory stays about what is
+    being laid out. A tensor's layout (a transposing copy) then writes straight into the file's
+    pages: no intermediate array, no second copy by write()."""
+    import mmap
+
     storage, header, encoded = _header(shapes, metadata, dtype)
     total = sum(end - begin for begin, end in (header[n]["data_offsets"] for n in shapes))
     with open(path, "wb") as handle:
@@ -161,16 +165,31 @@ def write_mapped(
             os.posix_fallocate(handle.fileno(), start, total)
     if not total:
         return
-    mapped = np.memmap(path, dtype=np.uint8, mode="r+", offset=start, shape=(total,))
+    with open(path, "r+b") as handle:
+        mapped = mmap.mmap(handle.fileno(), start + total)
+    page = mmap.PAGESIZE
+
+    def release(names: Iterable[str]) -> None:
+        ranges = [header[name]["data_offsets"] for name in names]
+        first = start + min(begin for begin, _ in ranges)
+        last = start + max(end for _, end in ranges)
+        low, high = -(-first // page) * page, last // page * page  # whole pages only
+        if high > low:
+            mapped.madvise(mmap.MADV_DONTNEED, low, high - low)
+
+    data = np.frombuffer(mapped, dtype=np.uint8, count=total, offset=start)
     try:
         views = {}
         for name, shape in shapes.items():
             begin, end = header[name]["data_offsets"]
-            views[name] = mapped[begin:end].view(storage).reshape(shape)
-        fill(views)
+            views[name] = data[begin:end].view(storage).reshape(shape)
+        fill(views, release)
     finally:
-        views = None
-        mapped._mmap.close()  # unmap now: the pages stay in the page cache, written back later
+        views = data = None
+        try:
+            mapped.close()  # the pages stay in the page cache, written back later
+        except BufferError:  # a view still held somewhere: unmapped when it is collected
+            pass
 
 
 def write_stream(
