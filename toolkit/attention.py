@@ -290,8 +290,6 @@ def standard_tensor_dict(layers: Sequence[AttentionLayer]) -> dict[str, np.ndarr
 
 
 READERS = 2  # layers read and laid out at once
-
-
 EXTRACT_DTYPES = ("source", "float32")
 
 
@@ -300,16 +298,18 @@ def write_standard_file(
     model: AttentionModel,
     layers: Sequence[int] | None = None,
     dtype: str = "source",
-) -> int:
+) -> tuple[int, str]:
     """Write the standard tensors of `layers` (default all) as a safetensors file, atomically,
     laying each layer out straight into the file's memory-mapped pages (at most READERS layers
-    read at a time). Returns the number of bytes of tensor data.
+    read at a time). Returns (bytes of tensor data, storage dtype: "F32", "BF16" or "F16").
 
     dtype "source": in the checkpoint's own storage when all its attention tensors share a half
     precision (BF16 or F16: bit-exact, half the bytes), else float32; "float32": always float32
     (files numpy's safetensors loader reads: it has no bfloat16)."""
     from concurrent.futures import ThreadPoolExecutor
 
+    if dtype not in EXTRACT_DTYPES:
+        raise ToolkitError(f"dtype {dtype!r} is not one of {', '.join(EXTRACT_DTYPES)}")
     selected = model.select_layers(layers)
     shapes = {
         standard_name(index, role): shape
@@ -317,8 +317,6 @@ def write_standard_file(
         for role, shape in standard_shapes(model.dims, model.bias_roles).items()
     }
 
-    if dtype not in EXTRACT_DTYPES:
-        raise ToolkitError(f"dtype {dtype!r} is not one of {', '.join(EXTRACT_DTYPES)}")
     storage = model.storage_dtype() if dtype == "source" else "F32"
     half = storage != "F32"
 
@@ -352,7 +350,7 @@ def write_standard_file(
         raise ToolkitError(
             f"cannot write {path} ({err.strerror or err}): free space or choose another folder"
         ) from None
-    return sum(math.prod(shape) * (2 if half else 4) for shape in shapes.values())
+    return sum(math.prod(shape) * (2 if half else 4) for shape in shapes.values()), storage
 
 
 def write_standard_tensors(
@@ -360,16 +358,15 @@ def write_standard_tensors(
     model: AttentionModel,
     shapes: dict[str, tuple[int, ...]],
     tensors: Iterable[tuple[str, np.ndarray]],
-    dtype: str = "F32",
 ) -> None:
-    """The one writer of standard-format files: `tensors` (name -> array, in the order of
-    `shapes`; float32, or the half storage `dtype` names) and `model`'s metadata as safetensors,
-    atomically. `tensors` may be a generator, so that only one array is held at a time."""
+    """Write a standard-format file from a stream: `tensors` (name -> float32 array, in the order
+    of `shapes`) and `model`'s metadata as safetensors, atomically. `tensors` may be a generator,
+    so that only one array is held at a time (tracking's snapshots; `write_standard_file` lays a
+    checkpoint's layers out in place instead)."""
     from toolkit.fileio import write_atomic
     from toolkit.safetensors_format import write_stream
 
-    metadata = standard_metadata(model)
-    write_atomic(path, lambda tmp: write_stream(tmp, shapes, tensors, metadata, dtype))
+    write_atomic(path, lambda tmp: write_stream(tmp, shapes, tensors, standard_metadata(model)))
 
 
 def standard_metadata(model: AttentionModel) -> dict[str, str]:
@@ -389,6 +386,9 @@ def standard_metadata(model: AttentionModel) -> dict[str, str]:
     }
 
 
+_AXES = "abcdefghijklmnopqrstuvwxyz"  # einsum subscripts, one per axis
+
+
 def frobenius(array: np.ndarray) -> float:
     """Frobenius norm of the whole array, summed in float64."""
     axes = _AXES[: array.ndim]
@@ -405,6 +405,3 @@ def head_frobenius(array: np.ndarray) -> np.ndarray:
     """
     axes = _AXES[1 : array.ndim]  # h is not among them
     return np.sqrt(np.einsum(f"h{axes},h{axes}->h", array, array, dtype=np.float64))
-
-
-_AXES = "abcdefghijklmnopqrstuvwxyz"

@@ -144,7 +144,7 @@ def write_mapped(
     dtype: str,
     fill: Callable[[dict[str, np.ndarray], Callable[[Iterable[str]], None]], None],
 ) -> None:
-    """Write a file of `shapes` in `dtype` (as `write_stream`) whose tensors `fill(views,
+    """Write a file of `shapes` in `dtype` ("F32", "BF16", "F16") whose tensors `fill(views,
     release)` lays out in place: the header is written, the file sized and its data
     memory-mapped, and `views` (name -> writable array of that tensor's shape and storage dtype,
     in the file) handed to `fill`, which copies each tensor into its view, from as many threads
@@ -197,15 +197,12 @@ def write_stream(
     shapes: dict[str, tuple[int, ...]],
     arrays: Iterable[tuple[str, np.ndarray]],
     metadata: dict[str, str],
-    dtype: str = "F32",
 ) -> None:
-    """Write tensors whose shapes are known up front, as `arrays` yields them, all in `dtype`:
-    "F32" (arrays converted to float32), or "BF16"/"F16" (arrays as `read_tensor(...,
-    widen=False)` gives them: uint16 bits, float16).
+    """Write float32 tensors whose shapes are known up front, as `arrays` yields them.
 
     `arrays` must yield the names of `shapes` in the same order; only one array is held at a time.
     """
-    storage, header, encoded = _header(shapes, metadata, dtype)
+    storage, _, encoded = _header(shapes, metadata, "F32")
     with open(path, "wb") as handle:
         handle.write(struct.pack("<Q", len(encoded)))
         handle.write(encoded)
@@ -214,6 +211,4 @@ def write_stream(
                 raise ValueError(
                     f"stream out of order: got {name} {array.shape}, expected {expected}"
                 )
-            if dtype != "F32" and array.dtype != storage:  # never reinterpret other bits
-                raise ValueError(f"{name} is {array.dtype}, not the {dtype} storage of the stream")
             handle.write(np.ascontiguousarray(array, dtype=storage).data)

@@ -11,14 +11,12 @@ import numpy as np
 
 from toolkit.attention import (
     BIAS_ROLES,
-    EXTRACT_DTYPES,
     WEIGHT_ROLES,
     AttentionModel,
     head_frobenius,
     load_attention,
     write_standard_file,
 )
-from toolkit.errors import ToolkitError
 from toolkit.fileio import check_output_path
 
 
@@ -118,13 +116,10 @@ def extract(
 
     dtype "source" (default): a checkpoint stored in bfloat16 or float16 keeps that storage,
     bit for bit (half the bytes); float32 ones stay float32. "float32": always float32."""
-    if dtype not in EXTRACT_DTYPES:
-        raise ToolkitError(f"dtype {dtype!r} is not one of {', '.join(EXTRACT_DTYPES)}")
     output = check_output_path(output)
     attention = load_attention(model, revision=revision, allow_pickle=allow_pickle)
     selected = attention.select_layers(layers)
-    storage = attention.storage_dtype() if dtype == "source" else "F32"
-    nbytes = write_standard_file(output, attention, selected, dtype)
+    nbytes, storage = write_standard_file(output, attention, selected, dtype)
     return {
         "model": str(attention.name),
         "family": attention.family.name,
