@@ -16,6 +16,7 @@ PACKAGE = Path(toolkit.__file__).parent
 # Bottom to top; a module may import its own layer and the ones below, never one above.
 LAYERS = [
     ("toolkit.errors", "toolkit.safetensors_format", "toolkit.fileio", "toolkit.progress"),
+    ("toolkit.layout",),
     ("toolkit.threads",),
     ("toolkit.sources", "toolkit.checkpoint", "toolkit.gguf_checkpoint", "toolkit.families"),
     ("toolkit.attention",),

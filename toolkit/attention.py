@@ -330,7 +330,7 @@ def write_standard_file(
                     f"layer {index} {role}: {tensor.dtype} {tensor.shape} does not "
                     f"fit the file's {view.dtype} {view.shape}"
                 )
-            np.copyto(view, tensor)  # the per-head layout, written into the file's pages
+            copy_into(view, tensor)  # the per-head layout, written into the file's pages
         release(names)
 
     def fill(views: dict[str, np.ndarray], release) -> None:
@@ -341,6 +341,7 @@ def write_standard_file(
                 done.result()
 
     from toolkit.fileio import write_atomic
+    from toolkit.layout import copy_into
     from toolkit.safetensors_format import write_mapped
 
     metadata = standard_metadata(model)

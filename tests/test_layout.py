@@ -1,0 +1,65 @@
+"""copy_into: the blocked copy of transposed views gives numpy's own copy, bit for bit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from toolkit.layout import copy_into
+
+
+def _views(rng: np.random.Generator, dtype) -> list[tuple[str, np.ndarray]]:
+    """Views shaped like the per-head splits of Linear and Conv1D weights, odd sizes included."""
+
+    def matrix(rows, columns):
+        bits = rng.integers(0, 2**16, size=(rows, columns), dtype=np.uint16)
+        return bits.view(np.float16).astype(dtype) if dtype != np.uint16 else bits
+
+    # heads not a power of two, d_head not 64; rows of 2052 and 2100 values are over 4 KB apart in
+    # 2-byte dtypes, as in the large weights that are copied in blocks
+    h, h_kv, d_head, d_model = 7, 3, 300, 2052
+    q = matrix(h * d_head, d_model)  # nn.Linear [out, in]
+    k = matrix(h_kv * d_head, d_model)
+    o = matrix(d_model, h * d_head)
+    fused = matrix(d_model // 2, 3 * d_model)  # Conv1D [in, out]
+    return [
+        ("wq of a Linear", q.reshape(h, d_head, d_model).transpose(0, 2, 1)),
+        ("wk of a GQA Linear", k.reshape(h_kv, d_head, d_model).transpose(0, 2, 1)),
+        ("w0 of a Linear", o.T.reshape(h, d_head, d_model)),
+        ("transposed matrix", q.T),
+        ("transposed with a step", q[::2].T),
+        ("reversed rows", q.T[::-1]),
+        ("reversed columns", q[::-1].T),
+        ("a size-1 axis", q.T[None]),
+        ("single row", q[:1].T.T),
+        ("columns fewer than a block", q[:5].T),
+        ("columns not a multiple of a block", q[:13].T),
+        ("part of each row", q[:, :100].T),
+        ("Conv1D split (rows contiguous)", fused[:, :d_model].reshape(d_model // 2, 18, 114)),
+        ("contiguous", q),
+        ("one dimension", q[:, 5]),
+    ]
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.float16, np.float32, np.float64])
+def test_copy_into_equals_numpys_copy_bit_for_bit(dtype):
+    rng = np.random.default_rng(3)
+    for label, view in _views(rng, dtype):
+        expected = np.empty(view.shape, dtype)
+        np.copyto(expected, view)
+        got = np.full(view.shape, 7, dtype)  # not zeros: every element must be written
+        copy_into(got, view)
+        assert got.tobytes() == expected.tobytes(), label
+
+
+def test_copy_into_casts_like_copyto_when_dtypes_differ():
+    rng = np.random.default_rng(4)
+    view = rng.standard_normal((40, 30)).T  # float64, transposed
+    got = np.empty(view.shape, np.float32)
+    copy_into(got, view)
+    assert np.array_equal(got, view.astype(np.float32))
+
+
+def test_copy_into_rejects_a_shape_numpy_rejects():
+    with pytest.raises(ValueError):
+        copy_into(np.empty((3, 4)), np.zeros((4, 3)))
