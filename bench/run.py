@@ -261,8 +261,9 @@ def extraction_table(results: dict) -> list[str]:
         "*extract* = the same plus writing the per-head tensors to a safetensors file, each route "
         "in the checkpoint's own dtype (llama-1b: bfloat16; the others float32). `toolkit "
         "extract` lays the tensors out straight into the memory-mapped output file on two "
-        "threads, releasing each finished layer's pages from the process (they stay in the page "
-        "cache).",
+        "threads, copying each transposed per-head view in blocks of 8 columns "
+        "(`toolkit/layout.py`) and releasing each finished layer's pages from the process (they "
+        "stay in the page cache).",
         "",
         f"`toolkit --help`: {results['help']['wall_s']:.2f} s. Interpreter baseline (python + "
         f"toolkit.cli + numpy + safetensors imported): {base['wall_s']:.2f} s, "

@@ -15,9 +15,9 @@ def _views(rng: np.random.Generator, dtype) -> list[tuple[str, np.ndarray]]:
         bits = rng.integers(0, 2**16, size=(rows, columns), dtype=np.uint16)
         return bits.view(np.float16).astype(dtype) if dtype != np.uint16 else bits
 
-    # heads not a power of two, d_head not 64; rows of 2052 and 2100 values are over 4 KB apart in
-    # 2-byte dtypes, as in the large weights that are copied in blocks
-    h, h_kv, d_head, d_model = 7, 3, 300, 2052
+    # Heads not a power of two, d_head not 64. The views that are copied in blocks: rows of
+    # d_model values (a multiple of 2 KB in every dtype here) and of h * d_head (over 4 KB).
+    h, h_kv, d_head, d_model = 7, 3, 300, 1024
     q = matrix(h * d_head, d_model)  # nn.Linear [out, in]
     k = matrix(h_kv * d_head, d_model)
     o = matrix(d_model, h * d_head)
@@ -35,7 +35,7 @@ def _views(rng: np.random.Generator, dtype) -> list[tuple[str, np.ndarray]]:
         ("columns fewer than a block", q[:5].T),
         ("columns not a multiple of a block", q[:13].T),
         ("part of each row", q[:, :100].T),
-        ("Conv1D split (rows contiguous)", fused[:, :d_model].reshape(d_model // 2, 18, 114)),
+        ("Conv1D split (rows contiguous)", fused[:, :d_model].reshape(d_model // 2, 16, 64)),
         ("contiguous", q),
         ("one dimension", q[:, 5]),
     ]

@@ -3,11 +3,13 @@
 A Linear weight [out, in] read as the x @ W matrix and split per head is a view whose
 second-to-last axis runs along the weight's rows: consecutive destination elements lie a whole
 row apart in the source. `np.copyto` walks such a view in the destination's order, one element
-per source row. Once rows are 4 KB or more apart (a 2048-wide bf16 or 1024-wide float32 weight)
-every read lands on another page and, for power-of-two widths, in the same cache set: 4-9 ns per
-element here. Copying `_BLOCK` destination columns at a time reads `_BLOCK` source rows side by
-side instead, each one contiguously: 1.3-2.3 ns, in numpy alone. Narrower rows stay cached and
-numpy's own copy is as fast or faster (0.4-1.8 ns), so they keep it.
+per source row. When rows are a multiple of 2 KB apart (a 1024-, 2048- or 4096-wide weight in
+bf16 or float32), those rows fall into one or two cache sets, which hold only a few lines each,
+and every read misses: 4-9 ns per element here. Copying `_BLOCK` destination columns at a time
+reads `_BLOCK` source rows side by side instead, each one contiguously: 1.3-2.4 ns, in numpy
+alone. A whole-matrix transpose (o_proj as w0) gains the same way from rows over 4 KB apart of
+any width. Other views stay cached, and numpy's own copy is as fast or faster there (measured
+per shape by bench/routes/layout_profile.py).
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ import math
 import numpy as np
 
 _BLOCK = 8  # destination columns (source rows) per copy: 8 rows streamed at once stay in cache
-_MIN_ROW_BYTES = 4096  # source rows at least this far apart are copied in blocks
+_SET_ALIASING_BYTES = 2048  # rows a multiple of this apart share cache sets
+_FAR_ROW_BYTES = 4096  # a whole-matrix transpose with rows further apart is copied in blocks
 
 
 def copy_into(destination: np.ndarray, source: np.ndarray) -> None:
     """destination[...] = source (as `np.copyto`). A transposed view (source.strides[-2] is one
-    element, its rows at least `_MIN_ROW_BYTES` apart) of destination's shape and dtype, into a
-    C-contiguous destination, is copied in column blocks."""
+    element) of destination's shape and dtype, into a C-contiguous destination, is copied in
+    column blocks where that is faster (see the module's docstring)."""
     item = source.itemsize
     if (
         destination.shape != source.shape
@@ -32,23 +35,27 @@ def copy_into(destination: np.ndarray, source: np.ndarray) -> None:
         or source.ndim < 2
         or source.shape[-2] < 2
         or source.strides[-2] != item
-        or abs(source.strides[-1]) < _MIN_ROW_BYTES
         or not destination.flags.c_contiguous
     ):
         np.copyto(destination, source)
         return
-    columns = source.shape[-1]
-    if _collapses(source.shape[:-1], source.strides[:-1]):
-        # One matrix: the leading axes and the rows merge (Llama's o_proj weight as w0, whose
-        # per-head rows are consecutive elements of one source row).
+    columns, row_bytes = source.shape[-1], abs(source.strides[-1])
+    aliased = row_bytes % _SET_ALIASING_BYTES == 0
+    # One matrix when the leading axes and the rows merge (Llama's o_proj weight as w0, whose
+    # per-head rows are consecutive elements of one source row), else one per leading index
+    # (per head: its rows of a q_proj weight as its wq).
+    whole = _collapses(source.shape[:-1], source.strides[:-1])
+    if whole and (aliased or row_bytes > _FAR_ROW_BYTES):
         rows = math.prod(source.shape[:-1])
         matrix = np.lib.stride_tricks.as_strided(
             source, shape=(rows, columns), strides=(item, source.strides[-1]), writeable=False
         )
         _copy_blocks(destination.reshape(rows, columns), matrix)
-    else:  # one matrix per leading index (per head: its rows of a q_proj weight as its wq)
+    elif not whole and aliased:
         for index in np.ndindex(*source.shape[:-2]):
             _copy_blocks(destination[index], source[index])
+    else:
+        np.copyto(destination, source)
 
 
 def _collapses(shape: tuple[int, ...], strides: tuple[int, ...]) -> bool:
