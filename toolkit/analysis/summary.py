@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from toolkit.attention import (
     BIAS_ROLES,
+    READERS,
     WEIGHT_ROLES,
     AttentionModel,
     head_frobenius,
@@ -76,10 +79,17 @@ def summarize(model: AttentionModel, layers: Sequence[int] | None = None) -> Mod
         absent_biases=[role for role in BIAS_ROLES if role not in model.bias_roles],
         positions=model.positions(),
     )
-    for layer in model.layers(layers):
-        matrices = {role: _matrix_summary(getattr(layer, role)) for role in WEIGHT_ROLES}
-        summary.layers.append(LayerSummary(layer=layer.index, **matrices))
+    # Layers on READERS threads, as extract reads them: reading and numpy's reductions release
+    # the GIL, so two layers use two cores.
+    with ThreadPoolExecutor(max_workers=READERS) as pool:
+        summary.layers.extend(pool.map(partial(_layer_summary, model), model.select_layers(layers)))
     return summary
+
+
+def _layer_summary(model: AttentionModel, index: int) -> LayerSummary:
+    layer = model.layer(index)
+    matrices = {role: _matrix_summary(getattr(layer, role)) for role in WEIGHT_ROLES}
+    return LayerSummary(layer=index, **matrices)
 
 
 def _matrix_summary(weight: np.ndarray) -> MatrixSummary:
