@@ -260,6 +260,7 @@ def extraction_table(results: dict) -> list[str]:
         "boot_transformers`, then its stacked `W_Q`.. tensors). *inspect* = per-head norms; "
         "*extract* = the same plus writing the per-head tensors to a safetensors file, each route "
         "in the checkpoint's own dtype (llama-1b: bfloat16; the others float32). `toolkit "
+        "inspect` reads and reduces two layers at a time, on two threads; `toolkit "
         "extract` lays the tensors out straight into the memory-mapped output file on two "
         "threads, copying each transposed per-head view in blocks of 8 columns "
         "(`toolkit/layout.py`) and releasing each finished layer's pages from the process (they "

@@ -289,7 +289,7 @@ def standard_tensor_dict(layers: Sequence[AttentionLayer]) -> dict[str, np.ndarr
     }
 
 
-READERS = 2  # layers read and laid out at once
+READERS = 2  # layers read at once, each on its thread, by inspect and extract
 EXTRACT_DTYPES = ("source", "float32")
 
 
