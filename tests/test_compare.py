@@ -256,15 +256,15 @@ def _reference_intruders(w_a, w_b, k, epsilon):
 def test_low_rank_change_takes_its_singular_values_from_svdvals():
     """A rank-3 ΔW plus 1e-6 noise (s_1 / s_min ~ 8e7, as a LoRA change in float32 weights): the
     Gram matrix's eigenvalues are off by ~eps64 * s_1^2, more than the small ones; every value
-    must still match the SVD's to 1e-5 relative."""
-    from toolkit.analysis.compare import delta_singular_values, top_singular_vectors
+    must still match the SVD's to 1e-5 relative, and the top directions (from the same
+    reduction, as compare takes them) the SVD's."""
+    from toolkit.analysis.compare import delta_spectrum
 
     rng = np.random.default_rng(3)
     delta = rng.standard_normal((128, 3)) @ rng.standard_normal((3, 96))
     delta += 1e-6 * rng.standard_normal(delta.shape)
     expected = np.linalg.svd(delta, compute_uv=False)
-    values = delta_singular_values(delta)
-    left, right = top_singular_vectors(delta, 2)
+    values, left, right = delta_spectrum(delta, 2)
     assert values == pytest.approx(expected, rel=1e-5)
     u, _, vt = np.linalg.svd(delta)
     assert np.abs(left.T @ u[:, :2]) == pytest.approx(np.eye(2), abs=1e-9)

@@ -63,3 +63,20 @@ def test_copy_into_casts_like_copyto_when_dtypes_differ():
 def test_copy_into_rejects_a_shape_numpy_rejects():
     with pytest.raises(ValueError):
         copy_into(np.empty((3, 4)), np.zeros((4, 3)))
+
+
+def test_the_views_above_exercise_both_block_routes(monkeypatch):
+    """The bit-for-bit test covers the blocked copies, not only numpy's: per head (wq, wk: one
+    block copy per head) and whole matrix (w0: one for all heads)."""
+    import toolkit.layout as layout
+
+    calls = []
+    copy_blocks = layout._copy_blocks
+    monkeypatch.setattr(
+        layout, "_copy_blocks", lambda out, view: (calls.append(view.shape), copy_blocks(out, view))
+    )
+    views = dict(_views(np.random.default_rng(3), np.float32))
+    for label, heads in (("wq of a Linear", 7), ("wk of a GQA Linear", 3), ("w0 of a Linear", 1)):
+        calls.clear()
+        copy_into(np.empty(views[label].shape, np.float32), views[label])
+        assert len(calls) == heads, label

@@ -526,14 +526,14 @@ def layer_change(
 ) -> LayerChange:
     """Every elementwise measure of one layer, W_a -> W_b (same shapes), intruders included."""
     a, b = _double_layer(layer_a), _double_layer(layer_b)
-    heads_a = {role: _contiguous(getattr(a, role)) for role in WEIGHT_ROLES}
-    heads_b = {role: _contiguous(getattr(b, role)) for role in WEIGHT_ROLES}
+    heads_a = {role: getattr(a, role) for role in WEIGHT_ROLES}  # contiguous float64
+    heads_b = {role: getattr(b, role) for role in WEIGHT_ROLES}
     matrices = {
         role: _matrix_change(
             heads_a[role],
             heads_b[role],
-            _contiguous(a.full(role)),
-            _contiguous(b.full(role)),
+            np.ascontiguousarray(a.full(role)),  # a copy where full() transposes (wq, wk, wv)
+            np.ascontiguousarray(b.full(role)),
             (rank, top_k, intruder_k, intruder_epsilon),
         )
         for role in WEIGHT_ROLES
@@ -556,11 +556,6 @@ def _double_layer(layer: AttentionLayer) -> AttentionLayer:
             for role in WEIGHT_ROLES
         },
     )
-
-
-def _contiguous(array: np.ndarray) -> np.ndarray:
-    """The array itself when C-contiguous, else a contiguous copy (a transposed full matrix)."""
-    return np.ascontiguousarray(array)
 
 
 def _matrix_change(
@@ -693,10 +688,10 @@ def circuit_singular_values(left, right):
 def layer_profile(layer: AttentionLayer, relative_depth: float) -> LayerProfile:
     """One model's layer described on its own (structural mode)."""
     layer = _double_layer(layer)
-    weights = {role: _contiguous(getattr(layer, role)) for role in WEIGHT_ROLES}
+    weights = {role: getattr(layer, role) for role in WEIGHT_ROLES}  # contiguous float64
     matrices = {}
     for role in WEIGHT_ROLES:
-        values = singular_values(_contiguous(layer.full(role)))
+        values = singular_values(np.ascontiguousarray(layer.full(role)))
         head_fro = np.linalg.norm(weights[role], axis=(1, 2))
         mean = float(head_fro.mean())
         matrices[role] = MatrixProfile(
@@ -737,15 +732,9 @@ GRAM_TOLERANCE = 1e-5  # the relative error allowed in a singular value taken fr
 EPS64 = 2.0**-52
 
 
-def delta_singular_values(matrix):
-    """All singular values of a float64 matrix [d_in, d_out], largest first, without vectors:
-    `delta_spectrum` without its directions."""
-    return delta_spectrum(matrix, 0)[0]
-
-
 def delta_spectrum(matrix, count: int):
     """(values, left [d_in, count], right [d_out, count]) of a float64 matrix (ΔW): all its
-    singular values, largest first, and its top-`count` singular directions, orthonormal
+    singular values, largest first, and its top-`count` (>= 1) singular directions, orthonormal
     columns, from one float64 eigendecomposition of its smaller Gram matrix (M^T M or M M^T).
 
     The values are the square roots of the Gram matrix's eigenvalues. eigh is backward stable:
@@ -773,8 +762,6 @@ def delta_spectrum(matrix, count: int):
         values = singular_values(matrix)
     else:
         values = np.sqrt(eigenvalues)
-    if not count:
-        return values, None, None
     basis, _ = np.linalg.qr(matrix @ eigenvectors)  # [d_in, k], orthonormal
     small_left, _, right_t = np.linalg.svd(basis.T @ matrix, full_matrices=False)
     return values, basis @ small_left[:, :count], right_t[:count].T
@@ -790,9 +777,9 @@ def _gram_lower(array: np.ndarray) -> np.ndarray:
     return syrk(1.0, array.T, trans=0, lower=1)  # (M^T)(M^T)^T; M^T is Fortran-ordered
 
 
-def _top_eigen(gram: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """(every eigenvalue, largest first; the eigenvectors of the `count` largest as columns
-    [n, count], largest first, or None for count 0) of a symmetric float64 matrix, from one
+def _top_eigen(gram: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """(every eigenvalue, largest first; the eigenvectors of the `count` >= 1 largest as columns
+    [n, count], largest first) of a symmetric float64 matrix, from one
     tridiagonal reduction G = Q T Q^T (LAPACK sytrd): the values by sterf, the top vectors of T
     by stemr (MRRR), and Q applied to them through its Householder reflectors (ormqr), never
     formed. Only the lower triangle of `gram` is read. sytrd is nearly all of the cost; scipy's
@@ -805,8 +792,6 @@ def _top_eigen(gram: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray | N
     values, info_values = lapack.dsterf(diagonal, off)  # copies diagonal and off
     if info or info_values:
         raise ToolkitError(f"the eigendecomposition of a {n} x {n} Gram matrix failed (LAPACK)")
-    if not count:
-        return values[::-1].copy(), None
     found, _, tridiagonal_vectors, info = lapack.dstemr(
         diagonal, np.append(off, 0.0), 2, 0.0, 0.0, n - count + 1, n
     )
