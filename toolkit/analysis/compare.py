@@ -668,12 +668,23 @@ def _circuit_change(left_a, right_a, left_b, right_b) -> list[HeadChange]:
         + 2 * _gram_inner(_cross(left_delta, left_a), _cross(right_b, right_delta))
         + _gram_inner(left_aa, _cross(right_delta, right_delta))
     ).clip(min=0)
+    # A head whose factors are unchanged has C_b = C_a: its norms and <C_a, C_b> are set to the
+    # same number, so that its cosine is exactly 1 (BLAS forms L^T L and L_a^T L_b by different
+    # routines, syrk and gemm, whose roundings differ in the last bit).
+    unchanged = _unchanged_heads(left_a, left_b) & _unchanged_heads(right_a, right_b)
+    squared_b = np.where(unchanged, squared_a, squared_b)
+    dot = np.where(unchanged, squared_a, dot)
     return [
         _head_change(
             h, float(squared_a[h]), float(squared_b[h]), float(dot[h]), math.sqrt(squared_delta[h])
         )
         for h in range(left_a.shape[0])
     ]
+
+
+def _unchanged_heads(factor_a, factor_b):
+    """[h] bool: True where head h's factor [d, r] is the same in both models, bit for bit."""
+    return (factor_a == factor_b).all(axis=(1, 2))
 
 
 def circuit_singular_values(left, right):

@@ -91,22 +91,21 @@ def render_verify(report: VerifyReport, console: Console) -> None:
             f"is repeated for its group of {r.n_heads // r.n_kv_heads} before the scores"
         )
     table = Table(
-        title="Attention recomputed from the extracted tensors vs the real model "
-        f"(max |difference|, tolerance {r.tolerance:g})"
+        title="Attention recomputed from the extracted tensors vs the real model\n"
+        f"relative = max |diff| / max |model| (bound {r.tolerance:g}), absolute = max |diff|"
     )
     table.add_column("layer", justify="right")
-    table.add_column("probabilities", justify="right")
-    table.add_column("block output", justify="right")
-    table.add_column("Concat(z)@W0 vs Σ z_i@w0[i]", justify="right")
+    table.add_column("\nprobabilities\nrelative  absolute", justify="right")
+    table.add_column("\nblock output\nrelative  absolute", justify="right")
+    table.add_column(escape("Concat(z)@W0 vs\nΣ z_i@w0[i]\nrelative  absolute"), justify="right")
     table.add_column("", justify="center")
     for check in r.layers:
-        ok = max(check.max_abs_diff.values()) <= r.tolerance
         table.add_row(
             str(check.layer),
-            f"{check.max_abs_diff['probs']:.2e}",
-            f"{check.max_abs_diff['output']:.2e}",
-            f"{check.concat_vs_sum_max_abs_diff:.2e}",
-            "[green]ok[/green]" if ok else "[red]FAIL[/red]",
+            _relative_absolute(check.max_rel_diff["probs"], check.max_abs_diff["probs"]),
+            _relative_absolute(check.max_rel_diff["output"], check.max_abs_diff["output"]),
+            _relative_absolute(check.concat_vs_sum_max_rel_diff, check.concat_vs_sum_max_abs_diff),
+            "[green]ok[/green]" if check.worst_rel_diff <= r.tolerance else "[red]FAIL[/red]",
         )
     console.print(table)
     console.print(
@@ -118,6 +117,10 @@ def render_verify(report: VerifyReport, console: Console) -> None:
         )
     )
     console.print("[green]verified[/green]" if r.passed else "[red]verification FAILED[/red]")
+
+
+def _relative_absolute(relative: float, absolute: float) -> str:
+    return f"{relative:.2e}  {absolute:.2e}"
 
 
 def render_recipes(recipes: list, console: Console) -> None:
