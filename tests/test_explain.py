@@ -21,6 +21,8 @@ from toolkit.lessons.w0 import explain_w0
 from toolkit.render.text import TEXT, resolve_language
 from toolkit.runtime import make_inputs
 
+pytestmark = pytest.mark.numerics  # CI reruns these under other CPU kernels
+
 SENTENCE = "The cat sat on the mat because it was tired."
 BOTH_FAMILIES = pytest.mark.parametrize(
     ("fixture", "family"), [("tiny_bert", "bert"), ("tiny_gpt2", "gpt2")]

@@ -14,6 +14,8 @@ from toolkit import compare, load_attention, verify
 from toolkit.analysis.verify import TOLERANCE
 from toolkit.attention import AttentionModel
 
+pytestmark = pytest.mark.numerics  # CI reruns these under other CPU kernels
+
 MODERN = [
     "tiny_llama",
     "tiny_llama_biased",

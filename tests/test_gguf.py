@@ -14,6 +14,8 @@ from toolkit.cli import main
 from toolkit.gguf_checkpoint import unpermute_rotary_rows
 from toolkit.sources import embedded_model_path
 
+pytestmark = pytest.mark.numerics  # CI reruns these under other CPU kernels
+
 
 @pytest.fixture(scope="session")
 def smollm2_transformers():

@@ -13,6 +13,8 @@ from toolkit.analysis.compare import compare
 from toolkit.analysis.intruders import intruder_dimensions
 from toolkit.cli import main
 
+pytestmark = pytest.mark.numerics  # CI reruns these under other CPU kernels
+
 
 def _orthonormal(rng, d: int, n: int) -> np.ndarray:
     """n orthonormal columns in R^d, drawn at random: [d, n]."""

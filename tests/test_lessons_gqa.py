@@ -15,6 +15,8 @@ from toolkit.render.lessons import present_qkv, present_w0
 from toolkit.render.report import Paragraph
 from toolkit.runtime import make_inputs
 
+pytestmark = pytest.mark.numerics  # CI reruns these under other CPU kernels
+
 
 def _eager(path):
     from transformers import AutoModel

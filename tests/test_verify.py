@@ -11,6 +11,8 @@ from toolkit import load_attention, verify
 from toolkit.analysis.verify import TOLERANCE
 from toolkit.attention import AttentionModel
 
+pytestmark = pytest.mark.numerics  # CI reruns these under other CPU kernels
+
 
 @pytest.mark.parametrize(
     "fixture",
