@@ -301,6 +301,72 @@ def test_every_number_equals_a_float64_reference_on_a_nearly_equal_pair(gpt2_wid
                 )
 
 
+def _noisy_attention_copy(source, folder, seed: int):
+    """`source` with 1% noise (of each weight's mean |value|) in every attention projection
+    weight: q, k, v and the output projection, as BERT and Llama name them."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def edit(model):
+        for name, weight in model.named_parameters():
+            if weight.dim() == 2 and ("attention." in name or ".self_attn." in name):
+                noise = torch.randn(weight.shape, generator=generator)
+                weight += 0.01 * weight.abs().mean() * noise
+
+    return modified_copy(source, folder, edit)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("fixture", "layers"), [("minilm", [5]), ("tiny_llama", [0, 1])], ids=["minilm", "gqa"]
+)
+def test_json_of_a_noisy_copy_equals_numpy_svd_references(
+    request, fixture, layers, tmp_path_factory
+):
+    """The JSON `compare` writes for a model and a noisy copy of it (MiniLM: 12 heads; a tiny
+    Llama: 6 query heads sharing 2 key/value heads), every number against numpy float64 SVDs
+    and explicit circuit products of the weights. rel 1e-5: the bound compare keeps on
+    singular values from a Gram matrix (GRAM_TOLERANCE); norms, cosines and directions are
+    float64 throughout and far closer."""
+    parent = request.getfixturevalue(fixture)
+    child = _noisy_attention_copy(parent, tmp_path_factory.mktemp(f"{fixture}_noisy"), seed=5)
+    rank, top_k, intruder_k, intruder_epsilon = 8, 8, 10, 0.5
+    data = json.loads(json.dumps(compare(parent, child, layers=layers).to_dict()))
+    model_a, model_b = load_attention(parent), load_attention(child)
+    group = model_a.dims.n_heads // model_a.dims.n_kv_heads
+    assert [layer["layer"] for layer in data["layers"]] == layers
+    for layer in data["layers"]:
+        a, b = model_a.layer(layer["layer"]), model_b.layer(layer["layer"])
+        for role, got in layer["matrices"].items():
+            w_a, w_b = a.full(role).astype(np.float64), b.full(role).astype(np.float64)
+            expected = _reference_matrix_change(w_a, w_b, rank, top_k)
+            for name, value in expected.items():
+                assert got[name] == pytest.approx(value, rel=1e-5), (role, name)
+            similarity, count = _reference_intruders(w_a, w_b, intruder_k, intruder_epsilon)
+            assert got["intruders"]["count"] == count
+            # |cos| of unit vectors: an absolute 1e-5, as the intruder tests allow
+            assert got["intruders"]["max_similarity"] == pytest.approx(similarity, abs=1e-5)
+            heads_a, heads_b = _heads(a, role), _heads(b, role)
+            assert len(got["heads"]) == len(heads_a)  # wk, wv: one entry per key/value head
+            for head, head_a, head_b in zip(got["heads"], heads_a, heads_b, strict=True):
+                assert head["fro_a"] == pytest.approx(np.linalg.norm(head_a), rel=1e-12)
+                assert head["fro_delta"] == pytest.approx(np.linalg.norm(head_b - head_a), rel=1e-9)
+        for h in range(model_a.dims.n_heads):  # query head h reads key/value head h // group
+            products = {
+                "qk": [_heads(m, "wq")[h] @ _heads(m, "wk")[h // group].T for m in (a, b)],
+                "ov": [_heads(m, "wv")[h // group] @ _heads(m, "w0")[h] for m in (a, b)],
+            }
+            for name, (product_a, product_b) in products.items():
+                got = layer["circuits"][name][h]
+                assert got["fro_a"] == pytest.approx(np.linalg.norm(product_a), rel=1e-9)
+                assert got["fro_delta"] == pytest.approx(
+                    np.linalg.norm(product_b - product_a), rel=1e-9
+                )
+                cosine = (product_a * product_b).sum() / (
+                    np.linalg.norm(product_a) * np.linalg.norm(product_b)
+                )
+                assert got["cosine"] == pytest.approx(cosine, rel=1e-9)
+
+
 def test_symmetric_measures_are_symmetric(tiny_gpt2, gpt2_all_moved):
     forward, backward = compare(tiny_gpt2, gpt2_all_moved), compare(gpt2_all_moved, tiny_gpt2)
     for there, back in zip(_changes(forward), _changes(backward), strict=True):
@@ -384,7 +450,7 @@ def test_an_extracted_file_is_compared_on_the_layers_it_holds(tiny_gpt2, gpt2_al
 
 
 def test_zero_reference_weights_give_no_division_by_zero():
-    from toolkit.analysis.compare import _circuit_change, _matrix_change
+    from toolkit.analysis.spectra import _circuit_change, _matrix_change
 
     zeros, ones = np.zeros((2, 6, 3)), np.ones((2, 6, 3))
     change = _matrix_change(

@@ -30,16 +30,15 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from toolkit import load_attention
-from toolkit.analysis.compare import (
+from toolkit.analysis.intruders import DEFAULT_K, leading_rows_hold_the_maximum
+from toolkit.analysis.spectra import (
     _circuit_change,
     _circuit_factors,
-    _contiguous,
     _double_layer,
     delta_spectrum,
     singular_directions,
     top_singular_vectors,
 )
-from toolkit.analysis.intruders import DEFAULT_K, leading_rows_hold_the_maximum
 from toolkit.attention import WEIGHT_ROLES
 
 torch.set_num_threads(1)
@@ -115,7 +114,7 @@ layer_a, layer_b = timed(
 )
 a, b = timed(ROUNDS, "float64 conversion", lambda: (_double_layer(layer_a), _double_layer(layer_b)))
 for role in WEIGHT_ROLES:
-    full_a, full_b = _contiguous(a.full(role)), _contiguous(b.full(role))  # numpy: round 3
+    full_a, full_b = np.ascontiguousarray(a.full(role)), np.ascontiguousarray(b.full(role))
     delta = full_b - full_a
     tensors = [torch.from_numpy(m) for m in (full_a, full_b, delta)]  # rounds 1, 2 ran on torch
     one, two, three = ("round 1",), ("round 2",), ("round 3",)
@@ -134,8 +133,8 @@ for role in WEIGHT_ROLES:
         three, "intruders: W_b top-k", top_singular_vectors, full_b, DEFAULT_K, 2 * DEFAULT_K
     )
     assert leading_rows_hold_the_maximum(ritz_a, top_b.T)  # W_a's leading vectors suffice
-heads_a = {role: _contiguous(getattr(a, role)) for role in WEIGHT_ROLES}
-heads_b = {role: _contiguous(getattr(b, role)) for role in WEIGHT_ROLES}
+heads_a = {role: getattr(a, role) for role in WEIGHT_ROLES}  # contiguous float64
+heads_b = {role: getattr(b, role) for role in WEIGHT_ROLES}
 for name in ("qk", "ov"):
     factors = (*_circuit_factors(heads_a, name), *_circuit_factors(heads_b, name))
     tensors = [torch.from_numpy(np.ascontiguousarray(f)) for f in factors]
