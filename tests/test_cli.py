@@ -47,6 +47,7 @@ def test_inspect_json_norms_match_the_models_parameters(tiny_bert):
     for entry in data["layers"]:
         query = model.encoder.layer[entry["layer"]].attention.self.query.weight  # [out, in]
         assert entry["wq"]["shape"] == [3, 48, 16]
+        # norms of the same float32 weights, accumulated in two orders: rel 1e-5 is a margin
         assert entry["wq"]["fro"] == pytest.approx(torch.linalg.norm(query).item(), rel=1e-5)
         # head i owns output rows i*16..(i+1)*16 of the nn.Linear weight
         expected = [torch.linalg.norm(query[i * 16 : (i + 1) * 16]).item() for i in range(3)]
@@ -87,7 +88,7 @@ def test_extract_round_trips_through_load_attention(tiny_gpt2_lm_scaled, tmp_pat
     assert (meta["family"], meta["n_heads"], meta["d_head"]) == ("gpt2", "4", "16")
     original, extracted = load_attention(str(tiny_gpt2_lm_scaled)), load_attention(str(out))
     assert extracted.layer_indices == (0, 2)
-    for role, tensor in original.layer(2).tensors().items():
+    for role, tensor in original.layer(2).tensors().items():  # exact: copied, not computed
         np.testing.assert_array_equal(extracted.layer(2).tensors()[role], tensor)
     # the extracted file is itself a model spec for inspect
     data = json.loads(run("inspect", str(out), "--json").stdout)

@@ -76,6 +76,8 @@ def test_identical_models_show_exactly_zero_change(tiny_bert):
     result = compare(tiny_bert, tiny_bert)
     assert result.mode == "elementwise" and result.note is None
     assert len(result.layers) == 2
+    # Exact by construction: equal weights subtract to exactly 0, ΔW = 0 takes compare's no-change
+    # branch, and an unchanged head's circuit gets <C_a, C_b> = ||C_a||^2 (docs/numerics.md).
     for layer in result.layers:
         assert layer.relative_change() == 0.0
         assert layer.head_relative_change() == [0.0, 0.0, 0.0]
@@ -111,9 +113,11 @@ def test_one_moved_head_is_the_top_head_with_the_expected_change(tiny_bert, bert
     result = compare(tiny_bert, folder, top_k=3)
     top = result.top_heads()
     assert (top[0]["layer"], top[0]["head"]) == (1, 2)
-    assert top[1]["relative_change"] == 0.0  # nothing else moved
+    assert top[1]["relative_change"] == 0.0  # nothing else moved: exactly 0 (w - w)
     assert result.top_layers()[0]["layer"] == 1
     head = result.layers[1].matrices["wq"].heads[2]
+    # rel 1e-5: the copy stores float32(w + noise), off the float64 noise by up to 6e-8 |w|
+    # per entry, and |w| / |noise| is about 20 here (~1e-6 relative)
     assert head.relative_change == pytest.approx(expected, rel=1e-5)
     assert head.fro_delta == pytest.approx(np.linalg.norm(noise), rel=1e-5)
     whole_query = np.linalg.norm(original.detach().numpy().astype(np.float64))
@@ -122,7 +126,7 @@ def test_one_moved_head_is_the_top_head_with_the_expected_change(tiny_bert, bert
     )
     # the head's QK circuit moved, its OV circuit and every other head did not
     assert result.layers[1].circuits["qk"][2].fro_delta > 0
-    assert result.layers[1].circuits["ov"][2].fro_delta == 0.0
+    assert result.layers[1].circuits["ov"][2].fro_delta == 0.0  # exact: its factors are unchanged
     moved = [
         (layer.layer, role, h.head)
         for layer in result.layers
@@ -142,10 +146,12 @@ def test_rank_one_change_has_stable_rank_one(tiny_bert, tmp_path):
 
     result = compare(tiny_bert, modified_copy(tiny_bert, tmp_path / "rank1", edit), top_k=1)
     value = result.layers[0].matrices["wv"]
+    # storing W + 0.1 u v^T in float32 adds a full-rank rounding part to ΔW, ~1e-6 of it in norm:
+    # the rank-one measures are 1 up to that, the norm to 1e-4 relative with a wide margin
     assert value.stable_rank_delta == pytest.approx(1.0, abs=1e-4)
     assert value.top_k_energy_delta == pytest.approx(1.0, abs=1e-6)
     assert value.fro_delta == pytest.approx(0.1 * np.linalg.norm(u) * np.linalg.norm(v), rel=1e-4)
-    assert result.layers[0].matrices["wq"].fro_delta == 0.0  # nothing else moved
+    assert result.layers[0].matrices["wq"].fro_delta == 0.0  # nothing else moved: exactly w - w
 
 
 def test_lora_measures_match_numpy(tiny_gpt2, gpt2_all_moved):
@@ -158,6 +164,9 @@ def test_lora_measures_match_numpy(tiny_gpt2, gpt2_all_moved):
         u, s, vt = np.linalg.svd(delta)
         u_a, _, vt_a = np.linalg.svd(w_a)
         got = result.layers[1].matrices[role]
+        # float64 on both sides from the same float32 weights; the routes differ (Gram matrix
+        # eigenvalues against an SVD), by ~eps64 times the conditioning: rel 1e-9 holds, and
+        # directions-based measures (phi, amplification) to 1e-6 (Ritz vectors ~1e-9, squared)
         assert got.stable_rank_delta == pytest.approx((s**2).sum() / s[0] ** 2, rel=1e-9)
         p = s / s.sum()
         assert got.effective_rank_delta == pytest.approx(np.exp(-(p * np.log(p)).sum()), rel=1e-9)
@@ -192,6 +201,8 @@ def test_circuit_changes_equal_the_explicit_products(tiny_gpt2, gpt2_all_moved):
             }
             for name, (product_a, product_b) in circuits.items():
                 got = result.layers[index].circuits[name][h]
+                # float64 both ways (thin-factor Gram products against the explicit d_model x
+                # d_model product): they differ by rounding, ~1e-15 relative; 1e-9 is a margin
                 assert got.fro_a == pytest.approx(np.linalg.norm(product_a), rel=1e-9)
                 assert got.fro_delta == pytest.approx(
                     np.linalg.norm(product_b - product_a), rel=1e-9
@@ -267,7 +278,9 @@ def test_low_rank_change_takes_its_singular_values_from_svdvals():
     delta += 1e-6 * rng.standard_normal(delta.shape)
     expected = np.linalg.svd(delta, compute_uv=False)
     values, left, right = delta_spectrum(delta, 2)
-    assert values == pytest.approx(expected, rel=1e-5)
+    assert values == pytest.approx(expected, rel=1e-5)  # GRAM_TOLERANCE, compare's bound
+    # |cos| between unit float64 vectors: 1 to ~1e-12 when they agree
+
     u, _, vt = np.linalg.svd(delta)
     assert np.abs(left.T @ u[:, :2]) == pytest.approx(np.eye(2), abs=1e-9)
     assert np.abs(right.T @ vt[:2].T) == pytest.approx(np.eye(2), abs=1e-9)
@@ -285,12 +298,15 @@ def test_every_number_equals_a_float64_reference_on_a_nearly_equal_pair(gpt2_wid
                 a.full(role).astype(np.float64), b.full(role).astype(np.float64), rank, top_k
             )
             assert expected["delta_singular_values"][-1] < 1e-3 * expected["fro_delta"]
-            for name, value in expected.items():  # every singular value relative, the smallest too
+            # rel 1e-5: GRAM_TOLERANCE, the bound compare keeps on singular values taken from a
+            # Gram matrix; every singular value relative, the smallest too
+            for name, value in expected.items():
                 assert getattr(got, name) == pytest.approx(value, rel=1e-5), (role, name)
             similarity, count = _reference_intruders(
                 a.full(role).astype(np.float64), b.full(role).astype(np.float64), k=10, epsilon=0.5
             )
             assert got.intruders.count == count
+            # |cos| of unit vectors, partly from float32 Gram eigenvectors: abs 1e-5
             assert got.intruders.max_similarity == pytest.approx(similarity, abs=1e-5)
             for h, head in enumerate(got.heads):
                 head_a, head_b = _heads(a, role)[h], _heads(b, role)[h]
@@ -369,6 +385,8 @@ def test_json_of_a_noisy_copy_equals_numpy_svd_references(
 
 def test_symmetric_measures_are_symmetric(tiny_gpt2, gpt2_all_moved):
     forward, backward = compare(tiny_gpt2, gpt2_all_moved), compare(gpt2_all_moved, tiny_gpt2)
+    # float64: b - a and a - b sum the same products in another order (~1e-15 relative);
+    # rel 1e-9 for measures through decompositions, 1e-12 for plain sums
     for there, back in zip(_changes(forward), _changes(backward), strict=True):
         if isinstance(there, tuple):
             (_, there), (_, back) = there, back
@@ -421,6 +439,7 @@ def test_worker_processes_give_the_numbers_of_one_process(
     workers = compare(tiny_gpt2, gpt2_all_moved).to_dict()
     assert pools == ["fork" if reads == "forked workers read" else "spawn"]
     assert [layer["layer"] for layer in workers["layers"]] == [0, 1]
+    # exact: the same operations on the same float64 arrays, one BLAS thread in both cases
     assert workers["layers"] == alone["layers"]
 
 
@@ -446,6 +465,7 @@ def test_an_extracted_file_is_compared_on_the_layers_it_holds(tiny_gpt2, gpt2_al
     from_file = compare(tiny_gpt2, extracted)
     assert [layer.layer for layer in from_file.layers] == [1]
     from_folder = compare(tiny_gpt2, gpt2_all_moved, layers=[1])
+    # exact: the same float32 values, converted to contiguous float64 before any sum
     assert from_file.to_dict()["layers"] == from_folder.to_dict()["layers"]
 
 
@@ -457,6 +477,7 @@ def test_zero_reference_weights_give_no_division_by_zero():
         zeros, ones, np.tile(zeros[0], (1, 2)), np.tile(ones[0], (1, 2)), (2, 2, 2, 0.5)
     )
     assert change.relative_change is None and change.heads[0].relative_change is None
+    # exact: zero weights take the zero branches; sqrt(36) = 6 is exact in binary
     assert change.cosine == 0.0 and change.fro_delta == pytest.approx(6.0)
     same_zero = _matrix_change(
         zeros, zeros, np.tile(zeros[0], (1, 2)), np.tile(zeros[0], (1, 2)), (2, 2, 2, 0.5)
@@ -476,6 +497,9 @@ def test_bert_vs_gpt2_takes_the_structural_path(tiny_bert, tiny_gpt2):
     assert [(p.a.layer, p.b.layer) for p in result.pairs] == [(0, 0), (1, 1)]
     gpt2 = load_attention(tiny_gpt2).layer(1)
     profile = result.pairs[1].b
+    # float64 on both sides, svdvals against numpy's SVD: rel 1e-9 (rounding ~1e-15); circuit
+    # spectra from QR cores to 1e-7 relative (the small values of a rank-d_head product), with an
+    # abs floor for the values that are zero in exact arithmetic
     for role in ("wq", "w0"):
         s = np.linalg.svd(gpt2.full(role).astype(np.float64), compute_uv=False)
         rms = np.sqrt(np.mean(s**2))
@@ -580,6 +604,7 @@ def test_cli_json_and_plots(tiny_bert, bert_one_head_moved, tmp_path):
     heads = {role: m["heads"][2] for role, m in data["layers"][1]["matrices"].items()}
     # only wq moved: the head's change over all four matrices is ||Δwq[2]|| / ||all four of head 2||
     assert (top["layer"], top["head"]) == (1, 2)
+    # the same float64 numbers combined in another order: pytest's default rel 1e-6 is ample
     assert top["relative_change"] == pytest.approx(
         heads["wq"]["fro_delta"] / np.sqrt(sum(h["fro_a"] ** 2 for h in heads.values()))
     )

@@ -85,14 +85,19 @@ def test_w0_shapes_and_concat_identity_agree_with_verify(request, fixture, famil
     assert lesson.z_shape == [lesson.tokens, d_head]
     assert lesson.concat_shape == [lesson.tokens, h * d_head]
     assert lesson.output_shape == [lesson.tokens, d_model]
+    # float32, the same products summed in two orders: ~1e-7 of outputs of size ~1; 1e-5 margin
     assert lesson.concat_vs_sum_max_abs_diff < 1e-5
-    assert lesson.sum_vs_model_max_abs_diff <= report.tolerance
+    # verify's bound is relative to the block output's largest |value| (docs/numerics.md)
+    scale = report.layers[1].reference_max_abs["output"]
+    assert lesson.sum_vs_model_max_abs_diff <= report.tolerance * scale
+    # two float32 recomputations of the same block output: they agree to rounding, ~1e-7 * scale
     assert lesson.sum_vs_model_max_abs_diff == pytest.approx(
         report.layers[1].max_abs_diff["output"], abs=1e-6
     )
     w0 = weight.detach().double().numpy()
     assert lesson.w0_rank == np.linalg.matrix_rank(w0)
     singular = np.linalg.svd(w0, compute_uv=False)
+    # the lesson's float32 figures against float64 numpy: rel 1e-5, ~100 float32 epsilons
     assert lesson.w0_singular_max == pytest.approx(singular.max(), rel=1e-5)
     blocks = (w0.T if family == "bert" else w0).reshape(h, d_head, d_model)
     assert lesson.head_block_norms == pytest.approx(np.linalg.norm(blocks, axis=(1, 2)), rel=1e-5)
@@ -121,12 +126,15 @@ def test_w0_replacements_match_swapping_the_models_own_weight(request, fixture, 
         new_block, new_final = _run(swapped, family, layer, input_ids, padding)
         layer_changes.append(_relative(new_block, block, valid))
         final_changes.append(_relative(new_final, final, valid))
+        # two float32 forward passes of the same swapped model, summed in other orders: the
+        # outputs agree to ~1e-6 relative, the changes (0.1 .. 1) to far better than rel 1e-4
         assert replacement.layer_output_relative_change == pytest.approx(
             layer_changes[-1], rel=1e-4
         )
         assert replacement.final_output_relative_change == pytest.approx(
             final_changes[-1], rel=1e-4
         )
+    # the original W0 put back: float32 rounding only, on outputs of size ~1
     assert lesson.reinserted_max_abs_diff < 1e-5
     assert lesson.layer_output_change_range == pytest.approx(
         [min(layer_changes), max(layer_changes)], rel=1e-4
@@ -159,6 +167,9 @@ def test_softmax_steps_equal_the_models_attention_row(minilm):
         encoded["input_ids"][0]
     )
     assert lesson.keys == list(range(len(lesson.tokens)))
+    # float32 dot products of 32 terms from two routes; raw scores reach tens: abs 1e-4 is
+    # ~1e-6 of them. Probabilities lie in [0, 1]: abs 1e-6 (1e-7 for the model's own row, the
+    # same tensor read back) is a few float32 ulps of 1
     assert lesson.raw_scores == pytest.approx((k @ q).tolist(), abs=1e-4)
     assert lesson.scale == pytest.approx(1 / math.sqrt(d_head))
     scores = torch.tensor(lesson.raw_scores) / math.sqrt(d_head)
@@ -170,7 +181,7 @@ def test_softmax_steps_equal_the_models_attention_row(minilm):
     assert lesson.max_abs_diff_vs_model == pytest.approx(
         (torch.tensor(lesson.probs) - row).abs().max().item(), abs=1e-7
     )
-    assert lesson.max_abs_diff_vs_model < 1e-5
+    assert lesson.max_abs_diff_vs_model < 1e-5  # probabilities: ~100 float32 ulps of 1
     assert lesson.ranking[0] == int(row.argmax())
 
 
@@ -182,6 +193,7 @@ def test_softmax_causal_query_sees_only_earlier_tokens(tiny_gpt2):
         out = _eager(tiny_gpt2)(input_ids=input_ids[:1], output_attentions=True)
     row = out.attentions[1][0, 2, 4]
     assert lesson.keys == [0, 1, 2, 3, 4]
+    # probabilities in [0, 1], float32 from two routes: a few ulps of 1
     assert lesson.probs == pytest.approx(row[:5].tolist(), abs=1e-6)
     assert lesson.max_abs_diff_vs_model < 1e-5
 
@@ -199,8 +211,10 @@ def test_softmax_naive_formula_overflows_and_stable_does_not(tiny_gpt2):
         naive = shifted.to(getattr(torch, dtype)).exp()
         assert case.naive_nonfinite == int((~(naive / naive.sum()).isfinite()).sum())
         assert math.isfinite(case.stable_max_abs_diff)
+        # the stable formula's error is its dtype's rounding of probabilities <= 1: float16's
+        # eps is 1e-3 (and exp of scores near 12 loses more), float32's 1.2e-7
         assert case.stable_max_abs_diff < (2e-2 if dtype == "float16" else 1e-6)
-        if case.naive_max_abs_diff is not None:
+        if case.naive_max_abs_diff is not None:  # the same float64 subtraction: abs 1e-9
             assert case.naive_max_abs_diff == pytest.approx(
                 ((naive / naive.sum()).double() - exact).abs().max().item(), abs=1e-9
             )
@@ -267,6 +281,8 @@ def test_qkv_loss_gradients_and_sgd_step_match_autograd(request, fixture, family
         assert (lesson.masked_position, lesson.masked_token_id) == (position, int(ids[0, position]))
     else:
         assert lesson.loss_kind == "next_token" and lesson.masked_position is None
+    # two float32 forward and backward passes of the same model: losses agree to ~1e-6
+    # relative, gradients (longer sums, and near-zero entries: the abs floor) to ~1e-5
     assert lesson.loss == pytest.approx(loss.item(), rel=1e-5)
     h = attention.dims.n_heads
     for layer in lesson.layers:
@@ -276,6 +292,7 @@ def test_qkv_loss_gradients_and_sgd_step_match_autograd(request, fixture, family
                 expected[role], rel=1e-4, abs=1e-8
             )
             assert layer.grad_norm[role] == pytest.approx(np.linalg.norm(expected[role]), rel=1e-4)
+            # ΔW = -lr * grad up to float32 rounding of W + ΔW: ~6e-8 of weights of size ~0.1
             assert layer.update_vs_minus_lr_grad_max_abs_diff[role] < 1e-6
             weight = attention.layer(layer.layer).full(role)
             # float32 cannot resolve steps below ~1e-7 of a weight: hence the absolute tolerance
@@ -287,6 +304,7 @@ def test_qkv_loss_gradients_and_sgd_step_match_autograd(request, fixture, family
             if p.grad is not None:
                 p -= lr * p.grad
         loss_after = stated_loss(model)
+    # after a step from float32 weights updated in two orders: rel 1e-4 leaves room for it
     assert lesson.loss_after_step == pytest.approx(loss_after.item(), rel=1e-4)
 
 
@@ -298,6 +316,7 @@ def test_qkv_initial_and_trained_statistics(tiny_bert):
         module = model.encoder.layer[layer.layer].attention.self
         for role, linear in (("wq", module.query), ("wk", module.key), ("wv", module.value)):
             weight = linear.weight.detach().double()
+            # the lesson's statistics in float32 against float64 torch: ~1e-6 relative
             assert layer.trained[role].std == pytest.approx(
                 weight.std(unbiased=False).item(), rel=1e-4
             )
@@ -382,6 +401,7 @@ def test_rendered_race_and_check_use_the_models_numbers(minilm):
     gap = (scores[top2.indices[0]] - scores[top2.indices[1]]).item()
     # the race as fields: the model's two most attended keys, and their probabilities' ratio
     assert [lesson.keys[lesson.leader], lesson.keys[lesson.runner_up]] == top2.indices.tolist()
+    # a ratio of float32 probabilities from two routes: rel 1e-4
     assert lesson.runner_up_share == pytest.approx((top2.values[1] / top2.values[0]).item(), 1e-4)
     assert lesson.keys[lesson.least] == row.argmin().item()  # BERT: every key is allowed
     console = Console(record=True, width=1000)

@@ -92,7 +92,7 @@ def test_metrics_time_and_memory_against_the_runs_own_records(lesson):
     for method, run in result.runs.items():
         trajectory = json.loads((out / method / "shift" / "trajectory.json").read_text())
         last = {k: v for k, v in trajectory["evaluations"][-1].items() if k != "step"}
-        assert run.metrics == pytest.approx(last)
+        assert run.metrics == pytest.approx(last)  # the same numbers read back from JSON
         assert [loss for _, loss in trajectory["train_loss"]] == run.train_loss
         assert 0 < run.seconds < wall
         weights = (out / method / "final" / "model.safetensors").stat().st_size / 2**20
@@ -125,6 +125,7 @@ def test_top_heads_are_the_largest_per_head_changes_computed_with_numpy(
         assert [(h["layer"], h["head"]) for h in run.top_heads] == [
             (layer, head) for _, layer, head in expected
         ]
+        # float64 from float32 weights, two accumulation orders: rtol 1e-4 is a margin
         np.testing.assert_allclose(
             [h["relative_change"] for h in run.top_heads], [c for c, _, _ in expected], rtol=1e-4
         )
@@ -143,7 +144,7 @@ def test_findings_follow_the_numbers(lesson):
     assert found["lora_intruders"].reproduced == (lora_total > 0)
     assert found["lora_intruders"].numbers == {"lora": lora_total, "full": full_total}
     gap = lora.metrics["accuracy"] - full.metrics["accuracy"]
-    assert result.metric_gap == pytest.approx(gap)
+    assert result.metric_gap == pytest.approx(gap)  # one subtraction of the same floats
     assert found["on_par"].reproduced == (gap >= -0.02)
 
 

@@ -60,6 +60,8 @@ def test_per_head_qkv_and_w0_match_the_models_own_modules(request, fixture, modu
         for index in attention.layer_indices:
             layer = attention.layer(index)
             projections, output = modules(model, index)
+            # float32 products of d_model terms in two orders; values of size ~1 (random x,
+            # small weights): rounding ~1e-7, so atol 1e-5 has a wide margin
             for role, module in projections.items():
                 expected = _heads(module(x), d.n_heads)
                 assert torch.allclose(_standard_projection(layer, role, x), expected, atol=1e-5)
@@ -150,6 +152,7 @@ def test_in_memory_tensors_are_snapshots_not_views(tiny_gpt2):
     with torch.no_grad():
         model.h[0].attn.c_proj.weight.add_(1.0)
         model.h[0].attn.c_proj.bias.add_(1.0)
+    # exact: a snapshot is a copy, untouched by the model's later in-place changes
     np.testing.assert_array_equal(snapshot.w0, before[0])
     np.testing.assert_array_equal(snapshot.b0, before[1])
 

@@ -84,6 +84,7 @@ def test_per_head_projections_match_the_models_own_modules(request, fixture):
                     ours = ours + torch.from_numpy(bias)[None, :, None, :]
                 expected = _heads(module(x), heads[role])
                 assert ours.shape == expected.shape
+                # float32 sums of d_model terms in two orders on values of size ~1: ~1e-7 apart
                 assert torch.allclose(ours, expected, atol=1e-5)
             per_head_sum = torch.einsum("bhte,hed->btd", z, torch.from_numpy(layer.w0))
             if layer.b0 is not None:
@@ -151,7 +152,7 @@ def test_extracted_file_keeps_kv_heads_and_leaves_absent_biases_out(tiny_qwen2, 
     assert json.loads(meta["positions"])["rope_type"] == "yarn"
     saved, original = load_attention(str(out)), load_attention(str(tiny_qwen2))
     assert saved.dims == original.dims and saved.bias_roles == ("bq", "bk", "bv")
-    for role, tensor in original.layer(1).tensors().items():
+    for role, tensor in original.layer(1).tensors().items():  # exact: stored, not computed
         np.testing.assert_array_equal(saved.layer(1).tensors()[role], tensor)
     assert saved.layer(1).b0 is None
 
@@ -253,13 +254,15 @@ def test_compare_pairs_each_query_head_with_its_key_value_head(tiny_llama, tmp_p
     result = compare(tiny_llama, tmp_path)
     layer = result.layers[1]
     wk = [h.fro_delta for h in layer.matrices["wk"].heads]
-    assert len(wk) == 2 and wk[0] == 0.0 and wk[1] > 0
+    assert len(wk) == 2 and wk[0] == 0.0 and wk[1] > 0  # exact: head 0's weights are unchanged
     a, b = load_attention(str(tiny_llama)).layer(1), load_attention(str(tmp_path)).layer(1)
     for head in range(6):
         kv = head // 3
         qk_a = a.wq[head].astype(np.float64) @ a.wk[kv].astype(np.float64).T
         qk_b = b.wq[head].astype(np.float64) @ b.wk[kv].astype(np.float64).T
         expected = np.linalg.norm(qk_b - qk_a)
+        # float64 both ways (thin factors against the explicit product): rel 1e-9, and the
+        # unchanged heads' exact 0 from compare against numpy's ~1e-17 rounding: abs 1e-12
         assert layer.circuits["qk"][head].fro_delta == pytest.approx(expected, rel=1e-9, abs=1e-12)
         assert (expected > 0) == (head in (3, 4, 5))
         assert layer.head_change("wk", head).fro_delta == wk[kv]

@@ -112,6 +112,7 @@ def test_head_change_matches_numpy_on_saved_snapshots(tracked_run):
                     np.linalg.norm(wt[h] - at_start[h]) / np.linalg.norm(at_start[h])
                     for h in range(3)
                 ]
+                # the tracker's norms of float32 weights against float64 numpy: ~1e-6 relative
                 np.testing.assert_allclose(point["head_change"][role][layer], expected, rtol=1e-4)
                 whole = np.linalg.norm(wt - at_start) / np.linalg.norm(at_start)
                 np.testing.assert_allclose(point["layer_change"][role][layer], whole, rtol=1e-4)
@@ -153,7 +154,7 @@ def test_report_compares_start_with_the_final_model(tracked_run):
     last = _trajectory(out)["shift"][-1]
     assert compared["mode"] == "elementwise"
     for layer in compared["layers"]:
-        for role in ROLES:
+        for role in ROLES:  # compare (float64) and the tracker (float32 norms): rtol 1e-4
             np.testing.assert_allclose(
                 layer["matrices"][role]["relative_change"],
                 last["layer_change"][role][layer["layer"]],
@@ -181,6 +182,7 @@ def test_f1_metric_matches_scikit_learn():
     references, predictions = rng.integers(0, 4, 50), rng.integers(0, 3, 50)
     f1 = evaluate.load(str(METRICS_DIR / "f1" / "f1.py"), keep_in_memory=True)
     expected = f1_score(references, predictions, average="macro", zero_division=0)
+    # the same counts divided in another order: pytest's default rel 1e-6
     assert f1.compute(predictions=predictions, references=references)["f1"] == pytest.approx(
         expected
     )
@@ -206,7 +208,7 @@ def test_causal_lm_from_gpt2_config_reports_perplexity(toy_corpus_txt, tmp_path)
     result = _language_model_run(TINY_GPT2_SPEC, toy_corpus_txt, tmp_path / "run", 30)
     losses = [loss for _, loss in _trajectory(tmp_path / "run")["train_loss"]]
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
-    # perplexity is exp(mean token NLL) over the validation blocks
+    # perplexity is exp(mean token NLL) over the validation blocks (one float64 exp: rel 1e-6)
     assert result.metrics["perplexity"] == pytest.approx(
         np.exp(result.metrics["eval_loss"]), rel=1e-6
     )

@@ -70,6 +70,7 @@ def test_standard_tensors_equal_transformers_gguf_load(smollm2_transformers):
             ("wv", block.v_proj),
             ("w0", block.o_proj),
         ):
+            # exact: both dequantize the same Q4_1 blocks to float32 with the same formula
             np.testing.assert_array_equal(layer.full(role), linear.weight.detach().numpy().T)
     # without undoing the permutation, q and k would not match
     raw = attention.checkpoint._dequantize(attention.checkpoint._tensors["blk.0.attn_q.weight"])
@@ -100,6 +101,7 @@ def test_compare_minilm_with_smollm2_is_structural():
 
 def test_compare_smollm2_with_itself_is_exactly_zero():
     result = compare("smollm2", "smollm2", layers=[0, 29])
+    # exact by construction: equal weights subtract to exactly 0 (docs/numerics.md)
     for layer in result.layers:
         assert layer.relative_change() == 0.0
         assert layer.head_relative_change() == [0.0] * 9

@@ -84,6 +84,7 @@ def test_compares_route_gives_the_float64_counts_and_similarities(planted):
     basis_a = right_singular_basis(a, ritz_a) if planted else ritz_a
     found = count_intruders(basis_a, top_b, 0.5)
     assert found.count == expected.count == planted
+    # |cos| of unit vectors, the tail of the basis from float32 Gram eigenvectors: abs 1e-5
     assert found.max_similarity == pytest.approx(expected.max_similarity, abs=1e-5)
 
 

@@ -30,6 +30,7 @@ def test_w0_sum_matches_the_model_and_a_swapped_o_proj(tiny_llama):
     report = verify(str(tiny_llama))
     assert (lesson.n_heads, lesson.n_kv_heads, lesson.d_head) == (6, 2, 10)
     assert lesson.w0_shape == [60, 48]  # h * d_head != d_model: no identity replacement
+    # two float32 recomputations of the same block output (size ~0.1): rounding, far below 1e-6
     assert lesson.sum_vs_model_max_abs_diff == pytest.approx(
         report.layers[layer].max_abs_diff["output"], abs=1e-6
     )
@@ -46,6 +47,7 @@ def test_w0_sum_matches_the_model_and_a_swapped_o_proj(tiny_llama):
         after = model(input_ids=input_ids, attention_mask=padding).last_hidden_state
     expected = ((after - before)[valid].norm() / before[valid].norm()).item()
     (case,) = [r for r in lesson.replacements if r.kind == "repeat" and r.head == 2]
+    # float32 forward passes summed in other orders: ~1e-6 of a change of size ~1
     assert case.final_output_relative_change == pytest.approx(expected, rel=1e-4)
     texts = [b.text for b in present_w0(lesson, "en") if isinstance(b, Paragraph)]
     assert any("6 query heads share 2 key/value heads" in t for t in texts)
@@ -61,6 +63,7 @@ def test_softmax_row_of_a_head_that_shares_its_keys(tiny_llama):
         out = _eager(tiny_llama)(input_ids=input_ids[:1], output_attentions=True)
     row = out.attentions[layer][0, head, token]
     assert lesson.keys == list(range(token + 1))
+    # probabilities in [0, 1], float32 from two routes: a few ulps of 1
     assert lesson.probs == pytest.approx(row[: token + 1].tolist(), abs=1e-6)
     assert lesson.max_abs_diff_vs_model < 1e-5
 
@@ -76,6 +79,8 @@ def test_qkv_gradients_per_key_value_head(tiny_llama):
     logits = model(input_ids=ids).last_hidden_state[0, :-1] @ model.embed_tokens.weight.T
     loss = F.cross_entropy(logits, ids[0, 1:])
     loss.backward()
+    # two float32 forward/backward passes: losses to ~1e-6 relative, gradient norms to ~1e-5
+    # (the abs floor for heads whose gradient is ~0)
     assert lesson.loss == pytest.approx(loss.item(), rel=1e-5)
     for layer in lesson.layers:
         block = model.layers[layer.layer].self_attn

@@ -55,8 +55,10 @@ def test_delta_has_rank_at_most_r_on_targeted_matrices_and_is_zero_elsewhere(
             if role in ("wq", "wv"):
                 singular = np.array(change.delta_singular_values)
                 assert singular[0] > 0, (layer.layer, role)
+                # B A has rank RANK; merging it into float32 weights adds rounding of ~6e-8 |W|,
+                # singular values ~1e-7 of the top one: 1e-6 separates them
                 assert np.sum(singular > 1e-6 * singular[0]) <= RANK, (layer.layer, role)
-            else:
+            else:  # exact: frozen weights saved unchanged, w - w = 0
                 assert change.fro_delta == 0.0, (layer.layer, role)
 
 
@@ -84,6 +86,7 @@ def test_tracked_snapshot_equals_w_plus_scaled_b_a_from_the_checkpoint(lora_run)
     effective = weight + ALPHA / RANK * (up.astype(np.float64) @ down)
     per_head = effective.T.reshape(D_MODEL, N_HEADS, -1).transpose(1, 0, 2)
     assert np.abs(up).max() > 0  # B has left zero: the check is not vacuous
+    # float32 merge against a float64 recomputation: ~1e-7 relative, atol for entries near 0
     np.testing.assert_allclose(snapshot["layers.1.wv"], per_head, rtol=1e-5, atol=1e-6)
 
 
@@ -99,6 +102,7 @@ def test_final_model_equals_peft_merge_of_the_saved_adapter(lora_run, tiny_bert_
     merged = PeftModel.from_pretrained(base, result.adapter_dir).merge_and_unload().state_dict()
     final = load_file(str(out / "final" / "model.safetensors"))
     assert set(final) <= set(merged)
+    # both merge W + (alpha / r) B A in float32, perhaps in another order: a few ulps
     for name, tensor in final.items():
         np.testing.assert_allclose(tensor, merged[name].numpy(), rtol=1e-6, atol=1e-7, err_msg=name)
     last = load_file(str(out / "shift" / "step_000012.safetensors"))
@@ -144,7 +148,7 @@ def test_merged_state_dict_equals_peft_merge_and_unload(kind):
     merged = merged_state_dict(peft_model)
     expected = copy.deepcopy(peft_model).merge_and_unload().state_dict()
     assert merged.keys() == expected.keys()
-    for name in expected:
+    for name in expected:  # float32 merges in two orders: a few ulps
         torch.testing.assert_close(merged[name], expected[name], rtol=1e-6, atol=1e-7)
     # the model being trained still computes with its frozen base weights and its adapter
     assert frozen and all(
@@ -175,6 +179,7 @@ def test_unknown_lora_target_and_default_learning_rates():
         )
     # The default rule (training/defaults.py) gives LoRA ten times a full fine-tune's rate.
     full = default_learning_rate(384, pretrained=True)
+    # 10x of the same float: pytest's default rel 1e-6 covers the one rounding
     assert default_learning_rate(384, pretrained=True, method="lora") == pytest.approx(10 * full)
     assert default_learning_rate(768, pretrained=True, method="lora") == pytest.approx(
         10 * default_learning_rate(768, pretrained=True), rel=0.05

@@ -110,6 +110,7 @@ def test_finetune_cli_passes_init(toy_sentiment_csv, tiny_bert_scaled_with_token
     result = CliRunner().invoke(main, [*args, "--max-steps", "1", "--max-length", "16"])
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "run" / "config.json").read_text())["init"] == "random"
+    # a sample std of 2304 normal draws: within a few percent of the configured 0.02
     assert _snapshot(tmp_path / "run", 0)["layers.0.wq"].std() == pytest.approx(0.02, rel=0.1)
 
 
@@ -152,6 +153,7 @@ def test_relative_change_by_layer_matches_numpy_on_the_snapshots(lesson):
                 w_start = start[f"layers.{layer}.{role}"].astype(np.float64)
                 w_end = end[f"layers.{layer}.{role}"].astype(np.float64)
                 expected = np.linalg.norm(w_end - w_start) / np.linalg.norm(w_start)
+                # the tracker's float32 norms against float64 numpy: ~1e-6 relative
                 assert run.layer_change[role][layer] == pytest.approx(expected, rel=1e-4)
                 assert run.start_norm[role][layer] == pytest.approx(
                     np.linalg.norm(w_start), rel=1e-5
@@ -187,7 +189,8 @@ def test_metrics_equal_evaluating_each_final_model(lesson, toy_sentiment_csv):
             logits = model(**encoded).logits
         accuracy = (logits.argmax(-1) == labels).double().mean().item()
         loss = torch.nn.functional.cross_entropy(logits, labels).item()
-        assert run.metrics["accuracy"] == pytest.approx(accuracy)
+        assert run.metrics["accuracy"] == pytest.approx(accuracy)  # a ratio of small counts
+        # float32 logits from two forward passes (batched differently): rel 1e-4
         assert run.metrics["eval_loss"] == pytest.approx(loss, rel=1e-4)
 
 
@@ -211,6 +214,7 @@ def test_lesson_fields_are_the_runs_numbers(lesson):
         names = [f"layers.{layer}.{role}" for layer in range(2) for role in ROLES]
         moved = [np.linalg.norm(end[name] - start[name]) for name in names]
         run = result.runs[init]
+        # the lesson's float32 norms against numpy's: ~1e-6 relative; rel 1e-4 for differences
         assert run.mean_moved == pytest.approx(np.mean(moved), rel=1e-4)
         assert run.mean_change == pytest.approx(
             np.mean([m / np.linalg.norm(start[n]) for m, n in zip(moved, names, strict=True)]),
@@ -222,6 +226,7 @@ def test_lesson_fields_are_the_runs_numbers(lesson):
         relative[init] = run.mean_change
         trajectory = json.loads((out / init / "shift" / "trajectory.json").read_text())
         losses = [loss for _, loss in trajectory["train_loss"]]
+        # the same logged floats averaged: pytest's default rel 1e-6
         assert run.last_train_loss == pytest.approx(np.mean(losses[-result.loss_window :]))
     assert result.moved_more == max(relative, key=relative.get)
     assert result.change_ratio == pytest.approx(max(relative.values()) / min(relative.values()))
@@ -389,6 +394,7 @@ def test_gpt2_family_runs_as_causal_lm_with_perplexity(tiny_gpt2_lm_with_tokeniz
     )
     assert result.task == "causal-lm" and result.metric == "perplexity"
     for run in result.runs.values():
+        # one exp of the same float: pytest's default rel 1e-6
         assert run.metrics["perplexity"] == pytest.approx(np.exp(run.metrics["eval_loss"]))
     text = _text(_with_metric(result, "perplexity", 10.0, 50.0), "en")
     assert "The pretrained start reached perplexity 10.0000" in text  # lower is better

@@ -113,7 +113,7 @@ def test_slider_shows_each_snapshots_head_change(run_page, run_dir):
         assert run_page.evaluate("document.getElementById('step-label').textContent").startswith(
             str(point["step"])
         )
-        for role in ROLES:
+        for role in ROLES:  # the page's numbers against the trajectory's, via JSON: rtol 1e-4
             np.testing.assert_allclose(
                 _heatmap(run_page, f"run-{role}"), point["head_change"][role], rtol=1e-4, atol=0
             )
@@ -136,6 +136,7 @@ def test_all_four_map_is_each_heads_whole_change_from_the_snapshots(run_page, ru
                 after = np.concatenate([now[f"layers.{layer}.{r}"][head].ravel() for r in ROLES])
                 expected[layer, head] = np.linalg.norm(after - before) / np.linalg.norm(before)
         _set_step(run_page, index)
+        # float32 snapshots' norms (page) against float64 numpy: ~1e-6 relative; rtol 1e-4
         np.testing.assert_allclose(_heatmap(run_page, "run-all"), expected, rtol=1e-4)
 
 
@@ -148,7 +149,7 @@ def test_top_heads_follow_the_slider(run_page, run_dir):
     )
     assert len(rows) == 6  # 2 layers x 3 heads
     wq = [float(row[3]) for row in rows]
-    for row in rows:
+    for row in rows:  # the table shows 4 significant digits (view.js): rel 1e-3
         assert float(row[3]) == pytest.approx(
             shift[1]["head_change"]["wq"][int(row[0])][int(row[1])], rel=1e-3
         )
@@ -177,7 +178,7 @@ def test_hover_shows_the_heads_numbers(run_page, run_dir):
     assert run_page.evaluate("document.getElementById('tooltip').hidden") is False
     assert "wv · layer 1 · head 2" in tip and f"step {last['step']}" in tip
     shown = float(re.search(r"relative change (\S+)", tip).group(1))
-    assert shown == pytest.approx(last["head_change"]["wv"][1][2], rel=1e-3)
+    assert shown == pytest.approx(last["head_change"]["wv"][1][2], rel=1e-3)  # 4 digits shown
 
 
 def _manual_attention(model_dir: Path, layer: int, head: int) -> tuple[list[str], np.ndarray]:
@@ -228,6 +229,8 @@ def test_clicking_a_cell_shows_that_heads_attention_before_and_after(
     )
     base_tokens, base = _manual_attention(tiny_bert_with_tokenizer, 1, 2)
     final_tokens, final = _manual_attention(run_dir / "final", 1, 2)
+    # probabilities in [0, 1], the page's from the toolkit's float32 run and these from a manual
+    # float32 recomputation: atol 1e-4, well under the 1e-3 change asserted below
     np.testing.assert_allclose(_attention_cells(run_page, "a"), base, atol=1e-4)
     np.testing.assert_allclose(_attention_cells(run_page, "b"), final, atol=1e-4)
     assert np.abs(base - final).max() > 1e-3  # fine-tuning moved this head's attention
@@ -250,8 +253,8 @@ def test_a_chosen_tokens_softmax_row_and_the_lines_view(run_page, run_dir):
         ".map(r => +r.dataset.value)"
     )
     _, final = _manual_attention(run_dir / "final", 1, 2)
-    np.testing.assert_allclose(row, final[2], atol=1e-4)
-    assert sum(row) == pytest.approx(1, abs=1e-3)
+    np.testing.assert_allclose(row, final[2], atol=1e-4)  # probabilities, as above
+    assert sum(row) == pytest.approx(1, abs=1e-3)  # a softmax row; the page's values are rounded
     assert run_page.evaluate(
         "document.querySelectorAll('[data-side=a] .attention-lines line').length"
     )
@@ -288,6 +291,7 @@ def test_view_of_two_models_shows_the_comparison(
             ]
             for i in range(2)
         ]
+        # compare's float64 numbers against numpy's on the same weights: rtol 1e-4 is a margin
         np.testing.assert_allclose(_heatmap(page, f"compare-{role}"), expected, rtol=1e-4)
     assert page.evaluate("document.querySelectorAll('#ranks tr').length") == 1 + 2 * 4
     assert page.evaluate("document.querySelectorAll('.attention-matrix').length") == 2
