@@ -428,7 +428,6 @@ def test_explain_all_writes_markdown_with_figures_and_json(tiny_bert, tmp_path):
         (["softmax", "--layer", "7"], "layer 7 is out of range"),
         (["softmax", "--head", "3"], "head 3 is out of range"),
         (["softmax", "--token", "40"], "token 40 is out of range"),
-        (["softmax", "--token", "-1"], "token -1 is out of range"),
         (["w0", "--layer", "2"], "layer 2 is out of range"),
         (["softmax", "--markdown", "no/such/folder/r.md"], "does not exist"),
     ],

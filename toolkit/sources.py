@@ -111,7 +111,7 @@ def resolve_source(
             )
         return ModelSource(name=spec, path=path, config={})
     if _looks_like_path(spec) or not _HUB_ID.match(spec):
-        raise ToolkitError(f"no such model folder: {spec}")
+        raise ToolkitError(_missing_path_message(spec, path))
     check_not_typo(spec, EMBEDDED_MODELS, "model")
     return _from_folder(spec, _download_from_hub(spec, revision, allow_pickle))
 
@@ -127,6 +127,17 @@ def check_not_typo(name: str, local_names: Collection[str], kind: str) -> None:
             f"no {kind} '{name}': did you mean '{near}'? "
             f"(offline {kind}s: {', '.join(local_names)}; anything else is looked up on the Hub)"
         )
+
+
+def _missing_path_message(spec: str, path: Path) -> str:
+    """What is missing (a file when the name has a suffix, else a file or folder) and what a model
+    can be instead."""
+    what = "file" if path.suffix else "file or folder"
+    return (
+        f"no such {what}: {spec} (check the path; a model is a folder written by save_pretrained, "
+        f"a .gguf file, a .safetensors file written by 'toolkit extract', or one of "
+        f"{', '.join(EMBEDDED_MODELS)})"
+    )
 
 
 def _looks_like_path(spec: str) -> bool:
