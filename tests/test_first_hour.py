@@ -212,3 +212,39 @@ def test_piped_output_keeps_long_lines_whole(tiny_bert):
 def test_gitignore_covers_what_the_examples_write(path, ignored):
     checked = subprocess.run(["git", "check-ignore", "--no-index", "-q", path], cwd=ROOT)
     assert (checked.returncode == 0) == ignored, path
+
+
+def test_resume_says_which_run_step_and_checkpoint(
+    toy_corpus_txt, tmp_path, one_torch_thread, capsys
+):
+    """A 4-step run checkpointed at step 2, its final model removed, then resumed."""
+    import shutil
+
+    from conftest import TINY_GPT2_SPEC
+
+    from toolkit.training.loop import finetune
+    from toolkit.training.recipe import FinetuneConfig
+
+    run = tmp_path / "run"
+    config = FinetuneConfig(
+        model=TINY_GPT2_SPEC,
+        dataset=str(toy_corpus_txt),
+        task="causal-lm",
+        output_dir=str(run),
+        max_length=32,
+        batch_size=4,
+        max_steps=4,
+        checkpoint_every=2,
+        track_every=0,
+        log_every=100,
+    )
+    finetune(config)
+    shutil.rmtree(
+        run / "final"
+    )  # as if killed after the step-2 checkpoint (the last step has none)
+    capsys.readouterr()
+    result = finetune(FinetuneConfig(**{**config.__dict__, "resume": True}))
+    checkpoint = run / "checkpoints" / "step_000002"
+    expected = f"resuming run {run} from step 2 (checkpoint {checkpoint})"
+    assert expected in capsys.readouterr().err.splitlines()
+    assert result.resumed_from == 2 and result.steps == 4
