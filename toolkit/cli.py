@@ -342,7 +342,8 @@ def _lesson_output_options(command):
         "--json",
         "as_json",
         is_flag=True,
-        help="Print every number as one JSON object instead of the lesson.",
+        help="Print every number as one JSON object instead of the lesson ('explain all': one "
+        "line per lesson, JSON Lines).",
     )
     lang = click.option(
         "--lang",
@@ -360,16 +361,25 @@ def _check_markdown(markdown: str | None) -> None:
         check_output_path(markdown)
 
 
-def _show_lessons(results: dict, lang: str | None, as_json: bool, markdown: str | None) -> None:
-    """Render lesson results: JSON on stdout, or the terminal view; and the Markdown report."""
+def _show_lessons(
+    results: dict, lang: str | None, as_json: bool, markdown: str | None, json_lines: bool = False
+) -> None:
+    """Render lesson results: JSON on stdout, or the terminal view; and the Markdown report.
+
+    JSON: one lesson is one object; with `json_lines` (`explain all`) each lesson is one line,
+    {"lesson": name, ...its numbers} (JSON Lines: jq and line readers take one lesson at a time).
+    """
     from toolkit.render.lessons import lesson_blocks
     from toolkit.render.report import print_blocks, write_markdown
     from toolkit.render.text import resolve_language
 
     blocks = lesson_blocks(results, resolve_language(lang))
-    if as_json:
-        data = {name: result.to_dict() for name, result in results.items()}
-        _print_json(next(iter(data.values())) if len(data) == 1 else data)
+    if as_json and json_lines:
+        for name, result in results.items():
+            click.echo(json.dumps({"lesson": name, **result.to_dict()}))
+    elif as_json:
+        (result,) = results.values()
+        _print_json(result.to_dict())
     else:
         print_blocks(blocks, _console())
     if markdown is not None:
@@ -582,7 +592,7 @@ def explain_all(model, revision, allow_pickle, skip, lang, as_json, markdown):
         results = run_all(
             model, revision=revision, allow_pickle=allow_pickle, skip=skip, on_lesson=on_lesson
         )
-    _show_lessons(results, lang, as_json, markdown)
+    _show_lessons(results, lang, as_json, markdown, json_lines=True)
 
 
 def _default(name: str) -> str:
