@@ -258,3 +258,14 @@ def test_resume_says_which_run_step_and_checkpoint(
     expected = f"resuming run {run} from step 2 (checkpoint {checkpoint})"
     assert expected in capsys.readouterr().err.splitlines()
     assert result.resumed_from == 2 and result.steps == 4
+
+
+def test_a_missing_recipe_says_what_to_give_instead():
+    result = CliRunner().invoke(main, ["finetune", "no-such-recipe"])
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith(
+        "error: no recipe file no-such-recipe: give a YAML file or one of the recipes in "
+    )
+    assert result.stderr.endswith(" (see 'toolkit recipes')\n")
+    for recipe in (ROOT / "recipes").glob("*.yaml"):
+        assert f" {recipe.stem}," in result.stderr or f" {recipe.stem} (" in result.stderr

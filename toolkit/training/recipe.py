@@ -213,5 +213,6 @@ def _recipe_path(path: str | Path) -> Path:
     near = close_match(str(path), names) if path.suffix == "" else None
     hint = f"did you mean '{near}'? " if near else ""
     raise ToolkitError(
-        f"no recipe file {path}: {hint}(recipes in {RECIPES_DIR}: {', '.join(names) or 'none'})"
+        f"no recipe file {path}: {hint}give a YAML file or one of the recipes in {RECIPES_DIR}: "
+        f"{', '.join(names) or 'none'} (see 'toolkit recipes')"
     )
