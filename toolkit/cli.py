@@ -17,7 +17,8 @@ MODEL_HELP = (
 
 
 class _Group(click.Group):
-    """Turns ToolkitError into one line on stderr and exit code 1, without a traceback."""
+    """Turns ToolkitError into one line on stderr and exit code 1, and a bad option or argument
+    into one line and exit code 2 (click's code for usage errors), without a traceback."""
 
     def invoke(self, ctx):
         try:
@@ -25,6 +26,11 @@ class _Group(click.Group):
         except ToolkitError as err:
             click.echo(f"error: {err}", err=True)
             sys.exit(1)
+        except click.UsageError as err:  # raised while parsing a command's options, before work
+            where = err.ctx.command_path if err.ctx else ctx.command_path
+            message = " ".join(err.format_message().split())
+            click.echo(f"error: {message} (see '{where} --help')", err=True)
+            sys.exit(err.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
@@ -43,14 +49,10 @@ def _model_options(command):
 
 
 def _console():
-    """A rich console; when stdout is not a terminal (a pipe, a file, CI) rich would assume 80
-    columns and cut wide tables of numbers, so give it room unless COLUMNS says otherwise."""
-    import os
+    """The rich console on stdout: lines are broken only for a terminal (see toolkit.progress)."""
+    from toolkit.progress import console
 
-    from rich.console import Console
-
-    wide = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160
-    return Console(width=wide)
+    return console()
 
 
 def _print_json(data: object) -> None:
@@ -340,7 +342,8 @@ def _lesson_output_options(command):
         "--json",
         "as_json",
         is_flag=True,
-        help="Print every number as one JSON object instead of the lesson.",
+        help="Print every number as one JSON object instead of the lesson ('explain all': one "
+        "line per lesson, JSON Lines).",
     )
     lang = click.option(
         "--lang",
@@ -358,16 +361,25 @@ def _check_markdown(markdown: str | None) -> None:
         check_output_path(markdown)
 
 
-def _show_lessons(results: dict, lang: str | None, as_json: bool, markdown: str | None) -> None:
-    """Render lesson results: JSON on stdout, or the terminal view; and the Markdown report."""
+def _show_lessons(
+    results: dict, lang: str | None, as_json: bool, markdown: str | None, json_lines: bool = False
+) -> None:
+    """Render lesson results: JSON on stdout, or the terminal view; and the Markdown report.
+
+    JSON: one lesson is one object; with `json_lines` (`explain all`) each lesson is one line,
+    {"lesson": name, ...its numbers} (JSON Lines: jq and line readers take one lesson at a time).
+    """
     from toolkit.render.lessons import lesson_blocks
     from toolkit.render.report import print_blocks, write_markdown
     from toolkit.render.text import resolve_language
 
     blocks = lesson_blocks(results, resolve_language(lang))
-    if as_json:
-        data = {name: result.to_dict() for name, result in results.items()}
-        _print_json(next(iter(data.values())) if len(data) == 1 else data)
+    if as_json and json_lines:
+        for name, result in results.items():
+            click.echo(json.dumps({"lesson": name, **result.to_dict()}))
+    elif as_json:
+        (result,) = results.values()
+        _print_json(result.to_dict())
     else:
         print_blocks(blocks, _console())
     if markdown is not None:
@@ -427,7 +439,11 @@ def _fine_tuning_lesson_options(steps: int, eval_samples: int, runs: tuple[str, 
 @explain.command("w0")
 @_model_options
 @click.option(
-    "--layer", type=int, default=0, show_default=True, help="The layer whose W0 is replaced."
+    "--layer",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="The layer whose W0 is replaced.",
 )
 @click.option(
     "--text", "texts", multiple=True, help="Input text (repeatable); default: two sentences."
@@ -447,10 +463,13 @@ def explain_w0(model, revision, allow_pickle, layer, texts, lang, as_json, markd
 @explain.command("softmax")
 @_model_options
 @click.option("--text", default=None, help="The input text; default: a sample sentence.")
-@click.option("--layer", type=int, default=0, show_default=True)
-@click.option("--head", type=int, default=0, show_default=True)
+@click.option("--layer", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--head", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option(
-    "--token", type=int, default=None, help="The query token's position; default: the middle one."
+    "--token",
+    type=click.IntRange(min=0),
+    default=None,
+    help="The query token's position; default: the middle one.",
 )
 @_lesson_output_options
 def explain_softmax(
@@ -573,7 +592,7 @@ def explain_all(model, revision, allow_pickle, skip, lang, as_json, markdown):
         results = run_all(
             model, revision=revision, allow_pickle=allow_pickle, skip=skip, on_lesson=on_lesson
         )
-    _show_lessons(results, lang, as_json, markdown)
+    _show_lessons(results, lang, as_json, markdown, json_lines=True)
 
 
 def _default(name: str) -> str:
@@ -702,13 +721,15 @@ def finetune(recipe, as_json, **options):
     DIR/report.md; with --method lora also DIR/adapter/ (PEFT format). Several processes:
     torchrun --nproc_per_node N -m toolkit finetune ...
     """
-    from toolkit.training.recipe import FinetuneConfig, load_recipe
-    from toolkit.workflows import finetune_with_report
+    from toolkit.training.recipe import FinetuneConfig, check_config, load_recipe
 
     config = load_recipe(recipe) if recipe else FinetuneConfig()
     options["resume"] = options["resume"] or None  # an absent flag keeps the recipe's setting
     options["fsdp"] = options["fsdp"] or None
-    result = finetune_with_report(config.with_overrides(**options))
+    config = check_config(config.with_overrides(**options))  # before torch: a bad value is instant
+    from toolkit.workflows import finetune_with_report
+
+    result = finetune_with_report(config)
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun, the main process speaks for the run
     if as_json:

@@ -37,6 +37,7 @@ EMBEDDED_MODELS = {
 }
 EMBEDDED_NAME = "minilm"
 GGUF_SUFFIX = ".gguf"
+CHECKPOINT_SUFFIXES = (GGUF_SUFFIX, ".safetensors", ".bin")
 DEFAULT_MODEL = EMBEDDED_NAME
 
 # The files a Hub download needs: config, safetensors weights, tokenizer. Pickled weights are
@@ -110,10 +111,21 @@ def resolve_source(
                 "save_pretrained, a .gguf file, or a .safetensors file written by 'toolkit extract'"
             )
         return ModelSource(name=spec, path=path, config={})
-    if _looks_like_path(spec) or not _HUB_ID.match(spec):
-        raise ToolkitError(f"no such model folder: {spec}")
-    check_not_typo(spec, EMBEDDED_MODELS, "model")
+    check_local_spec(spec)
     return _from_folder(spec, _download_from_hub(spec, revision, allow_pickle))
+
+
+def check_local_spec(model: str | None) -> None:
+    """Stop when `model` names a local file or folder that is not there, or misspells a local
+    model name: checks that need no import and no network, so a command can make them first."""
+    spec = model or DEFAULT_MODEL
+    path = Path(spec).expanduser()
+    if spec in EMBEDDED_MODELS or path.exists():
+        return
+    # a name with a checkpoint file's suffix is never a Hub id
+    if _looks_like_path(spec) or not _HUB_ID.match(spec) or path.suffix in CHECKPOINT_SUFFIXES:
+        raise ToolkitError(_missing_path_message(spec, path))
+    check_not_typo(spec, EMBEDDED_MODELS, "model")
 
 
 def check_not_typo(name: str, local_names: Collection[str], kind: str) -> None:
@@ -127,6 +139,17 @@ def check_not_typo(name: str, local_names: Collection[str], kind: str) -> None:
             f"no {kind} '{name}': did you mean '{near}'? "
             f"(offline {kind}s: {', '.join(local_names)}; anything else is looked up on the Hub)"
         )
+
+
+def _missing_path_message(spec: str, path: Path) -> str:
+    """What is missing (a file when the name has a suffix, else a file or folder) and what a model
+    can be instead."""
+    what = "file" if path.suffix else "file or folder"
+    return (
+        f"no such {what}: {spec} (check the path; a model is a folder written by save_pretrained, "
+        f"a .gguf file, a .safetensors file written by 'toolkit extract', or one of "
+        f"{', '.join(EMBEDDED_MODELS)})"
+    )
 
 
 def _looks_like_path(spec: str) -> bool:

@@ -12,6 +12,7 @@ from toolkit.attention import WEIGHT_ROLES
 from toolkit.errors import ToolkitError
 from toolkit.fileio import write_atomic
 from toolkit.render.compare_view import number
+from toolkit.render.scales import within_noise
 
 
 def write_compare_plots(comparison: Comparison, out_dir: str | Path) -> list[Path]:
@@ -80,6 +81,7 @@ def _change_heatmaps(comparison: Comparison, names: tuple[str, ...]):
             ]
         )  # [layers, heads]
     top = max(float(np.nanmax(g)) if np.isfinite(g).any() else 0.0 for g in grids.values())
+    unchanged = within_noise(0.0, top)
     columns = 2
     figure, axes = plt.subplots(
         -(-len(names) // columns),
@@ -90,11 +92,17 @@ def _change_heatmaps(comparison: Comparison, names: tuple[str, ...]):
     )
     labels = [str(layer.layer) for layer in comparison.layers]
     for axis, name in zip(axes.flat, names, strict=False):
-        image = axis.imshow(grids[name], aspect="auto", cmap="viridis", vmin=0, vmax=top or 1.0)
+        # a range within float noise is drawn flat at the "no change" end, not stretched
+        image = axis.imshow(
+            grids[name], aspect="auto", cmap="viridis", vmin=0, vmax=1.0 if unchanged else top
+        )
         axis.set_title(
-            f"{name}: ||ΔW||_F / ||W_a||_F per head"
-            if name in WEIGHT_ROLES
-            else f"{name.upper()} circuit: relative change per head"
+            (
+                f"{name}: ||ΔW||_F / ||W_a||_F per head"
+                if name in WEIGHT_ROLES
+                else f"{name.upper()} circuit: relative change per head"
+            )
+            + (" (no change)" if unchanged else "")
         )
         axis.set_xlabel("head")
         axis.set_ylabel("layer")

@@ -8,13 +8,17 @@ import math
 import re
 from pathlib import Path
 
+from toolkit.render.scales import NOISE_FLOOR
+
 ASSETS = Path(__file__).resolve().parent / "view"
 SIGNIFICANT_DIGITS = 5  # the page shows 4; five keep a 60-step MiniLM run under 1 MB
 
 
 def render_view_html(data: dict) -> str:
     """The page for `data` (from `toolkit.analysis.view_data`), as one HTML string."""
-    payload = json.dumps(rounded(data), separators=(",", ":"), allow_nan=False)
+    # the page's colour scales read the noise floor from the data: one value, set in Python
+    page_data = {**data, "noise_floor": NOISE_FLOOR}
+    payload = json.dumps(rounded(page_data), separators=(",", ":"), allow_nan=False)
     parts = {
         "title": _escape(data["title"]),
         "style": (ASSETS / "view.css").read_text(),

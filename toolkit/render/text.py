@@ -282,64 +282,64 @@ TEXT: dict[str, dict[str, str]] = {
         "lora.figure": "Training loss of both runs (left), numerical rank of ΔW by layer (middle; dashed: r) and intruder dimensions by layer (right)",
     },
     "zh": {
-        "model_line": "模型 {model}(家族 {family})。",
+        "model_line": "模型 {model}（家族 {family}）。",
         "figure": "图",
         "layer": "层",
         "head": "头",
         "role": "矩阵",
-        "w0.title": "问题一:为什么只有一个 W0,而不是每个头一个输出矩阵?",
+        "w0.title": "问题一：为什么只有一个 W0，而不是每个头一个输出矩阵？",
         "w0.shapes": (
-            "在第 {layer} 层,{n_heads} 个头各输出一个 z_i,形状为 {z_shape}(词元数 x d_head,"
-            "取第一个输入的 {tokens} 个词元)。并排拼接得到 Concat(z) {concat_shape};"
-            "W0 的形状是 {w0_shape},把拼接结果映射为注意力块的输出 {output_shape}。"
+            "在第 {layer} 层，{n_heads} 个头各输出一个 z_i，形状为 {z_shape}（词元数 x d_head，"
+            "取第一个输入的 {tokens} 个词元）。并排拼接得到 Concat(z) {concat_shape}；"
+            "W0 的形状是 {w0_shape}，把拼接结果映射为注意力块的输出 {output_shape}。"
         ),
         "w0.identity": (
-            "W0 的第 {d_head}*i 到 {d_head}*(i+1)-1 行属于第 i 个头,记作 w0[i] [{d_head}, {d_model}]。"
-            "因此 Concat(z) @ W0 = sum_i z_i @ w0[i]。在这些输入上,两种算法最多相差 {concat_diff:.1e},"
-            "而求和(加上 b0)与模型自己的注意力输出相差不超过 {model_diff:.1e}。"
+            "W0 的第 {d_head}*i 到 {d_head}*(i+1)-1 行属于第 i 个头，记作 w0[i] [{d_head}, {d_model}]。"
+            "因此 Concat(z) @ W0 = sum_i z_i @ w0[i]。在这些输入上，两种算法最多相差 {concat_diff:.1e}，"
+            "而求和（加上 b0）与模型自己的注意力输出相差不超过 {model_diff:.1e}。"
         ),
         "w0.why_one": (
-            "所以 W0 是一个矩阵,它的行块分属各个头:每个头通过自己的行块写入全部 {d_model} 个输出维度,"
-            '求和把各个头找到的信息混合在一起。输出端没有 "W1..W{n_heads}",因为每个头自己的矩阵早已存在:'
-            "它们就是 Wq、Wk、Wv 的切片(以及 W0 的行块 w0[i])。"
+            "所以 W0 是一个矩阵，它的行块分属各个头：每个头通过自己的行块写入全部 {d_model} 个输出维度，"
+            '求和把各个头找到的信息混合在一起。输出端没有 "W1..W{n_heads}"，因为每个头自己的矩阵早已存在：'
+            "它们就是 Wq、Wk、Wv 的切片（以及 W0 的行块 w0[i]）。"
         ),
         "w0.square": (
-            '常见的说法是 W0 "降低维度"。这里并非如此:h*d_head = {n_heads}*{d_head} = {width} = d_model,'
-            "W0 是方阵 {w0_shape},去掉它模型的尺寸也不会变小。它的数值秩是 {rank}/{width}"
-            "(奇异值从 {smax:.3g} 到 {smin:.3g})。"
+            '常见的说法是 W0 "降低维度"。这里并非如此：h*d_head = {n_heads}*{d_head} = {width} = d_model，'
+            "W0 是方阵 {w0_shape}，去掉它模型的尺寸也不会变小。它的数值秩是 {rank}/{width}"
+            "（奇异值从 {smax:.3g} 到 {smin:.3g}）。"
         ),
         "w0.reduces": (
-            "这里 h*d_head = {n_heads}*{d_head} = {width} 大于 d_model = {d_model}:W0 确实把维度从 "
+            "这里 h*d_head = {n_heads}*{d_head} = {width} 大于 d_model = {d_model}：W0 确实把维度从 "
             "{width} 降到 {d_model}。它的数值秩是 {rank}。"
         ),
         "w0.expands": (
-            "这里 h*d_head = {n_heads}*{d_head} = {width} 小于 d_model = {d_model}:W0 把拼接结果扩展到 "
+            "这里 h*d_head = {n_heads}*{d_head} = {width} 小于 d_model = {d_model}：W0 把拼接结果扩展到 "
             "d_model。它的数值秩是 {rank}。"
         ),
         "w0.experiment": (
-            "W0 到底做了什么,用数字来看:替换第 {layer} 层的 W0(保留 b0),让真实模型在 {n_inputs} "
-            "个输入上运行。表中是相对变化 ||新 - 旧|| / ||旧||:该层注意力输出的变化,以及模型最终隐藏状态的变化。"
-            "(用同样的方式把原来的 W0 放回去,最终状态只变化 {reinserted:.1e}。)"
-            "单位矩阵让 Concat(z) 不经混合直接输出:第 i 个头的输出只落在它自己的 {d_head} 个维度上。"
-            '"所有头都用 w0[j]" 是把第 j 个头的行块重复 {n_heads} 次拼成的 W0 {w0_shape},'
-            "它计算的是 (sum_i z_i) @ w0[j]:所有头都通过同一个头的映射写出。"
+            "W0 到底做了什么，用数字来看：替换第 {layer} 层的 W0（保留 b0），让真实模型在 {n_inputs} "
+            "个输入上运行。表中是相对变化 ||新 - 旧|| / ||旧||：该层注意力输出的变化，以及模型最终隐藏状态的变化。"
+            "（用同样的方式把原来的 W0 放回去，最终状态只变化 {reinserted:.1e}。）"
+            "单位矩阵让 Concat(z) 不经混合直接输出：第 i 个头的输出只落在它自己的 {d_head} 个维度上。"
+            '"所有头都用 w0[j]" 是把第 j 个头的行块重复 {n_heads} 次拼成的 W0 {w0_shape}，'
+            "它计算的是 (sum_i z_i) @ w0[j]：所有头都通过同一个头的映射写出。"
         ),
-        "w0.no_identity": "没有尝试单位矩阵:W0 {w0_shape} 不是方阵。",
+        "w0.no_identity": "没有尝试单位矩阵：W0 {w0_shape} 不是方阵。",
         "w0.identity_row": "单位矩阵",
         "w0.repeat_row": "所有头都用 w0[{head}]",
         "w0.replacement": "W0 替换为",
         "w0.layer_change": "该层输出变化",
         "w0.final_change": "最终输出变化",
         "w0.summary": (
-            "在这些替换下,该层注意力输出变化 {min_layer:.0%} 到 {max_layer:.0%},模型最终输出变化 "
-            "{min_final:.0%} 到 {max_final:.0%}:这就是模型对这一层 W0 学到的混合方式的依赖程度。"
+            "在这些替换下，该层注意力输出变化 {min_layer:.0%} 到 {max_layer:.0%}，模型最终输出变化 "
+            "{min_final:.0%} 到 {max_final:.0%}：这就是模型对这一层 W0 学到的混合方式的依赖程度。"
         ),
-        "w0.figure": "每个头的行块中 |W0| 的平均值(行:头,列:输出维度)",
-        "softmax.title": "问题二:一步一步算 softmax(第 {layer} 层,第 {head} 个头)",
+        "w0.figure": "每个头的行块中 |W0| 的平均值（行：头，列：输出维度）",
+        "softmax.title": "问题二：一步一步算 softmax（第 {layer} 层，第 {head} 个头）",
         "softmax.intro": (
-            "\"{text}\" 中的第 {query} 个词元 '{query_token}' 作为查询,可以关注 {n_keys} 个词元。"
-            "每个分数是 q . k_j(长度为 d_head = {d_head} 的向量)乘以模型的缩放系数 {scale:.4g}"
-            "(1/sqrt(d_head) = {inv_sqrt:.4g})。"
+            "\"{text}\" 中的第 {query} 个词元 '{query_token}' 作为查询，可以关注 {n_keys} 个词元。"
+            "每个分数是 q . k_j（长度为 d_head = {d_head} 的向量）乘以模型的缩放系数 {scale:.4g}"
+            "（1/sqrt(d_head) = {inv_sqrt:.4g}）。"
         ),
         "softmax.key": "键",
         "softmax.token": "词元",
@@ -350,41 +350,41 @@ TEXT: dict[str, dict[str, str]] = {
         "softmax.prob": "/ 总和",
         "softmax.model": "模型",
         "softmax.steps": (
-            "最大的分数是 {largest:.4f}。减去它之后所有指数都 <= 0,所以每个 exp 都在 (0, 1] 之间;"
-            "它们的总和是 {exp_sum:.4f},除以总和就得到加起来等于 1 的概率。"
+            "最大的分数是 {largest:.4f}。减去它之后所有指数都 <= 0，所以每个 exp 都在 (0, 1] 之间；"
+            "它们的总和是 {exp_sum:.4f}，除以总和就得到加起来等于 1 的概率。"
         ),
-        "softmax.check": "模型自己的注意力行(output_attentions)与此最多相差 {diff:.1e}。",
+        "softmax.check": "模型自己的注意力行（output_attentions）与此最多相差 {diff:.1e}。",
         "softmax.overflow": (
-            "为什么要减去最大分数:在 float16 中 x 超过 {f16:.2f}、在 float32 中超过 {f32:.2f} 时,exp(x) "
-            "就变成无穷大。给所有分数加上同一个常数不会改变 softmax(每个 exp 都乘以同一个因子),"
-            "所以下表把这些分数平移,直到最大值越过各自的界限,并用两种精度分别计算两种公式:"
+            "为什么要减去最大分数：在 float16 中 x 超过 {f16:.2f}、在 float32 中超过 {f32:.2f} 时，exp(x) "
+            "就变成无穷大。给所有分数加上同一个常数不会改变 softmax（每个 exp 都乘以同一个因子），"
+            "所以下表把这些分数平移，直到最大值越过各自的界限，并用两种精度分别计算两种公式："
         ),
         "softmax.largest": "最大分数",
         "softmax.dtype": "精度",
-        "softmax.naive_nonfinite": "直接公式:inf/NaN 个数",
-        "softmax.naive_error": "直接公式:最大误差",
-        "softmax.stable_error": "稳定公式:最大误差",
+        "softmax.naive_nonfinite": "直接公式：inf/NaN 个数",
+        "softmax.naive_error": "直接公式：最大误差",
+        "softmax.stable_error": "稳定公式：最大误差",
         "softmax.broken": "失败",
         "softmax.overflow_summary": (
-            "直接公式 exp(s) / sum exp(s) 在 {cases} 种情况中有 {broken} 种失败(inf 或 NaN);"
+            "直接公式 exp(s) / sum exp(s) 在 {cases} 种情况中有 {broken} 种失败（inf 或 NaN）；"
             "exp(s - max) / sum exp(s - max) 在 {cases} 种情况中有 {stable_ok} 种保持有限。"
         ),
         "softmax.race": (
-            "赛跑的比喻:词元是选手,分数是每人跑出的距离。只有落后领先者多少才重要(这就是减去最大值)。"
-            "'{leader}' 以 {leader_score:.2f} 领先,拿到 {leader_prob:.1%} 的注意力。'{second}' 落后 "
-            "{gap:.2f},所以得到领先者份额的 e^-{gap:.2f} = {ratio:.3f} 倍:{second_prob:.1%}。"
-            "最后一名 '{last}' 落后 {last_gap:.2f},得到 {last_prob:.2%}。"
+            "赛跑的比喻：词元是选手，分数是每人跑出的距离。只有落后领先者多少才重要（这就是减去最大值）。"
+            "'{leader}' 以 {leader_score:.2f} 领先，拿到 {leader_prob:.1%} 的注意力。'{second}' 落后 "
+            "{gap:.2f}，所以得到领先者份额的 e^-{gap:.2f} = {ratio:.3f} 倍：{second_prob:.1%}。"
+            "最后一名 '{last}' 落后 {last_gap:.2f}，得到 {last_prob:.2%}。"
         ),
-        "softmax.figure": "查询 '{query_token}' 的注意力(第 {layer} 层,第 {head} 个头)",
-        "qkv.title": "问题三:Wq、Wk、Wv 从哪里来,又是怎样被调整的",
+        "softmax.figure": "查询 '{query_token}' 的注意力（第 {layer} 层，第 {head} 个头）",
+        "qkv.title": "问题三：Wq、Wk、Wv 从哪里来，又是怎样被调整的",
         "qkv.init": (
-            "训练之前,{family} 把 Wq、Wk、Wv 的每个元素从 normal(0, {std}) 中抽取"
-            "(配置中的 initializer_range),偏置设为 0。按同一配置新初始化的模型(种子 {seed})"
-            "平均标准差为 {init_std:.4f};训练后的权重为 {trained_std:.4f}。"
+            "训练之前，{family} 把 Wq、Wk、Wv 的每个元素从 normal(0, {std}) 中抽取"
+            "（配置中的 initializer_range），偏置设为 0。按同一配置新初始化的模型（种子 {seed}）"
+            "平均标准差为 {init_std:.4f}；训练后的权重为 {trained_std:.4f}。"
         ),
         "qkv.init_unknown": (
-            "配置中没有 initializer_range;按同一配置新初始化的模型(种子 {seed})平均标准差为 "
-            "{init_std:.4f};训练后的权重为 {trained_std:.4f}。"
+            "配置中没有 initializer_range；按同一配置新初始化的模型（种子 {seed}）平均标准差为 "
+            "{init_std:.4f}；训练后的权重为 {trained_std:.4f}。"
         ),
         "qkv.std_init": "初始标准差",
         "qkv.std_trained": "训练后标准差",
@@ -393,127 +393,127 @@ TEXT: dict[str, dict[str, str]] = {
         "qkv.sv_median_init": "初始 σ 中位数",
         "qkv.sv_median_trained": "训练后 σ 中位数",
         "qkv.spectra_steeper": (
-            "奇异值:新初始化的随机矩阵最大值/中位数平均为 {init_ratio:.1f},训练后为 "
-            "{trained_ratio:.1f}:训练把权重集中到了更少的方向上。"
+            "奇异值：新初始化的随机矩阵最大值/中位数平均为 {init_ratio:.1f}，训练后为 "
+            "{trained_ratio:.1f}：训练把权重集中到了更少的方向上。"
         ),
         "qkv.spectra_flatter": (
-            "奇异值:新初始化的随机矩阵最大值/中位数平均为 {init_ratio:.1f},训练后为 "
-            "{trained_ratio:.1f}:训练并没有把权重集中到更少的方向上。"
+            "奇异值：新初始化的随机矩阵最大值/中位数平均为 {init_ratio:.1f}，训练后为 "
+            "{trained_ratio:.1f}：训练并没有把权重集中到更少的方向上。"
         ),
         "qkv.loss_masked": (
-            '在 "{text}" 上做一次反向传播。这里自己定义一个不需要任务头的损失({model} 按基础模型运行):把第 {position} '
-            "个词元 '{token}' 换成掩码词元,用最终隐藏状态去预测它,打分用模型自己的输入词嵌入"
-            "(权重共享);损失 = 交叉熵 = {loss:.4f}。dropout 已关闭。"
+            '在 "{text}" 上做一次反向传播。这里自己定义一个不需要任务头的损失（{model} 按基础模型运行）：把第 {position} '
+            "个词元 '{token}' 换成掩码词元，用最终隐藏状态去预测它，打分用模型自己的输入词嵌入"
+            "（权重共享）；损失 = 交叉熵 = {loss:.4f}。dropout 已关闭。"
         ),
         "qkv.loss_next": (
-            '在 "{text}" 上做一次反向传播。损失:用最终隐藏状态预测每一个下一个词元,打分用模型自己的'
-            "输入词嵌入(权重共享);损失 = 平均交叉熵 = {loss:.4f}。dropout 已关闭。"
+            '在 "{text}" 上做一次反向传播。损失：用最终隐藏状态预测每一个下一个词元，打分用模型自己的'
+            "输入词嵌入（权重共享）；损失 = 平均交叉熵 = {loss:.4f}。dropout 已关闭。"
         ),
         "w0.shared_kv": (
-            "这个模型使用分组查询注意力(GQA):{n_heads} 个查询头共享 {n_kv_heads} 个键/值头,每组 {group} 个查询头"
-            "(第 i 个查询头读取第 i // {group} 个键/值头)。同一组的头对同一组值 v 加权,但注意力模式各不相同,"
-            "所以它们的 z_i 不同;W0 仍然为每个查询头保留一个行块 w0[i],Concat(z) 的宽度仍是 {n_heads} x d_head。"
+            "这个模型使用分组查询注意力（GQA）：{n_heads} 个查询头共享 {n_kv_heads} 个键/值头，每组 {group} 个查询头"
+            "（第 i 个查询头读取第 i // {group} 个键/值头）。同一组的头对同一组值 v 加权，但注意力模式各不相同，"
+            "所以它们的 z_i 不同；W0 仍然为每个查询头保留一个行块 w0[i]，Concat(z) 的宽度仍是 {n_heads} x d_head。"
         ),
         "qkv.shared_kv": (
-            "这里 wk 和 wv 只有 {n_kv_heads} 个头,对应 {n_heads} 个查询头:每个键/值头由 {group} 个查询头共享,"
-            "所以它的梯度是这 {group} 个查询头对它的要求之和;下面逐头表格中 wk、wv 的行是键/值头,而不是查询头。"
+            "这里 wk 和 wv 只有 {n_kv_heads} 个头，对应 {n_heads} 个查询头：每个键/值头由 {group} 个查询头共享，"
+            "所以它的梯度是这 {group} 个查询头对它的要求之和；下面逐头表格中 wk、wv 的行是键/值头，而不是查询头。"
         ),
         "qkv.grad_table": "每层的梯度范数 ||dL/dW||",
-        "qkv.grad_head_table": "{role} 的梯度范数,按头(行)和层(列)",
+        "qkv.grad_head_table": "{role} 的梯度范数，按头（行）和层（列）",
         "qkv.sgd": (
-            "学习率 lr = {lr:g} 的一步 SGD 令 W <- W - lr * dL/dW。在所有层上,"
-            "max |delta W - (-lr * dL/dW)| = {diff:.1e}(float32 舍入误差);这一步让 Wq、Wk、Wv "
-            "变化了其范数的 {min_rel:.3%} 到 {max_rel:.3%},损失从 {loss:.4f} 变为 {loss_after:.4f}。"
+            "学习率 lr = {lr:g} 的一步 SGD 令 W <- W - lr * dL/dW。在所有层上，"
+            "max |delta W - (-lr * dL/dW)| = {diff:.1e}（float32 舍入误差）；这一步让 Wq、Wk、Wv "
+            "变化了其范数的 {min_rel:.3%} 到 {max_rel:.3%}，损失从 {loss:.4f} 变为 {loss_after:.4f}。"
         ),
-        "qkv.figure": "每层 Wq、Wk、Wv 的奇异值:新初始化(虚线)与训练后(实线)",
-        "pretrained.title": "问题四:Wq、Wk、Wv 是从头训练,还是沿用预训练的权重?",
+        "qkv.figure": "每层 Wq、Wk、Wv 的奇异值：新初始化（虚线）与训练后（实线）",
+        "pretrained.title": "问题四：Wq、Wk、Wv 是从头训练，还是沿用预训练的权重？",
         "pretrained.setup": (
-            "在 {model} 上把同一次微调跑两遍({dataset} 上的 {task}):{steps} 步,每步 {batch_size} "
-            "个样本(最多 {train_samples} 条训练数据,每条 {max_length} 个词元),学习率 {lr:g},"
-            "种子 {seed},最后在最多 {eval_samples} 条留出数据上评估。第一遍从预训练权重开始;"
-            "第二遍从同一架构的全新初始化开始,用模型自己的初始化方法和同一个种子抽取。"
-            "数据相同、顺序相同、优化器相同:只有起始权重不同。"
+            "在 {model} 上把同一次微调跑两遍（{dataset} 上的 {task}）：{steps} 步，每步 {batch_size} "
+            "个样本（最多 {train_samples} 条训练数据，每条 {max_length} 个词元），学习率 {lr:g}，"
+            "种子 {seed}，最后在最多 {eval_samples} 条留出数据上评估。第一遍从预训练权重开始；"
+            "第二遍从同一架构的全新初始化开始，用模型自己的初始化方法和同一个种子抽取。"
+            "数据相同、顺序相同、优化器相同：只有起始权重不同。"
         ),
         "pretrained.quantity": "{steps} 步之后",
-        "pretrained.train_loss": "训练损失(最后 {n} 步的平均)",
+        "pretrained.train_loss": "训练损失（最后 {n} 步的平均）",
         "pretrained.seconds": "秒",
         "pretrained.run_pretrained": "预训练起点",
         "pretrained.run_random": "随机起点",
         "pretrained.metric_better": (
-            "预训练起点的 {metric} 达到 {pretrained:.4f},随机起点为 {random:.4f}:"
-            "数据和步数相同,沿用预训练权重得到了更好的模型。"
+            "预训练起点的 {metric} 达到 {pretrained:.4f}，随机起点为 {random:.4f}："
+            "数据和步数相同，沿用预训练权重得到了更好的模型。"
         ),
         "pretrained.metric_worse": (
-            "这一次随机起点的 {metric} 更好:{random:.4f},预训练权重起点为 {pretrained:.4f}。"
+            "这一次随机起点的 {metric} 更好：{random:.4f}，预训练权重起点为 {pretrained:.4f}。"
         ),
-        "pretrained.metric_equal": "两次运行的 {metric} 相同,都是 {pretrained:.4f}。",
+        "pretrained.metric_equal": "两次运行的 {metric} 相同，都是 {pretrained:.4f}。",
         "pretrained.loss_line": (
-            "验证损失:预训练起点 {pretrained_loss:.4f},随机起点 {random_loss:.4f}。"
+            "验证损失：预训练起点 {pretrained_loss:.4f}，随机起点 {random_loss:.4f}。"
         ),
         "pretrained.change_table": "按层的相对变化 ||W_结束 - W_开始|| / ||W_开始||",
         "pretrained.start_norm": "||W_开始|| {run}",
         "pretrained.moved_random_more": (
-            "权重移动了多远:对所有层和 Wq/Wk/Wv/W0 取平均,随机起点的注意力权重变化了起始范数的 "
-            "{random_change:.2%},预训练起点变化了 {pretrained_change:.2%}:是它的 {ratio:.1f} 倍。"
-            "部分原因在于起点:新初始化的一层矩阵范数平均为 {random_norm:.3g},预训练的为 "
-            "{pretrained_norm:.3g}。按绝对量 ||W_结束 - W_开始|| 计算,随机起点的矩阵平均移动了 "
-            "{random_abs:.3g},预训练的矩阵平均移动了 {pretrained_abs:.3g}。"
+            "权重移动了多远：对所有层和 Wq/Wk/Wv/W0 取平均，随机起点的注意力权重变化了起始范数的 "
+            "{random_change:.2%}，预训练起点变化了 {pretrained_change:.2%}：是它的 {ratio:.1f} 倍。"
+            "部分原因在于起点：新初始化的一层矩阵范数平均为 {random_norm:.3g}，预训练的为 "
+            "{pretrained_norm:.3g}。按绝对量 ||W_结束 - W_开始|| 计算，随机起点的矩阵平均移动了 "
+            "{random_abs:.3g}，预训练的矩阵平均移动了 {pretrained_abs:.3g}。"
         ),
         "pretrained.moved_pretrained_more": (
-            "权重移动了多远:对所有层和 Wq/Wk/Wv/W0 取平均,预训练起点的注意力权重变化了起始范数的 "
-            "{pretrained_change:.2%},随机起点变化了 {random_change:.2%}:是它的 {ratio:.1f} 倍。"
-            "新初始化的一层矩阵范数平均为 {random_norm:.3g},预训练的为 {pretrained_norm:.3g};"
-            "按绝对量 ||W_结束 - W_开始|| 计算,随机起点的矩阵平均移动了 {random_abs:.3g},"
+            "权重移动了多远：对所有层和 Wq/Wk/Wv/W0 取平均，预训练起点的注意力权重变化了起始范数的 "
+            "{pretrained_change:.2%}，随机起点变化了 {random_change:.2%}：是它的 {ratio:.1f} 倍。"
+            "新初始化的一层矩阵范数平均为 {random_norm:.3g}，预训练的为 {pretrained_norm:.3g}；"
+            "按绝对量 ||W_结束 - W_开始|| 计算，随机起点的矩阵平均移动了 {random_abs:.3g}，"
             "预训练的矩阵平均移动了 {pretrained_abs:.3g}。"
         ),
         "pretrained.reuse": (
-            "这就是人们沿用预训练 Wq/Wk/Wv/W0 的原因:它们已经包含了注意力在预训练中学到的东西,"
-            "微调只把它们调整了 {pretrained_change:.2%};而从随机权重出发的同样 {steps} 步落在了后面"
-            "({metric} {random:.4f},对比 {pretrained:.4f})。从头训练它们就是预训练本身:"
+            "这就是人们沿用预训练 Wq/Wk/Wv/W0 的原因：它们已经包含了注意力在预训练中学到的东西，"
+            "微调只把它们调整了 {pretrained_change:.2%}；而从随机权重出发的同样 {steps} 步落在了后面"
+            "（{metric} {random:.4f}，对比 {pretrained:.4f}）。从头训练它们就是预训练本身："
             "所需的数据和步数远远多于一次微调。"
         ),
         "pretrained.unclear": (
-            "在这次运行中,预训练起点的 {metric} 没有领先,所以这些数字没有显示出沿用权重的优势;"
-            "{steps} 步可能太少,看不出差别:可以用 --steps 跑得更久一些。"
+            "在这次运行中，预训练起点的 {metric} 没有领先，所以这些数字没有显示出沿用权重的优势；"
+            "{steps} 步可能太少，看不出差别：可以用 --steps 跑得更久一些。"
         ),
         "pretrained.figure": (
-            "两次运行的训练损失(左)与 Wq/Wk/Wv/W0 按层的相对变化(右;实线:预训练起点,虚线:随机起点)"
+            "两次运行的训练损失（左）与 Wq/Wk/Wv/W0 按层的相对变化（右；实线：预训练起点，虚线：随机起点）"
         ),
-        "lora.title": "LoRA 还是全量微调:两者各自如何改变 Wq、Wk、Wv 和 W0",
+        "lora.title": "LoRA 还是全量微调：两者各自如何改变 Wq、Wk、Wv 和 W0",
         "lora.setup": (
-            "{model} 在 {dataset} 上做 {task},微调了两次:{steps} 步,每步 {batch_size} 个样本({train_samples} 行训练数据,{max_length} 个 token,随机种子 {seed}),在 {eval_samples} 行上评估。"
-            "全量:训练所有权重,学习率 {full_lr:g}。LoRA(Hu 等 2021,用 peft):冻结所有预训练权重,在 {targets} 旁各训练一个 (alpha/r)·B·A,r = {rank},alpha = {alpha:g},学习率 {lora_lr:g};实际生效的权重是 W + (alpha/r)·B·A。"
+            "{model} 在 {dataset} 上做 {task}，微调了两次：{steps} 步，每步 {batch_size} 个样本（{train_samples} 行训练数据，{max_length} 个 token，随机种子 {seed}），在 {eval_samples} 行上评估。"
+            "全量：训练所有权重，学习率 {full_lr:g}。LoRA（Hu 等 2021，用 peft）：冻结所有预训练权重，在 {targets} 旁各训练一个 (alpha/r)·B·A，r = {rank}，alpha = {alpha:g}，学习率 {lora_lr:g}；实际生效的权重是 W + (alpha/r)·B·A。"
         ),
         "lora.quantity": "{steps} 步之后",
         "lora.run_full": "全量",
         "lora.run_lora": "LoRA r={rank}",
         "lora.trainable": "可训练参数",
         "lora.trainable_share": "占全部参数的比例",
-        "lora.seconds": "秒(整个运行)",
+        "lora.seconds": "秒（整个运行）",
         "lora.samples_per_second": "训练样本/秒",
-        "lora.peak_rss": "进程峰值常驻内存(MB)",
+        "lora.peak_rss": "进程峰值常驻内存（MB）",
         "lora.memory_note": (
-            "峰值内存是每个训练进程的峰值常驻内存(内核对子进程的 getrusage):其中包括 Python、torch 和数据,所以两次运行之差 {saved:.0f} MB 才是 LoRA 在梯度和优化器状态上省下的。这里没有用 torch 分配器的统计:它只对 CUDA 有。"
+            "峰值内存是每个训练进程的峰值常驻内存（内核对子进程的 getrusage）：其中包括 Python、torch 和数据，所以两次运行之差 {saved:.0f} MB 才是 LoRA 在梯度和优化器状态上省下的。这里没有用 torch 分配器的统计：它只对 CUDA 有。"
         ),
-        "lora.matrix_table": "按层和矩阵(全量 | LoRA):ΔW 的数值秩(大于最大奇异值 {tolerance:g} 倍的奇异值个数)、Hu 等的子空间相似度 φ(W 与 ΔW 的前 {rank} 个输出方向)、放大倍数 ||ΔW|| / ||U^T W V||,以及入侵维度(前 {k} 个奇异向量中,最大 |cos| < {epsilon:g} 的个数)",
+        "lora.matrix_table": "按层和矩阵（全量 | LoRA）：ΔW 的数值秩（大于最大奇异值 {tolerance:g} 倍的奇异值个数）、Hu 等的子空间相似度 φ（W 与 ΔW 的前 {rank} 个输出方向）、放大倍数 ||ΔW|| / ||U^T W V||，以及入侵维度（前 {k} 个奇异向量中，最大 |cos| < {epsilon:g} 的个数）",
         "lora.rank": "ΔW 的秩",
         "lora.phi": "φ 输出",
         "lora.amp": "放大",
         "lora.intruders": "入侵维度",
-        "lora.top_heads": "变化最大的头(四个矩阵合计的相对变化):全量 {full};LoRA {lora}。",
-        "lora.claim.low_rank.yes": "复现(Hu 等):LoRA 的变化在每个被适配的矩阵里秩都不超过 r = {rank}(最大 {lora_max_rank}),而全量微调的中位秩是 {full_median_rank:g}。",
-        "lora.claim.low_rank.no": "未按原样复现(Hu 等的低秩更新):LoRA 的 ΔW 最大秩是 {lora_max_rank},r = {rank};全量微调的中位秩 {full_median_rank:g}。",
-        "lora.claim.not_top_directions.yes": "复现(Hu 等 §7):ΔW 的前 {rank} 个方向不是 W 的前 {rank} 个方向:平均 φ 为 {similarity:.3f}(1 表示同一子空间;随机子空间约为 {random:.3f})。",
-        "lora.claim.not_top_directions.no": "未复现(Hu 等 §7):ΔW 的前 {rank} 个方向与 W 的主要方向重合,平均 φ 为 {similarity:.3f}(随机子空间约 {random:.3f})。",
-        "lora.claim.amplifies.yes": "复现(Hu 等 §7):ΔW 放大了它作用的方向:||ΔW|| / ||U^T W V|| 的中位数为 {amplification:.2f} > 1(他们在 GPT-3 上 r = 4 时报告约 21.5)。",
-        "lora.claim.amplifies.no": "未复现(Hu 等 §7):放大倍数 ||ΔW|| / ||U^T W V|| 的中位数是 {amplification:.2f},没有超过 1(他们在 GPT-3 完整训练后 r = 4 时报告约 21.5);这么短的运行,变化可能还太小。",
-        "lora.claim.lora_intruders.yes": "复现(Shuttleworth 等):LoRA 产生了 {lora} 个入侵维度(新的、排名靠前的奇异向量,与所有预训练奇异向量都不相似);全量微调为 {full} 个。",
-        "lora.claim.lora_intruders.no": "未复现(Shuttleworth 等):这次运行中 LoRA 没有产生入侵维度(全量微调:{full});更新变大(更多步数、更高学习率)时它们才会出现。",
-        "lora.claim.full_no_intruders.yes": "复现(Shuttleworth 等):全量微调的入侵维度比 LoRA 少或没有({full} 对 {lora})。",
-        "lora.claim.full_no_intruders.no": "未复现(Shuttleworth 等):全量微调有 {full} 个入侵维度,LoRA 有 {lora} 个。",
-        "lora.claim.on_par.yes": "复现(两篇论文):LoRA 的 {metric} 与全量微调相当({lora:.4f} 对 {full:.4f})。",
-        "lora.claim.on_par.no": "未复现(两篇论文):这次短运行后,LoRA 的 {metric} 落后于全量微调({lora:.4f} 对 {full:.4f})。",
-        "lora.figure": "两次运行的训练损失(左)、按层的 ΔW 数值秩(中;虚线:r)和按层的入侵维度(右)",
+        "lora.top_heads": "变化最大的头（四个矩阵合计的相对变化）：全量 {full}；LoRA {lora}。",
+        "lora.claim.low_rank.yes": "复现（Hu 等）：LoRA 的变化在每个被适配的矩阵里秩都不超过 r = {rank}（最大 {lora_max_rank}），而全量微调的中位秩是 {full_median_rank:g}。",
+        "lora.claim.low_rank.no": "未按原样复现（Hu 等的低秩更新）：LoRA 的 ΔW 最大秩是 {lora_max_rank}，r = {rank}；全量微调的中位秩 {full_median_rank:g}。",
+        "lora.claim.not_top_directions.yes": "复现（Hu 等 §7）：ΔW 的前 {rank} 个方向不是 W 的前 {rank} 个方向：平均 φ 为 {similarity:.3f}（1 表示同一子空间；随机子空间约为 {random:.3f}）。",
+        "lora.claim.not_top_directions.no": "未复现（Hu 等 §7）：ΔW 的前 {rank} 个方向与 W 的主要方向重合，平均 φ 为 {similarity:.3f}（随机子空间约 {random:.3f}）。",
+        "lora.claim.amplifies.yes": "复现（Hu 等 §7）：ΔW 放大了它作用的方向：||ΔW|| / ||U^T W V|| 的中位数为 {amplification:.2f} > 1（他们在 GPT-3 上 r = 4 时报告约 21.5）。",
+        "lora.claim.amplifies.no": "未复现（Hu 等 §7）：放大倍数 ||ΔW|| / ||U^T W V|| 的中位数是 {amplification:.2f}，没有超过 1（他们在 GPT-3 完整训练后 r = 4 时报告约 21.5）；这么短的运行，变化可能还太小。",
+        "lora.claim.lora_intruders.yes": "复现（Shuttleworth 等）：LoRA 产生了 {lora} 个入侵维度（新的、排名靠前的奇异向量，与所有预训练奇异向量都不相似）；全量微调为 {full} 个。",
+        "lora.claim.lora_intruders.no": "未复现（Shuttleworth 等）：这次运行中 LoRA 没有产生入侵维度（全量微调：{full}）；更新变大（更多步数、更高学习率）时它们才会出现。",
+        "lora.claim.full_no_intruders.yes": "复现（Shuttleworth 等）：全量微调的入侵维度比 LoRA 少或没有（{full} 对 {lora}）。",
+        "lora.claim.full_no_intruders.no": "未复现（Shuttleworth 等）：全量微调有 {full} 个入侵维度，LoRA 有 {lora} 个。",
+        "lora.claim.on_par.yes": "复现（两篇论文）：LoRA 的 {metric} 与全量微调相当（{lora:.4f} 对 {full:.4f}）。",
+        "lora.claim.on_par.no": "未复现（两篇论文）：这次短运行后，LoRA 的 {metric} 落后于全量微调（{lora:.4f} 对 {full:.4f}）。",
+        "lora.figure": "两次运行的训练损失（左）、按层的 ΔW 数值秩（中；虚线：r）和按层的入侵维度（右）",
     },
 }
 

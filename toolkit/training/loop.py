@@ -166,6 +166,10 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
         data = load_text_data(config)
     checkpoint = _open_run_dir(run_dir, config, accelerator)
     resume_step = json.loads((checkpoint / COMPLETE).read_text())["step"] if checkpoint else 0
+    if main and config.resume:
+        stderr_console().print(
+            _resume_line(run_dir, checkpoint, resume_step), highlight=False, markup=False
+        )
     with accelerator.main_process_first():
         tokenizer = training_tokenizer(config, data.train["text"], run_dir)
         if config.task == "classification":
@@ -429,6 +433,13 @@ def _check_same_run(before: dict, now: dict, run_dir: Path) -> None:
             f"{run_dir} was started with {name}={before.get(name)!r}, not {now[name]!r}: resume "
             "with the same settings (see its config.json), or start a new --output-dir"
         )
+
+
+def _resume_line(run_dir: Path, checkpoint: Path | None, step: int) -> str:
+    """What --resume does: the run, the step it continues from, the checkpoint it reads."""
+    if checkpoint is None:
+        return f"--resume: no complete checkpoint in {run_dir}; starting the run from step 0"
+    return f"resuming run {run_dir} from step {step} (checkpoint {checkpoint})"
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

@@ -12,6 +12,9 @@ from pathlib import Path
 
 from toolkit.attention import WEIGHT_ROLES
 from toolkit.errors import ToolkitError, close_match, first_line
+from toolkit.sources import check_local_spec
+from toolkit.training.data import local_data_file
+from toolkit.training.models import CONFIG_SPECS
 
 TASKS = ("classification", "causal-lm")
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -99,13 +102,12 @@ def list_recipes(folder: Path = RECIPES_DIR) -> list[tuple[str, FinetuneConfig]]
 
 
 def check_config(config: FinetuneConfig) -> FinetuneConfig:
-    """Reject settings that cannot run, before any work: one clear message each."""
-    if not config.dataset:
-        raise ToolkitError(
-            "no dataset given: pass --dataset (a Hub name or a local file) or a recipe"
-        )
-    if not config.output_dir:
-        raise ToolkitError("no output folder given: pass --output-dir DIR")
+    """Reject settings that cannot run, before any work: one clear message each.
+
+    Cheap (no torch): the command line calls it before importing the training stack, so a bad
+    value costs a fraction of a second. Values are checked before the missing settings, so that
+    the value the user just typed is the one the message is about.
+    """
     if config.task not in TASKS:
         raise ToolkitError(f"unknown task '{config.task}': choose {' or '.join(TASKS)}")
     if config.init not in INITS:
@@ -126,7 +128,10 @@ def check_config(config: FinetuneConfig) -> FinetuneConfig:
             raise ToolkitError(f"{name.replace('_', '-')} must be at least 1, not {value}")
     for name in ("eval_every", "track_every", "checkpoint_every"):
         if getattr(config, name) < 0:
-            raise ToolkitError(f"{name.replace('_', '-')} must be 0 (off) or a number of steps")
+            raise ToolkitError(
+                f"{name.replace('_', '-')} must be 0 (off) or a number of steps, "
+                f"not {getattr(config, name)}"
+            )
     if not 0 < config.validation_fraction < 1:
         raise ToolkitError(
             f"validation-fraction must be between 0 and 1, not {config.validation_fraction}"
@@ -141,6 +146,15 @@ def check_config(config: FinetuneConfig) -> FinetuneConfig:
         raise ToolkitError(f"unknown method '{config.method}': choose {' or '.join(METHODS)}")
     if config.method == "lora":
         _check_lora(config)
+    if not config.dataset:
+        raise ToolkitError(
+            "no dataset given: pass --dataset (a Hub name or a local file) or a recipe"
+        )
+    if not config.output_dir:
+        raise ToolkitError("no output folder given: pass --output-dir DIR")
+    local_data_file(config.dataset)
+    if config.model.partition(":")[0] not in CONFIG_SPECS:  # a config spec names no files
+        check_local_spec(config.model)
     return config
 
 
@@ -199,5 +213,6 @@ def _recipe_path(path: str | Path) -> Path:
     near = close_match(str(path), names) if path.suffix == "" else None
     hint = f"did you mean '{near}'? " if near else ""
     raise ToolkitError(
-        f"no recipe file {path}: {hint}(recipes in {RECIPES_DIR}: {', '.join(names) or 'none'})"
+        f"no recipe file {path}: {hint}give a YAML file or one of the recipes in {RECIPES_DIR}: "
+        f"{', '.join(names) or 'none'} (see 'toolkit recipes')"
     )

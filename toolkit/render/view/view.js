@@ -89,10 +89,26 @@ function pickHead(layer, head) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// A layer x head heatmap. value(layer, head) -> number | null; scale [min, max].
+// Whether the values in [min, max] differ by no more than float rounding: they are ratios to the
+// weights' own size (cosines, relative changes), so a spread below `floor` (D.noise_floor, set in
+// toolkit/render/scales.py) of the larger of 1 and their size is noise, not change.
+function withinNoise(min, max, floor) {
+  return max - min <= floor * Math.max(1, Math.abs(min), Math.abs(max));
+}
+
+// The fill of value v on the scale [min, max]; when the scale spans only float noise, one flat
+// colour: that of the end which means "no change" (max for cosines, min for relative changes).
+function scaleColour(v, min, max, restAtMax, floor) {
+  if (withinNoise(min, max, floor)) return colour(restAtMax ? 1 : 0);
+  return colour((v - min) / (max - min));
+}
+
+// A layer x head heatmap. value(layer, head) -> number | null; scale [min, max], whose max means
+// no change when restAtMax (cosines), else its min.
 
 // layerIds: the model's index of each row (a comparison may hold only some layers)
-function heatmap({ name, title, layers, heads, value, min = 0, max, describe,
+function heatmap({ name, title, layers, heads, value, min = 0, max, restAtMax = false,
+  describe,
   layerIds = range(layers) }) {
   const left = 22, top = 16;
   const width = Math.max(left + heads * CELL + 4, 90), height = top + layers * CELL + 14;
@@ -119,7 +135,7 @@ function heatmap({ name, title, layers, heads, value, min = 0, max, describe,
     for (const rect of cells) {
       const v = value(+rect.dataset.layer, +rect.dataset.head);
       rect.setAttribute("data-value", v === null ? "" : String(v));
-      rect.setAttribute("fill", v === null ? "#ccc" : colour((v - min) / (max - min || 1)));
+      rect.setAttribute("fill", v === null ? "#ccc" : scaleColour(v, min, max, restAtMax, D.noise_floor));
       rect.classList.toggle("picked",
         layerIds[+rect.dataset.layer] === state.layer && +rect.dataset.head === state.head);
     }
@@ -129,14 +145,20 @@ function heatmap({ name, title, layers, heads, value, min = 0, max, describe,
   return { svg, update };
 }
 
-function scaleLegend(min, max, label) {
-  const svg = svgEl("svg", { width: 170, height: 44 });
+function scaleLegend(min, max, label, restAtMax = false) {
+  const svg = svgEl("svg", { width: 170, height: 44, class: "scale-legend" });
   svg.append(svgEl("text", { x: 10, y: 12 }, label));
+  const flat = withinNoise(min, max, D.noise_floor);
   range(60).forEach((i) => svg.append(svgEl("rect", {
-    x: 10 + i * 2.5, y: 18, width: 2.6, height: 10, fill: colour(i / 59),
+    x: 10 + i * 2.5, y: 18, width: 2.6, height: 10,
+    fill: flat ? scaleColour(min, min, max, restAtMax, D.noise_floor) : colour(i / 59),
   })));
-  svg.append(svgEl("text", { x: 10, y: 40 }, fmt(min)));
-  svg.append(svgEl("text", { x: 160, y: 40, "text-anchor": "end" }, fmt(max)));
+  if (flat) {
+    svg.append(svgEl("text", { x: 10, y: 40 }, `no change (all ${fmt(restAtMax ? max : min)} ± float noise)`));
+  } else {
+    svg.append(svgEl("text", { x: 10, y: 40 }, fmt(min)));
+    svg.append(svgEl("text", { x: 160, y: 40, "text-anchor": "end" }, fmt(max)));
+  }
   return svg;
 }
 
@@ -230,7 +252,7 @@ function runSection(run) {
     "click it to see that head's attention below."));
   const maps = [...ROLES, "all"];
   const change = run.head_change;
-  const max = extent(maps.flatMap((m) => change[m].flat(2)))[1] || 1;
+  const max = extent(maps.flatMap((m) => change[m].flat(2)))[1];
   const slider = el("input", { id: "step-slider", type: "range", min: 0,
     max: run.steps.length - 1, value: 0, step: 1 });
   const stepLabel = el("span", { id: "step-label" });
@@ -338,7 +360,7 @@ function elementwise(section, c) {
     `${title} · layer ${layerIds[l]} · head ${h}\n${fmt(value(l, h))}`;
   const all = (fns) => fns.flatMap((f) => range(layers).flatMap((l) =>
     range(heads).map((h) => f(l, h))));
-  const maxOf = (fns) => extent(all(fns))[1] || 1;
+  const maxOf = (fns) => extent(all(fns))[1];
 
   section.append(el("h3", {}, "Relative change ||W_b[h] - W_a[h]|| / ||W_a[h]|| per head"));
   const max = maxOf(Object.values(relative));
@@ -357,10 +379,10 @@ function elementwise(section, c) {
   const cosRow = el("div", { class: "row" });
   for (const r of ROLES) {
     cosRow.append(heatmap({ name: `cosine-${r}`, title: r, layers, heads, min: minCosine, max: 1,
-      layerIds,
+      restAtMax: true, layerIds,
       value: cosine[r], describe: describe(`${r} cosine`, cosine[r]) }).svg);
   }
-  cosRow.append(scaleLegend(minCosine, 1, "cosine"));
+  cosRow.append(scaleLegend(minCosine, 1, "cosine", true));
   section.append(cosRow);
 
   section.append(el("h3", {}, "Circuit change: QK = wq[h] wk[h]^T, OV = wv[h] w0[h]"));
