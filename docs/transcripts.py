@@ -58,7 +58,7 @@ def find_transcripts(text: str) -> list[Transcript]:
 
 
 def run_command(command: str, workdir: Path) -> str:
-    """What `command` prints (stdout and stderr together) when run from `workdir` with this checkout."""
+    """What `command` prints (stdout and stderr together), run in `workdir` with this checkout."""
     program, *arguments = shlex.split(command)
     if program != "toolkit":
         raise ValueError(f"a transcript runs a toolkit command, not {program!r}")
