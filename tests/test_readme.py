@@ -157,3 +157,26 @@ def test_every_command_line_shown_names_a_command_and_options_that_exist(line):
     known |= {"--help"}
     for option in options:
         assert option in known, f"`{line}`: {command.name} has no option {option}"
+
+
+def _make_recipe(target: str) -> str:
+    """The commands of one Makefile target (the lines indented under `target:`)."""
+    makefile = (REPO / "Makefile").read_text()
+    variables = dict(re.findall(r"^(\w+) \?= (.+)$", makefile, flags=re.M))
+    recipe = re.search(rf"^{re.escape(target)}:.*\n((?:\t.*\n)+)", makefile, flags=re.M)[1]
+    return re.sub(r"\$\((\w+)\)", lambda m: variables.get(m[1], m[0]), recipe)
+
+
+def test_the_install_commands_shown_are_what_make_setup_runs():
+    block = re.search(r"does this, quietly:\n\n```bash\n(.*?)```", TEXT, flags=re.S)[1]
+    setup = _make_recipe("$(VENV)/.installed")
+    shown = [line.split("#")[0].strip() for line in block.splitlines()]
+    installs = [line.split("pip install ", 1)[1] for line in shown if "pip install " in line]
+    assert installs == re.findall(r"\$\(PIP\) install (.+)", setup.replace('"', ""))
+    assert shown[0].startswith("python3 -m venv .venv ") and "python3 -m venv .venv\n" in setup
+
+
+def test_the_test_command_shown_is_what_make_test_and_ci_run():
+    assert "make test" in (REPO / ".ci" / "run").read_text()
+    assert "$(BIN)/python -m pytest" in _make_recipe("test")
+    assert "`make test` then runs `.venv/bin/python -m pytest`" in TEXT
