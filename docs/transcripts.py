@@ -116,7 +116,10 @@ def main() -> None:
             if options.fast and transcript.slow:
                 continue
             print(f"running: {transcript.command}", file=sys.stderr, flush=True)
-            output = run_command(transcript.command, Path(workdir))
+            try:
+                output = run_command(transcript.command, Path(workdir))
+            except (RuntimeError, ValueError) as error:  # the README is left as it was
+                sys.exit(f"error: {error}")
             bodies[index] = block_body(transcript.command, output)
     README.write_text(rewrite(text, bodies))
     print(f"rewrote {len(bodies)} transcripts in {README}", file=sys.stderr)
