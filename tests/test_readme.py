@@ -180,3 +180,18 @@ def test_the_test_command_shown_is_what_make_test_and_ci_run():
     assert "make test" in (REPO / ".ci" / "run").read_text()
     assert "$(BIN)/python -m pytest" in _make_recipe("test")
     assert "`make test` then runs `.venv/bin/python -m pytest`" in TEXT
+
+
+def test_a_benchmark_rerun_keeps_the_notes_moved_from_the_readme(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_run", REPO / "bench" / "run.py")
+    bench_run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_run)
+    results = tmp_path / "RESULTS.md"
+    results.write_text(f"# old tables\n\n{bench_run.NOTES_MARKER}\n\nhow it was measured\n")
+    assert bench_run.hand_written_notes(results) == (
+        f"\n\n{bench_run.NOTES_MARKER}\n\nhow it was measured\n"
+    )
+    assert bench_run.hand_written_notes(tmp_path / "missing.md") == ""
+    # the real file holds the notes below its tables, with the README's old benchmark figures
+    notes = bench_run.hand_written_notes(REPO / "bench" / "RESULTS.md")
+    assert "compare **23.4 s (2.2x)**" in notes and "(**1.31x**" in notes
