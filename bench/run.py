@@ -736,6 +736,16 @@ def machine() -> dict:
     }
 
 
+NOTES_MARKER = "<!-- notes: kept as written when bench/run.py rewrites the tables above -->"
+
+
+def hand_written_notes(results_markdown: Path) -> str:
+    """The part of RESULTS.md from NOTES_MARKER on (method and history, written by hand), which a
+    rerun keeps below the tables it rewrites."""
+    text = results_markdown.read_text() if results_markdown.is_file() else ""
+    return "\n\n" + text[text.index(NOTES_MARKER) :] if NOTES_MARKER in text else ""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", action="append", choices=sorted(SECTIONS))
@@ -779,7 +789,7 @@ def main() -> None:
         if name in results:
             lines += table(results[name]) + [""]
     lines += gpu_section()
-    (HERE / "RESULTS.md").write_text("\n".join(lines))
+    (HERE / "RESULTS.md").write_text("\n".join(lines) + hand_written_notes(HERE / "RESULTS.md"))
     print("\n".join(lines))
 
 
