@@ -29,6 +29,13 @@ from toolkit.fileio import give_plain_permissions, write_json
 from toolkit.progress import stderr_console
 from toolkit.training.baseline import class_baselines, learning_warning, majority_class
 from toolkit.training.batching import LengthGroupedSampler
+from toolkit.training.compiling import (
+    WHEN_TO_COMPILE,
+    compiler_missing,
+    describe_fixed_shapes,
+    dropped_rows,
+    settle_forward_config,
+)
 from toolkit.training.data import (
     data_collator,
     group_for_causal_lm,
@@ -179,6 +186,7 @@ def _prepare(config: FinetuneConfig) -> PreparedRun:
     # --fsdp: Accelerate shards on GPUs; on CPU it would use DDP, so the model is sharded here.
     shard_here = config.fsdp and not torch.cuda.is_available()
     accelerator = _accelerator(config, shard_here)
+    compiled = _compiled(config, accelerator.device.type)  # before anything is written
     # Data, tokenizer, model. The main process goes first so that dataset caches and a trained
     # tokenizer are written once and then reused by the others. Bad data or a bad model name
     # stops the run before it writes anything into the output folder.
@@ -199,11 +207,12 @@ def _prepare(config: FinetuneConfig) -> PreparedRun:
     trainable, total = trainable_parameters(model)
     if shard_here:
         model = shard_on_cpu(model)
-    cuda = accelerator.device.type == "cuda"
-    compiled = config.compile if config.compile is not None else cuda
     if compiled:
+        settle_forward_config(model, config.task)
         model.compile()  # in place: parameter names and the state dict stay the same
-    train_loader, eval_loader = _loaders(config, accelerator, tokenizer, train_set, eval_set)
+    train_loader, eval_loader = _loaders(
+        config, accelerator, tokenizer, train_set, eval_set, fixed_shapes=compiled
+    )
     updates_per_epoch = math.ceil(len(train_loader) / config.gradient_accumulation_steps)
     schedule = choose_schedule(
         config.learning_rate,
@@ -215,16 +224,14 @@ def _prepare(config: FinetuneConfig) -> PreparedRun:
         method=config.method,
     )
     if accelerator.is_main_process:
-        stderr_console().print(
-            describe_schedule(schedule) + ("; torch.compile" if compiled else ""), highlight=False
-        )
+        _announce(config, schedule, compiled, len(train_set), accelerator.device.type)
     model, optimizer, scheduler = _optimization(config, accelerator, model, schedule, shard_here)
     if checkpoint:
         accelerator.load_state(str(checkpoint))  # model, optimizer, scheduler, RNG states
     trajectory = _start_trajectory(
         run_dir / "shift", config, resume_step, accelerator.is_main_process
     )
-    evaluation = Evaluation(accelerator, model, eval_loader, config, majority, trajectory)
+    evaluation = Evaluation(accelerator, model, eval_loader, config, majority, trajectory, compiled)
     if config.task == "causal-lm" and not resume_step:  # the perplexity to beat
         evaluation.run(0)
     tracking = Tracking.start(accelerator, model, config, trajectory, resume_step)
@@ -248,6 +255,16 @@ def _prepare(config: FinetuneConfig) -> PreparedRun:
         trainable_parameters=trainable,
         total_parameters=total,
     )
+
+
+def _announce(config, schedule, compiled: bool, rows: int, device_type: str) -> None:
+    """The schedule line, and what torch.compile changes (or when to turn it on)."""
+    stderr_console().print(describe_schedule(schedule), highlight=False)
+    if compiled:
+        dropped = dropped_rows(rows, config.batch_size)
+        stderr_console().print(describe_fixed_shapes(config.max_length, dropped), highlight=False)
+    elif config.compile is None and device_type == "cuda":
+        stderr_console().print(WHEN_TO_COMPILE, highlight=False)
 
 
 def _quiet_libraries() -> None:
@@ -293,23 +310,41 @@ def _tokenized(config: FinetuneConfig, data, tokenizer):
     )
 
 
-def _loaders(config: FinetuneConfig, accelerator, tokenizer, train_set, eval_set):
-    """The prepared (train, validation) loaders."""
+def _compiled(config: FinetuneConfig, device_type: str) -> bool:
+    """Whether to torch.compile: only when asked (see compiling.WHEN_TO_COMPILE), and only with
+    a compiler at hand."""
+    if not config.compile:
+        return False
+    missing = compiler_missing(device_type)
+    if missing:
+        raise ToolkitError(
+            f"--compile needs {missing}, which this machine lacks: install it, or drop --compile"
+        )
+    return True
+
+
+def _loaders(
+    config: FinetuneConfig, accelerator, tokenizer, train_set, eval_set, fixed_shapes: bool
+):
+    """The prepared (train, validation) loaders; `fixed_shapes` (torch.compile): every training
+    batch `batch_size` x `max_length`, the partial last batch dropped."""
     import torch
     from torch.utils.data import DataLoader
 
-    collate = data_collator(config.task, tokenizer)
+    pad_to = config.max_length if fixed_shapes else None
     train_loader = DataLoader(
         train_set,
         batch_size=config.batch_size,
         sampler=_length_grouped(train_set, config) if config.group_by_length else None,
         shuffle=not config.group_by_length,
-        collate_fn=collate,
+        collate_fn=data_collator(config.task, tokenizer, pad_to),
+        drop_last=fixed_shapes and dropped_rows(len(train_set), config.batch_size) > 0,
         # its own generator: iterating never draws from the global (dropout) RNG
         generator=torch.Generator().manual_seed(config.seed),
         **_loading_off_the_training_thread(accelerator.device.type == "cuda"),
     )
-    eval_loader = DataLoader(eval_set, batch_size=config.batch_size, collate_fn=collate)
+    eval_collate = data_collator(config.task, tokenizer)
+    eval_loader = DataLoader(eval_set, batch_size=config.batch_size, collate_fn=eval_collate)
     return accelerator.prepare(train_loader, eval_loader)
 
 
@@ -498,19 +533,28 @@ class Evaluation:
     """Validation loss and metrics on schedule (`--eval-every`, and the last step), appended to
     the trajectory."""
 
-    def __init__(self, accelerator, model, eval_loader, config, majority, trajectory):
+    def __init__(self, accelerator, model, eval_loader, config, majority, trajectory, compiled):
         self.accelerator, self.model, self.eval_loader = accelerator, model, eval_loader
         self.every, self.task, self.majority = config.eval_every, config.task, majority
         self.metrics = _load_metrics(config.task)
         self.trajectory = trajectory
+        self.compiled = compiled  # then evaluate eager: no graph for other shapes or no-grad
 
     def due(self, step: int, total_steps: int) -> bool:
         return bool(self.every and step % self.every == 0) or step == total_steps
 
     def run(self, step: int) -> dict[str, float]:
-        evaluation = _evaluate(
-            self.accelerator, self.model, self.eval_loader, self.metrics, self.task, self.majority
-        )
+        import torch
+
+        with torch.compiler.set_stance("force_eager" if self.compiled else "default"):
+            evaluation = _evaluate(
+                self.accelerator,
+                self.model,
+                self.eval_loader,
+                self.metrics,
+                self.task,
+                self.majority,
+            )
         self.trajectory.evaluations.append({"step": step, **evaluation})
         return evaluation
 
