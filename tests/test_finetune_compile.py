@@ -33,11 +33,14 @@ def _compiled_run(csv, model, out, **settings):
 
 @pytest.mark.slow
 def test_two_epochs_with_a_partial_batch_evaluation_and_tracking_compile_at_most_twice(
-    toy_sentiment_csv, tiny_bert_with_tokenizer, tmp_path, capfd
+    toy_sentiment_csv, tiny_bert_with_tokenizer, tmp_path, capfd, monkeypatch
 ):
     import torch
     from torch._dynamo.utils import counters
 
+    # Inductor's own cache, shared by every process of the machine, may hold kernels generated
+    # for another ATEN_CPU_CAPABILITY (they then fail to build): this run compiles afresh.
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     torch._dynamo.reset()
     counters.clear()
     result = _compiled_run(
