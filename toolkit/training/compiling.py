@@ -4,8 +4,9 @@ forward would set decided before compiling, and a compiler looked for before the
 A compiled step is specialised on what it saw: a batch of another shape, or a config attribute
 that the first forward changes (`problem_type`, set by transformers' classifiers), makes the next
 step compile again. So with `--compile` every training batch is padded to `--max-length` tokens,
-the partial last batch of an epoch is dropped, and the classifier's `problem_type` is set first;
-evaluation runs eager (its batches and its no-grad mode would each be another graph).
+the partial last batch of an epoch is dropped, and the classifier's `problem_type` and the loss
+function are decided first; evaluation runs eager (its batches and its no-grad mode would each be
+another graph).
 """
 
 from __future__ import annotations
@@ -35,14 +36,18 @@ def compiler_missing(device_type: str) -> str | None:
 
 
 def settle_forward_config(model, task: str) -> None:
-    """Set what a transformers classifier's first forward would set on its config, so that the
-    compiled step is not guarded on a value that changes after step 1."""
-    config = model.config
+    """Decide before compiling what a transformers model's first forward would decide, so that
+    the compiled step is neither guarded on a value that changes after step 1 nor broken in two:
+    a classifier's `problem_type`, and the loss function (looked up, with a logged warning that
+    breaks the graph, on every forward of a model whose `loss_type` is not recognised)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT
+    config = inner.config
     if task == "classification" and getattr(config, "problem_type", None) is None:
         # integer class ids (training/data.py): cross-entropy, as the forward would choose
-        config.problem_type = (
-            "regression" if config.num_labels == 1 else "single_label_classification"
-        )
+        single = "single_label_classification"
+        config.problem_type = "regression" if config.num_labels == 1 else single
+    if hasattr(type(inner), "loss_function"):
+        inner.loss_function = inner.loss_function  # the same function, looked up once
 
 
 def dropped_rows(rows: int, batch_size: int) -> int:
