@@ -678,7 +678,8 @@ def _default(name: str) -> str:
 @click.option(
     "--compile/--no-compile",
     default=None,
-    help="torch.compile the model (default: on for CUDA, off on CPU).",
+    help="torch.compile the model once (fixed batch shapes; the partial last batch of each "
+    "epoch dropped); off by default: it pays on long GPU runs.",
 )
 @click.option(
     "--group-by-length/--no-group-by-length",

@@ -35,7 +35,9 @@ RUN = [
 
 def finetune(processes: int, out: Path, *options: str) -> None:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
-    env = {**os.environ, "PYTHONPATH": str(HERE.parents[1])}
+    # prepend the repository: the caller's PYTHONPATH (e.g. where missing wheels went) is kept
+    kept = os.environ.get("PYTHONPATH")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE.parents[1]), kept]))}
     command += [str(processes), "-m", "toolkit", "finetune", *RUN, "--output-dir", str(out)]
     subprocess.run([*command, *options], check=True, env=env)
 

@@ -130,10 +130,16 @@ def train_bpe_tokenizer(texts, vocab_size: int):
     )
 
 
-def data_collator(task: str, tokenizer):
+def data_collator(task: str, tokenizer, pad_to: int | None = None):
+    """Batches of a task's rows; classification pads to the longest row, or to `pad_to` tokens
+    (fixed shapes, for torch.compile). Causal-LM rows are blocks of one length already."""
     from transformers import DataCollatorWithPadding, default_data_collator
 
-    return DataCollatorWithPadding(tokenizer) if task == "classification" else default_data_collator
+    if task != "classification":
+        return default_data_collator
+    if pad_to is None:
+        return DataCollatorWithPadding(tokenizer)
+    return DataCollatorWithPadding(tokenizer, padding="max_length", max_length=pad_to)
 
 
 def _load_splits(spec: str, dataset_config: str | None, split: str):

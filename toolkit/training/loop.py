@@ -1,7 +1,10 @@
-"""`toolkit finetune`: one straight-line Accelerate training loop that records the attention shift.
+"""`toolkit finetune`: the training run, in three phases read top to bottom.
 
-    data -> tokenizer, model -> prepare -> for each step: forward, backward, clip, step
-         -> on schedule: evaluate, track the shift, checkpoint -> save DIR/final, the trajectory
+    prepare  data, tokenizer, model -> loaders, optimizer, scheduler (Accelerate) -> resume
+    train    for each step: forward, backward, clip, step; on schedule: log, evaluate, track
+             the shift, checkpoint (`Evaluation`, `Tracking`, `Checkpointing`, each owning
+             its schedule and state)
+    finish   throughput, the final metrics; save DIR/final and the trajectory
 
 Runs the same in one process or several (`torchrun --nproc_per_node N -m toolkit finetune ...`):
 every process trains, the main process alone writes files. The run's report (DIR/report.md) is
@@ -17,6 +20,7 @@ import math
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,6 +29,13 @@ from toolkit.fileio import give_plain_permissions, write_json
 from toolkit.progress import stderr_console
 from toolkit.training.baseline import class_baselines, learning_warning, majority_class
 from toolkit.training.batching import LengthGroupedSampler
+from toolkit.training.compiling import (
+    WHEN_TO_COMPILE,
+    compiler_missing,
+    describe_fixed_shapes,
+    dropped_rows,
+    settle_forward_config,
+)
 from toolkit.training.data import (
     data_collator,
     group_for_causal_lm,
@@ -44,8 +55,7 @@ from toolkit.training.lora import (
 )
 from toolkit.training.models import (
     build_model,
-    check_model,
-    config_overrides,
+    resolve_model,
     save_final,
     training_tokenizer,
 )
@@ -127,25 +137,156 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
     Writes what training owns into `config.output_dir`: config.json, checkpoints/, shift/
     (snapshots, trajectory.json) and final/ (the model). No report: see `finetune_with_report`.
     """
-    import datasets
-    import torch
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, set_seed
-    from torch.utils.data import DataLoader
-    from transformers import get_linear_schedule_with_warmup
-    from transformers.utils import logging as transformers_logging
-
     config = check_config(FinetuneConfig(**config) if isinstance(config, dict) else config)
     started = time.perf_counter()
+    run = _prepare(config)
+    step, clock = _train(run)
+    return _finish(run, step, clock, time.perf_counter() - started)
+
+
+@dataclass
+class PreparedRun:
+    """Everything the train phase needs, built once by `_prepare`."""
+
+    config: FinetuneConfig
+    accelerator: object  # accelerate.Accelerator
+    model: object  # prepared (wrapped, maybe compiled)
+    tokenizer: object
+    dataset: str  # where the data came from (FinetuneResult.dataset)
+    train_loader: object
+    optimizer: object
+    scheduler: object
+    schedule: object  # training/defaults.Schedule
+    trajectory: Trajectory
+    evaluation: Evaluation
+    tracking: Tracking
+    checkpointing: Checkpointing
+    resume_step: int
+    updates_per_epoch: int
+    compiled: bool
+    trainable_parameters: int
+    total_parameters: int
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.config.output_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# prepare: data, model, loaders, optimizer; resume; the step-0 evaluation and snapshot
+
+
+def _prepare(config: FinetuneConfig) -> PreparedRun:
+    """Build the run; nothing is written before the data and the model are known to load."""
+    import torch
+    from accelerate.utils import set_seed
+
+    _quiet_libraries()
+    run_dir = Path(config.output_dir)
+    # --fsdp: Accelerate shards on GPUs; on CPU it would use DDP, so the model is sharded here.
+    shard_here = config.fsdp and not torch.cuda.is_available()
+    accelerator = _accelerator(config, shard_here)
+    compiled = _compiled(config, accelerator.device.type)  # before anything is written
+    # Data, tokenizer, model. The main process goes first so that dataset caches and a trained
+    # tokenizer are written once and then reused by the others. Bad data or a bad model name
+    # stops the run before it writes anything into the output folder.
+    with accelerator.main_process_first():
+        start = resolve_model(config.model)
+        data = load_text_data(config)
+    checkpoint = _open_run_dir(run_dir, config, accelerator)
+    resume_step = json.loads((checkpoint / COMPLETE).read_text())["step"] if checkpoint else 0
+    if accelerator.is_main_process and config.resume:
+        stderr_console().print(
+            _resume_line(run_dir, checkpoint, resume_step), highlight=False, markup=False
+        )
+    with accelerator.main_process_first():
+        tokenizer = training_tokenizer(config, data.train["text"], run_dir, start)
+        train_set, eval_set = _tokenized(config, data, tokenizer)
+    # The baseline every evaluation is read against: the most common TRAINING label.
+    majority = majority_class(train_set["labels"]) if config.task == "classification" else None
+    set_seed(config.seed)
+    model = build_model(config, tokenizer, data.label_names, start)
+    if config.method == "lora":
+        model = wrap_with_lora(model, config)
+    trainable, total = trainable_parameters(model)
+    if shard_here:
+        model = shard_on_cpu(model)
+    if compiled:
+        settle_forward_config(model, config.task)
+        model.compile()  # in place: parameter names and the state dict stay the same
+    train_loader, eval_loader = _loaders(
+        config, accelerator, tokenizer, train_set, eval_set, fixed_shapes=compiled
+    )
+    updates_per_epoch = math.ceil(len(train_loader) / config.gradient_accumulation_steps)
+    schedule = choose_schedule(
+        config.learning_rate,
+        config.epochs,
+        config.max_steps,
+        d_model=model.config.hidden_size,
+        pretrained=config.init == "pretrained" and start.pretrained_checkpoint,
+        updates_per_epoch=updates_per_epoch,
+        method=config.method,
+    )
+    if accelerator.is_main_process:
+        _announce(config, schedule, compiled, len(train_set), accelerator.device.type)
+    model, optimizer, scheduler = _optimization(config, accelerator, model, schedule, shard_here)
+    if checkpoint:
+        accelerator.load_state(str(checkpoint))  # model, optimizer, scheduler, RNG states
+    trajectory = _start_trajectory(
+        run_dir / "shift", config, resume_step, accelerator.is_main_process
+    )
+    evaluation = Evaluation(accelerator, model, eval_loader, config, majority, trajectory, compiled)
+    if config.task == "causal-lm" and not resume_step:  # the perplexity to beat
+        evaluation.run(0)
+    tracking = Tracking.start(accelerator, model, config, trajectory, resume_step)
+    return PreparedRun(
+        config=config,
+        accelerator=accelerator,
+        model=model,
+        tokenizer=tokenizer,
+        dataset=data.source,
+        train_loader=train_loader,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        schedule=schedule,
+        trajectory=trajectory,
+        evaluation=evaluation,
+        tracking=tracking,
+        checkpointing=Checkpointing(accelerator, run_dir, config.checkpoint_every, trajectory),
+        resume_step=resume_step,
+        updates_per_epoch=updates_per_epoch,
+        compiled=compiled,
+        trainable_parameters=trainable,
+        total_parameters=total,
+    )
+
+
+def _announce(config, schedule, compiled: bool, rows: int, device_type: str) -> None:
+    """The schedule line, and what torch.compile changes (or when to turn it on)."""
+    stderr_console().print(describe_schedule(schedule), highlight=False)
+    if compiled:
+        dropped = dropped_rows(rows, config.batch_size)
+        stderr_console().print(describe_fixed_shapes(config.max_length, dropped), highlight=False)
+    elif config.compile is None and device_type == "cuda":
+        stderr_console().print(WHEN_TO_COMPILE, highlight=False)
+
+
+def _quiet_libraries() -> None:
+    import datasets
+    from transformers.utils import logging as transformers_logging
+
     transformers_logging.set_verbosity_error()  # the new-head notice is expected for fine-tuning
     datasets.disable_progress_bars()  # one progress bar: the training steps
     transformers_logging.disable_progress_bar()
     # save_state drops GPT-2's tied lm_head.weight and warns each time; loading re-ties it.
     logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
-    run_dir = Path(config.output_dir)
-    shift_dir = run_dir / "shift"
-    # --fsdp: Accelerate shards on GPUs; on CPU it would use DDP, so the model is sharded here.
-    shard_here = config.fsdp and not torch.cuda.is_available()
+
+
+def _accelerator(config: FinetuneConfig, shard_here: bool):
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
     accelerator = Accelerator(
         # torchrun on a machine without GPUs: ask for CPU explicitly, or every process runs alone.
         cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
@@ -157,191 +298,184 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
     )
     if config.fsdp:
         check_sharding(accelerator, shard_here, config.mixed_precision)
-    main = accelerator.is_main_process
-    # Data, tokenizer, model. The main process goes first so that dataset caches and a trained
-    # tokenizer are written once and then reused by the others. Bad data or a bad model name
-    # stops the run before it writes anything into the output folder.
-    with accelerator.main_process_first():
-        check_model(config)
-        data = load_text_data(config)
-    checkpoint = _open_run_dir(run_dir, config, accelerator)
-    resume_step = json.loads((checkpoint / COMPLETE).read_text())["step"] if checkpoint else 0
-    if main and config.resume:
-        stderr_console().print(
-            _resume_line(run_dir, checkpoint, resume_step), highlight=False, markup=False
+    return accelerator
+
+
+def _tokenized(config: FinetuneConfig, data, tokenizer):
+    """(train rows, validation rows), tokenized for the task."""
+    if config.task == "classification":
+        return (
+            tokenize_for_classification(data.train, tokenizer, config.max_length),
+            tokenize_for_classification(data.validation, tokenizer, config.max_length),
         )
-    with accelerator.main_process_first():
-        tokenizer = training_tokenizer(config, data.train["text"], run_dir)
-        if config.task == "classification":
-            train_set = tokenize_for_classification(data.train, tokenizer, config.max_length)
-            eval_set = tokenize_for_classification(data.validation, tokenizer, config.max_length)
-        else:
-            train_set = group_for_causal_lm(data.train, tokenizer, config.max_length)
-            eval_set = group_for_causal_lm(data.validation, tokenizer, config.max_length)
-    # The baseline every evaluation is read against: the most common TRAINING label.
-    majority = majority_class(train_set["labels"]) if config.task == "classification" else None
-    set_seed(config.seed)
-    model = build_model(config, tokenizer, data.label_names)
-    if config.method == "lora":
-        model = wrap_with_lora(model, config)
-    trainable, total = trainable_parameters(model)
-    if shard_here:
-        model = shard_on_cpu(model)
-    cuda = accelerator.device.type == "cuda"
-    compiled = config.compile if config.compile is not None else cuda
-    if compiled:
-        model.compile()  # in place: parameter names and the state dict stay the same
-    collate = data_collator(config.task, tokenizer)
+    return (
+        group_for_causal_lm(data.train, tokenizer, config.max_length),
+        group_for_causal_lm(data.validation, tokenizer, config.max_length),
+    )
+
+
+def _compiled(config: FinetuneConfig, device_type: str) -> bool:
+    """Whether to torch.compile: only when asked (see compiling.WHEN_TO_COMPILE), and only with
+    a compiler at hand."""
+    if not config.compile:
+        return False
+    missing = compiler_missing(device_type)
+    if missing:
+        raise ToolkitError(
+            f"--compile needs {missing}, which this machine lacks: install it, or drop --compile"
+        )
+    return True
+
+
+def _loaders(
+    config: FinetuneConfig, accelerator, tokenizer, train_set, eval_set, fixed_shapes: bool
+):
+    """The prepared (train, validation) loaders; `fixed_shapes` (torch.compile): every training
+    batch `batch_size` x `max_length`, the partial last batch dropped."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    pad_to = config.max_length if fixed_shapes else None
     train_loader = DataLoader(
         train_set,
         batch_size=config.batch_size,
         sampler=_length_grouped(train_set, config) if config.group_by_length else None,
         shuffle=not config.group_by_length,
-        collate_fn=collate,
+        collate_fn=data_collator(config.task, tokenizer, pad_to),
+        drop_last=fixed_shapes and dropped_rows(len(train_set), config.batch_size) > 0,
         # its own generator: iterating never draws from the global (dropout) RNG
         generator=torch.Generator().manual_seed(config.seed),
-        **_loading_off_the_training_thread(cuda),
+        **_loading_off_the_training_thread(accelerator.device.type == "cuda"),
     )
-    eval_loader = DataLoader(eval_set, batch_size=config.batch_size, collate_fn=collate)
-    train_loader, eval_loader = accelerator.prepare(train_loader, eval_loader)
+    eval_collate = data_collator(config.task, tokenizer)
+    eval_loader = DataLoader(eval_set, batch_size=config.batch_size, collate_fn=eval_collate)
+    return accelerator.prepare(train_loader, eval_loader)
 
-    accumulation = config.gradient_accumulation_steps
-    updates_per_epoch = math.ceil(len(train_loader) / accumulation)
-    schedule = choose_schedule(
-        config.learning_rate,
-        config.epochs,
-        config.max_steps,
-        d_model=model.config.hidden_size,
-        pretrained=config.init == "pretrained" and config_overrides(config.model) is None,
-        updates_per_epoch=updates_per_epoch,
-        method=config.method,
-    )
-    total_steps, epochs = schedule.total_steps, schedule.epochs
-    if main:
-        stderr_console().print(
-            describe_schedule(schedule) + ("; torch.compile" if compiled else ""), highlight=False
-        )
+
+def _optimization(config: FinetuneConfig, accelerator, model, schedule, shard_here: bool):
+    """(model, optimizer, scheduler), prepared; under CPU sharding the model stays outside."""
+    import torch
+    from transformers import get_linear_schedule_with_warmup
+
     optimizer = torch.optim.AdamW(
         _parameter_groups(model, config.weight_decay),
         lr=schedule.learning_rate,
         fused=accelerator.device.type in ("cpu", "cuda"),  # several times faster
     )
     # A prepared scheduler steps once per process per update, so count its steps that way.
-    processes = accelerator.num_processes
+    processes, total_steps = accelerator.num_processes, schedule.total_steps
     scheduler = get_linear_schedule_with_warmup(
         optimizer, int(config.warmup_ratio * total_steps) * processes, total_steps * processes
     )
     if shard_here:  # model and optimizer stay outside Accelerate; their shards go through DCP
         scheduler = accelerator.prepare(scheduler)
         checkpoint_shards(accelerator, model, optimizer)
-    else:
-        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    if checkpoint:
-        accelerator.load_state(str(checkpoint))  # model, optimizer, scheduler, RNG states
+        return model, optimizer, scheduler
+    return accelerator.prepare(model, optimizer, scheduler)
 
-    metrics = _load_metrics(config.task)
-    trajectory = _start_trajectory(shift_dir, config, resume_step, main)
-    if config.task == "causal-lm" and not resume_step:  # the perplexity to beat
-        start = _evaluate(accelerator, model, eval_loader, metrics, config.task, majority)
-        trajectory.evaluations.append({"step": 0, **start})
-    tracker = None
-    if config.track_every:
-        tracker = _start_tracker(accelerator, model, shift_dir, trajectory, resume_step)
 
+# ---------------------------------------------------------------------------------------------
+# train: forward, backward, step; on schedule: log, evaluate, track, checkpoint
+
+
+def _train(run: PreparedRun) -> tuple[int, StepClock]:
+    """The training loop; returns the last step and the throughput clock."""
+    config, accelerator, trajectory = run.config, run.accelerator, run.trajectory
+    total_steps = run.schedule.total_steps
     label = config.dataset + (" from random weights" if config.init == "random" else "")
-    progress = _progress(main, total_steps, resume_step, label)
-    step = resume_step
-    timed_since, timed_samples, paused = None, 0, 0.0  # throughput: see FinetuneResult
-    timed_tokens = update_tokens = 0  # device tensors once counted: read once, at the end
+    progress = _progress(accelerator.is_main_process, total_steps, run.resume_step, label)
+    clock = StepClock()
     # Reading a loss waits for the device to finish the step; losses are read together when a
     # log line, evaluation, snapshot or checkpoint needs them, so the GPU keeps a queue of work.
-    unread_losses = []
-    start_epoch, updates_done = divmod(resume_step, updates_per_epoch)
+    losses = UnreadLosses(trajectory, run.run_dir)
+    step, step_loss = run.resume_step, None
     try:
-        model.train()
-        for epoch in range(start_epoch, epochs):
-            train_loader.set_epoch(epoch)
-            batches = train_loader
-            if epoch == start_epoch and updates_done:
-                batches = accelerator.skip_first_batches(train_loader, updates_done * accumulation)
-                batches.set_epoch(epoch)
-            micro_losses, update_samples = [], 0
+        run.model.train()
+        for epoch, batches in _epochs(run):
+            micro_losses = []
             for batch in batches:
-                update_samples += len(batch["labels"]) * processes
-                update_tokens += _text_tokens(batch) * processes
-                with accelerator.accumulate(model):
-                    loss = model(**batch).loss
-                    accelerator.backward(loss)
-                    micro_losses.append(loss.detach())
-                    # Step only when gradients sync: --fsdp on CPU uses a plain optimizer, which
-                    # (unlike Accelerate's) does not skip accumulation micro-steps by itself.
-                    if accelerator.sync_gradients:
-                        # averaged over micro-batches and processes, left on the device
-                        update_loss = accelerator.reduce(
-                            torch.stack(micro_losses).mean(), reduction="mean"
-                        )
-                        accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                        optimizer.step()
-                        scheduler.step()
-                        optimizer.zero_grad()
-                if not accelerator.sync_gradients:
+                clock.count(batch, accelerator.num_processes)
+                update_loss = _micro_step(run, batch, micro_losses)
+                if update_loss is None:  # accumulating: no update yet
                     continue
                 step += 1
-                unread_losses.append((step, update_loss))
+                losses.add(step, update_loss)
                 # The first update's end starts the clock, so wait for the device to reach it.
-                if timed_since is None or _loss_needed(config, step, total_steps):
-                    step_loss = _read_losses(unread_losses, trajectory, run_dir)
-                if timed_since is None:
-                    timed_since = time.perf_counter()
-                else:
-                    timed_samples += update_samples
-                    timed_tokens += update_tokens
-                micro_losses, update_samples, update_tokens = [], 0, 0
+                if not clock.started or _loss_needed(config, step, total_steps):
+                    step_loss = losses.read()
+                clock.update_done()
                 progress.update(progress.task_ids[0], completed=step)
                 if step % config.log_every == 0 or step == total_steps:
                     _log(
                         progress,
                         f"step {step}/{total_steps}  epoch {epoch + 1}  loss {step_loss:.4f}  "
-                        f"lr {scheduler.get_last_lr()[0]:.2e}",
+                        f"lr {run.scheduler.get_last_lr()[0]:.2e}",
                     )
                 evaluation = {}
-                if config.eval_every and step % config.eval_every == 0 or step == total_steps:
-                    paused -= time.perf_counter()
-                    evaluation = _evaluate(
-                        accelerator, model, eval_loader, metrics, config.task, majority
-                    )
-                    paused += time.perf_counter()
-                    trajectory.evaluations.append({"step": step, **evaluation})
-                    _log(
-                        progress,
-                        f"eval at step {step}: "
-                        + "  ".join(f"{name} {value:.4f}" for name, value in evaluation.items()),
-                    )
-                if config.track_every and (step % config.track_every == 0 or step == total_steps):
-                    _track(accelerator, model, tracker, trajectory, step, step_loss, evaluation)
-                if (
-                    config.checkpoint_every
-                    and step % config.checkpoint_every == 0
-                    and step < total_steps
-                ):
-                    paused -= time.perf_counter()
-                    _save_checkpoint(accelerator, run_dir, step, trajectory, tracker)
-                    paused += time.perf_counter()
+                if run.evaluation.due(step, total_steps):
+                    with clock.paused():
+                        evaluation = run.evaluation.run(step)
+                    _log(progress, run.evaluation.describe(step, evaluation))
+                if run.tracking.due(step, total_steps):
+                    run.tracking.run(step, step_loss, evaluation)
+                if run.checkpointing.due(step, total_steps):
+                    with clock.paused():
+                        run.checkpointing.run(step, run.tracking)
                 if step == total_steps:
-                    break
+                    return step, clock
     finally:
         progress.stop()
-        if tracker is not None:
-            tracker.close()  # waits for the last snapshot write: part of the timed training
-    samples_per_second = tokens_per_second = mfu = None
-    if timed_samples:
-        timed_seconds = time.perf_counter() - timed_since - paused
-        samples_per_second = timed_samples / timed_seconds
-        tokens_per_second = float(timed_tokens) / timed_seconds
-        if cuda:
-            parameters = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
-            device_name = torch.cuda.get_device_name(accelerator.device)
-            mfu = model_flops_utilisation(parameters, tokens_per_second, device_name)
+        run.tracking.close()  # waits for the last snapshot write: part of the timed training
+    return step, clock
+
+
+def _epochs(run: PreparedRun):
+    """(epoch, batches) from where the run starts; a resumed epoch skips the batches done."""
+    accumulation = run.config.gradient_accumulation_steps
+    start_epoch, updates_done = divmod(run.resume_step, run.updates_per_epoch)
+    for epoch in range(start_epoch, run.schedule.epochs):
+        run.train_loader.set_epoch(epoch)
+        batches = run.train_loader
+        if epoch == start_epoch and updates_done:
+            batches = run.accelerator.skip_first_batches(
+                run.train_loader, updates_done * accumulation
+            )
+            batches.set_epoch(epoch)
+        yield epoch, batches
+
+
+def _micro_step(run: PreparedRun, batch, micro_losses: list):
+    """Forward and backward one batch; at the end of an accumulation, clip and step. Returns the
+    update's loss (averaged over micro-batches and processes, left on the device), or None."""
+    import torch
+
+    accelerator, model = run.accelerator, run.model
+    with accelerator.accumulate(model):
+        loss = model(**batch).loss
+        accelerator.backward(loss)
+        micro_losses.append(loss.detach())
+        # Step only when gradients sync: --fsdp on CPU uses a plain optimizer, which (unlike
+        # Accelerate's) does not skip accumulation micro-steps by itself.
+        if not accelerator.sync_gradients:
+            return None
+        update_loss = accelerator.reduce(torch.stack(micro_losses).mean(), reduction="mean")
+        micro_losses.clear()
+        accelerator.clip_grad_norm_(model.parameters(), run.config.max_grad_norm)
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad()
+    return update_loss
+
+
+# ---------------------------------------------------------------------------------------------
+# finish: throughput, final metrics, the final model and the trajectory
+
+
+def _finish(run: PreparedRun, step: int, clock: StepClock, seconds: float) -> FinetuneResult:
+    """Write DIR/final (and the LoRA adapter) and the trajectory; return the run's result."""
+    config, accelerator, trajectory = run.config, run.accelerator, run.trajectory
+    run_dir, shift_dir = run.run_dir, run.run_dir / "shift"
+    samples_per_second, tokens_per_second, mfu = clock.throughput(accelerator, run.model)
     final_metrics = {k: v for k, v in trajectory.evaluations[-1].items() if k != "step"}
     start_metrics = next(
         (
@@ -352,10 +486,8 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
         {},
     )
     warning = learning_warning(final_metrics, start_metrics)
-
-    # The end: the final model (transformers format, safetensors) and the trajectory.
     accelerator.wait_for_everyone()
-    state_dict = _weights(accelerator, model)
+    state_dict = _weights(accelerator, run.model)
     result = FinetuneResult(
         output_dir=str(run_dir),
         final_dir=str(run_dir / "final"),
@@ -363,38 +495,204 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
         trajectory=str(shift_dir / TRAJECTORY_FILE),
         model=config.model,
         task=config.task,
-        dataset=data.source,
+        dataset=run.dataset,
         steps=step,
-        resumed_from=resume_step,
+        resumed_from=run.resume_step,
         train_loss=trajectory.train_loss[-1][1] if trajectory.train_loss else None,
         metrics=final_metrics,
-        processes=processes,
-        seconds=time.perf_counter() - started,
+        processes=accelerator.num_processes,
+        seconds=seconds,
         train_samples_per_second=samples_per_second,
         train_tokens_per_second=tokens_per_second,
         mfu=mfu,
-        learning_rate=schedule.learning_rate,
-        epochs=epochs,
-        defaults=schedule.chosen,
-        compiled=compiled,
+        learning_rate=run.schedule.learning_rate,
+        epochs=run.schedule.epochs,
+        defaults=run.schedule.chosen,
+        compiled=run.compiled,
         start_metrics=start_metrics,
         learned=warning is None,
         warning=warning,
         trajectory_record=trajectory,
         method=config.method,
-        trainable_parameters=trainable,
-        total_parameters=total,
+        trainable_parameters=run.trainable_parameters,
+        total_parameters=run.total_parameters,
         adapter_dir=str(run_dir / ADAPTER_DIR) if config.method == "lora" else None,
     )
-    if main:
-        unwrapped = accelerator.unwrap_model(model)
-        save_final(base_model(unwrapped), tokenizer, state_dict, run_dir / "final")
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(run.model)
+        save_final(base_model(unwrapped), run.tokenizer, state_dict, run_dir / "final")
         if result.adapter_dir:
-            save_adapter(unwrapped, tokenizer, Path(result.adapter_dir))
+            save_adapter(unwrapped, run.tokenizer, Path(result.adapter_dir))
         write_json(shift_dir / TRAJECTORY_FILE, trajectory.to_dict())
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result
+
+
+# ---------------------------------------------------------------------------------------------
+# the side work inside the train phase, each owning its schedule and state
+
+
+class Evaluation:
+    """Validation loss and metrics on schedule (`--eval-every`, and the last step), appended to
+    the trajectory."""
+
+    def __init__(self, accelerator, model, eval_loader, config, majority, trajectory, compiled):
+        self.accelerator, self.model, self.eval_loader = accelerator, model, eval_loader
+        self.every, self.task, self.majority = config.eval_every, config.task, majority
+        self.metrics = _load_metrics(config.task)
+        self.trajectory = trajectory
+        self.compiled = compiled  # then evaluate eager: no graph for other shapes or no-grad
+
+    def due(self, step: int, total_steps: int) -> bool:
+        return bool(self.every and step % self.every == 0) or step == total_steps
+
+    def run(self, step: int) -> dict[str, float]:
+        import torch
+
+        with torch.compiler.set_stance("force_eager" if self.compiled else "default"):
+            evaluation = _evaluate(
+                self.accelerator,
+                self.model,
+                self.eval_loader,
+                self.metrics,
+                self.task,
+                self.majority,
+            )
+        self.trajectory.evaluations.append({"step": step, **evaluation})
+        return evaluation
+
+    @staticmethod
+    def describe(step: int, evaluation: dict[str, float]) -> str:
+        return f"eval at step {step}: " + "  ".join(
+            f"{name} {value:.4f}" for name, value in evaluation.items()
+        )
+
+
+class Tracking:
+    """The attention shift on schedule (`--track-every`, and the last step); the tracker (and
+    its files) lives on the main process, but every process takes part in gathering weights."""
+
+    def __init__(self, accelerator, model, every: int, trajectory, tracker):
+        self.accelerator, self.model, self.every = accelerator, model, every
+        self.trajectory, self.tracker = trajectory, tracker
+
+    @classmethod
+    def start(cls, accelerator, model, config: FinetuneConfig, trajectory, resume_step: int):
+        """Snapshot step 0 (or reload it when resuming); no tracker when `track_every` is 0."""
+        tracker = None
+        if config.track_every:
+            tracker = _start_tracker(
+                accelerator, model, Path(config.output_dir) / "shift", trajectory, resume_step
+            )
+        return cls(accelerator, model, config.track_every, trajectory, tracker)
+
+    def due(self, step: int, total_steps: int) -> bool:
+        return bool(self.every) and (step % self.every == 0 or step == total_steps)
+
+    def run(self, step: int, loss: float, evaluation: dict[str, float]) -> None:
+        state_dict = _weights(self.accelerator, self.model)  # every process, before the main one
+        if self.tracker is not None:
+            self.tracker.record(self.trajectory, step, state_dict, loss, evaluation)
+
+    def flush(self) -> None:
+        """Wait until every snapshot is on disk."""
+        if self.tracker is not None:
+            self.tracker.flush()
+
+    def close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.close()
+
+
+class Checkpointing:
+    """Full training state every `--checkpoint-every` steps (never at the last: DIR/final is)."""
+
+    def __init__(self, accelerator, run_dir: Path, every: int, trajectory: Trajectory):
+        self.accelerator, self.run_dir, self.every = accelerator, run_dir, every
+        self.trajectory = trajectory
+
+    def due(self, step: int, total_steps: int) -> bool:
+        return bool(self.every) and step % self.every == 0 and step < total_steps
+
+    def run(self, step: int, tracking: Tracking) -> None:
+        _save_checkpoint(self.accelerator, self.run_dir, step, self.trajectory, tracking)
+
+
+class StepClock:
+    """Training throughput over every update after the first (a warm-up), tracking included,
+    evaluation and checkpoint writes (`paused()`) excluded. Token counts stay device tensors
+    until `throughput()` reads them once."""
+
+    def __init__(self):
+        self.started_at: float | None = None
+        self.paused_seconds = 0.0
+        self.samples = self.tokens = 0  # timed updates
+        self.update_samples = self.update_tokens = 0  # the update in progress
+
+    @property
+    def started(self) -> bool:
+        return self.started_at is not None
+
+    def count(self, batch, processes: int) -> None:
+        self.update_samples += len(batch["labels"]) * processes
+        self.update_tokens += _text_tokens(batch) * processes
+
+    def update_done(self) -> None:
+        """After the update (its loss read if needed): the first update starts the clock."""
+        if self.started_at is None:
+            self.started_at = time.perf_counter()
+        else:
+            self.samples += self.update_samples
+            self.tokens += self.update_tokens
+        self.update_samples = self.update_tokens = 0
+
+    @contextmanager
+    def paused(self):
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_seconds += time.perf_counter() - began
+
+    def throughput(self, accelerator, model) -> tuple[float | None, float | None, float | None]:
+        """(samples/s, text tokens/s, MFU on CUDA else None); all None before two updates."""
+        import torch
+
+        if not self.samples:
+            return None, None, None
+        seconds = time.perf_counter() - self.started_at - self.paused_seconds
+        tokens_per_second = float(self.tokens) / seconds
+        mfu = None
+        if accelerator.device.type == "cuda":
+            parameters = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
+            device_name = torch.cuda.get_device_name(accelerator.device)
+            mfu = model_flops_utilisation(parameters, tokens_per_second, device_name)
+        return self.samples / seconds, tokens_per_second, mfu
+
+
+class UnreadLosses:
+    """(step, device loss) pairs not yet brought to the host; `read()` brings them in one
+    transfer, records them in the trajectory and stops at the first NaN or infinity."""
+
+    def __init__(self, trajectory: Trajectory, run_dir: Path):
+        self.trajectory, self.run_dir = trajectory, run_dir
+        self.unread: list = []
+
+    def add(self, step: int, loss) -> None:
+        self.unread.append((step, loss))
+
+    def read(self) -> float:
+        """The last step's loss."""
+        import torch
+
+        losses = torch.stack([loss for _, loss in self.unread]).tolist()
+        steps = [step for step, _ in self.unread]
+        self.unread.clear()
+        for step, loss in zip(steps, losses, strict=True):
+            _check_finite(loss, step, self.run_dir)
+            self.trajectory.train_loss.append((step, loss))
+        return losses[-1]
 
 
 def _open_run_dir(run_dir: Path, config: FinetuneConfig, accelerator):
@@ -481,12 +779,6 @@ def _tracker_class(accelerator) -> type[ShiftTracker]:
     return DeviceShiftTracker if accelerator.device.type == "cuda" else ShiftTracker
 
 
-def _track(accelerator, model, tracker, trajectory, step, loss, evaluation) -> None:
-    state_dict = _weights(accelerator, model)  # every process, before the main one records
-    if accelerator.is_main_process:
-        tracker.record(trajectory, step, state_dict, loss, evaluation)
-
-
 def _weights(accelerator, model) -> dict:
     """The whole weights to track and save, complete on the main process; call it on EVERY
     process (under sharding it is a collective). A LoRA model gives its effective weights
@@ -498,13 +790,12 @@ def _weights(accelerator, model) -> dict:
 
 
 def _save_checkpoint(
-    accelerator, run_dir: Path, step: int, trajectory: Trajectory, tracker
+    accelerator, run_dir: Path, step: int, trajectory: Trajectory, tracking: Tracking
 ) -> None:
     """Full training state in DIR/checkpoints/step_N; the marker file last; keep the newest two."""
     folder = run_dir / CHECKPOINTS / f"step_{step:06d}"
     if accelerator.is_main_process:
-        if tracker is not None:
-            tracker.flush()
+        tracking.flush()
         # The trajectory on disk must cover this step before the checkpoint counts.
         write_json(run_dir / "shift" / TRAJECTORY_FILE, trajectory.to_dict())
         shutil.rmtree(folder, ignore_errors=True)  # a partial one left by a killed run
@@ -527,20 +818,6 @@ def _loss_needed(config: FinetuneConfig, step: int, total_steps: int) -> bool:
     """Whether this step logs, evaluates, tracks or checkpoints (and so needs its loss)."""
     every = (config.log_every, config.eval_every, config.track_every, config.checkpoint_every)
     return step == total_steps or any(n and step % n == 0 for n in every)
-
-
-def _read_losses(unread: list, trajectory: Trajectory, run_dir: Path) -> float:
-    """Bring the (step, device loss) pairs to the host in one transfer, record them, and
-    return the last; stop at the first NaN or infinity. Empties `unread`."""
-    import torch
-
-    losses = torch.stack([loss for _, loss in unread]).tolist()
-    steps = [step for step, _ in unread]
-    unread.clear()
-    for step, loss in zip(steps, losses, strict=True):
-        _check_finite(loss, step, run_dir)
-        trajectory.train_loss.append((step, loss))
-    return losses[-1]
 
 
 def _check_finite(loss: float, step: int, run_dir: Path) -> None:

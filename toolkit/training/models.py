@@ -11,13 +11,14 @@ tokenizer is saved in DIR/tokenizer/ so that every process and every resumed run
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from toolkit.errors import ToolkitError
 from toolkit.families import family_for_config
 from toolkit.fileio import atomic_folder
 from toolkit.runtime import load_tokenizer
-from toolkit.sources import resolve_source
+from toolkit.sources import ModelSource, resolve_source
 from toolkit.training.data import train_bpe_tokenizer
 
 # spec prefix -> (transformers config class, an example)
@@ -57,22 +58,35 @@ def config_overrides(model: str) -> tuple[str, dict] | None:
     return class_name, overrides
 
 
-def check_model(config) -> None:
-    """Resolve `config.model` (a typo, a missing folder) before the run writes anything."""
-    if config_overrides(config.model) is None:
-        resolve_source(config.model)
+@dataclass(frozen=True)
+class ModelStart:
+    """What `--model` names, resolved once: a config spec, or a local checkpoint."""
+
+    spec: tuple[str, dict] | None  # (config class name, overrides) for `gpt2-config:...`
+    source: ModelSource | None  # the checkpoint otherwise
+
+    @property
+    def pretrained_checkpoint(self) -> bool:
+        return self.spec is None
 
 
-def training_tokenizer(config, train_texts, run_dir: Path):
+def resolve_model(model: str) -> ModelStart:
+    """Resolve `--model` (a typo, a missing folder) before the run writes anything."""
+    spec = config_overrides(model)
+    return ModelStart(spec, resolve_source(model) if spec is None else None)
+
+
+def training_tokenizer(config, train_texts, run_dir: Path, start: ModelStart | None = None):
     """The pretrained model's tokenizer, or (for a config spec) the BPE tokenizer of this run.
 
     Loaded by `toolkit.runtime.load_tokenizer` (one policy); training cannot do without one.
+    `start`: `config.model` already resolved (resolved here otherwise).
     """
-    spec = config_overrides(config.model)
-    if spec is None:
-        folder = resolve_source(config.model).path
+    start = start or resolve_model(config.model)
+    if start.spec is None:
+        folder = start.source.path
     else:
-        overrides = spec[1]
+        overrides = start.spec[1]
         folder = run_dir / "tokenizer"
         if not folder.is_dir():
             tokenizer = train_bpe_tokenizer(
@@ -86,12 +100,13 @@ def training_tokenizer(config, train_texts, run_dir: Path):
     return tokenizer
 
 
-def build_model(config, tokenizer, label_names: list[str] | None):
+def build_model(config, tokenizer, label_names: list[str] | None, start: ModelStart | None = None):
     """The model for `config.task`, with label names in its config; seed torch first.
 
     `config.init` "pretrained" loads the checkpoint's weights; "random" builds the same
     architecture from the checkpoint's config with freshly initialised weights. A
-    `gpt2-config:` or `llama-config:` model is always built fresh.
+    `gpt2-config:` or `llama-config:` model is always built fresh. `start`: `config.model`
+    already resolved (resolved here otherwise).
     """
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -103,9 +118,9 @@ def build_model(config, tokenizer, label_names: list[str] | None):
             "id2label": dict(enumerate(label_names)),
             "label2id": {name: i for i, name in enumerate(label_names)},
         }
-    spec = config_overrides(config.model)
-    if spec is not None:
-        class_name, overrides = spec
+    start = start or resolve_model(config.model)
+    if start.spec is not None:
+        class_name, overrides = start.spec
         positions = "n_positions" if class_name == "GPT2Config" else "max_position_embeddings"
         model_config = getattr(transformers, class_name)(
             **{
@@ -125,7 +140,7 @@ def build_model(config, tokenizer, label_names: list[str] | None):
             else AutoModelForSequenceClassification
         )
         return model_class.from_config(model_config)
-    source = resolve_source(config.model)
+    source = start.source
     family = family_for_config(source.config)  # only families whose attention we can track
     if config.task == "causal-lm" and not family.causal:
         raise ToolkitError(

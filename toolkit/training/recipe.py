@@ -52,7 +52,7 @@ class FinetuneConfig:
     mixed_precision: str = "no"
     fsdp: bool = False  # shard the model across processes (FSDP2); see training/sharding.py
     seed: int = 42
-    compile: bool | None = None  # torch.compile the model; None: on for CUDA, off on CPU
+    compile: bool | None = None  # torch.compile the model; None: off (training/compiling.py)
     group_by_length: bool = False  # batches of similar length (less padding); classification
     eval_every: int = 0
     track_every: int = 10
