@@ -61,6 +61,7 @@ from toolkit.training.throughput import model_flops_utilisation
 from toolkit.training.tracking import (
     TRAJECTORY_FILE,
     ShiftTracker,
+    SnapshotSchedule,
     Trajectory,
     snapshot_name,
 )
@@ -114,6 +115,10 @@ class FinetuneResult:
     total_parameters: int = 0
     adapter_dir: str | None = None  # LoRA: the adapter in PEFT format
     view: str | None = None  # DIR/view.html once `finetune_with_report` wrote it
+    # Time the training thread spent in the shift tracker's record() (main process), and the
+    # snapshots skipped because the previous one was still being written (trajectory: which).
+    tracking_seconds: float = 0.0
+    skipped_snapshots: int = 0
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -240,9 +245,10 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
     if config.task == "causal-lm" and not resume_step:  # the perplexity to beat
         start = _evaluate(accelerator, model, eval_loader, metrics, config.task, majority)
         trajectory.evaluations.append({"step": 0, **start})
+    tracking = SnapshotSchedule.for_run(total_steps, config.track_every, config.snapshot_every)
     tracker = None
-    if config.track_every:
-        tracker = _start_tracker(accelerator, model, shift_dir, trajectory, resume_step)
+    if tracking.track_every:
+        tracker = _start_tracker(accelerator, model, shift_dir, trajectory, resume_step, tracking)
 
     label = config.dataset + (" from random weights" if config.init == "random" else "")
     progress = _progress(main, total_steps, resume_step, label)
@@ -285,7 +291,11 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
                 step += 1
                 unread_losses.append((step, update_loss))
                 # The first update's end starts the clock, so wait for the device to reach it.
-                if timed_since is None or _loss_needed(config, step, total_steps):
+                if (
+                    timed_since is None
+                    or _loss_needed(config, step, total_steps)
+                    or tracking.tracks(step)
+                ):
                     step_loss = _read_losses(unread_losses, trajectory, run_dir)
                 if timed_since is None:
                     timed_since = time.perf_counter()
@@ -313,7 +323,7 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
                         f"eval at step {step}: "
                         + "  ".join(f"{name} {value:.4f}" for name, value in evaluation.items()),
                     )
-                if config.track_every and (step % config.track_every == 0 or step == total_steps):
+                if tracking.tracks(step):
                     _track(accelerator, model, tracker, trajectory, step, step_loss, evaluation)
                 if (
                     config.checkpoint_every
@@ -381,6 +391,8 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
         trainable_parameters=trainable,
         total_parameters=total,
         adapter_dir=str(run_dir / ADAPTER_DIR) if config.method == "lora" else None,
+        tracking_seconds=tracker.seconds if tracker is not None else 0.0,
+        skipped_snapshots=tracker.skipped if tracker is not None else 0,
     )
     if main:
         unwrapped = accelerator.unwrap_model(model)
@@ -452,16 +464,18 @@ def _start_trajectory(
     return trajectory
 
 
-def _start_tracker(accelerator, model, shift_dir, trajectory, resume_step):
+def _start_tracker(accelerator, model, shift_dir, trajectory, resume_step, schedule):
     """Snapshot step 0 (or reload it when resuming); the tracker lives on the main process only."""
     model_config = accelerator.unwrap_model(model).config.to_dict()
     if resume_step:
         if accelerator.is_main_process:
-            return _tracker_class(accelerator).resume(shift_dir, model_config)
+            return _tracker_class(accelerator).resume(shift_dir, model_config, schedule)
         return None
     state_dict = _weights(accelerator, model)
     if accelerator.is_main_process:
-        return _tracker_class(accelerator).begin(shift_dir, state_dict, model_config, trajectory)
+        return _tracker_class(accelerator).begin(
+            shift_dir, state_dict, model_config, trajectory, schedule
+        )
     return None
 
 
@@ -513,8 +527,8 @@ def _save_checkpoint(
 
 
 def _loss_needed(config: FinetuneConfig, step: int, total_steps: int) -> bool:
-    """Whether this step logs, evaluates, tracks or checkpoints (and so needs its loss)."""
-    every = (config.log_every, config.eval_every, config.track_every, config.checkpoint_every)
+    """Whether this step logs, evaluates or checkpoints (and so needs its loss)."""
+    every = (config.log_every, config.eval_every, config.checkpoint_every)
     return step == total_steps or any(n and step % n == 0 for n in every)
 
 
