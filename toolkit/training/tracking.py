@@ -38,7 +38,6 @@ from toolkit.attention import (
     attention_from_state_dict,
     head_frobenius,
     load_attention,
-    parse_standard_name,
     standard_name,
     standard_tensor_dict,
     write_standard_tensors,
@@ -202,7 +201,9 @@ class ShiftTracker:
         name = f"{trajectory.model} at step 0"
         attention, tensors = _standard_tensors(state_dict, model_config, name)
         trajectory.n_layers, trajectory.n_heads = attention.dims.n_layers, attention.dims.n_heads
-        start = {n: t for n, t in tensors.items() if parse_standard_name(n)[1] in WEIGHT_ROLES}
+        # views of a copy of the raw parameters: later steps' live views have the same strides,
+        # so their difference runs in memory order
+        start = _live_weights(attention, state_dict, copy=True)
         dtype = snapshot_dtype(_parameter_dtype(state_dict), model_config, start)
         tracker = cls(shift_dir, model_config, start, schedule, dtype)
         layer_change, head_change = tracker._relative_change(tensors, trajectory.n_layers)
@@ -240,10 +241,15 @@ class ShiftTracker:
 
     def _record(self, trajectory, step, state_dict, loss, metrics) -> ShiftPoint:
         name = f"{trajectory.model} at step {step}"
-        attention, tensors = _standard_tensors(state_dict, self.model_config, name)
-        layer_change, head_change = self._relative_change(tensors, trajectory.n_layers)
+        attention = attention_from_state_dict(state_dict, self.model_config, name)
+        live = _live_weights(attention, state_dict)
+        layer_change, head_change = self._relative_change(live, trajectory.n_layers)
         point = ShiftPoint(step, loss, metrics, layer_change, head_change, None)
-        make_tensors = (lambda: tensors) if self._snapshot_wanted(point) else None
+        make_tensors = None
+        if self._snapshot_wanted(point):
+            # copies: the writer reads them while the next steps move the parameters
+            tensors = standard_tensor_dict(list(attention.layers()))
+            make_tensors = lambda: tensors  # noqa: E731
         return self._append_point(trajectory, point, attention, make_tensors)
 
     def flush(self) -> None:
@@ -354,6 +360,22 @@ def _parameter_dtype(state_dict: dict) -> str:
     return next(
         str(t.dtype).removeprefix("torch.") for t in state_dict.values() if t.is_floating_point()
     )
+
+
+def _live_weights(attention, state_dict: dict, copy: bool = False) -> dict[str, np.ndarray]:
+    """Standard name -> the weight [n_heads, a, b] as a float32 view of the live parameter on the
+    CPU (the family's `convert` only splits, reshapes and transposes): measured at once, no copy
+    first. `copy`: views of a copy instead (the parameters will move)."""
+    weights = {}
+    for layer in attention.layer_indices:
+        names = attention.family.layer_names(layer, attention.config)
+        raw = {}
+        for role, name in names.items():
+            array = state_dict[attention.prefix + name].detach().float().cpu().numpy()
+            raw[role] = array.copy() if copy else array
+        standard = attention.family.convert(raw, attention.dims)
+        weights.update({standard_name(layer, role): standard[role] for role in WEIGHT_ROLES})
+    return weights
 
 
 def _standard_tensors(state_dict: dict, config: dict, name: str):
