@@ -179,7 +179,10 @@ class ShiftTracker:
         self.shift_dir = shift_dir
         self.model_config = model_config  # config.json of the model being trained
         self.weights_at_start = start  # standard name -> float32 array, weights only
-        self.head_norms_at_start = {name: head_frobenius(t) for name, t in start.items()}
+        # from contiguous copies: the same sums from a raw copy's views or a snapshot's arrays
+        self.head_norms_at_start = {
+            name: head_frobenius(np.ascontiguousarray(t)) for name, t in start.items()
+        }
         self.schedule = schedule
         self.dtype = dtype  # the snapshots' safetensors dtype: F32, BF16 or F16
         self.seconds = 0.0
@@ -292,8 +295,14 @@ class ShiftTracker:
         for layer in range(n_layers):
             for role in WEIGHT_ROLES:
                 name = standard_name(layer, role)
-                # [n_heads, a, b] -> ||W_t[h] - W_start[h]||_F: [n_heads]
-                moved = head_frobenius(tensors[name] - self.weights_at_start[name])
+                # [n_heads, a, b] -> ||W_t[h] - W_start[h]||_F: [n_heads]. The difference takes
+                # the live view's layout, whatever W_start's (a copy, or read from a snapshot
+                # when resuming), so that the sums run in one order: a resumed run's numbers
+                # are bit for bit those of an uninterrupted one.
+                live = tensors[name]
+                difference = np.empty_like(live)  # order "K": the live parameter's strides
+                np.subtract(live, self.weights_at_start[name], out=difference)
+                moved = head_frobenius(difference)
                 at_start = self.head_norms_at_start[name]
                 head_change[role].append((moved / at_start).tolist())
                 layer_change[role].append(
