@@ -131,6 +131,8 @@ def check_config(config: FinetuneConfig) -> FinetuneConfig:
             raise ToolkitError(
                 f"{name.replace('_', '-')} must be 0 (off) or a number of steps, not {value}"
             )
+    for name in ("track_every", "snapshot_every"):  # the others may simply not fall in a run
+        value = getattr(config, name)
         if value and config.max_steps and value > config.max_steps:
             raise ToolkitError(
                 f"{name.replace('_', '-')} {value} is longer than the run's max-steps "
