@@ -586,6 +586,68 @@ def _every_step_rows(results: dict) -> list[str]:
     ]
 
 
+def bench_tracking(repeat: int) -> dict:
+    """3c. The cost of tracking every step: `toolkit finetune --track-every 1` against
+    `--track-every 0` on section 3's recipe (order alternated each round, medians), with the
+    time `record()` took on the training thread (`tracking_seconds`) and the snapshots written."""
+    recipe = prepare_finetune_recipe()
+    env = {**ENV, "OMP_NUM_THREADS": str(os.cpu_count())}
+    runs = WORK / "tracking-runs"
+    base = [*TOOLKIT, "finetune", str(recipe), "--json"]
+    routes = {
+        "every_step": [*base, "--track-every", "1"],
+        "untracked": [*base, "--track-every", "0"],
+    }
+    speeds = {route: [] for route in routes}
+    shares, snapshots, skipped = [], [], []
+    for index in range(repeat):
+        for route in list(routes)[index % 2 :] + list(routes)[: index % 2]:
+            log(f"tracking: {route}, round {index + 1}/{repeat}")
+            shutil.rmtree(runs / route, ignore_errors=True)
+            result = run_json([*routes[route], "--output-dir", str(runs / route)], env)
+            speeds[route].append(result["train_samples_per_second"])
+            if route == "every_step":
+                # the timed updates (all but the first): their samples over samples/s
+                timed = (result["steps"] - 1) * FINETUNE_RECIPE["batch_size"]
+                shares.append(
+                    result["tracking_seconds"] / (timed / result["train_samples_per_second"])
+                )
+                snapshots.append(len(list((runs / route / "shift").glob("step_*.safetensors"))))
+                skipped.append(result["skipped_snapshots"])
+    return {
+        "settings": {**FINETUNE_RECIPE, "track_every": 1},
+        "threads": os.cpu_count(),
+        "samples_per_second": speeds,
+        "median": {route: statistics.median(values) for route, values in speeds.items()},
+        "tracking_share": statistics.median(shares),
+        "snapshot_files": snapshots,
+        "skipped_snapshots": skipped,
+    }
+
+
+def tracking_table(results: dict) -> list[str]:
+    s, median = results["settings"], results["median"]
+    tracked, untracked = median["every_step"], median["untracked"]
+    return [
+        "## 3c. Tracking every step",
+        "",
+        f"Section 3's classifier and recipe ({s['max_steps']} steps of {s['batch_size']} x "
+        f"{s['max_length']} tokens, {results['threads']} torch threads) by `toolkit finetune "
+        "--track-every 1` (the per-head shift measured after every update; snapshots at steps "
+        "0, 1, 2, 4, 8, 16 and the end) and `--track-every 0`. Samples/s as in section 3; the "
+        "training-thread share is `tracking_seconds` (the time `record()` took on the training "
+        "thread) over the timed updates' time. Routes alternate; medians of "
+        f"{len(results['samples_per_second']['untracked'])} rounds.",
+        "",
+        "| tracked every step samples/s | untracked samples/s | ratio (target >= 0.97) | "
+        "training thread in tracking (target <= 3%) | snapshot files | skipped |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| {tracked:.2f} | {untracked:.2f} | {tracked / untracked:.3f} | "
+        f"{100 * results['tracking_share']:.1f}% | {results['snapshot_files'][-1]} | "
+        f"{results['skipped_snapshots'][-1]} |",
+    ]
+
+
 def bench_busy(repeat: int) -> dict:
     """5. Wall time with one core held by another process, against a quiet machine."""
     from busy import measure_busy  # bench/busy.py, which imports this module's helpers
@@ -670,6 +732,7 @@ SECTIONS = {
     "extraction": (bench_extraction, extraction_table),
     "compare": (bench_compare, compare_table),
     "finetune": (bench_finetune, finetune_table),
+    "tracking": (bench_tracking, tracking_table),
     "busy": (bench_busy, busy_table),
     "lora": (bench_lora, lora_table),
 }

@@ -8,7 +8,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from toolkit.training.device_tracking import DeviceShiftTracker
-from toolkit.training.tracking import ShiftTracker, Trajectory, snapshot_name
+from toolkit.training.tracking import ShiftTracker, SnapshotSchedule, Trajectory, snapshot_name
 
 
 def _perturbed(model, seed: int) -> dict:
@@ -41,8 +41,10 @@ def test_device_route_equals_numpy_route(
         folder = tmp_path / name
         folder.mkdir()
         trajectory = Trajectory(model="m", task="t")
-        tracker = tracker_class.begin(folder, model.state_dict(), config, trajectory)
+        schedule = SnapshotSchedule(total_steps=6, track_every=3)  # snapshots at 0, 3 and 6
+        tracker = tracker_class.begin(folder, model.state_dict(), config, trajectory, schedule)
         for step in (3, 6):
+            tracker.flush()  # the writer is idle: step 6's snapshot is not skipped
             tracker.record(trajectory, step, _perturbed(model, step), 0.5, {})
         tracker.close()
         runs[name] = (folder, trajectory)

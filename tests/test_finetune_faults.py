@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 import toolkit
 from toolkit.errors import ToolkitError
 from toolkit.training.recipe import FinetuneConfig
+from toolkit.training.tracking import SKIPPED
 
 # 400 short lines -> about 78 training blocks of 32 tokens: 20 updates per epoch, so 60 steps
 # cross epoch boundaries and the kill lands mid-epoch. GPT-2's dropout makes the RNG state matter.
@@ -69,6 +70,16 @@ def _kill_after(victim: subprocess.Popen, marker: Path, run: Path) -> None:
     assert marker.exists() and not (run / "final").exists(), "the run must die mid-way"
 
 
+def _without_skips(points: list[dict], other: list[dict]) -> list[dict]:
+    """`points` without the snapshot fields where either run skipped a snapshot (the writer was
+    still busy: a matter of timing, not of the numbers)."""
+    return [
+        {k: v for k, v in p.items() if not skipped or k not in ("snapshot", "snapshot_missing")}
+        for p, q in zip(points, other, strict=True)
+        for skipped in [SKIPPED in (p["snapshot_missing"], q["snapshot_missing"])]
+    ]
+
+
 def _trajectory(run: Path) -> dict:
     return json.loads((run / "shift" / "trajectory.json").read_text())
 
@@ -97,7 +108,8 @@ def test_sigkill_then_resume_gives_the_same_weights_and_trajectory(toy_corpus_tx
     assert [p["step"] for p in b["shift"]] == list(range(0, 61, 5))
     assert [s for s, _ in b["train_loss"]] == list(range(1, 61))
     assert b["train_loss"] == a["train_loss"]
-    assert b["shift"] == a["shift"] and b["evaluations"] == a["evaluations"]
+    assert _without_skips(b["shift"], a["shift"]) == _without_skips(a["shift"], b["shift"])
+    assert b["evaluations"] == a["evaluations"]
     assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == [
         "step_000052",
         "step_000056",

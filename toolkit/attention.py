@@ -359,15 +359,19 @@ def write_standard_tensors(
     model: AttentionModel,
     shapes: dict[str, tuple[int, ...]],
     tensors: Iterable[tuple[str, np.ndarray]],
+    dtype: str = "F32",
 ) -> None:
-    """Write a standard-format file from a stream: `tensors` (name -> float32 array, in the order
-    of `shapes`) and `model`'s metadata as safetensors, atomically. `tensors` may be a generator,
+    """Write a standard-format file from a stream: `tensors` (name -> array in `dtype`'s storage,
+    see `safetensors_format.write_stream`, in the order of `shapes`) and `model`'s metadata as
+    safetensors, atomically. `tensors` may be a generator,
     so that only one array is held at a time (tracking's snapshots; `write_standard_file` lays a
     checkpoint's layers out in place instead)."""
     from toolkit.fileio import write_atomic
     from toolkit.safetensors_format import write_stream
 
-    write_atomic(path, lambda tmp: write_stream(tmp, shapes, tensors, standard_metadata(model)))
+    write_atomic(
+        path, lambda tmp: write_stream(tmp, shapes, tensors, standard_metadata(model), dtype)
+    )
 
 
 def standard_metadata(model: AttentionModel) -> dict[str, str]:

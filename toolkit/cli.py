@@ -707,7 +707,17 @@ def _default(name: str) -> str:
     help="The column holding the labels (default: found by its name, see README).",
 )
 @click.option("--eval-every", type=int, help="Evaluate every N steps (and always at the end).")
-@click.option("--track-every", type=int, help="Snapshot Wq/Wk/Wv/W0 every N steps; 0: no tracking.")
+@click.option(
+    "--track-every",
+    type=int,
+    help="Measure the per-head shift of Wq/Wk/Wv/W0 every N steps (default 10); 0: no tracking.",
+)
+@click.option(
+    "--snapshot-every",
+    type=int,
+    help="Also save the weights every N steps (default: steps 0, 1, 2, 4, 8... x track-every, "
+    "evaluations and the end).",
+)
 @click.option("--checkpoint-every", type=int, help="Save the full training state every N steps.")
 @click.option("--log-every", type=int, help="A log line every N steps.")
 @click.option(
@@ -727,7 +737,7 @@ def finetune(recipe, as_json, **options):
     config = load_recipe(recipe) if recipe else FinetuneConfig()
     options["resume"] = options["resume"] or None  # an absent flag keeps the recipe's setting
     options["fsdp"] = options["fsdp"] or None
-    config = check_config(config.with_overrides(**options))  # before torch: a bad value is instant
+    config = check_config(config.with_overrides(**options))  # bad settings: before torch loads
     from toolkit.workflows import finetune_with_report
 
     result = finetune_with_report(config)

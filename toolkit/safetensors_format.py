@@ -110,7 +110,12 @@ def read_tensor(path: Path, info: TensorInfo, widen: bool = True) -> np.ndarray:
             done += count
     if not widen and info.dtype in HALF_DTYPES:
         return array
-    if info.dtype == "BF16":  # the top half of a float32: one casting shift, no temporary
+    return widened(array, info.dtype)
+
+
+def widened(array: np.ndarray, dtype: str) -> np.ndarray:
+    """A tensor as stored in safetensors `dtype` -> float32 (floating dtypes) or as it is."""
+    if dtype == "BF16":  # the top half of a float32: one casting shift, no temporary
         return np.left_shift(array, 16, dtype=np.uint32).view(np.float32)
     if array.dtype.kind == "f" and array.dtype != np.float32:
         return array.astype(np.float32)
@@ -197,12 +202,14 @@ def write_stream(
     shapes: dict[str, tuple[int, ...]],
     arrays: Iterable[tuple[str, np.ndarray]],
     metadata: dict[str, str],
+    dtype: str = "F32",
 ) -> None:
-    """Write float32 tensors whose shapes are known up front, as `arrays` yields them.
+    """Write tensors whose shapes are known up front, as `arrays` yields them, in `dtype`
+    ("F32", or "BF16"/"F16" given as stored: see HALF_DTYPES).
 
     `arrays` must yield the names of `shapes` in the same order; only one array is held at a time.
     """
-    storage, _, encoded = _header(shapes, metadata, "F32")
+    storage, _, encoded = _header(shapes, metadata, dtype)
     with open(path, "wb") as handle:
         handle.write(struct.pack("<Q", len(encoded)))
         handle.write(encoded)

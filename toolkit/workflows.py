@@ -47,6 +47,5 @@ def write_finetune_report(result: FinetuneResult) -> Path:
     if start.is_file():  # tracking was on
         comparison = compare(start, result.final_dir)
         write_json(run_dir / "compare.json", comparison.to_dict())
-        snapshots = [(point.step, point.snapshot) for point in trajectory.shift]
-        intruders = run_intruders(run_dir / "shift", snapshots)
+        intruders = run_intruders(run_dir / "shift", trajectory.snapshots())
     return write_training_report(run_dir, trajectory, result, comparison, intruders)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from toolkit.analysis.compare import Comparison
-from toolkit.attention import WEIGHT_ROLES, head_frobenius, load_attention, standard_name
+from toolkit.attention import WEIGHT_ROLES, head_frobenius, load_attention
 from toolkit.errors import ToolkitError
 from toolkit.runtime import DEFAULT_TEXTS, load_model, make_inputs, token_strings
 
@@ -106,17 +106,10 @@ def shift_over_steps(trajectory: dict, shift_dir: Path) -> dict:
     points = trajectory["shift"]
     head_change = {role: [p["head_change"][role] for p in points] for role in WEIGHT_ROLES}
     if points:
-        from safetensors.numpy import load_file
-
-        start = load_file(shift_dir / points[0]["snapshot"])
+        start = list(load_attention(shift_dir / points[0]["snapshot"]).layers())  # F32 or BF16
         norms = np.stack(  # [role, layer, head]
             [
-                np.stack(
-                    [
-                        head_frobenius(start[standard_name(layer, role)])
-                        for layer in range(trajectory["n_layers"])
-                    ]
-                )
+                np.stack([head_frobenius(getattr(layer, role)) for layer in start])
                 for role in WEIGHT_ROLES
             ]
         )

@@ -118,9 +118,8 @@ def _shift_section(run_dir: Path, trajectory: Trajectory) -> list[str]:
         "## How the attention weights moved",
         "",
         "Relative change against step 0: ||W_t - W_start||_F / ||W_start||_F, per layer (whole "
-        f"matrix) and per head. Snapshots of the standard tensors are in `shift/` (steps "
-        f"{', '.join(str(p.step) for p in trajectory.shift[:8])}"
-        f"{', ...' if len(trajectory.shift) > 8 else ''}).",
+        f"matrix) and per head, measured at {len(trajectory.shift)} steps. "
+        + _snapshots_sentence(trajectory),
         "",
         f"![relative change by layer]({_plot_shift(run_dir / PLOTS['shift'], trajectory)})",
         "",
@@ -158,6 +157,16 @@ def _shift_section(run_dir: Path, trajectory: Trajectory) -> list[str]:
         for change, role, layer, head in moved[:TOP_HEADS]
     ]
     return lines + [""]
+
+
+def _snapshots_sentence(trajectory: Trajectory) -> str:
+    """Which steps have a snapshot in shift/, and which scheduled ones are missing and why."""
+    steps = [str(step) for step, _ in trajectory.snapshots()]
+    sentence = f"Snapshots of the standard tensors are in `shift/` (steps {', '.join(steps)})."
+    missing = [f"{p.step} ({p.snapshot_missing})" for p in trajectory.shift if p.snapshot_missing]
+    if missing:
+        sentence += f" Missing: step {'; '.join(missing)}."
+    return sentence
 
 
 def _intruder_section(run_dir: Path, found: list[SnapshotIntruders]) -> list[str]:

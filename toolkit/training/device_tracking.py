@@ -6,10 +6,11 @@ parameters' device; only the [n_layers, n_heads] numbers cross to the host.
                                           `convert` applied once to element positions
     change  = ||W_t[h] - W_0[h]||_F / ||W_0[h]||_F                        float64 sums
 
-On CUDA the snapshot is copied into pinned host buffers on a side stream (non-blocking), and the
-writer thread waits for that copy, lays the tensors out and writes the file, so the next training
-step does not wait for either. The same code runs on CPU tensors (the copy is then the flat
-itself), which is how the tests check it against the numpy route.
+At a scheduled snapshot (when the writer is idle) the flats are copied into pinned host buffers on
+a side stream (non-blocking), and the writer thread waits for that copy's CUDA event, lays the
+tensors out and writes the file, so the next training step waits for neither. The same code runs
+on CPU tensors (the copy is then the flat itself), which is how the tests check it against the
+numpy route.
 """
 
 from __future__ import annotations
@@ -17,13 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from toolkit.attention import WEIGHT_ROLES, attention_from_state_dict, standard_name
-from toolkit.training.tracking import (
-    ShiftPoint,
-    ShiftTracker,
-    Trajectory,
-    _standard_tensors,
-    snapshot_name,
-)
+from toolkit.training.tracking import ShiftPoint, ShiftTracker, _standard_tensors
 
 
 def layer_gather_index(attention, state_dict: dict, layer: int) -> dict[str, np.ndarray]:
@@ -59,21 +54,17 @@ class DeviceShiftTracker(ShiftTracker):
 
     _index: dict | None = None  # role -> LongTensor [n_heads, rows * cols], per layer alike
 
-    def record(
-        self,
-        trajectory: Trajectory,
-        step: int,
-        state_dict: dict,
-        loss: float | None,
-        metrics: dict[str, float],
-    ) -> ShiftPoint:
+    def _record(self, trajectory, step, state_dict, loss, metrics) -> ShiftPoint:
         name = f"{trajectory.model} at step {step}"
         attention = attention_from_state_dict(state_dict, self.model_config, name)
         if self._index is None:
             self._prepare(attention, state_dict)
         flats = [layer_flat(attention, state_dict, layer) for layer in range(trajectory.n_layers)]
         layer_change, head_change = self._device_change(flats)
-        self.flush()  # the pinned buffers are free again: the last write has read them
+        point = ShiftPoint(step, loss, metrics, layer_change, head_change, None)
+        if not self._snapshot_wanted(point):
+            return self._append_point(trajectory, point, attention, None)
+        # the writer is idle, so the pinned buffers are free: the last write has read them
         copied = self._copy_to_host(flats)
         shapes = {
             attention.prefix + name: tuple(state_dict[attention.prefix + name].shape)
@@ -95,7 +86,6 @@ class DeviceShiftTracker(ShiftTracker):
                     position += count
             return _standard_tensors(raw, self.model_config, name)[1]
 
-        point = ShiftPoint(step, loss, metrics, layer_change, head_change, snapshot_name(step))
         return self._append_point(trajectory, point, attention, standard_tensors)
 
     def _prepare(self, attention, state_dict: dict) -> None:

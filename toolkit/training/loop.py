@@ -71,6 +71,7 @@ from toolkit.training.throughput import model_flops_utilisation
 from toolkit.training.tracking import (
     TRAJECTORY_FILE,
     ShiftTracker,
+    SnapshotSchedule,
     Trajectory,
     snapshot_name,
 )
@@ -124,6 +125,10 @@ class FinetuneResult:
     total_parameters: int = 0
     adapter_dir: str | None = None  # LoRA: the adapter in PEFT format
     view: str | None = None  # DIR/view.html once `finetune_with_report` wrote it
+    # Time the training thread spent in the shift tracker's record() (main process), and the
+    # snapshots skipped because the previous one was still being written (trajectory: which).
+    tracking_seconds: float = 0.0
+    skipped_snapshots: int = 0
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -238,7 +243,9 @@ def _prepare(config: FinetuneConfig) -> PreparedRun:
     evaluation = Evaluation(accelerator, model, eval_loader, config, majority, trajectory, compiled)
     if config.task == "causal-lm" and not resume_step:  # the perplexity to beat
         evaluation.run(0)
-    tracking = Tracking.start(accelerator, model, config, trajectory, resume_step)
+    tracking = Tracking.start(
+        accelerator, model, config, trajectory, resume_step, schedule.total_steps
+    )
     return PreparedRun(
         config=config,
         accelerator=accelerator,
@@ -401,7 +408,11 @@ def _train(run: PreparedRun) -> tuple[int, StepClock]:
                 step += 1
                 losses.add(step, update_loss)
                 # The first update's end starts the clock, so wait for the device to reach it.
-                if not clock.started or _loss_needed(config, step, total_steps):
+                if (
+                    not clock.started
+                    or _loss_needed(config, step, total_steps)
+                    or run.tracking.due(step, total_steps)
+                ):
                     step_loss = losses.read()
                 clock.update_done()
                 progress.update(progress.task_ids[0], completed=step)
@@ -517,6 +528,8 @@ def _finish(run: PreparedRun, step: int, clock: StepClock, seconds: float) -> Fi
         trainable_parameters=run.trainable_parameters,
         total_parameters=run.total_parameters,
         adapter_dir=str(run_dir / ADAPTER_DIR) if config.method == "lora" else None,
+        tracking_seconds=run.tracking.seconds,
+        skipped_snapshots=run.tracking.skipped,
     )
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(run.model)
@@ -573,22 +586,42 @@ class Tracking:
     """The attention shift on schedule (`--track-every`, and the last step); the tracker (and
     its files) lives on the main process, but every process takes part in gathering weights."""
 
-    def __init__(self, accelerator, model, every: int, trajectory, tracker):
-        self.accelerator, self.model, self.every = accelerator, model, every
+    def __init__(self, accelerator, model, schedule: SnapshotSchedule, trajectory, tracker):
+        self.accelerator, self.model, self.schedule = accelerator, model, schedule
         self.trajectory, self.tracker = trajectory, tracker
 
     @classmethod
-    def start(cls, accelerator, model, config: FinetuneConfig, trajectory, resume_step: int):
-        """Snapshot step 0 (or reload it when resuming); no tracker when `track_every` is 0."""
+    def start(
+        cls,
+        accelerator,
+        model,
+        config: FinetuneConfig,
+        trajectory,
+        resume_step: int,
+        total_steps: int,
+    ):
+        """Snapshot step 0 (or reload it when resuming); no tracker when tracking is off."""
+        schedule = SnapshotSchedule.for_run(total_steps, config.track_every, config.snapshot_every)
         tracker = None
-        if config.track_every:
+        if schedule.track_every:
+            shift_dir = Path(config.output_dir) / "shift"
             tracker = _start_tracker(
-                accelerator, model, Path(config.output_dir) / "shift", trajectory, resume_step
+                accelerator, model, shift_dir, trajectory, resume_step, schedule
             )
-        return cls(accelerator, model, config.track_every, trajectory, tracker)
+        return cls(accelerator, model, schedule, trajectory, tracker)
 
     def due(self, step: int, total_steps: int) -> bool:
-        return bool(self.every) and (step % self.every == 0 or step == total_steps)
+        return self.schedule.tracks(step)
+
+    @property
+    def seconds(self) -> float:
+        """Time the training thread spent in the tracker's record() (main process)."""
+        return self.tracker.seconds if self.tracker is not None else 0.0
+
+    @property
+    def skipped(self) -> int:
+        """Snapshots skipped because the previous one was still being written."""
+        return self.tracker.skipped if self.tracker is not None else 0
 
     def run(self, step: int, loss: float, evaluation: dict[str, float]) -> None:
         state_dict = _weights(self.accelerator, self.model)  # every process, before the main one
@@ -761,16 +794,18 @@ def _start_trajectory(
     return trajectory
 
 
-def _start_tracker(accelerator, model, shift_dir, trajectory, resume_step):
+def _start_tracker(accelerator, model, shift_dir, trajectory, resume_step, schedule):
     """Snapshot step 0 (or reload it when resuming); the tracker lives on the main process only."""
     model_config = accelerator.unwrap_model(model).config.to_dict()
     if resume_step:
         if accelerator.is_main_process:
-            return _tracker_class(accelerator).resume(shift_dir, model_config)
+            return _tracker_class(accelerator).resume(shift_dir, model_config, schedule)
         return None
     state_dict = _weights(accelerator, model)
     if accelerator.is_main_process:
-        return _tracker_class(accelerator).begin(shift_dir, state_dict, model_config, trajectory)
+        return _tracker_class(accelerator).begin(
+            shift_dir, state_dict, model_config, trajectory, schedule
+        )
     return None
 
 
@@ -815,8 +850,8 @@ def _save_checkpoint(
 
 
 def _loss_needed(config: FinetuneConfig, step: int, total_steps: int) -> bool:
-    """Whether this step logs, evaluates, tracks or checkpoints (and so needs its loss)."""
-    every = (config.log_every, config.eval_every, config.track_every, config.checkpoint_every)
+    """Whether this step logs, evaluates or checkpoints (and so needs its loss)."""
+    every = (config.log_every, config.eval_every, config.checkpoint_every)
     return step == total_steps or any(n and step % n == 0 for n in every)
 
 

@@ -55,7 +55,8 @@ class FinetuneConfig:
     compile: bool | None = None  # torch.compile the model; None: off (training/compiling.py)
     group_by_length: bool = False  # batches of similar length (less padding); classification
     eval_every: int = 0
-    track_every: int = 10
+    track_every: int | None = None  # None: every 10 steps (tracking.TRACK_EVERY), capped
+    snapshot_every: int = 0  # 0: snapshots at tracking.SnapshotSchedule's default steps only
     checkpoint_every: int = 0
     log_every: int = 10
     resume: bool = False
@@ -126,12 +127,21 @@ def check_config(config: FinetuneConfig) -> FinetuneConfig:
         value = getattr(config, name)
         if value is not None and value < 1:
             raise ToolkitError(f"{name.replace('_', '-')} must be at least 1, not {value}")
-    for name in ("eval_every", "track_every", "checkpoint_every"):
-        if getattr(config, name) < 0:
+    for name in ("eval_every", "track_every", "snapshot_every", "checkpoint_every"):
+        value = getattr(config, name)
+        if value is not None and value < 0:
             raise ToolkitError(
-                f"{name.replace('_', '-')} must be 0 (off) or a number of steps, "
-                f"not {getattr(config, name)}"
+                f"{name.replace('_', '-')} must be 0 (off) or a number of steps, not {value}"
             )
+    for name in ("track_every", "snapshot_every"):  # the others may simply not fall in a run
+        value = getattr(config, name)
+        if value and config.max_steps and value > config.max_steps:
+            raise ToolkitError(
+                f"{name.replace('_', '-')} {value} is longer than the run's max-steps "
+                f"{config.max_steps}: choose at most {config.max_steps}"
+            )
+    if config.snapshot_every and config.track_every == 0:
+        raise ToolkitError("snapshot-every needs tracking: track-every is 0 (off)")
     if not 0 < config.validation_fraction < 1:
         raise ToolkitError(
             f"validation-fraction must be between 0 and 1, not {config.validation_fraction}"
