@@ -1,32 +1,201 @@
-"""Registry of model families: adding one means one new module and one line in FAMILIES."""
+"""Registry of model families: one line per architecture, naming the attention pattern it
+follows (`toolkit.families.pattern`) and the config rules that differ."""
 
 from __future__ import annotations
 
 from toolkit.errors import ToolkitError
-from toolkit.families import bert, distilbert, gpt2, llama, mistral, qwen2, roberta
 from toolkit.families.base import Dimensions, Family
-
-FAMILIES: tuple[Family, ...] = (
-    bert.FAMILY,
-    gpt2.FAMILY,
-    llama.FAMILY,
-    mistral.FAMILY,
-    qwen2.FAMILY,
-    roberta.FAMILY,
-    distilbert.FAMILY,
+from toolkit.families.pattern import (
+    PER_HEAD,
+    Architecture,
+    Pattern,
+    Projections,
+    biases_always,
+    biases_unless,
+    biases_when,
+    falcon_kv_heads,
+    family,
 )
+
+# --- patterns: one per way of keeping and computing attention ------------------------------
+
+ENCODER = Pattern(
+    "separate query/key/value, bidirectional",
+    Projections(
+        "encoder.layer.{layer}.attention", "self.query", "self.key", "self.value", "output.dense"
+    ),
+    causal=False,
+    positions="learned absolute",
+)
+DISTILBERT = Pattern(
+    "separate q_lin/k_lin/v_lin, bidirectional",
+    Projections("transformer.layer.{layer}.attention", "q_lin", "k_lin", "v_lin", "out_lin"),
+    causal=False,
+    positions="learned absolute",
+)
+CONV1D = Pattern(
+    "fused Conv1D c_attn [q; k; v]",
+    Projections("h.{layer}.attn", qkv="c_attn", o="c_proj", conv1d=True),
+    positions="learned absolute",
+)
+FUSED_LINEAR_LEARNED = Pattern(
+    "fused nn.Linear c_attn [q; k; v], multi-query",
+    Projections("h.{layer}.attn", qkv="c_attn", o="c_proj"),
+    positions="learned absolute",
+)
+ROTARY = Pattern("separate q/k/v/o_proj, rotary", Projections("layers.{layer}.self_attn"))
+ROTARY_QK_NORM = Pattern(
+    "separate q/k/v/o_proj, rotary, per-head q/k norms",
+    Projections("layers.{layer}.self_attn"),
+    qk_norm=("q_norm", "k_norm"),
+)
+ROTARY_QK_NORM_OVER_HEADS = Pattern(
+    "separate q/k/v/o_proj, rotary, q/k norms over all heads",
+    Projections("layers.{layer}.self_attn"),
+    qk_norm=("q_norm", "k_norm"),
+    qk_norm_over_heads=True,
+)
+ROTARY_INTERLEAVED = Pattern(
+    "separate q/k/v/o_proj, interleaved rotary",
+    Projections("layers.{layer}.self_attn"),
+    rotary_interleaved=True,
+)
+ROTARY_DENSE = Pattern(
+    "separate q/k/v_proj and dense, partial rotary",
+    Projections("layers.{layer}.self_attn", o="dense"),
+)
+ROTARY_FUSED = Pattern(
+    "fused qkv_proj [q; k; v], rotary", Projections("layers.{layer}.self_attn", qkv="qkv_proj")
+)
+ROTARY_PER_HEAD = Pattern(
+    "fused query_key_value per head [h, 3, d_head], partial rotary",
+    Projections("layers.{layer}.attention", qkv="query_key_value", o="dense", qkv_layout=PER_HEAD),
+)
+ROTARY_GPTJ = Pattern(
+    "separate q/k/v/out_proj, interleaved partial rotary",
+    Projections("h.{layer}.attn", o="out_proj"),
+    rotary_interleaved=True,
+)
+ROTARY_FALCON = Pattern(
+    "fused query_key_value [q; k; v], multi-query, rotary",
+    Projections("h.{layer}.self_attention", qkv="query_key_value", o="dense"),
+)
+ALIBI_PER_HEAD = Pattern(
+    "fused query_key_value per head [h, 3, d_head], ALiBi",
+    Projections("h.{layer}.self_attention", qkv="query_key_value", o="dense", qkv_layout=PER_HEAD),
+    positions="alibi",
+)
+ALIBI_FUSED = Pattern(
+    "fused Wqkv [q; k; v], ALiBi",
+    Projections("blocks.{layer}.attn", qkv="Wqkv", o="out_proj"),
+    positions="alibi",
+)
+LEARNED_DECODER = Pattern(
+    "separate q/k/v/out_proj, learned positions",
+    Projections("layers.{layer}.self_attn", o="out_proj"),
+    positions="learned absolute",
+)
+OPT = Pattern(
+    "separate q/k/v/out_proj, learned positions (offset 2)",
+    Projections("decoder.layers.{layer}.self_attn", o="out_proj"),
+    positions="learned absolute",
+)
+SINUSOIDAL_DECODER = Pattern(
+    "separate q/k/v/out_proj, sinusoidal positions",
+    Projections("layers.{layer}.self_attn", o="out_proj"),
+    positions="sinusoidal",
+)
+DISENTANGLED = Pattern(
+    "disentangled relative attention",
+    Projections(
+        "encoder.layer.{layer}.attention",
+        "self.query_proj",
+        "self.key_proj",
+        "self.value_proj",
+        "output.dense",
+    ),
+    causal=False,
+    positions="relative",
+)
+RELATIVE_BIAS = Pattern(
+    "separate q/k/v/o with a learned relative-position bias",
+    Projections("encoder.layer.{layer}.attention", "attn.q", "attn.k", "attn.v", "attn.o"),
+    causal=False,
+    positions="relative",
+)
+
+# --- architectures: one line each ----------------------------------------------------------
+
+QKV_BIASES = ("bq", "bk", "bv")
+ARCHITECTURES: tuple[Architecture, ...] = (
+    Architecture("bert", ("bert",), ENCODER, biases_always()),
+    Architecture("gpt2", ("gpt2",), CONV1D, biases_always()),
+    Architecture("llama", ("llama",), ROTARY),
+    Architecture("mistral", ("mistral",), ROTARY),
+    Architecture("qwen2", ("qwen2",), ROTARY, biases_always(*QKV_BIASES)),
+    Architecture("roberta", ("roberta",), ENCODER, biases_always()),
+    Architecture("distilbert", ("distilbert",), DISTILBERT, biases_always()),
+    Architecture("mixtral", ("mixtral",), ROTARY),
+    Architecture("qwen2_moe", ("qwen2_moe",), ROTARY, biases_when("qkv_bias", QKV_BIASES, True)),
+    Architecture("gemma", ("gemma",), ROTARY),
+    Architecture("gemma2", ("gemma2",), ROTARY),
+    Architecture("granite", ("granite",), ROTARY),
+    Architecture("helium", ("helium",), ROTARY),
+    Architecture("smollm3", ("smollm3",), ROTARY),
+    Architecture("olmo", ("olmo",), ROTARY),
+    Architecture("starcoder2", ("starcoder2",), ROTARY, biases_when("use_bias", default=True)),
+    Architecture("qwen3", ("qwen3",), ROTARY_QK_NORM),
+    Architecture("olmo2", ("olmo2",), ROTARY_QK_NORM_OVER_HEADS),
+    Architecture("cohere", ("cohere",), ROTARY_INTERLEAVED),
+    Architecture("glm", ("glm",), ROTARY_INTERLEAVED, biases_when("attention_bias", QKV_BIASES)),
+    Architecture("phi3", ("phi3",), ROTARY_FUSED),
+    Architecture("phi", ("phi",), ROTARY_DENSE, biases_always()),
+    Architecture("stablelm", ("stablelm",), ROTARY, biases_when("use_qkv_bias", QKV_BIASES)),
+    Architecture(
+        "gpt_neox", ("gpt_neox",), ROTARY_PER_HEAD, biases_when("attention_bias", default=True)
+    ),
+    Architecture("gptj", ("gptj",), ROTARY_GPTJ),
+    Architecture("falcon", ("falcon",), ROTARY_FALCON, biases_when("bias"), falcon_kv_heads),
+    Architecture("opt", ("opt",), OPT, biases_when("enable_bias", default=True)),
+    Architecture("bloom", ("bloom",), ALIBI_PER_HEAD, biases_always()),
+    Architecture("gpt_bigcode", ("gpt_bigcode",), FUSED_LINEAR_LEARNED, biases_always()),
+    Architecture("mpt", ("mpt",), ALIBI_FUSED, biases_unless("no_bias")),
+    Architecture("biogpt", ("biogpt",), LEARNED_DECODER, biases_always()),
+    Architecture("xglm", ("xglm",), SINUSOIDAL_DECODER, biases_always()),
+    Architecture("electra", ("electra",), ENCODER, biases_always()),
+    Architecture("xlm-roberta", ("xlm-roberta",), ENCODER, biases_always()),
+    Architecture(
+        "deberta-v2",
+        ("deberta-v2",),
+        DISENTANGLED,
+        refused="DeBERTa's disentangled attention (content-to-position and position-to-content "
+        "scores)",
+    ),
+    Architecture(
+        "mpnet",
+        ("mpnet",),
+        RELATIVE_BIAS,
+        refused="MPNet's learned relative-position bias (bucketed, added to every layer's scores)",
+    ),
+)
+FAMILIES: tuple[Family, ...] = tuple(family(architecture) for architecture in ARCHITECTURES)
 
 
 def supported_model_types() -> list[str]:
-    return sorted(t for family in FAMILIES for t in family.model_types)
+    return sorted(t for family in FAMILIES if not family.refused for t in family.model_types)
 
 
 def family_for_config(config: dict) -> Family:
     """The adapter for a `config.json`, or a clear error naming the supported families."""
     model_type = config.get("model_type")
-    for family in FAMILIES:
-        if model_type in family.model_types:
-            return family
+    for candidate in FAMILIES:
+        if model_type in candidate.model_types:
+            if candidate.refused:
+                raise ToolkitError(
+                    f"model_type '{model_type}' is not supported: {candidate.refused} cannot "
+                    "be recomputed from per-head q, k and v"
+                )
+            return candidate
     architectures = ", ".join(config.get("architectures") or []) or "unknown architecture"
     raise ToolkitError(
         f"model_type '{model_type}' ({architectures}) is not supported: supported families are "
@@ -35,9 +204,9 @@ def family_for_config(config: dict) -> Family:
 
 
 def family_by_name(name: str) -> Family:
-    for family in FAMILIES:
-        if family.name == name:
-            return family
+    for candidate in FAMILIES:
+        if candidate.name == name:
+            return candidate
     raise ToolkitError(
         f"unknown family '{name}': known families are {', '.join(f.name for f in FAMILIES)}"
     )
