@@ -6,6 +6,7 @@ from __future__ import annotations
 from toolkit.errors import ToolkitError
 from toolkit.families.base import Dimensions, Family
 from toolkit.families.pattern import (
+    FOUR_GROUPS_QVK,
     PER_HEAD,
     Architecture,
     Pattern,
@@ -75,6 +76,19 @@ ROTARY_GPTJ = Pattern(
     "separate q/k/v/out_proj, interleaved partial rotary",
     Projections("h.{layer}.attn", o="out_proj"),
     rotary_interleaved=True,
+)
+ROTARY_CODEGEN = Pattern(
+    "fused qkv_proj in four groups [q; v; k], interleaved partial rotary",
+    Projections("h.{layer}.attn", qkv="qkv_proj", o="out_proj", qkv_layout=FOUR_GROUPS_QVK),
+    rotary_interleaved=True,
+)
+SHARED_ENCODER = Pattern(
+    "separate query/key/value/dense shared by every layer, bidirectional",
+    Projections(
+        "encoder.albert_layer_groups.0.albert_layers.0.attention", "query", "key", "value", "dense"
+    ),
+    causal=False,
+    positions="learned absolute",
 )
 ROTARY_FALCON = Pattern(
     "fused query_key_value [q; k; v], multi-query, rotary",
@@ -155,6 +169,8 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         "gpt_neox", ("gpt_neox",), ROTARY_PER_HEAD, biases_when("attention_bias", default=True)
     ),
     Architecture("gptj", ("gptj",), ROTARY_GPTJ),
+    Architecture("codegen", ("codegen",), ROTARY_CODEGEN),
+    Architecture("albert", ("albert",), SHARED_ENCODER, biases_always()),
     Architecture("falcon", ("falcon",), ROTARY_FALCON, biases_when("bias"), falcon_kv_heads),
     Architecture("opt", ("opt",), OPT, biases_when("enable_bias", default=True)),
     Architecture("bloom", ("bloom",), ALIBI_PER_HEAD, biases_always()),

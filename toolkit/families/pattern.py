@@ -31,6 +31,8 @@ from toolkit.families.base import (
 
 BLOCKS = "blocks"  # fused rows [q (h*d_head); k (h_kv*d_head); v (h_kv*d_head)]
 PER_HEAD = "per head"  # fused rows [h, 3 (q, k, v), d_head] (GPT-NeoX, BLOOM)
+# CodeGen: rows [4 groups, 3 (q, v, k), h/4 heads, d_head], heads numbered group by group
+FOUR_GROUPS_QVK = "four groups [q; v; k]"
 
 
 @dataclass(frozen=True)
@@ -233,6 +235,14 @@ def _split_fused(projections: Projections, tensors: dict, in_out, dims: Dimensio
             grouped_bias = bias.reshape(h, 3, d_head)
             standard.update({"b" + r: grouped_bias[:, i] for i, r in enumerate("qkv")})
         return standard
+    if projections.qkv_layout == FOUR_GROUPS_QVK:
+        d_model = weight.shape[0]
+        grouped = weight.reshape(d_model, 4, 3, h // 4, d_head)
+        standard = {
+            "w" + r: grouped[:, :, i].reshape(d_model, h, d_head).transpose(1, 0, 2)
+            for i, r in enumerate("qvk")
+        }
+        return standard  # CodeGen's fused projection has no bias
     heads = {"q": h, "k": h_kv, "v": h_kv}
     edges = np.cumsum([h * d_head, h_kv * d_head])
     columns = dict(zip("qkv", np.split(weight, edges, axis=1), strict=True))
