@@ -154,7 +154,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture("gemma", ("gemma",), ROTARY),
     Architecture("gemma2", ("gemma2",), ROTARY),
     Architecture("granite", ("granite",), ROTARY),
-    Architecture("helium", ("helium",), ROTARY),
+    Architecture("helium", ("helium",), ROTARY_INTERLEAVED),
     Architecture("smollm3", ("smollm3",), ROTARY),
     Architecture("olmo", ("olmo",), ROTARY),
     Architecture("starcoder2", ("starcoder2",), ROTARY, biases_when("use_bias", default=True)),
@@ -229,3 +229,41 @@ def family_by_name(name: str) -> Family:
 
 
 __all__ = ["FAMILIES", "Dimensions", "Family", "family_by_name", "family_for_config"]
+
+
+def supported_patterns() -> list[dict]:
+    """Each pattern with its architectures (registry order) and features: what `toolkit
+    families` prints. Refused architectures come last, with the feature that stops them."""
+    rows: dict[str, dict] = {}
+    for architecture in ARCHITECTURES:
+        pattern = architecture.pattern
+        row = rows.setdefault(
+            pattern.name,
+            {
+                "pattern": pattern.name,
+                "architectures": [],
+                "features": pattern_features(pattern),
+                "refused": architecture.refused,
+            },
+        )
+        row["architectures"].append(architecture.name)
+    return sorted(rows.values(), key=lambda row: row["refused"] is not None)
+
+
+def pattern_features(pattern: Pattern) -> list[str]:
+    """A pattern's description in words, from its data."""
+    projections = pattern.projections
+    if projections.qkv:
+        storage = f"fused {projections.qkv} ({projections.qkv_layout})"
+    else:
+        storage = "separate q, k, v"
+    features = [
+        storage + (", Conv1D [in, out]" if projections.conv1d else ""),
+        "causal" if pattern.causal else "bidirectional",
+        pattern.positions + (" interleaved (GPT-J pairs)" if pattern.rotary_interleaved else ""),
+    ]
+    if pattern.qk_norm:
+        features.append(
+            "q/k norms " + ("over all heads" if pattern.qk_norm_over_heads else "per head")
+        )
+    return features

@@ -1,0 +1,341 @@
+"""31 architectures beyond the seven first families, each a tiny random model built by
+transformers from its own config class: inspect opens it, the extracted per-head tensors equal
+the model's own projections, and verify recomputes its attention."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from toolkit import extract, load_attention, verify
+
+# Odd shapes where the config allows them: 6 heads, 2 key/value heads (groups of 3), d_head 10.
+DECODER = {
+    "hidden_size": 48,
+    "num_attention_heads": 6,
+    "num_key_value_heads": 2,
+    "num_hidden_layers": 2,
+    "intermediate_size": 40,
+    "vocab_size": 120,
+    "max_position_embeddings": 64,
+}
+GQA = {**DECODER, "head_dim": 10}
+ENCODER = {k: v for k, v in DECODER.items() if k != "num_key_value_heads"}
+GPT_STYLE = {"n_embd": 48, "n_head": 6, "n_layer": 2, "vocab_size": 120, "n_positions": 64}
+
+# model_type -> (config settings, where the model keeps q/k/v: how the test reads them)
+#   ("separate", block, (q, k, v), o)   one nn.Linear each
+#   ("blocks", block, qkv, o)          one nn.Linear, output [q; k; v]
+#   ("per head", block, qkv, o)        one nn.Linear, output [h, 3, d_head]
+#   ("four groups", block, qkv, o)     CodeGen: output [4, 3 (q, v, k), h/4, d_head]
+LLAMA_NAMES = ("separate", "layers.{}.self_attn", ("q_proj", "k_proj", "v_proj"), "o_proj")
+MODELS = {
+    "qwen3": (GQA, LLAMA_NAMES),
+    "gemma": (GQA, LLAMA_NAMES),
+    "gemma2": (
+        {**GQA, "query_pre_attn_scalar": 12, "attn_logit_softcapping": 2.0, "sliding_window": 3},
+        LLAMA_NAMES,
+    ),
+    "phi": (
+        {**DECODER, "partial_rotary_factor": 0.5},
+        ("separate", "layers.{}.self_attn", ("q_proj", "k_proj", "v_proj"), "dense"),
+    ),
+    "phi3": (
+        {**DECODER, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+        ("blocks", "layers.{}.self_attn", "qkv_proj", "o_proj"),
+    ),
+    "olmo": (DECODER, LLAMA_NAMES),
+    "olmo2": (DECODER, LLAMA_NAMES),
+    "granite": ({**DECODER, "attention_multiplier": 0.3}, LLAMA_NAMES),
+    "cohere": (DECODER, LLAMA_NAMES),
+    "stablelm": ({**DECODER, "use_qkv_bias": True}, LLAMA_NAMES),
+    "starcoder2": ({**DECODER, "sliding_window": 4}, LLAMA_NAMES),
+    "gpt_neox": (
+        {**ENCODER, "rotary_pct": 0.5},
+        ("per head", "layers.{}.attention", "query_key_value", "dense"),
+    ),
+    "gptj": (
+        {**GPT_STYLE, "rotary_dim": 4},
+        ("separate", "h.{}.attn", ("q_proj", "k_proj", "v_proj"), "out_proj"),
+    ),
+    "falcon": (ENCODER, ("blocks", "h.{}.self_attention", "query_key_value", "dense")),
+    "opt": (
+        {**ENCODER, "ffn_dim": 40, "word_embed_proj_dim": 48},
+        ("separate", "decoder.layers.{}.self_attn", ("q_proj", "k_proj", "v_proj"), "out_proj"),
+    ),
+    "bloom": (
+        {**ENCODER, "n_head": 6, "n_layer": 2},
+        ("per head", "h.{}.self_attention", "query_key_value", "dense"),
+    ),
+    "gpt_bigcode": (GPT_STYLE, ("blocks", "h.{}.attn", "c_attn", "c_proj")),
+    "mpt": (
+        {
+            "d_model": 48,
+            "n_heads": 6,
+            "n_layers": 2,
+            "expansion_ratio": 1,
+            "max_seq_len": 64,
+            "vocab_size": 120,
+        },
+        ("blocks", "blocks.{}.attn", "Wqkv", "out_proj"),
+    ),
+    "helium": ({**DECODER, "head_dim": 8}, LLAMA_NAMES),  # its o_proj ignores head_dim
+    "glm": ({**GQA, "pad_token_id": 0}, LLAMA_NAMES),
+    "smollm3": ({**DECODER, "no_rope_layers": [1, 0], "pad_token_id": 0}, LLAMA_NAMES),
+    "mixtral": (
+        {**DECODER, "num_local_experts": 2, "num_experts_per_tok": 1, "sliding_window": 3},
+        LLAMA_NAMES,
+    ),
+    "qwen2_moe": (
+        {
+            **DECODER,
+            "num_experts": 2,
+            "num_experts_per_tok": 1,
+            "moe_intermediate_size": 16,
+            "shared_expert_intermediate_size": 16,
+        },
+        LLAMA_NAMES,
+    ),
+    "electra": (
+        {**ENCODER, "embedding_size": 48},
+        (
+            "separate",
+            "encoder.layer.{}.attention",
+            ("self.query", "self.key", "self.value"),
+            "output.dense",
+        ),
+    ),
+    "xlm-roberta": (
+        ENCODER,
+        (
+            "separate",
+            "encoder.layer.{}.attention",
+            ("self.query", "self.key", "self.value"),
+            "output.dense",
+        ),
+    ),
+    "albert": (
+        {**ENCODER, "embedding_size": 16},
+        (
+            "separate",
+            "encoder.albert_layer_groups.0.albert_layers.0.attention",
+            ("query", "key", "value"),
+            "dense",
+        ),
+    ),
+    "codegen": (
+        {**GPT_STYLE, "n_head": 8, "rotary_dim": 4, "n_ctx": 64},
+        ("four groups", "h.{}.attn", "qkv_proj", "out_proj"),
+    ),
+    "biogpt": (
+        ENCODER,
+        ("separate", "layers.{}.self_attn", ("q_proj", "k_proj", "v_proj"), "out_proj"),
+    ),
+    "xglm": (
+        {
+            "d_model": 48,
+            "attention_heads": 6,
+            "num_layers": 2,
+            "ffn_dim": 40,
+            "vocab_size": 120,
+            "max_position_embeddings": 64,
+        },
+        ("separate", "layers.{}.self_attn", ("q_proj", "k_proj", "v_proj"), "out_proj"),
+    ),
+}
+REFUSED = {
+    "deberta-v2": (ENCODER, "disentangled attention"),
+    "mpnet": (ENCODER, "relative-position bias"),
+}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """model_type -> folder of its tiny model, built on first use."""
+    from transformers import CONFIG_MAPPING, AutoModel
+
+    folders = {}
+
+    def build(model_type: str):
+        if model_type not in folders:
+            settings = {**MODELS, **REFUSED}[model_type][0]
+            torch.manual_seed(len(folders))
+            model = AutoModel.from_config(CONFIG_MAPPING[model_type](**settings))
+            # larger than the default init, so a wrong head, scale or bias shows (as conftest)
+            with torch.no_grad():
+                for name, parameter in model.named_parameters():
+                    if name.endswith("bias"):
+                        parameter.normal_(0, 0.5)
+                    elif parameter.dim() >= 2:
+                        parameter.normal_(0, 0.2)
+            folder = tmp_path_factory.mktemp(model_type)
+            model.save_pretrained(folder)
+            folders[model_type] = folder
+        return folders[model_type]
+
+    return build
+
+
+def _heads(t: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """[batch, tokens, n_heads*d_head] -> [batch, n_heads, tokens, d_head]"""
+    b, n, width = t.shape
+    return t.view(b, n, n_heads, width // n_heads).transpose(1, 2)
+
+
+def _models_own_qkv(model, layout, layer: int, x: torch.Tensor, h: int, h_kv: int, d_head: int):
+    """q, k, v [batch, heads, tokens, d_head] as the model's own modules compute them."""
+    kind, block, names, _ = layout
+    attention = model.get_submodule(block.format(layer))
+    if kind == "separate":
+        return [
+            _heads(attention.get_submodule(n)(x), c)
+            for n, c in zip(names, (h, h_kv, h_kv), strict=True)
+        ]
+    fused = attention.get_submodule(names)(x)  # [batch, tokens, width]
+    b, t, _ = fused.shape
+    if kind == "blocks":
+        q, k, v = fused.split([h * d_head, h_kv * d_head, h_kv * d_head], dim=-1)
+        return _heads(q, h), _heads(k, h_kv), _heads(v, h_kv)
+    if kind == "per head":
+        per_head = fused.view(b, t, h, 3, d_head)
+        return [per_head[:, :, :, i].transpose(1, 2) for i in range(3)]
+    grouped = fused.view(b, t, 4, 3, h // 4, d_head)  # four groups of [q; v; k]
+    q, v, k = (grouped[:, :, :, i].reshape(b, t, h, d_head).transpose(1, 2) for i in range(3))
+    return q, k, v
+
+
+@pytest.mark.parametrize("model_type", sorted(MODELS))
+def test_extracted_heads_are_the_models_own_projections(built, model_type, tmp_path):
+    """The file `extract` writes holds, head by head, the model's own q/k/v projections and its
+    output projection split by head: checked on random inputs through the model's modules.
+    Relative tolerance 1e-5: float32 sums of 48 products in another order differ by ~1e-7."""
+    from transformers import AutoModel
+
+    folder = built(model_type)
+    layout = MODELS[model_type][1]
+    model = AutoModel.from_pretrained(folder).eval()
+    out = tmp_path / "heads.safetensors"
+    extract(str(folder), out)
+    attention = load_attention(str(out))
+    d = attention.dims
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, d.d_model, generator=generator)
+    z = torch.randn(2, d.n_heads, 5, d.d_head, generator=generator)
+
+    def close(ours, theirs):
+        assert ours.shape == theirs.shape
+        assert (ours - theirs).abs().max() <= 1e-5 * theirs.abs().max()
+
+    with torch.no_grad():
+        for index in attention.layer_indices:
+            layer = attention.layer(index).as_torch()
+            expected = _models_own_qkv(model, layout, index, x, d.n_heads, d.n_kv_heads, d.d_head)
+            for role, theirs in zip("qkv", expected, strict=True):
+                ours = torch.einsum("btd,hde->bhte", x, layer["w" + role])
+                if "b" + role in layer:
+                    ours = ours + layer["b" + role][None, :, None, :]
+                close(ours, theirs)
+            block = model.get_submodule(layout[1].format(index))
+            concat = z.transpose(1, 2).reshape(2, 5, d.n_heads * d.d_head)
+            per_head_sum = torch.einsum("bhte,hed->btd", z, layer["w0"])
+            if "b0" in layer:
+                per_head_sum = per_head_sum + layer["b0"]
+            close(per_head_sum, block.get_submodule(layout[3])(concat))
+
+
+@pytest.mark.parametrize("model_type", sorted(MODELS))
+def test_verify_recomputes_the_models_attention(built, model_type):
+    report = verify(str(built(model_type)))
+    assert report.passed, report.layers
+    assert len(report.layers) == 2
+
+
+@pytest.mark.parametrize("model_type", sorted(MODELS))
+def test_inspect_reads_the_config_dimensions(built, model_type):
+    from click.testing import CliRunner
+    from transformers import AutoConfig
+
+    from toolkit.cli import main
+
+    folder = built(model_type)
+    result = CliRunner().invoke(main, ["inspect", str(folder), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    config = AutoConfig.from_pretrained(folder)
+    assert data["n_heads"] == config.num_attention_heads
+    assert data["d_model"] == config.hidden_size
+    assert len(data["layers"]) == config.num_hidden_layers
+
+
+@pytest.mark.parametrize("model_type", sorted(REFUSED))
+def test_attention_we_cannot_recompute_is_refused_in_one_line(built, model_type, tmp_path):
+    from click.testing import CliRunner
+
+    from toolkit.cli import main
+
+    folder, feature = built(model_type), REFUSED[model_type][1]
+    out = tmp_path / "out.safetensors"
+    for command in (["inspect", str(folder)], ["extract", str(folder), "-o", str(out)]):
+        result = CliRunner().invoke(main, command)
+        assert result.exit_code == 1
+        assert feature in result.output and len(result.output.strip().splitlines()) == 1
+        assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert not out.exists()
+
+
+# --- each score detail is needed: without it verify fails ----------------------------------
+
+
+def _without(built, model_type: str, **changes):
+    attention = load_attention(str(built(model_type)))
+    family = dataclasses.replace(attention.family, **changes)
+    return verify(attention=dataclasses.replace(attention, family=family))
+
+
+@pytest.mark.parametrize(
+    ("model_type", "change"),
+    [
+        ("gemma2", {"logit_softcap": lambda config: None}),
+        ("bloom", {"alibi": False}),
+        ("mpt", {"alibi": False}),
+        ("qwen3", {"qk_norms": None}),
+        ("smollm3", {"rotary_on_layer": lambda config, layer: True}),
+        ("granite", {"score_scale": lambda config, layer, dims: dims.d_head**-0.5}),
+        ("gemma2", {"score_scale": lambda config, layer, dims: dims.d_head**-0.5}),
+    ],
+)
+def test_verify_fails_without_the_score_detail(built, model_type, change):
+    report = _without(built, model_type, **change)
+    assert not report.passed
+    assert max(max(c.max_abs_diff.values()) for c in report.layers) > 1e-2
+
+
+def test_verify_fails_with_the_wrong_rotary_pairing(built):
+    from toolkit.families.rotary import rotary_from_config
+
+    report = _without(built, "cohere", rotary=lambda config: rotary_from_config(config, False))
+    assert not report.passed
+
+
+def test_gemma2_slides_only_on_its_sliding_layers(built):
+    report = _without(built, "gemma2", sliding_window=lambda config, layer: None)
+    assert report.layers[0].max_abs_diff["probs"] > 1e-2  # layer 0: "sliding_attention"
+    assert report.layers[1].max_abs_diff["probs"] <= 1e-4
+
+
+def test_alibi_slopes_follow_the_published_rule():
+    """Press et al.: 2^(-8/n), 2^(-16/n), ... for n a power of two; BLOOM's rule for 6 heads
+    takes the 4-head slopes, then every other slope of the 8-head sequence."""
+    from toolkit.analysis.verify import alibi_bias
+
+    padding = torch.ones(1, 3, dtype=torch.long)
+    slopes = alibi_bias(6, padding)[0, :, 0, 1]  # key position 1: the slope itself
+    expected = [2**-2, 2**-4, 2**-6, 2**-8, 2**-1, 2**-3]
+    np.testing.assert_allclose(slopes.numpy(), expected, rtol=1e-7)
+    np.testing.assert_allclose(
+        alibi_bias(4, padding)[0, :, 0, 2].numpy(), [2 * 2 ** (-2 * i) for i in range(1, 5)]
+    )
