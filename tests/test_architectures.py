@@ -339,3 +339,75 @@ def test_alibi_slopes_follow_the_published_rule():
     np.testing.assert_allclose(
         alibi_bias(4, padding)[0, :, 0, 2].numpy(), [2 * 2 ** (-2 * i) for i in range(1, 5)]
     )
+
+
+# --- bad input: one line, exit 1, nothing written ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"num_attention_heads": 7, "head_dim": None}, "7 heads do not divide d_model 48"),
+        ({"num_key_value_heads": 4}, "do not form groups over 4 key/value heads"),
+        ({"head_dim": 12}, "does not match its config.json"),
+    ],
+)
+def test_a_config_that_contradicts_its_weights_is_one_line(built, tmp_path, change, message):
+    import shutil
+
+    from click.testing import CliRunner
+
+    from toolkit.cli import main
+
+    folder = tmp_path / "model"
+    shutil.copytree(built("qwen3"), folder)  # 6 heads of 10, 2 key/value heads, d_model 48
+    config = json.loads((folder / "config.json").read_text())
+    config.update({k: v for k, v in change.items() if v is not None})
+    config = {k: v for k, v in config.items() if k not in change or change[k] is not None}
+    (folder / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out.safetensors"
+    result = CliRunner().invoke(main, ["extract", str(folder), "-o", str(out)])
+    assert result.exit_code == 1
+    assert message in result.output and len(result.output.strip().splitlines()) == 1
+    assert not out.exists() and list(tmp_path.glob("out*")) == []
+
+
+def test_missing_attention_tensors_are_named(built, tmp_path):
+    from click.testing import CliRunner
+    from safetensors.numpy import load_file, save_file
+
+    from toolkit.cli import main
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    source = built("phi3")
+    (folder / "config.json").write_text((source / "config.json").read_text())
+    tensors = load_file(str(source / "model.safetensors"))
+    del tensors["layers.1.self_attn.qkv_proj.weight"]
+    save_file(tensors, str(folder / "model.safetensors"))
+    result = CliRunner().invoke(main, ["inspect", str(folder)])
+    assert result.exit_code == 1
+    assert "layers.1.self_attn.qkv_proj.weight" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("model_type", sorted(MODELS))
+def test_lora_targets_name_the_models_projection_modules(built, model_type):
+    """peft matches target names as suffixes of module paths: every name the description gives
+    must be, in every layer, an nn.Linear or Conv1D holding that role."""
+    from transformers import AutoModel
+    from transformers.pytorch_utils import Conv1D
+
+    from toolkit.families import family_for_config
+
+    folder = built(model_type)
+    family = family_for_config(json.loads((folder / "config.json").read_text()))
+    model = AutoModel.from_pretrained(folder)
+    for target in set(family.lora_targets.values()):
+        matches = [
+            module
+            for path, module in model.named_modules()
+            if path == target or path.endswith("." + target)
+        ]
+        assert matches and all(isinstance(m, torch.nn.Linear | Conv1D) for m in matches)
+        assert len(matches) in (1, model.config.num_hidden_layers)  # ALBERT shares one

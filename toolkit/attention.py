@@ -119,8 +119,26 @@ class AttentionModel:
             raw = {
                 role: self.checkpoint.get(self.prefix + name, half) for role, name in names.items()
             }
-            tensors = self.family.convert(raw, self.dims)
+            tensors = self._converted(index, raw)
         return AttentionLayer(index=index, **tensors)
+
+    def _converted(self, index: int, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The family's conversion, checked against the shapes the config implies: a config
+        that contradicts its weights is one clear error, never a wrong split into heads."""
+        d = self.dims
+        said = f"{d.n_heads} heads of {d.d_head} ({d.n_kv_heads} key/value), d_model {d.d_model}"
+        try:
+            tensors = self.family.convert(raw, d)
+        except ValueError:  # a reshape the stored sizes do not allow
+            tensors = None
+        expected = standard_shapes(d, self.bias_roles)
+        if tensors is None or any(t.shape != expected.get(r) for r, t in tensors.items()):
+            stored = ", ".join(f"{role} {list(t.shape)}" for role, t in raw.items())
+            raise ToolkitError(
+                f"layer {index} of {self.name} does not match its config.json ({said}): "
+                f"stored {stored}"
+            )
+        return tensors
 
     def storage_dtype(self) -> str:
         """The one safetensors dtype all attention tensors are stored in ("BF16", "F16"), else
@@ -203,6 +221,16 @@ def _from_checkpoint(source: ModelSource, family: Family, checkpoint) -> Attenti
         raise ToolkitError(
             f"{source.path}/config.json lacks {err} for a {family.name} model"
         ) from None
+    if not source.config.get("head_dim") and dims.d_model % dims.n_heads:
+        raise ToolkitError(
+            f"{source.path}/config.json is inconsistent: {dims.n_heads} heads do not divide "
+            f"d_model {dims.d_model}"
+        )
+    if dims.n_heads % dims.n_kv_heads:
+        raise ToolkitError(
+            f"{source.path}/config.json is inconsistent: {dims.n_heads} query heads do not "
+            f"form groups over {dims.n_kv_heads} key/value heads"
+        )
     prefix = _find_prefix(checkpoint, family, source.config)
     layers = tuple(range(dims.n_layers))
     biases = family.bias_roles(source.config)
