@@ -411,3 +411,56 @@ def test_lora_targets_name_the_models_projection_modules(built, model_type):
         ]
         assert matches and all(isinstance(m, torch.nn.Linear | Conv1D) for m in matches)
         assert len(matches) in (1, model.config.num_hidden_layers)  # ALBERT shares one
+
+
+# --- LoRA through the description's target names ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("model_type", "targets"),
+    [("qwen3", "wq,wv"), ("phi3", "wq,wk,wv"), ("gpt_neox", "wq,wk,wv"), ("mpt", "w0")],
+)
+def test_lora_changes_only_the_targeted_roles_with_rank_at_most_r(
+    model_type, targets, toy_corpus_txt, tmp_path
+):
+    """A few LoRA steps on a causal LM of the architecture: the targeted roles move by a
+    matrix of rank <= r (numpy's rank of the standard tensors' difference), the others not at
+    all. Fused q|k|v modules are adapted whole, so each of their roles moves."""
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+
+    import toolkit
+    from toolkit.training.data import train_bpe_tokenizer
+    from toolkit.training.recipe import FinetuneConfig
+
+    rank = 2
+    tokenizer = train_bpe_tokenizer(toy_corpus_txt.read_text().splitlines(), 300)
+    settings = {**MODELS[model_type][0], "vocab_size": len(tokenizer)}
+    torch.manual_seed(0)
+    base = tmp_path / "base"
+    AutoModelForCausalLM.from_config(CONFIG_MAPPING[model_type](**settings)).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    config = FinetuneConfig(
+        model=str(base),
+        dataset=str(toy_corpus_txt),
+        task="causal-lm",
+        output_dir=str(tmp_path / "run"),
+        method="lora",
+        lora_rank=rank,
+        lora_targets=targets,
+        max_length=16,
+        max_steps=3,
+        learning_rate=5e-2,
+        warmup_ratio=0.0,
+    )
+    toolkit.finetune(config)
+    before, after = load_attention(str(base)), load_attention(str(tmp_path / "run" / "final"))
+    for index in before.layer_indices:
+        for role in ("wq", "wk", "wv", "w0"):
+            delta = after.layer(index).full(role).astype(np.float64)
+            delta -= before.layer(index).full(role)
+            if role in targets.split(","):
+                singular = np.linalg.svd(delta, compute_uv=False)
+                assert singular[0] > 0, (index, role)
+                assert np.sum(singular > 1e-6 * singular[0]) <= rank, (index, role)
+            else:
+                assert not delta.any(), (index, role)
