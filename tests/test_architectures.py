@@ -1,4 +1,4 @@
-"""31 architectures beyond the seven first families, each a tiny random model built by
+"""33 architectures beyond the seven first families, each a tiny random model built by
 transformers from its own config class: inspect opens it, the extracted per-head tensors equal
 the model's own projections, and verify recomputes its attention."""
 
@@ -50,6 +50,8 @@ MODELS = {
     ),
     "olmo": (DECODER, LLAMA_NAMES),
     "olmo2": (DECODER, LLAMA_NAMES),
+    "olmo3": ({**DECODER, "sliding_window": 3}, LLAMA_NAMES),  # rope settings per layer type
+    "apertus": (DECODER, LLAMA_NAMES),
     "granite": ({**DECODER, "attention_multiplier": 0.3}, LLAMA_NAMES),
     "cohere": (DECODER, LLAMA_NAMES),
     "stablelm": ({**DECODER, "use_qkv_bias": True}, LLAMA_NAMES),
@@ -464,3 +466,61 @@ def test_lora_changes_only_the_targeted_roles_with_rank_at_most_r(
                 assert np.sum(singular > 1e-6 * singular[0]) <= rank, (index, role)
             else:
                 assert not delta.any(), (index, role)
+
+
+# --- an unregistered model_type is tried by the common names ----------------------------------
+
+
+def _unregistered(model_type: str, folder):
+    from transformers import CONFIG_MAPPING, AutoModel
+
+    settings = {k: v for k, v in DECODER.items()}
+    torch.manual_seed(0)
+    model = AutoModel.from_config(CONFIG_MAPPING[model_type](**settings))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() >= 2:
+                parameter.normal_(0, 0.2)
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_an_unregistered_llama_like_model_is_read_by_convention_and_verified(tmp_path):
+    """Arcee (not in the registry) keeps Llama's q/k/v/o_proj: read by the common names, with a
+    note, and verify confirms the recomputation."""
+    import subprocess
+    import sys
+
+    folder = _unregistered("arcee", tmp_path / "arcee")
+    run = subprocess.run(
+        [sys.executable, "-m", "toolkit", "verify", str(folder), "--json"],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "note: model_type 'arcee' is not registered" in run.stderr
+    assert json.loads(run.stdout)["passed"] is True
+
+
+def test_verify_says_when_the_convention_is_wrong(tmp_path):
+    """EXAONE 4 normalises q and k, which the convention does not know: the recomputation is
+    read and run, and verify fails (exit 1) instead of passing silently."""
+    from click.testing import CliRunner
+
+    from toolkit.cli import main
+
+    folder = _unregistered("exaone4", tmp_path / "exaone4")
+    result = CliRunner().invoke(main, ["verify", str(folder)])
+    assert result.exit_code == 1 and "FAIL" in result.output
+
+
+def test_a_model_following_no_pattern_is_refused_in_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from toolkit.cli import main
+
+    folder = _unregistered("persimmon", tmp_path / "persimmon")  # fused query_key_value
+    result = CliRunner().invoke(main, ["inspect", str(folder)])
+    assert result.exit_code == 1
+    assert "'persimmon'" in result.output and "none of the common names" in result.output
+    assert len(result.output.strip().splitlines()) == 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,13 @@ import numpy as np
 
 from toolkit.checkpoint import Checkpoint
 from toolkit.errors import ToolkitError
-from toolkit.families import Dimensions, Family, family_by_name, family_for_config
+from toolkit.families import (
+    Dimensions,
+    Family,
+    family_by_name,
+    family_for_checkpoint,
+    family_for_config,
+)
 from toolkit.sources import ModelSource, resolve_source
 
 WEIGHT_ROLES = ("wq", "wk", "wv", "w0")
@@ -210,7 +217,13 @@ def load_attention(
     checkpoint = Checkpoint(source.path, allow_pickle=allow_pickle)
     if source.is_standard_file:
         return _open_standard_file(source, checkpoint)
-    family = family_for_config(source.config)
+    family = family_for_checkpoint(source.config, checkpoint.names())
+    if family.by_convention:
+        print(
+            f"note: model_type '{family.name}' is not registered; its attention is read by the "
+            f"common names ({family.pattern}): `toolkit verify` tells whether that is right",
+            file=sys.stderr,
+        )
     return _from_checkpoint(source, family, checkpoint)
 
 
@@ -244,7 +257,7 @@ def attention_from_state_dict(
     as in config.json (`model.config.to_dict()`). Used to track a model while it trains."""
     checkpoint = Checkpoint.from_state_dict(state_dict, name)
     source = ModelSource(name=name, path=Path(name), config=config)
-    return _from_checkpoint(source, family_for_config(config), checkpoint)
+    return _from_checkpoint(source, family_for_checkpoint(config, checkpoint.names()), checkpoint)
 
 
 def _find_prefix(checkpoint: Checkpoint, family: Family, config: dict) -> str:

@@ -141,12 +141,14 @@ def positional_rotation(attention: AttentionModel, tokens: int, layer: int | Non
     a rotary model, else None; None too on a `layer` the model leaves unrotated (NoPE)."""
     import torch
 
-    from toolkit.families.rotary import rotation
+    from toolkit.families.rotary import config_for_layer, rotation
 
-    family = attention.family
-    if layer is not None and not family.rotary_on_layer(attention.config, layer):
-        return None
-    rotary = family.rotary(attention.config)
+    family, config = attention.family, attention.config
+    if layer is not None:
+        if not family.rotary_on_layer(config, layer):
+            return None
+        config = config_for_layer(config, layer)
+    rotary = family.rotary(config)
     return None if rotary is None else rotation(rotary, torch.arange(tokens))
 
 

@@ -3,8 +3,11 @@ follows (`toolkit.families.pattern`) and the config rules that differ."""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterable
+
 from toolkit.errors import ToolkitError
-from toolkit.families.base import Dimensions, Family
+from toolkit.families.base import ALL_BIASES, Dimensions, Family
 from toolkit.families.pattern import (
     FOUR_GROUPS_QVK,
     PER_HEAD,
@@ -160,6 +163,8 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture("starcoder2", ("starcoder2",), ROTARY, biases_when("use_bias", default=True)),
     Architecture("qwen3", ("qwen3",), ROTARY_QK_NORM),
     Architecture("olmo2", ("olmo2",), ROTARY_QK_NORM_OVER_HEADS),
+    Architecture("olmo3", ("olmo3",), ROTARY_QK_NORM_OVER_HEADS),
+    Architecture("apertus", ("apertus",), ROTARY_QK_NORM),
     Architecture("cohere", ("cohere",), ROTARY_INTERLEAVED),
     Architecture("glm", ("glm",), ROTARY_INTERLEAVED, biases_when("attention_bias", QKV_BIASES)),
     Architecture("phi3", ("phi3",), ROTARY_FUSED),
@@ -212,11 +217,55 @@ def family_for_config(config: dict) -> Family:
                     "be recomputed from per-head q, k and v"
                 )
             return candidate
+    raise _unsupported(config)
+
+
+def _unsupported(config: dict, why: str = "") -> ToolkitError:
     architectures = ", ".join(config.get("architectures") or []) or "unknown architecture"
-    raise ToolkitError(
-        f"model_type '{model_type}' ({architectures}) is not supported: supported families are "
-        f"{', '.join(supported_model_types())}"
+    return ToolkitError(
+        f"model_type '{config.get('model_type')}' ({architectures}) is not supported: "
+        f"{why + '; ' if why else ''}supported families are {', '.join(supported_model_types())}"
     )
+
+
+# Common names an unregistered model_type is tried with, in this order (`family_for_checkpoint`).
+CONVENTIONS = (ROTARY, ENCODER, LEARNED_DECODER)
+
+
+def family_for_checkpoint(config: dict, names: Iterable[str]) -> Family:
+    """The registered family of the config's model_type; for an unregistered one, the first
+    conventional pattern whose layer-0 tensors the checkpoint holds (`names`), with the biases
+    it holds there. Such a family is marked `by_convention`: verify tells whether it matches."""
+    model_type = config.get("model_type")
+    if any(model_type in candidate.model_types for candidate in FAMILIES):
+        return family_for_config(config)
+    names = list(names)
+    for pattern in CONVENTIONS:
+        conventional = family(Architecture(str(model_type), (str(model_type),), pattern))
+        probe = conventional.layer_names(0, {})  # weights only
+        if all(any(_ends_with(name, wanted) for name in names) for wanted in probe.values()):
+            biases = tuple(
+                role
+                for role, bias in layer_bias_names(pattern).items()
+                if any(_ends_with(name, bias) for name in names)
+            )
+            architecture = Architecture(
+                str(model_type), (str(model_type),), pattern, lambda config, found=biases: found
+            )
+            return dataclasses.replace(family(architecture), by_convention=True)
+    tried = "; ".join(pattern.name for pattern in CONVENTIONS)
+    raise _unsupported(config, f"its attention tensors follow none of the common names ({tried})")
+
+
+def layer_bias_names(pattern: Pattern) -> dict[str, str]:
+    """role -> layer 0's bias tensor name under `pattern`, for every role that may have one."""
+    everything = family(Architecture("probe", (), pattern, lambda config: ALL_BIASES))
+    names = everything.layer_names(0, {})
+    return {role: name for role, name in names.items() if role.startswith("b")}
+
+
+def _ends_with(name: str, suffix: str) -> bool:
+    return name == suffix or name.endswith("." + suffix)
 
 
 def family_by_name(name: str) -> Family:
@@ -228,7 +277,14 @@ def family_by_name(name: str) -> Family:
     )
 
 
-__all__ = ["FAMILIES", "Dimensions", "Family", "family_by_name", "family_for_config"]
+__all__ = [
+    "FAMILIES",
+    "Dimensions",
+    "Family",
+    "family_by_name",
+    "family_for_checkpoint",
+    "family_for_config",
+]
 
 
 def supported_patterns() -> list[dict]:

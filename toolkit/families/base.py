@@ -117,6 +117,7 @@ class Family:
     qk_norms: Callable[[object, int], tuple[object, object]] | None = None
     qk_norm_over_heads: bool = False  # one norm over all heads' values (OLMo 2), not per head
     refused: str | None = None  # a feature the recomputation cannot express: the family refuses
+    by_convention: bool = False  # an unregistered model_type read by the common names
 
     def __repr__(self) -> str:  # the functions' addresses say nothing to a reader
         return f"Family({self.name!r}, model_types={self.model_types}, causal={self.causal})"

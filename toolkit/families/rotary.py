@@ -33,6 +33,16 @@ def rotary_from_config(config: dict, interleaved: bool = False) -> Rotary:
     return Rotary(inv_freq.float(), float(scaling), interleaved)
 
 
+def config_for_layer(config: dict, layer: int) -> dict:
+    """The config as layer `layer` sees it: models with rope settings per layer type (OLMo 3,
+    Gemma 3) keep `rope_parameters` as {layer type: settings}; the layer's own are picked."""
+    parameters = config.get("rope_parameters") or {}
+    layer_types = config.get("layer_types") or []
+    if layer < len(layer_types) and isinstance(parameters.get(layer_types[layer]), dict):
+        return {**config, "rope_parameters": parameters[layer_types[layer]]}
+    return config
+
+
 def rope_settings(config: dict) -> dict:
     """rope_type, rope_theta and the scaling settings of a config.json dict, without building
     the config (inspect must not import transformers): transformers 5 writes
