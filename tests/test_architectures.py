@@ -524,3 +524,45 @@ def test_a_model_following_no_pattern_is_refused_in_one_line(tmp_path):
     assert result.exit_code == 1
     assert "'persimmon'" in result.output and "none of the common names" in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+# --- compare and the lessons on the new layouts -------------------------------------------------
+
+
+@pytest.mark.parametrize("model_type", ["bloom", "codegen", "albert", "falcon"])
+def test_compare_with_itself_is_zero_in_every_head(built, model_type):
+    from toolkit import compare
+
+    result = compare(built(model_type), built(model_type))
+    assert result.mode == "elementwise"
+    for layer in result.layers:
+        assert layer.head_relative_change() == [0.0] * result.a.n_heads
+
+
+@pytest.mark.parametrize("model_type", ["qwen3", "bloom", "gemma2", "smollm3"])
+def test_w0_lesson_sums_heads_to_the_models_own_output(built, model_type):
+    """The lesson's sum_i z_i @ w0[i] + b0 equals the attention block output the model itself
+    computed, with the q/k norms, ALiBi, soft-cap and NoPE layers each model has."""
+    from toolkit.lessons.w0 import explain_w0
+
+    for layer in (0, 1):
+        lesson = explain_w0(str(built(model_type)), layer=layer)
+        assert lesson.sum_vs_model_max_abs_diff <= 1e-4
+
+
+def test_softmax_lesson_uses_the_q_k_norms(built):
+    from toolkit.lessons.softmax import explain_softmax
+
+    lesson = explain_softmax(str(built("qwen3")), layer=1, head=4)
+    assert lesson.max_abs_diff_vs_model <= 1e-5  # probabilities <= 1: float32 rounding ~1e-7
+
+
+@pytest.mark.parametrize(("model_type", "feature"), [("bloom", "ALiBi"), ("gemma2", "soft-cap")])
+def test_softmax_lesson_refuses_scores_it_does_not_show(built, model_type, feature):
+    from click.testing import CliRunner
+
+    from toolkit.cli import main
+
+    result = CliRunner().invoke(main, ["explain", "softmax", str(built(model_type))])
+    assert result.exit_code == 1
+    assert feature in result.output and len(result.output.strip().splitlines()) == 1
