@@ -30,9 +30,11 @@ GPT_STYLE = {"n_embd": 48, "n_head": 6, "n_layer": 2, "vocab_size": 120, "n_posi
 # model_type -> (config settings, where the model keeps q/k/v: how the test reads them)
 #   ("separate", block, (q, k, v), o)   one nn.Linear each
 #   ("blocks", block, qkv, o)          one nn.Linear, output [q; k; v]
-#   ("per head", block, qkv, o)        one nn.Linear, output [h, 3, d_head]
+#   ("groups", block, qkv, o)          one nn.Linear, output [h_kv, h/h_kv + 2, d_head]: each
+#                                      key/value group's query heads, its key, its value
 #   ("four groups", block, qkv, o)     CodeGen: output [4, 3 (q, v, k), h/4, d_head]
 LLAMA_NAMES = ("separate", "layers.{}.self_attn", ("q_proj", "k_proj", "v_proj"), "o_proj")
+FALCON_NAMES = ("groups", "h.{}.self_attention", "query_key_value", "dense")
 MODELS = {
     "qwen3": (GQA, LLAMA_NAMES),
     "gemma": (GQA, LLAMA_NAMES),
@@ -58,20 +60,25 @@ MODELS = {
     "starcoder2": ({**DECODER, "sliding_window": 4}, LLAMA_NAMES),
     "gpt_neox": (
         {**ENCODER, "rotary_pct": 0.5},
-        ("per head", "layers.{}.attention", "query_key_value", "dense"),
+        ("groups", "layers.{}.attention", "query_key_value", "dense"),
     ),
     "gptj": (
         {**GPT_STYLE, "rotary_dim": 4},
         ("separate", "h.{}.attn", ("q_proj", "k_proj", "v_proj"), "out_proj"),
     ),
-    "falcon": (ENCODER, ("blocks", "h.{}.self_attention", "query_key_value", "dense")),
+    "falcon": (ENCODER, FALCON_NAMES),  # multi-query: one key/value head
+    "falcon:multi-head": ({**ENCODER, "multi_query": False}, FALCON_NAMES),
+    "falcon:grouped": (
+        {**ENCODER, "new_decoder_architecture": True, "num_kv_heads": 2},
+        FALCON_NAMES,
+    ),
     "opt": (
         {**ENCODER, "ffn_dim": 40, "word_embed_proj_dim": 48},
         ("separate", "decoder.layers.{}.self_attn", ("q_proj", "k_proj", "v_proj"), "out_proj"),
     ),
     "bloom": (
         {**ENCODER, "n_head": 6, "n_layer": 2},
-        ("per head", "h.{}.self_attention", "query_key_value", "dense"),
+        ("groups", "h.{}.self_attention", "query_key_value", "dense"),
     ),
     "gpt_bigcode": (GPT_STYLE, ("blocks", "h.{}.attn", "c_attn", "c_proj")),
     "mpt": (
@@ -152,6 +159,7 @@ MODELS = {
 REFUSED = {
     "deberta-v2": (ENCODER, "disentangled attention"),
     "mpnet": (ENCODER, "relative-position bias"),
+    "falcon:alibi": ({**ENCODER, "alibi": True}, "Falcon's ALiBi variant"),
 }
 
 
@@ -166,7 +174,8 @@ def built(tmp_path_factory):
         if model_type not in folders:
             settings = {**MODELS, **REFUSED}[model_type][0]
             torch.manual_seed(len(folders))
-            model = AutoModel.from_config(CONFIG_MAPPING[model_type](**settings))
+            config = CONFIG_MAPPING[model_type.split(":")[0]](**settings)
+            model = AutoModel.from_config(config)
             # larger than the default init, so a wrong head, scale or bias shows (as conftest)
             with torch.no_grad():
                 for name, parameter in model.named_parameters():
@@ -202,9 +211,11 @@ def _models_own_qkv(model, layout, layer: int, x: torch.Tensor, h: int, h_kv: in
     if kind == "blocks":
         q, k, v = fused.split([h * d_head, h_kv * d_head, h_kv * d_head], dim=-1)
         return _heads(q, h), _heads(k, h_kv), _heads(v, h_kv)
-    if kind == "per head":
-        per_head = fused.view(b, t, h, 3, d_head)
-        return [per_head[:, :, :, i].transpose(1, 2) for i in range(3)]
+    if kind == "groups":
+        group = h // h_kv
+        grouped = fused.view(b, t, h_kv, group + 2, d_head)
+        q = grouped[:, :, :, :group].reshape(b, t, h, d_head).transpose(1, 2)
+        return q, grouped[:, :, :, group].transpose(1, 2), grouped[:, :, :, -1].transpose(1, 2)
     grouped = fused.view(b, t, 4, 3, h // 4, d_head)  # four groups of [q; v; k]
     q, v, k = (grouped[:, :, :, i].reshape(b, t, h, d_head).transpose(1, 2) for i in range(3))
     return q, k, v

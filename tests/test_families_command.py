@@ -26,8 +26,9 @@ def test_every_architecture_is_listed_once_under_its_pattern():
         block = text.split(architecture.pattern.name + "\n", 1)[1].split("\n\n", 1)[0]
         listed = block.splitlines()[0].removeprefix("  architectures: ").split(", ")
         assert listed.count(architecture.name) == 1
-    refused = [a for a in ARCHITECTURES if a.refused]
-    assert f"{len(ARCHITECTURES) - len(refused)} architectures" in text
+    supported = {a.name for a in ARCHITECTURES if not a.refused}
+    refused = {a.name for a in ARCHITECTURES if a.refused} - supported  # not just a variant
+    assert f"{len(supported)} architectures" in text
     assert len(refused) <= 3
 
 
@@ -35,7 +36,7 @@ def test_markdown_has_one_row_per_pattern():
     rows = [line for line in _run("--markdown").splitlines() if line.startswith("| ")][1:]
     assert len(rows) == len({a.pattern.name for a in ARCHITECTURES})
     listed = [name for row in rows for name in row.split(" | ")[1].split(", ")]
-    assert sorted(listed) == sorted(a.name for a in ARCHITECTURES)
+    assert sorted(listed) == sorted({a.name for a in ARCHITECTURES})
 
 
 def test_readme_table_is_the_commands_output():

@@ -10,7 +10,7 @@ from toolkit.errors import ToolkitError
 from toolkit.families.base import ALL_BIASES, Dimensions, Family
 from toolkit.families.pattern import (
     FOUR_GROUPS_QVK,
-    PER_HEAD,
+    PER_GROUP,
     Architecture,
     Pattern,
     Projections,
@@ -73,7 +73,7 @@ ROTARY_FUSED = Pattern(
 )
 ROTARY_PER_HEAD = Pattern(
     "fused query_key_value per head [h, 3, d_head], partial rotary",
-    Projections("layers.{layer}.attention", qkv="query_key_value", o="dense", qkv_layout=PER_HEAD),
+    Projections("layers.{layer}.attention", qkv="query_key_value", o="dense", qkv_layout=PER_GROUP),
 )
 ROTARY_GPTJ = Pattern(
     "separate q/k/v/out_proj, interleaved partial rotary",
@@ -94,12 +94,12 @@ SHARED_ENCODER = Pattern(
     positions="learned absolute",
 )
 ROTARY_FALCON = Pattern(
-    "fused query_key_value [q; k; v], multi-query, rotary",
-    Projections("h.{layer}.self_attention", qkv="query_key_value", o="dense"),
+    "fused query_key_value per key/value group, rotary",
+    Projections("h.{layer}.self_attention", qkv="query_key_value", o="dense", qkv_layout=PER_GROUP),
 )
 ALIBI_PER_HEAD = Pattern(
     "fused query_key_value per head [h, 3, d_head], ALiBi",
-    Projections("h.{layer}.self_attention", qkv="query_key_value", o="dense", qkv_layout=PER_HEAD),
+    Projections("h.{layer}.self_attention", qkv="query_key_value", o="dense", qkv_layout=PER_GROUP),
     positions="alibi",
 )
 ALIBI_FUSED = Pattern(
@@ -176,7 +176,21 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture("gptj", ("gptj",), ROTARY_GPTJ),
     Architecture("codegen", ("codegen",), ROTARY_CODEGEN),
     Architecture("albert", ("albert",), SHARED_ENCODER, biases_always()),
-    Architecture("falcon", ("falcon",), ROTARY_FALCON, biases_when("bias"), falcon_kv_heads),
+    Architecture(
+        "falcon",
+        ("falcon",),
+        ROTARY_FALCON,
+        biases_when("bias"),
+        falcon_kv_heads,
+        applies=lambda config: not config.get("alibi"),
+    ),
+    Architecture(
+        "falcon",
+        ("falcon",),
+        ROTARY_FALCON,
+        refused="Falcon's ALiBi variant "
+        "(alibi: true; its slopes are rounded to bfloat16 and scaled by 1/sqrt(d_head))",
+    ),
     Architecture("opt", ("opt",), OPT, biases_when("enable_bias", default=True)),
     Architecture("bloom", ("bloom",), ALIBI_PER_HEAD, biases_always()),
     Architecture("gpt_bigcode", ("gpt_bigcode",), FUSED_LINEAR_LEARNED, biases_always()),
@@ -209,8 +223,8 @@ def supported_model_types() -> list[str]:
 def family_for_config(config: dict) -> Family:
     """The adapter for a `config.json`, or a clear error naming the supported families."""
     model_type = config.get("model_type")
-    for candidate in FAMILIES:
-        if model_type in candidate.model_types:
+    for architecture, candidate in zip(ARCHITECTURES, FAMILIES, strict=True):
+        if model_type in candidate.model_types and architecture.applies(config):
             if candidate.refused:
                 raise ToolkitError(
                     f"model_type '{model_type}' is not supported: {candidate.refused} cannot "
@@ -293,6 +307,10 @@ def supported_patterns() -> list[dict]:
     rows: dict[str, dict] = {}
     for architecture in ARCHITECTURES:
         pattern = architecture.pattern
+        if pattern.name in rows and architecture.name in rows[pattern.name]["architectures"]:
+            # a variant of a supported architecture that this toolkit refuses
+            rows[pattern.name]["features"].append(f"refused: {architecture.refused}")
+            continue
         row = rows.setdefault(
             pattern.name,
             {

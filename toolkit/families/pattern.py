@@ -30,7 +30,9 @@ from toolkit.families.base import (
 )
 
 BLOCKS = "blocks"  # fused rows [q (h*d_head); k (h_kv*d_head); v (h_kv*d_head)]
-PER_HEAD = "per head"  # fused rows [h, 3 (q, k, v), d_head] (GPT-NeoX, BLOOM)
+# fused rows per key/value group [h_kv, h/h_kv + 2 (the group's q heads, k, v), d_head]:
+# [h, 3, d_head] when h_kv = h (GPT-NeoX, BLOOM), [1, h + 2, d_head] for multi-query (Falcon)
+PER_GROUP = "per key/value group"
 # CodeGen: rows [4 groups, 3 (q, v, k), h/4 heads, d_head], heads numbered group by group
 FOUR_GROUPS_QVK = "four groups [q; v; k]"
 
@@ -227,13 +229,19 @@ def _split_fused(projections: Projections, tensors: dict, in_out, dims: Dimensio
             f"the fused {projections.qkv} is {weight.shape[1]} wide, not the "
             f"(heads {h} + 2 x key/value heads {h_kv}) x d_head {d_head} its config says"
         )
-    if projections.qkv_layout == PER_HEAD:
-        # columns [h, 3, d_head]: head i's q, k and v side by side
-        grouped = weight.reshape(weight.shape[0], h, 3, d_head)
-        standard = {"w" + r: grouped[:, :, i].transpose(1, 0, 2) for i, r in enumerate("qkv")}
+    if projections.qkv_layout == PER_GROUP:
+        # columns [h_kv, group + 2, d_head]: a group's query heads, then its key and value head
+        d_model, group = weight.shape[0], h // h_kv
+        grouped = weight.reshape(d_model, h_kv, group + 2, d_head)
+        standard = {
+            "wq": grouped[:, :, :group].reshape(d_model, h, d_head).transpose(1, 0, 2),
+            "wk": grouped[:, :, group].transpose(1, 0, 2),
+            "wv": grouped[:, :, group + 1].transpose(1, 0, 2),
+        }
         if bias is not None:
-            grouped_bias = bias.reshape(h, 3, d_head)
-            standard.update({"b" + r: grouped_bias[:, i] for i, r in enumerate("qkv")})
+            grouped_bias = bias.reshape(h_kv, group + 2, d_head)
+            standard["bq"] = grouped_bias[:, :group].reshape(h, d_head)
+            standard["bk"], standard["bv"] = grouped_bias[:, group], grouped_bias[:, group + 1]
         return standard
     if projections.qkv_layout == FOUR_GROUPS_QVK:
         d_model = weight.shape[0]
@@ -315,6 +323,7 @@ class Architecture:
     biases: Callable[[dict], tuple[str, ...]] = field(default=biases_when("attention_bias"))
     kv_heads: Callable[[dict, int], int] = kv_heads_from_keys
     refused: str | None = None  # a feature the recomputation cannot express faithfully
+    applies: Callable[[dict], bool] = lambda config: True  # configs this line describes
 
 
 def family(architecture: Architecture) -> Family:
