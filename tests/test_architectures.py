@@ -56,6 +56,12 @@ MODELS = {
     "apertus": (DECODER, LLAMA_NAMES),
     "granite": ({**DECODER, "attention_multiplier": 0.3}, LLAMA_NAMES),
     "cohere": (DECODER, LLAMA_NAMES),
+    "cohere:qk-norm": ({**DECODER, "use_qk_norm": True}, LLAMA_NAMES),
+    "phi:qk-norm": (
+        {**DECODER, "partial_rotary_factor": 0.5, "qk_layernorm": True},
+        ("separate", "layers.{}.self_attn", ("q_proj", "k_proj", "v_proj"), "dense"),
+    ),
+    "stablelm:qk-norm": ({**DECODER, "qk_layernorm": True}, LLAMA_NAMES),
     "stablelm": ({**DECODER, "use_qkv_bias": True}, LLAMA_NAMES),
     "starcoder2": ({**DECODER, "sliding_window": 4}, LLAMA_NAMES),
     "gpt_neox": (

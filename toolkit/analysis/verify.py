@@ -58,6 +58,7 @@ class ScoreDetails:
 
     qk_norms: tuple | None = None  # (q norm, k norm): the model's own norm modules
     qk_norm_over_heads: bool = False  # one norm over all heads' values (OLMo 2)
+    qk_norm_heads_first: bool = False  # the norm takes [batch, heads, tokens, d_head] (StableLM)
     additive_bias: object = None  # [batch, heads, 1, tokens] added to the scores (ALiBi)
     softcap: float | None = None  # scores -> softcap * tanh(scores / softcap) (Gemma 2)
 
@@ -107,19 +108,21 @@ def query_key_value(
     q, k, v = (_project(hidden, layer, role) for role in "qkv")
     if details is not None and details.qk_norms is not None:
         q_norm, k_norm = details.qk_norms
-        q = _normed(q, q_norm, details.qk_norm_over_heads)
-        k = _normed(k, k_norm, details.qk_norm_over_heads)
+        q = _normed(q, q_norm, details)
+        k = _normed(k, k_norm, details)
     if rotation is not None:
         q, k = rotate(q, *rotation), rotate(k, *rotation)
     group = q.shape[1] // k.shape[1]
     return q, k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
 
 
-def _normed(x, norm, over_heads: bool):
-    """The model's norm module on x [batch, heads, tokens, d_head]: over each head's d_head
-    values, or over all heads' values of a token (`over_heads`)."""
+def _normed(x, norm, details: ScoreDetails):
+    """The model's norm module on x [batch, heads, tokens, d_head], in the layout the model
+    gives it: over each head's d_head values, or over all heads' values of a token."""
+    if details.qk_norm_heads_first:
+        return norm(x).float()
     per_token = x.transpose(1, 2)  # [batch, tokens, heads, d_head], as the model holds it
-    if over_heads:
+    if details.qk_norm_over_heads:
         per_token = norm(per_token.flatten(-2)).unflatten(-1, per_token.shape[-2:])
     else:
         per_token = norm(per_token)
@@ -158,6 +161,7 @@ def score_details(attention: AttentionModel, net, index: int, padding) -> ScoreD
     return ScoreDetails(
         qk_norms=None if family.qk_norms is None else family.qk_norms(net, index),
         qk_norm_over_heads=family.qk_norm_over_heads,
+        qk_norm_heads_first=family.qk_norm_heads_first,
         additive_bias=alibi_bias(attention.dims.n_heads, padding) if family.alibi else None,
         softcap=family.logit_softcap(attention.config),
     )

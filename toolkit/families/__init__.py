@@ -65,8 +65,21 @@ ROTARY_INTERLEAVED = Pattern(
     rotary_interleaved=True,
 )
 ROTARY_DENSE = Pattern(
-    "separate q/k/v_proj and dense, partial rotary",
+    "separate q/k/v_proj and dense, partial rotary, optional q/k norms",
     Projections("layers.{layer}.self_attn", o="dense"),
+    qk_norm=("q_layernorm", "k_layernorm"),
+)
+ROTARY_NORM_PER_HEAD_MODULE = Pattern(
+    "separate q/k/v/o_proj, partial rotary, optional q/k norms one module per head",
+    Projections("layers.{layer}.self_attn"),
+    qk_norm=("q_layernorm", "k_layernorm"),
+    qk_norm_heads_first=True,
+)
+ROTARY_INTERLEAVED_QK_NORM = Pattern(
+    "separate q/k/v/o_proj, interleaved rotary, optional per-head q/k norms",
+    Projections("layers.{layer}.self_attn"),
+    rotary_interleaved=True,
+    qk_norm=("q_norm", "k_norm"),
 )
 ROTARY_FUSED = Pattern(
     "fused qkv_proj [q; k; v], rotary", Projections("layers.{layer}.self_attn", qkv="qkv_proj")
@@ -165,11 +178,16 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture("olmo2", ("olmo2",), ROTARY_QK_NORM_OVER_HEADS),
     Architecture("olmo3", ("olmo3",), ROTARY_QK_NORM_OVER_HEADS),
     Architecture("apertus", ("apertus",), ROTARY_QK_NORM),
-    Architecture("cohere", ("cohere",), ROTARY_INTERLEAVED),
+    Architecture("cohere", ("cohere",), ROTARY_INTERLEAVED_QK_NORM),
     Architecture("glm", ("glm",), ROTARY_INTERLEAVED, biases_when("attention_bias", QKV_BIASES)),
     Architecture("phi3", ("phi3",), ROTARY_FUSED),
     Architecture("phi", ("phi",), ROTARY_DENSE, biases_always()),
-    Architecture("stablelm", ("stablelm",), ROTARY, biases_when("use_qkv_bias", QKV_BIASES)),
+    Architecture(
+        "stablelm",
+        ("stablelm",),
+        ROTARY_NORM_PER_HEAD_MODULE,
+        biases_when("use_qkv_bias", QKV_BIASES),
+    ),
     Architecture(
         "gpt_neox", ("gpt_neox",), ROTARY_PER_HEAD, biases_when("attention_bias", default=True)
     ),

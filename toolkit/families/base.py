@@ -116,6 +116,7 @@ class Family:
     # (q norm, k norm) modules of a layer on the model AutoModel builds, or None
     qk_norms: Callable[[object, int], tuple[object, object]] | None = None
     qk_norm_over_heads: bool = False  # one norm over all heads' values (OLMo 2), not per head
+    qk_norm_heads_first: bool = False  # the norm module takes [batch, heads, tokens, d_head]
     refused: str | None = None  # a feature the recomputation cannot express: the family refuses
     by_convention: bool = False  # an unregistered model_type read by the common names
 

@@ -72,6 +72,7 @@ class Pattern:
     rotary_interleaved: bool = False  # GPT-J: pairs (2j, 2j+1) instead of (j, j + r/2)
     qk_norm: tuple[str, str] | None = None  # q and k norm modules inside the block
     qk_norm_over_heads: bool = False  # OLMo 2: one norm over all heads' h*d_head values
+    qk_norm_heads_first: bool = False  # StableLM: the norm sees [batch, heads, tokens, d_head]
     features: tuple[str, ...] = ()  # what a reader should know, for `toolkit families`
 
 
@@ -279,9 +280,11 @@ def hook_modules_for(projections: Projections):
 
 def qk_norms_for(pattern: Pattern):
     def qk_norms(model, layer: int):
+        """The layer's (q norm, k norm) modules; None where the config switched them off
+        (Phi's `qk_layernorm`, StableLM's, Cohere's `use_qk_norm`): the model has no module."""
         block = module_at(model, pattern.projections.block.format(layer=layer))
-        q_norm, k_norm = (block.get_submodule(name) for name in pattern.qk_norm)
-        return q_norm, k_norm
+        norms = tuple(getattr(block, name, None) for name in pattern.qk_norm)
+        return None if None in norms else norms
 
     return qk_norms
 
@@ -357,5 +360,6 @@ def family(architecture: Architecture) -> Family:
         rotary_on_layer=rotary_on_every_layer,
         qk_norms=qk_norms_for(pattern) if pattern.qk_norm else None,
         qk_norm_over_heads=pattern.qk_norm_over_heads,
+        qk_norm_heads_first=pattern.qk_norm_heads_first,
         refused=architecture.refused,
     )
