@@ -87,6 +87,18 @@ MODELS = {
         ("groups", "h.{}.self_attention", "query_key_value", "dense"),
     ),
     "gpt_bigcode": (GPT_STYLE, ("blocks", "h.{}.attn", "c_attn", "c_proj")),
+    "mpt:softmax-scale": (
+        {
+            "d_model": 48,
+            "n_heads": 6,
+            "n_layers": 2,
+            "expansion_ratio": 1,
+            "max_seq_len": 64,
+            "vocab_size": 120,
+            "attn_config": {"softmax_scale": 0.2},
+        },
+        ("blocks", "blocks.{}.attn", "Wqkv", "out_proj"),
+    ),
     "mpt": (
         {
             "d_model": 48,
@@ -166,6 +178,7 @@ REFUSED = {
     "deberta-v2": (ENCODER, "disentangled attention"),
     "mpnet": (ENCODER, "relative-position bias"),
     "falcon:alibi": ({**ENCODER, "alibi": True}, "Falcon's ALiBi variant"),
+    "albert:groups": ({**ENCODER, "embedding_size": 16, "inner_group_num": 2}, "layer groups"),
 }
 
 

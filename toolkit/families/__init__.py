@@ -193,7 +193,21 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     ),
     Architecture("gptj", ("gptj",), ROTARY_GPTJ),
     Architecture("codegen", ("codegen",), ROTARY_CODEGEN),
-    Architecture("albert", ("albert",), SHARED_ENCODER, biases_always()),
+    Architecture(
+        "albert",
+        ("albert",),
+        SHARED_ENCODER,
+        biases_always(),
+        applies=lambda config: (
+            config.get("num_hidden_groups", 1) == 1 and config.get("inner_group_num", 1) == 1
+        ),
+    ),
+    Architecture(
+        "albert",
+        ("albert",),
+        SHARED_ENCODER,
+        refused="ALBERT with several layer groups (num_hidden_groups or inner_group_num > 1)",
+    ),
     Architecture(
         "falcon",
         ("falcon",),

@@ -141,6 +141,9 @@ def score_scale(config: dict, layer: int, dims: Dimensions) -> float:
         return float(config["attention_multiplier"])
     if config.get("query_pre_attn_scalar") is not None:
         return float(config["query_pre_attn_scalar"]) ** -0.5
+    softmax_scale = (config.get("attn_config") or {}).get("softmax_scale")  # MPT
+    if softmax_scale is not None:
+        return float(softmax_scale)
     scale = dims.d_head**-0.5 if config.get("scale_attn_weights", True) else 1.0
     if config.get("scale_attn_by_inverse_layer_idx", False):
         scale /= layer + 1
