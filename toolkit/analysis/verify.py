@@ -4,8 +4,11 @@ compare it with what the real model computes.
 This is the proof that the extraction is right, and the concrete answer to "why one W0":
 the block output is Concat(z_0..z_{h-1}) @ W0 + b0, which equals sum_i z_i @ w0[i] + b0,
 where w0[i] is the d_head-row block of W0 that belongs to head i. Rotary models have q and k
-rotated by position; grouped-query models repeat each key/value head for its group of query
-heads; causal and sliding-window masks are the model's own.
+rotated by position (full, partial or GPT-J-interleaved; none on NoPE layers); grouped-query
+models repeat each key/value head for its group of query heads; causal and sliding-window masks
+are the model's own. Where the family has them, q and k go through the model's own q/k norm
+modules (their weights are not among the standard tensors), ALiBi biases are added to the scores
+and Gemma 2's soft-cap is applied before the mask.
 """
 
 from __future__ import annotations
