@@ -86,7 +86,11 @@ MODELS = {
         {**ENCODER, "n_head": 6, "n_layer": 2},
         ("groups", "h.{}.self_attention", "query_key_value", "dense"),
     ),
-    "gpt_bigcode": (GPT_STYLE, ("blocks", "h.{}.attn", "c_attn", "c_proj")),
+    "gpt_bigcode": (GPT_STYLE, ("groups", "h.{}.attn", "c_attn", "c_proj")),  # multi-query
+    "gpt_bigcode:multi-head": (
+        {**GPT_STYLE, "multi_query": False},
+        ("groups", "h.{}.attn", "c_attn", "c_proj"),
+    ),
     "mpt:softmax-scale": (
         {
             "d_model": 48,

@@ -43,8 +43,9 @@ CONV1D = Pattern(
     positions="learned absolute",
 )
 FUSED_LINEAR_LEARNED = Pattern(
-    "fused nn.Linear c_attn [q; k; v], multi-query",
-    Projections("h.{layer}.attn", qkv="c_attn", o="c_proj"),
+    "fused nn.Linear c_attn per key/value group, learned positions",
+    # multi-query: [q (h*d_head); k; v]; multi-head: [h, 3, d_head]
+    Projections("h.{layer}.attn", qkv="c_attn", o="c_proj", qkv_layout=PER_GROUP),
     positions="learned absolute",
 )
 ROTARY = Pattern("separate q/k/v/o_proj, rotary", Projections("layers.{layer}.self_attn"))
