@@ -600,3 +600,13 @@ def test_softmax_lesson_refuses_scores_it_does_not_show(built, model_type, featu
     result = CliRunner().invoke(main, ["explain", "softmax", str(built(model_type))])
     assert result.exit_code == 1
     assert feature in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_a_file_extracted_by_convention_opens_again(tmp_path):
+    folder = _unregistered("arcee", tmp_path / "arcee")
+    out = tmp_path / "arcee.safetensors"
+    extract(str(folder), out)
+    saved, original = load_attention(str(out)), load_attention(str(folder))
+    assert saved.family.name == "arcee" and saved.family.by_convention
+    assert saved.positions() == original.positions()
+    np.testing.assert_array_equal(saved.layer(1).wk, original.layer(1).wk)

@@ -286,7 +286,7 @@ def _open_standard_file(source: ModelSource, checkpoint: Checkpoint) -> Attentio
             "pass a model folder instead"
         )
     config = json.loads(meta.get("config", "{}"))
-    family = family_by_name(meta["family"])
+    family = family_by_name(meta["family"], meta.get("pattern"))
     # Files written before grouped-query attention have no n_kv_heads: one per query head.
     n_kv_heads = int(meta.get("n_kv_heads", meta["n_heads"]))
     dims = Dimensions(
@@ -416,6 +416,7 @@ def standard_metadata(model: AttentionModel) -> dict[str, str]:
     return {
         "format": STANDARD_FORMAT,
         "family": model.family.name,
+        "pattern": model.family.pattern,
         "source": str(model.name),
         "n_layers": str(d.n_layers),
         "n_heads": str(d.n_heads),

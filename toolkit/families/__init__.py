@@ -315,10 +315,16 @@ def _ends_with(name: str, suffix: str) -> bool:
     return name == suffix or name.endswith("." + suffix)
 
 
-def family_by_name(name: str) -> Family:
+def family_by_name(name: str, pattern: str | None = None) -> Family:
+    """A registered family by name; an unregistered one (read by convention) by its `pattern`'s
+    name, as a standard-tensor file's metadata records both."""
     for candidate in FAMILIES:
-        if candidate.name == name:
+        if candidate.name == name and not candidate.refused:
             return candidate
+    for convention in CONVENTIONS:
+        if convention.name == pattern:
+            conventional = family(Architecture(name, (name,), convention))
+            return dataclasses.replace(conventional, by_convention=True)
     raise ToolkitError(
         f"unknown family '{name}': known families are {', '.join(f.name for f in FAMILIES)}"
     )
