@@ -123,15 +123,11 @@ def test_unknown_hub_id_offline_fails_fast(tmp_path):
 
 
 def test_unsupported_architecture_names_the_supported_families(tmp_path):
-    from transformers import AlbertConfig, AlbertModel
+    from transformers import T5Config, T5Model
 
-    config = AlbertConfig(
-        hidden_size=32, num_attention_heads=2, num_hidden_layers=1, intermediate_size=32
-    )
-    AlbertModel(config).save_pretrained(tmp_path)
-    assert_clean_error(
-        run("inspect", str(tmp_path)), "albert", "bert, distilbert, gpt2, llama, mistral"
-    )
+    config = T5Config(d_model=32, num_heads=2, num_layers=1, d_ff=32, d_kv=16, vocab_size=50)
+    T5Model(config).save_pretrained(tmp_path)
+    assert_clean_error(run("inspect", str(tmp_path)), "t5", "bert, biogpt, bloom")
 
 
 def test_pickled_weights_are_refused_then_allowed_by_flag(tiny_bert, tmp_path):
@@ -200,13 +196,15 @@ def test_verify_exits_1_when_the_adapter_is_wrong(tiny_bert, monkeypatch):
     import dataclasses
 
     import toolkit.families as families
-    from toolkit.families import bert
+    from toolkit.families.base import split_heads_in
+
+    bert = families.family_by_name("bert")
 
     def untransposed(tensors, dims):
         right = bert.convert(tensors, dims)
-        return {**right, "wk": bert.split_heads_in(tensors["wk"], dims.n_heads)}
+        return {**right, "wk": split_heads_in(tensors["wk"], dims.n_heads)}
 
-    wrong = dataclasses.replace(bert.FAMILY, convert=untransposed)
+    wrong = dataclasses.replace(bert, convert=untransposed)
     monkeypatch.setattr(families, "FAMILIES", (wrong, *families.FAMILIES[1:]))
     result = run("verify", str(tiny_bert))
     assert result.exit_code == 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,13 @@ import numpy as np
 
 from toolkit.checkpoint import Checkpoint
 from toolkit.errors import ToolkitError
-from toolkit.families import Dimensions, Family, family_by_name, family_for_config
+from toolkit.families import (
+    Dimensions,
+    Family,
+    family_by_name,
+    family_for_checkpoint,
+    family_for_config,
+)
 from toolkit.sources import ModelSource, resolve_source
 
 WEIGHT_ROLES = ("wq", "wk", "wv", "w0")
@@ -119,8 +126,26 @@ class AttentionModel:
             raw = {
                 role: self.checkpoint.get(self.prefix + name, half) for role, name in names.items()
             }
-            tensors = self.family.convert(raw, self.dims)
+            tensors = self._converted(index, raw)
         return AttentionLayer(index=index, **tensors)
+
+    def _converted(self, index: int, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The family's conversion, checked against the shapes the config implies: a config
+        that contradicts its weights is one clear error, never a wrong split into heads."""
+        d = self.dims
+        said = f"{d.n_heads} heads of {d.d_head} ({d.n_kv_heads} key/value), d_model {d.d_model}"
+        try:
+            tensors = self.family.convert(raw, d)
+        except ValueError:  # a reshape the stored sizes do not allow
+            tensors = None
+        expected = standard_shapes(d, self.bias_roles)
+        if tensors is None or any(t.shape != expected.get(r) for r, t in tensors.items()):
+            stored = ", ".join(f"{role} {list(t.shape)}" for role, t in raw.items())
+            raise ToolkitError(
+                f"layer {index} of {self.name} does not match its config.json ({said}): "
+                f"stored {stored}"
+            )
+        return tensors
 
     def storage_dtype(self) -> str:
         """The one safetensors dtype all attention tensors are stored in ("BF16", "F16"), else
@@ -192,7 +217,13 @@ def load_attention(
     checkpoint = Checkpoint(source.path, allow_pickle=allow_pickle)
     if source.is_standard_file:
         return _open_standard_file(source, checkpoint)
-    family = family_for_config(source.config)
+    family = family_for_checkpoint(source.config, checkpoint.names())
+    if family.by_convention:
+        print(
+            f"note: model_type '{family.name}' is not registered; its attention is read by the "
+            f"common names ({family.pattern}): `toolkit verify` tells whether that is right",
+            file=sys.stderr,
+        )
     return _from_checkpoint(source, family, checkpoint)
 
 
@@ -203,6 +234,16 @@ def _from_checkpoint(source: ModelSource, family: Family, checkpoint) -> Attenti
         raise ToolkitError(
             f"{source.path}/config.json lacks {err} for a {family.name} model"
         ) from None
+    if not source.config.get("head_dim") and dims.d_model % dims.n_heads:
+        raise ToolkitError(
+            f"{source.path}/config.json is inconsistent: {dims.n_heads} heads do not divide "
+            f"d_model {dims.d_model}"
+        )
+    if dims.n_heads % dims.n_kv_heads:
+        raise ToolkitError(
+            f"{source.path}/config.json is inconsistent: {dims.n_heads} query heads do not "
+            f"form groups over {dims.n_kv_heads} key/value heads"
+        )
     prefix = _find_prefix(checkpoint, family, source.config)
     layers = tuple(range(dims.n_layers))
     biases = family.bias_roles(source.config)
@@ -216,7 +257,7 @@ def attention_from_state_dict(
     as in config.json (`model.config.to_dict()`). Used to track a model while it trains."""
     checkpoint = Checkpoint.from_state_dict(state_dict, name)
     source = ModelSource(name=name, path=Path(name), config=config)
-    return _from_checkpoint(source, family_for_config(config), checkpoint)
+    return _from_checkpoint(source, family_for_checkpoint(config, checkpoint.names()), checkpoint)
 
 
 def _find_prefix(checkpoint: Checkpoint, family: Family, config: dict) -> str:
@@ -245,7 +286,7 @@ def _open_standard_file(source: ModelSource, checkpoint: Checkpoint) -> Attentio
             "pass a model folder instead"
         )
     config = json.loads(meta.get("config", "{}"))
-    family = family_by_name(meta["family"])
+    family = family_by_name(meta["family"], meta.get("pattern"))
     # Files written before grouped-query attention have no n_kv_heads: one per query head.
     n_kv_heads = int(meta.get("n_kv_heads", meta["n_heads"]))
     dims = Dimensions(
@@ -379,6 +420,7 @@ def standard_metadata(model: AttentionModel) -> dict[str, str]:
     return {
         "format": STANDARD_FORMAT,
         "family": model.family.name,
+        "pattern": model.family.pattern,
         "source": str(model.name),
         "n_layers": str(d.n_layers),
         "n_heads": str(d.n_heads),

@@ -92,6 +92,22 @@ NUMPY_ONLY_COMMANDS = ("inspect", "extract", "compare")
 
 
 @main.command()
+@click.option("--markdown", is_flag=True, help="Print the README's Markdown table.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON list instead.")
+def families(markdown, as_json):
+    """The attention patterns this toolkit recomputes, with their architectures and features."""
+    from toolkit.families import supported_patterns
+
+    rows = supported_patterns()
+    if as_json:
+        _print_json(rows)
+        return
+    from toolkit.render.families import families_markdown, families_text
+
+    click.echo(families_markdown(rows) if markdown else families_text(rows))
+
+
+@main.command()
 @_model_options
 @click.option("--layer", "layers", type=int, multiple=True, help="Only this layer (repeatable).")
 @click.option("--heads", is_flag=True, help="Also show per-head norms.")

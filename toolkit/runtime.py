@@ -157,26 +157,35 @@ def captured_blocks(net, attention: AttentionModel) -> Iterator[CapturedBlocks]:
     """
     captured = CapturedBlocks()
     handles = []
+    # Layers that share one module (ALBERT) are told apart by call order: the k-th call of a
+    # module is the k-th of the layers that use it.
+    layers_of: dict[int, list[int]] = {}
+    modules = {}
+    for index in attention.layer_indices:
+        for module in attention.family.hook_modules(net, index):
+            layers_of.setdefault(id(module), []).append(index)
+            modules[id(module)] = module
+    calls = dict.fromkeys(layers_of, 0)
 
-    def save_input(index):
-        def hook(module, args, kwargs):
-            captured.inputs[index] = (args[0] if args else kwargs["hidden_states"]).float()
+    def next_layer(module) -> int:
+        layers = layers_of[id(module)]
+        calls[id(module)] += 1
+        return layers[(calls[id(module)] - 1) % len(layers)]
 
-        return hook
+    def save_input(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        captured.inputs[next_layer(module)] = hidden.float()
 
-    def save_output(index):
-        def hook(module, args, output):
-            captured.outputs[index] = output.float()
-
-        return hook
+    def save_output(module, args, output):
+        captured.outputs[next_layer(module)] = output.float()
 
     try:
-        for index in attention.layer_indices:
-            input_module, output_module = attention.family.hook_modules(net, index)
-            handles.append(
-                input_module.register_forward_pre_hook(save_input(index), with_kwargs=True)
-            )
-            handles.append(output_module.register_forward_hook(save_output(index)))
+        inputs = {id(attention.family.hook_modules(net, i)[0]) for i in attention.layer_indices}
+        for key, module in modules.items():
+            if key in inputs:
+                handles.append(module.register_forward_pre_hook(save_input, with_kwargs=True))
+            else:
+                handles.append(module.register_forward_hook(save_output))
         yield captured
     finally:
         for handle in handles:

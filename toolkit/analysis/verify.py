@@ -4,12 +4,16 @@ compare it with what the real model computes.
 This is the proof that the extraction is right, and the concrete answer to "why one W0":
 the block output is Concat(z_0..z_{h-1}) @ W0 + b0, which equals sum_i z_i @ w0[i] + b0,
 where w0[i] is the d_head-row block of W0 that belongs to head i. Rotary models have q and k
-rotated by position; grouped-query models repeat each key/value head for its group of query
-heads; causal and sliding-window masks are the model's own.
+rotated by position (full, partial or GPT-J-interleaved; none on NoPE layers); grouped-query
+models repeat each key/value head for its group of query heads; causal and sliding-window masks
+are the model's own. Where the family has them, q and k go through the model's own q/k norm
+modules (their weights are not among the standard tensors), ALiBi biases are added to the scores
+and Gemma 2's soft-cap is applied before the mask.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -64,19 +68,43 @@ class VerifyReport:
         return {**asdict(self), "passed": self.passed}
 
 
-def recompute_layer(layer: AttentionLayer, hidden, mask, scale: float, rotation=None):
+@dataclass(frozen=True)
+class ScoreDetails:
+    """What a layer's scores need beyond (q . k) * scale and the mask (`score_details`)."""
+
+    qk_norms: tuple | None = None  # (q norm, k norm): the model's own norm modules
+    qk_norm_over_heads: bool = False  # one norm over all heads' values (OLMo 2)
+    qk_norm_heads_first: bool = False  # the norm takes [batch, heads, tokens, d_head] (StableLM)
+    additive_bias: object = None  # [batch, heads, 1, tokens] added to the scores (ALiBi)
+    softcap: float | None = None  # scores -> softcap * tanh(scores / softcap) (Gemma 2)
+
+
+def recompute_layer(
+    layer: AttentionLayer,
+    hidden,
+    mask,
+    scale: float,
+    rotation=None,
+    details: ScoreDetails | None = None,
+):
     """Multi-head (or grouped-query) attention from the standard tensors alone.
 
     hidden: [batch, tokens, d_model] input of the attention block.
     mask: [batch, 1 or heads, tokens, tokens] bool, True where a query may attend to a key.
-    rotation: (cos, sin) [tokens, rotary_dim] for rotary models (`positional_rotation`), or None.
+    rotation: (cos, sin, interleaved) for rotary models (`positional_rotation`), or None.
+    details: q/k norms, ALiBi and soft-capping where the model has them.
     Returns (probs [batch, heads, tokens, tokens], z [batch, heads, tokens, d_head], output
     [batch, tokens, d_model]).
     """
     import torch
 
-    q, k, v = query_key_value(layer, hidden, rotation)
+    details = details or ScoreDetails()
+    q, k, v = query_key_value(layer, hidden, rotation, details)
     scores = (q @ k.transpose(-1, -2)) * scale  # [batch, heads, tokens, tokens]
+    if details.additive_bias is not None:
+        scores = scores + details.additive_bias
+    if details.softcap is not None:
+        scores = torch.tanh(scores / details.softcap) * details.softcap
     scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     z = probs @ v  # [batch, heads, tokens, d_head]
@@ -84,17 +112,37 @@ def recompute_layer(layer: AttentionLayer, hidden, mask, scale: float, rotation=
     return probs, z, output if layer.b0 is None else output + torch.from_numpy(layer.b0)
 
 
-def query_key_value(layer: AttentionLayer, hidden, rotation=None):
+def query_key_value(
+    layer: AttentionLayer, hidden, rotation=None, details: ScoreDetails | None = None
+):
     """q, k, v: [batch, heads, tokens, d_head] for every query head, from hidden [batch, tokens,
-    d_model]: positions rotated into q and k (rotary models), and each key/value head repeated
-    for the h / h_kv query heads of its group (query head i reads key/value head i // group)."""
+    d_model]: q and k normalised (models with q/k norms), positions rotated into q and k (rotary
+    models), and each key/value head repeated for the h / h_kv query heads of its group (query
+    head i reads key/value head i // group)."""
     from toolkit.families.rotary import rotate
 
     q, k, v = (_project(hidden, layer, role) for role in "qkv")
+    if details is not None and details.qk_norms is not None:
+        q_norm, k_norm = details.qk_norms
+        q = _normed(q, q_norm, details)
+        k = _normed(k, k_norm, details)
     if rotation is not None:
         q, k = rotate(q, *rotation), rotate(k, *rotation)
     group = q.shape[1] // k.shape[1]
     return q, k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+
+
+def _normed(x, norm, details: ScoreDetails):
+    """The model's norm module on x [batch, heads, tokens, d_head], in the layout the model
+    gives it: over each head's d_head values, or over all heads' values of a token."""
+    if details.qk_norm_heads_first:
+        return norm(x).float()
+    per_token = x.transpose(1, 2)  # [batch, tokens, heads, d_head], as the model holds it
+    if details.qk_norm_over_heads:
+        per_token = norm(per_token.flatten(-2)).unflatten(-1, per_token.shape[-2:])
+    else:
+        per_token = norm(per_token)
+    return per_token.transpose(1, 2).float()
 
 
 def _project(hidden, layer: AttentionLayer, role: str):
@@ -107,14 +155,49 @@ def _project(hidden, layer: AttentionLayer, role: str):
     return projected if bias is None else projected + torch.from_numpy(bias)[None, :, None, :]
 
 
-def positional_rotation(attention: AttentionModel, tokens: int):
-    """(cos, sin) [tokens, rotary_dim] at positions 0..tokens-1 for a rotary model, else None."""
+def positional_rotation(attention: AttentionModel, tokens: int, layer: int | None = None):
+    """(cos, sin, interleaved) with cos, sin [tokens, rotary_dim] at positions 0..tokens-1 for
+    a rotary model, else None; None too on a `layer` the model leaves unrotated (NoPE)."""
     import torch
 
-    from toolkit.families.rotary import rotation
+    from toolkit.families.rotary import config_for_layer, rotation
 
-    rotary = attention.family.rotary(attention.config)
+    family, config = attention.family, attention.config
+    if layer is not None:
+        if not family.rotary_on_layer(config, layer):
+            return None
+        config = config_for_layer(config, layer)
+    rotary = family.rotary(config)
     return None if rotary is None else rotation(rotary, torch.arange(tokens))
+
+
+def score_details(attention: AttentionModel, net, index: int, padding) -> ScoreDetails:
+    """Layer `index`'s q/k norms (the model's modules), ALiBi bias and soft-cap."""
+    family = attention.family
+    return ScoreDetails(
+        qk_norms=None if family.qk_norms is None else family.qk_norms(net, index),
+        qk_norm_over_heads=family.qk_norm_over_heads,
+        qk_norm_heads_first=family.qk_norm_heads_first,
+        additive_bias=alibi_bias(attention.dims.n_heads, padding) if family.alibi else None,
+        softcap=family.logit_softcap(attention.config),
+    )
+
+
+def alibi_bias(n_heads: int, padding):
+    """ALiBi (Press et al. 2022): slope_h * key position, [batch, heads, 1, tokens]. A shift of
+    all key positions by the query's adds a constant per query row, which softmax ignores.
+
+    Slopes 2^(-8 i / n) for i = 1..n when n is a power of two; otherwise those of the next
+    power of two n2, odd-numbered first, then the even ones (BLOOM's and MPT's rule)."""
+    import torch
+
+    n2 = 2 ** math.ceil(math.log2(n_heads))
+    slopes = 2.0 ** (-8.0 * torch.arange(1, n2 + 1, dtype=torch.float64) / n2)
+    if n2 != n_heads:
+        slopes = torch.cat((slopes[1::2], slopes[::2]))[:n_heads]
+    key_positions = (padding.cumsum(-1) - 1).clamp(min=0)  # [batch, tokens]
+    bias = slopes[None, :, None] * key_positions[:, None, :].double()
+    return bias[:, :, None, :].float()
 
 
 def layer_mask(attention: AttentionModel, index: int, padding):
@@ -159,7 +242,6 @@ def verify(
         )
 
     d = attention.dims
-    rotation = positional_rotation(attention, input_ids.shape[1])
     report = VerifyReport(
         model=str(attention.name),
         family=attention.family.name,
@@ -177,7 +259,12 @@ def verify(
         layer = attention.layer(index)
         scale = attention.family.score_scale(attention.config, index, d)
         mask = layer_mask(attention, index, padding)
-        probs, z, output = recompute_layer(layer, captured.inputs[index], mask, scale, rotation)
+        rotation = positional_rotation(attention, input_ids.shape[1], index)
+        details = score_details(attention, net, index, padding)
+        with torch.no_grad():
+            probs, z, output = recompute_layer(
+                layer, captured.inputs[index], mask, scale, rotation, details
+            )
         model_probs = outputs.attentions[index].float()
         model_output = captured.outputs[index]
         report.layers.append(

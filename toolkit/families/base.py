@@ -29,6 +29,11 @@ Everything downstream works on that layout only. An adapter (`Family`) supplies:
 - `positions(config)`: the positional scheme and its parameters, for metadata and inspect.
 - `hook_modules(model, layer)`: (module whose input is the attention block's input, module whose
   output is the block's output before dropout and residual), on the model `AutoModel` builds.
+- `pattern`, `alibi`, `logit_softcap(config)`, `rotary_on_layer(config, layer)`,
+  `qk_norms(model, layer)`, `qk_norm_over_heads`: the score details verify recomputes
+  (`toolkit.families.pattern` describes them).
+- `refused`: the feature that makes the family's attention impossible to recompute from the
+  standard tensors; every command stops with it.
 - `lora_targets`: role (wq, wk, wv, w0) -> the name, as `peft` matches it (a suffix of the
   module's path), of the `nn.Linear`/`Conv1D` that holds the role's weight in every layer; roles
   stored fused in one module map to the same name. Empty: LoRA is not supported.
@@ -79,6 +84,7 @@ class Rotary:
 
     inv_freq: object
     attention_scaling: float
+    interleaved: bool = False  # GPT-J style: pairs (2j, 2j+1) turn, not (j, j + rotary_dim/2)
 
     @property
     def rotary_dim(self) -> int:
@@ -103,6 +109,16 @@ class Family:
     positions: Callable[[dict], dict] = lambda config: {"scheme": "learned absolute"}
     lora_targets: Mapping[str, str] = field(default_factory=dict)
     # the defaults above describe BERT and GPT-2: every bias, full attention, learned positions
+    pattern: str = ""  # the attention pattern this family follows (`toolkit.families.pattern`)
+    alibi: bool = False  # a per-head linear bias on key positions (BLOOM, MPT) is added
+    logit_softcap: Callable[[dict], float | None] = lambda config: None
+    rotary_on_layer: Callable[[dict, int], bool] = lambda config, layer: True
+    # (q norm, k norm) modules of a layer on the model AutoModel builds, or None
+    qk_norms: Callable[[object, int], tuple[object, object]] | None = None
+    qk_norm_over_heads: bool = False  # one norm over all heads' values (OLMo 2), not per head
+    qk_norm_heads_first: bool = False  # the norm module takes [batch, heads, tokens, d_head]
+    refused: str | None = None  # a feature the recomputation cannot express: the family refuses
+    by_convention: bool = False  # an unregistered model_type read by the common names
 
     def __repr__(self) -> str:  # the functions' addresses say nothing to a reader
         return f"Family({self.name!r}, model_types={self.model_types}, causal={self.causal})"

@@ -11,11 +11,17 @@ from __future__ import annotations
 from toolkit.families.base import Rotary
 
 
-def rotary_from_config(config: dict) -> Rotary:
-    """The Rotary of a rotary model's config.json dict."""
+def rotary_from_config(config: dict, interleaved: bool = False) -> Rotary:
+    """The Rotary of a rotary model's config.json dict (`interleaved`: GPT-J's pairing)."""
+    import torch
     from transformers import AutoConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+    if config.get("rotary_dim") and not config.get("rope_parameters"):
+        # GPT-J and CodeGen: the first `rotary_dim` dimensions, base 10000, no scaling
+        dim = config["rotary_dim"]
+        inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        return Rotary(inv_freq, 1.0, interleaved)
     settings = {key: value for key, value in config.items() if key != "model_type"}
     model_config = AutoConfig.for_model(config["model_type"], **settings)
     parameters = rope_parameters(model_config)
@@ -24,7 +30,17 @@ def rotary_from_config(config: dict) -> Rotary:
         inv_freq, scaling = _default_inv_freq(model_config, parameters)
     else:
         inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](model_config, "cpu")
-    return Rotary(inv_freq.float(), float(scaling))
+    return Rotary(inv_freq.float(), float(scaling), interleaved)
+
+
+def config_for_layer(config: dict, layer: int) -> dict:
+    """The config as layer `layer` sees it: models with rope settings per layer type (OLMo 3,
+    Gemma 3) keep `rope_parameters` as {layer type: settings}; the layer's own are picked."""
+    parameters = config.get("rope_parameters") or {}
+    layer_types = config.get("layer_types") or []
+    if layer < len(layer_types) and isinstance(parameters.get(layer_types[layer]), dict):
+        return {**config, "rope_parameters": parameters[layer_types[layer]]}
+    return config
 
 
 def rope_settings(config: dict) -> dict:
@@ -70,19 +86,28 @@ def rotation(rotary: Rotary, positions):
     import torch
 
     angles = positions[:, None].float() * rotary.inv_freq[None, :]  # [tokens, rotary_dim / 2]
-    angles = torch.cat((angles, angles), dim=-1)  # pairs (j, j + rotary_dim / 2) share an angle
-    return angles.cos() * rotary.attention_scaling, angles.sin() * rotary.attention_scaling
+    if rotary.interleaved:  # pairs (2j, 2j + 1) share an angle
+        angles = angles.repeat_interleave(2, dim=-1)
+    else:  # pairs (j, j + rotary_dim / 2) share an angle
+        angles = torch.cat((angles, angles), dim=-1)
+    cos, sin = angles.cos() * rotary.attention_scaling, angles.sin() * rotary.attention_scaling
+    return cos, sin, rotary.interleaved
 
 
-def rotate(x, cos, sin):
+def rotate(x, cos, sin, interleaved: bool = False):
     """Rotate the first rotary_dim dimensions of x [..., tokens, d_head] by position.
 
-    Pair (j, j + rotary_dim / 2) turns by its angle: x_j cos - x_{j+r/2} sin, x_{j+r/2} cos +
-    x_j sin. Dimensions past rotary_dim (partial rotary) pass through unchanged."""
+    Pair (a, b) turns by its angle: x_a cos - x_b sin, x_b cos + x_a sin, with (a, b) =
+    (j, j + rotary_dim / 2), or (2j, 2j + 1) when `interleaved`. Dimensions past rotary_dim
+    (partial rotary) pass through unchanged."""
     import torch
 
     width = cos.shape[-1]
     turned, passed = x[..., :width], x[..., width:]
-    first, second = turned[..., : width // 2], turned[..., width // 2 :]
-    rotated_half = torch.cat((-second, first), dim=-1)
+    if interleaved:
+        even, odd = turned[..., 0::2], turned[..., 1::2]
+        rotated_half = torch.stack((-odd, even), dim=-1).flatten(-2)
+    else:
+        first, second = turned[..., : width // 2], turned[..., width // 2 :]
+        rotated_half = torch.cat((-second, first), dim=-1)
     return torch.cat((turned * cos + rotated_half * sin, passed), dim=-1)

@@ -10,7 +10,12 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from toolkit.analysis.verify import layer_mask, positional_rotation, query_key_value
+from toolkit.analysis.verify import (
+    layer_mask,
+    positional_rotation,
+    query_key_value,
+    score_details,
+)
 from toolkit.attention import AttentionModel, load_attention
 from toolkit.errors import ToolkitError
 from toolkit.runtime import captured_blocks, load_model, make_inputs, token_strings
@@ -93,6 +98,15 @@ def explain_softmax(
         raise ToolkitError(
             f"head {head} is out of range: {attention.name} has heads 0-{d.n_heads - 1}"
         )
+    for present, feature in (
+        (attention.family.alibi, "ALiBi position biases"),
+        (attention.family.logit_softcap(attention.config), "soft-capped scores"),
+    ):
+        if present:  # the lesson's row is softmax(q . k * scale) alone
+            raise ToolkitError(
+                f"the softmax lesson does not apply to {attention.family.name} models: their "
+                f"scores add {feature} to q . k * scale (verify checks them)"
+            )
     net = load_model(attention, allow_pickle)
     texts = None if text is None else [text]
     input_ids, padding, inputs_info = make_inputs(attention, texts, seed=0)
@@ -113,7 +127,10 @@ def explain_softmax(
 
     # every head's q and k [1, heads, tokens, d_head]: rotated by position in rotary models, and
     # k the key head this query head shares with its group in grouped-query models
-    q, k, _ = query_key_value(standard, x[None], positional_rotation(attention, n_tokens))
+    rotation = positional_rotation(attention, n_tokens, layer)
+    details = score_details(attention, net, layer, padding)  # q/k norms where the model has them
+    with torch.no_grad():
+        q, k, _ = query_key_value(standard, x[None], rotation, details)
     q, k = q[0, head, query], k[0, head, keys]  # [d_head], [keys, d_head]
     raw = k @ q  # [keys]
     scale = attention.family.score_scale(attention.config, layer, d)

@@ -17,6 +17,7 @@ from toolkit.analysis.verify import (
     layer_mask,
     positional_rotation,
     recompute_layer,
+    score_details,
 )
 from toolkit.attention import AttentionModel, head_frobenius, load_attention
 from toolkit.runtime import captured_blocks, load_model, make_inputs
@@ -92,11 +93,13 @@ def explain_w0(
     block = captured.outputs[layer]  # [batch, tokens, d_model]
     scale = attention.family.score_scale(attention.config, layer, d)
     mask = layer_mask(attention, layer, padding)
-    rotation = positional_rotation(attention, input_ids.shape[1])
+    rotation = positional_rotation(attention, input_ids.shape[1], layer)
+    details = score_details(attention, net, layer, padding)  # q/k norms, ALiBi, soft-cap
     # z: [batch, heads, tokens, d_head], each head's output before W0
-    _, z, per_head_sum = recompute_layer(  # per_head_sum: sum_i z_i @ w0[i] + b0
-        standard, captured.inputs[layer], mask, scale, rotation
-    )
+    with torch.no_grad():
+        _, z, per_head_sum = recompute_layer(  # per_head_sum: sum_i z_i @ w0[i] + b0
+            standard, captured.inputs[layer], mask, scale, rotation, details
+        )
     concat_route = concat_then_w0(standard, z)  # Concat(z) @ W0 + b0
 
     w0 = standard.full("w0")  # [h*d_head, d_model]

@@ -32,8 +32,9 @@ CONFIG_SPECS = {
 }
 DEFAULT_BPE_VOCAB = 4096
 # Training never needs the attention probabilities (verify and the lessons load eager models):
-# the fused scaled-dot-product kernel is faster and uses less memory.
-TRAINING_ATTENTION = "sdpa"
+# transformers' default is the fused scaled-dot-product kernel (faster, less memory) where the
+# architecture has it, eager attention where it does not (MPT, and others with custom kernels).
+TRAINING_ATTENTION = None
 
 
 def config_overrides(model: str) -> tuple[str, dict] | None:

@@ -1,0 +1,612 @@
+"""33 architectures beyond the seven first families, each a tiny random model built by
+transformers from its own config class: inspect opens it, the extracted per-head tensors equal
+the model's own projections, and verify recomputes its attention."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from toolkit import extract, load_attention, verify
+
+# Odd shapes where the config allows them: 6 heads, 2 key/value heads (groups of 3), d_head 10.
+DECODER = {
+    "hidden_size": 48,
+    "num_attention_heads": 6,
+    "num_key_value_heads": 2,
+    "num_hidden_layers": 2,
+    "intermediate_size": 40,
+    "vocab_size": 120,
+    "max_position_embeddings": 64,
+}
+GQA = {**DECODER, "head_dim": 10}
+ENCODER = {k: v for k, v in DECODER.items() if k != "num_key_value_heads"}
+GPT_STYLE = {"n_embd": 48, "n_head": 6, "n_layer": 2, "vocab_size": 120, "n_positions": 64}
+
+# model_type -> (config settings, where the model keeps q/k/v: how the test reads them)
+#   ("separate", block, (q, k, v), o)   one nn.Linear each
+#   ("blocks", block, qkv, o)          one nn.Linear, output [q; k; v]
+#   ("groups", block, qkv, o)          one nn.Linear, output [h_kv, h/h_kv + 2, d_head]: each
+#                                      key/value group's query heads, its key, its value
+#   ("four groups", block, qkv, o)     CodeGen: output [4, 3 (q, v, k), h/4, d_head]
+LLAMA_NAMES = ("separate", "layers.{}.self_attn", ("q_proj", "k_proj", "v_proj"), "o_proj")
+FALCON_NAMES = ("groups", "h.{}.self_attention", "query_key_value", "dense")
+MODELS = {
+    "qwen3": (GQA, LLAMA_NAMES),
+    "gemma": (GQA, LLAMA_NAMES),
+    "gemma2": (
+        {**GQA, "query_pre_attn_scalar": 12, "attn_logit_softcapping": 2.0, "sliding_window": 3},
+        LLAMA_NAMES,
+    ),
+    "phi": (
+        {**DECODER, "partial_rotary_factor": 0.5},
+        ("separate", "layers.{}.self_attn", ("q_proj", "k_proj", "v_proj"), "dense"),
+    ),
+    "phi3": (
+        {**DECODER, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+        ("blocks", "layers.{}.self_attn", "qkv_proj", "o_proj"),
+    ),
+    "olmo": (DECODER, LLAMA_NAMES),
+    "olmo2": (DECODER, LLAMA_NAMES),
+    "olmo3": ({**DECODER, "sliding_window": 3}, LLAMA_NAMES),  # rope settings per layer type
+    "apertus": (DECODER, LLAMA_NAMES),
+    "granite": ({**DECODER, "attention_multiplier": 0.3}, LLAMA_NAMES),
+    "cohere": (DECODER, LLAMA_NAMES),
+    "cohere:qk-norm": ({**DECODER, "use_qk_norm": True}, LLAMA_NAMES),
+    "phi:qk-norm": (
+        {**DECODER, "partial_rotary_factor": 0.5, "qk_layernorm": True},
+        ("separate", "layers.{}.self_attn", ("q_proj", "k_proj", "v_proj"), "dense"),
+    ),
+    "stablelm:qk-norm": ({**DECODER, "qk_layernorm": True}, LLAMA_NAMES),
+    "stablelm": ({**DECODER, "use_qkv_bias": True}, LLAMA_NAMES),
+    "starcoder2": ({**DECODER, "sliding_window": 4}, LLAMA_NAMES),
+    "gpt_neox": (
+        {**ENCODER, "rotary_pct": 0.5},
+        ("groups", "layers.{}.attention", "query_key_value", "dense"),
+    ),
+    "gptj": (
+        {**GPT_STYLE, "rotary_dim": 4},
+        ("separate", "h.{}.attn", ("q_proj", "k_proj", "v_proj"), "out_proj"),
+    ),
+    "falcon": (ENCODER, FALCON_NAMES),  # multi-query: one key/value head
+    "falcon:multi-head": ({**ENCODER, "multi_query": False}, FALCON_NAMES),
+    "falcon:grouped": (
+        {**ENCODER, "new_decoder_architecture": True, "num_kv_heads": 2},
+        FALCON_NAMES,
+    ),
+    "opt": (
+        {**ENCODER, "ffn_dim": 40, "word_embed_proj_dim": 48},
+        ("separate", "decoder.layers.{}.self_attn", ("q_proj", "k_proj", "v_proj"), "out_proj"),
+    ),
+    "bloom": (
+        {**ENCODER, "n_head": 6, "n_layer": 2},
+        ("groups", "h.{}.self_attention", "query_key_value", "dense"),
+    ),
+    "gpt_bigcode": (GPT_STYLE, ("groups", "h.{}.attn", "c_attn", "c_proj")),  # multi-query
+    "gpt_bigcode:multi-head": (
+        {**GPT_STYLE, "multi_query": False},
+        ("groups", "h.{}.attn", "c_attn", "c_proj"),
+    ),
+    "mpt:softmax-scale": (
+        {
+            "d_model": 48,
+            "n_heads": 6,
+            "n_layers": 2,
+            "expansion_ratio": 1,
+            "max_seq_len": 64,
+            "vocab_size": 120,
+            "attn_config": {"softmax_scale": 0.2},
+        },
+        ("blocks", "blocks.{}.attn", "Wqkv", "out_proj"),
+    ),
+    "mpt": (
+        {
+            "d_model": 48,
+            "n_heads": 6,
+            "n_layers": 2,
+            "expansion_ratio": 1,
+            "max_seq_len": 64,
+            "vocab_size": 120,
+        },
+        ("blocks", "blocks.{}.attn", "Wqkv", "out_proj"),
+    ),
+    "helium": ({**DECODER, "head_dim": 8}, LLAMA_NAMES),  # its o_proj ignores head_dim
+    "glm": ({**GQA, "pad_token_id": 0}, LLAMA_NAMES),
+    "smollm3": ({**DECODER, "no_rope_layers": [1, 0], "pad_token_id": 0}, LLAMA_NAMES),
+    "mixtral": (
+        {**DECODER, "num_local_experts": 2, "num_experts_per_tok": 1, "sliding_window": 3},
+        LLAMA_NAMES,
+    ),
+    "qwen2_moe": (
+        {
+            **DECODER,
+            "num_experts": 2,
+            "num_experts_per_tok": 1,
+            "moe_intermediate_size": 16,
+            "shared_expert_intermediate_size": 16,
+        },
+        LLAMA_NAMES,
+    ),
+    "electra": (
+        {**ENCODER, "embedding_size": 48},
+        (
+            "separate",
+            "encoder.layer.{}.attention",
+            ("self.query", "self.key", "self.value"),
+            "output.dense",
+        ),
+    ),
+    "xlm-roberta": (
+        ENCODER,
+        (
+            "separate",
+            "encoder.layer.{}.attention",
+            ("self.query", "self.key", "self.value"),
+            "output.dense",
+        ),
+    ),
+    "albert": (
+        {**ENCODER, "embedding_size": 16},
+        (
+            "separate",
+            "encoder.albert_layer_groups.0.albert_layers.0.attention",
+            ("query", "key", "value"),
+            "dense",
+        ),
+    ),
+    "codegen": (
+        {**GPT_STYLE, "n_head": 8, "rotary_dim": 4, "n_ctx": 64},
+        ("four groups", "h.{}.attn", "qkv_proj", "out_proj"),
+    ),
+    "biogpt": (
+        ENCODER,
+        ("separate", "layers.{}.self_attn", ("q_proj", "k_proj", "v_proj"), "out_proj"),
+    ),
+    "xglm": (
+        {
+            "d_model": 48,
+            "attention_heads": 6,
+            "num_layers": 2,
+            "ffn_dim": 40,
+            "vocab_size": 120,
+            "max_position_embeddings": 64,
+        },
+        ("separate", "layers.{}.self_attn", ("q_proj", "k_proj", "v_proj"), "out_proj"),
+    ),
+}
+REFUSED = {
+    "deberta-v2": (ENCODER, "disentangled attention"),
+    "mpnet": (ENCODER, "relative-position bias"),
+    "falcon:alibi": ({**ENCODER, "alibi": True}, "Falcon's ALiBi variant"),
+    "albert:groups": ({**ENCODER, "embedding_size": 16, "inner_group_num": 2}, "layer groups"),
+}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """model_type -> folder of its tiny model, built on first use."""
+    from transformers import CONFIG_MAPPING, AutoModel
+
+    folders = {}
+
+    def build(model_type: str):
+        if model_type not in folders:
+            settings = {**MODELS, **REFUSED}[model_type][0]
+            torch.manual_seed(len(folders))
+            config = CONFIG_MAPPING[model_type.split(":")[0]](**settings)
+            model = AutoModel.from_config(config)
+            # larger than the default init, so a wrong head, scale or bias shows (as conftest)
+            with torch.no_grad():
+                for name, parameter in model.named_parameters():
+                    if name.endswith("bias"):
+                        parameter.normal_(0, 0.5)
+                    elif parameter.dim() >= 2:
+                        parameter.normal_(0, 0.2)
+            folder = tmp_path_factory.mktemp(model_type)
+            model.save_pretrained(folder)
+            folders[model_type] = folder
+        return folders[model_type]
+
+    return build
+
+
+def _heads(t: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """[batch, tokens, n_heads*d_head] -> [batch, n_heads, tokens, d_head]"""
+    b, n, width = t.shape
+    return t.view(b, n, n_heads, width // n_heads).transpose(1, 2)
+
+
+def _models_own_qkv(model, layout, layer: int, x: torch.Tensor, h: int, h_kv: int, d_head: int):
+    """q, k, v [batch, heads, tokens, d_head] as the model's own modules compute them."""
+    kind, block, names, _ = layout
+    attention = model.get_submodule(block.format(layer))
+    if kind == "separate":
+        return [
+            _heads(attention.get_submodule(n)(x), c)
+            for n, c in zip(names, (h, h_kv, h_kv), strict=True)
+        ]
+    fused = attention.get_submodule(names)(x)  # [batch, tokens, width]
+    b, t, _ = fused.shape
+    if kind == "blocks":
+        q, k, v = fused.split([h * d_head, h_kv * d_head, h_kv * d_head], dim=-1)
+        return _heads(q, h), _heads(k, h_kv), _heads(v, h_kv)
+    if kind == "groups":
+        group = h // h_kv
+        grouped = fused.view(b, t, h_kv, group + 2, d_head)
+        q = grouped[:, :, :, :group].reshape(b, t, h, d_head).transpose(1, 2)
+        return q, grouped[:, :, :, group].transpose(1, 2), grouped[:, :, :, -1].transpose(1, 2)
+    grouped = fused.view(b, t, 4, 3, h // 4, d_head)  # four groups of [q; v; k]
+    q, v, k = (grouped[:, :, :, i].reshape(b, t, h, d_head).transpose(1, 2) for i in range(3))
+    return q, k, v
+
+
+@pytest.mark.parametrize("model_type", sorted(MODELS))
+def test_extracted_heads_are_the_models_own_projections(built, model_type, tmp_path):
+    """The file `extract` writes holds, head by head, the model's own q/k/v projections and its
+    output projection split by head: checked on random inputs through the model's modules.
+    Relative tolerance 1e-5: float32 sums of 48 products in another order differ by ~1e-7."""
+    from transformers import AutoModel
+
+    folder = built(model_type)
+    layout = MODELS[model_type][1]
+    model = AutoModel.from_pretrained(folder).eval()
+    out = tmp_path / "heads.safetensors"
+    extract(str(folder), out)
+    attention = load_attention(str(out))
+    d = attention.dims
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, d.d_model, generator=generator)
+    z = torch.randn(2, d.n_heads, 5, d.d_head, generator=generator)
+
+    def close(ours, theirs):
+        assert ours.shape == theirs.shape
+        assert (ours - theirs).abs().max() <= 1e-5 * theirs.abs().max()
+
+    with torch.no_grad():
+        for index in attention.layer_indices:
+            layer = attention.layer(index).as_torch()
+            expected = _models_own_qkv(model, layout, index, x, d.n_heads, d.n_kv_heads, d.d_head)
+            for role, theirs in zip("qkv", expected, strict=True):
+                ours = torch.einsum("btd,hde->bhte", x, layer["w" + role])
+                if "b" + role in layer:
+                    ours = ours + layer["b" + role][None, :, None, :]
+                close(ours, theirs)
+            block = model.get_submodule(layout[1].format(index))
+            concat = z.transpose(1, 2).reshape(2, 5, d.n_heads * d.d_head)
+            per_head_sum = torch.einsum("bhte,hed->btd", z, layer["w0"])
+            if "b0" in layer:
+                per_head_sum = per_head_sum + layer["b0"]
+            close(per_head_sum, block.get_submodule(layout[3])(concat))
+
+
+@pytest.mark.parametrize("model_type", sorted(MODELS))
+def test_verify_recomputes_the_models_attention(built, model_type):
+    report = verify(str(built(model_type)))
+    assert report.passed, report.layers
+    assert len(report.layers) == 2
+
+
+@pytest.mark.parametrize("model_type", sorted(MODELS))
+def test_inspect_reads_the_config_dimensions(built, model_type):
+    from click.testing import CliRunner
+    from transformers import AutoConfig
+
+    from toolkit.cli import main
+
+    folder = built(model_type)
+    result = CliRunner().invoke(main, ["inspect", str(folder), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    config = AutoConfig.from_pretrained(folder)
+    assert data["n_heads"] == config.num_attention_heads
+    assert data["d_model"] == config.hidden_size
+    assert len(data["layers"]) == config.num_hidden_layers
+
+
+@pytest.mark.parametrize("model_type", sorted(REFUSED))
+def test_attention_we_cannot_recompute_is_refused_in_one_line(built, model_type, tmp_path):
+    from click.testing import CliRunner
+
+    from toolkit.cli import main
+
+    folder, feature = built(model_type), REFUSED[model_type][1]
+    out = tmp_path / "out.safetensors"
+    for command in (["inspect", str(folder)], ["extract", str(folder), "-o", str(out)]):
+        result = CliRunner().invoke(main, command)
+        assert result.exit_code == 1
+        assert feature in result.output and len(result.output.strip().splitlines()) == 1
+        assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert not out.exists()
+
+
+# --- each score detail is needed: without it verify fails ----------------------------------
+
+
+def _without(built, model_type: str, **changes):
+    attention = load_attention(str(built(model_type)))
+    family = dataclasses.replace(attention.family, **changes)
+    return verify(attention=dataclasses.replace(attention, family=family))
+
+
+@pytest.mark.parametrize(
+    ("model_type", "change"),
+    [
+        ("gemma2", {"logit_softcap": lambda config: None}),
+        ("bloom", {"alibi": False}),
+        ("mpt", {"alibi": False}),
+        ("qwen3", {"qk_norms": None}),
+        ("smollm3", {"rotary_on_layer": lambda config, layer: True}),
+        ("granite", {"score_scale": lambda config, layer, dims: dims.d_head**-0.5}),
+        ("gemma2", {"score_scale": lambda config, layer, dims: dims.d_head**-0.5}),
+    ],
+)
+def test_verify_fails_without_the_score_detail(built, model_type, change):
+    report = _without(built, model_type, **change)
+    assert not report.passed
+    assert max(max(c.max_abs_diff.values()) for c in report.layers) > 1e-2
+
+
+def test_verify_fails_with_the_wrong_rotary_pairing(built):
+    from toolkit.families.rotary import rotary_from_config
+
+    report = _without(built, "cohere", rotary=lambda config: rotary_from_config(config, False))
+    assert not report.passed
+
+
+def test_gemma2_slides_only_on_its_sliding_layers(built):
+    report = _without(built, "gemma2", sliding_window=lambda config, layer: None)
+    assert report.layers[0].max_abs_diff["probs"] > 1e-2  # layer 0: "sliding_attention"
+    assert report.layers[1].max_abs_diff["probs"] <= 1e-4
+
+
+def test_alibi_slopes_follow_the_published_rule():
+    """Press et al.: 2^(-8/n), 2^(-16/n), ... for n a power of two; BLOOM's rule for 6 heads
+    takes the 4-head slopes, then every other slope of the 8-head sequence."""
+    from toolkit.analysis.verify import alibi_bias
+
+    padding = torch.ones(1, 3, dtype=torch.long)
+    slopes = alibi_bias(6, padding)[0, :, 0, 1]  # key position 1: the slope itself
+    expected = [2**-2, 2**-4, 2**-6, 2**-8, 2**-1, 2**-3]
+    np.testing.assert_allclose(slopes.numpy(), expected, rtol=1e-7)
+    np.testing.assert_allclose(
+        alibi_bias(4, padding)[0, :, 0, 2].numpy(), [2 * 2 ** (-2 * i) for i in range(1, 5)]
+    )
+
+
+# --- bad input: one line, exit 1, nothing written ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"num_attention_heads": 7, "head_dim": None}, "7 heads do not divide d_model 48"),
+        ({"num_key_value_heads": 4}, "do not form groups over 4 key/value heads"),
+        ({"head_dim": 12}, "does not match its config.json"),
+    ],
+)
+def test_a_config_that_contradicts_its_weights_is_one_line(built, tmp_path, change, message):
+    import shutil
+
+    from click.testing import CliRunner
+
+    from toolkit.cli import main
+
+    folder = tmp_path / "model"
+    shutil.copytree(built("qwen3"), folder)  # 6 heads of 10, 2 key/value heads, d_model 48
+    config = json.loads((folder / "config.json").read_text())
+    config.update({k: v for k, v in change.items() if v is not None})
+    config = {k: v for k, v in config.items() if k not in change or change[k] is not None}
+    (folder / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out.safetensors"
+    result = CliRunner().invoke(main, ["extract", str(folder), "-o", str(out)])
+    assert result.exit_code == 1
+    assert message in result.output and len(result.output.strip().splitlines()) == 1
+    assert not out.exists() and list(tmp_path.glob("out*")) == []
+
+
+def test_missing_attention_tensors_are_named(built, tmp_path):
+    from click.testing import CliRunner
+    from safetensors.numpy import load_file, save_file
+
+    from toolkit.cli import main
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    source = built("phi3")
+    (folder / "config.json").write_text((source / "config.json").read_text())
+    tensors = load_file(str(source / "model.safetensors"))
+    del tensors["layers.1.self_attn.qkv_proj.weight"]
+    save_file(tensors, str(folder / "model.safetensors"))
+    result = CliRunner().invoke(main, ["inspect", str(folder)])
+    assert result.exit_code == 1
+    assert "layers.1.self_attn.qkv_proj.weight" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("model_type", sorted(MODELS))
+def test_lora_targets_name_the_models_projection_modules(built, model_type):
+    """peft matches target names as suffixes of module paths: every name the description gives
+    must be, in every layer, an nn.Linear or Conv1D holding that role."""
+    from transformers import AutoModel
+    from transformers.pytorch_utils import Conv1D
+
+    from toolkit.families import family_for_config
+
+    folder = built(model_type)
+    family = family_for_config(json.loads((folder / "config.json").read_text()))
+    model = AutoModel.from_pretrained(folder)
+    for target in set(family.lora_targets.values()):
+        matches = [
+            module
+            for path, module in model.named_modules()
+            if path == target or path.endswith("." + target)
+        ]
+        assert matches and all(isinstance(m, torch.nn.Linear | Conv1D) for m in matches)
+        assert len(matches) in (1, model.config.num_hidden_layers)  # ALBERT shares one
+
+
+# --- LoRA through the description's target names ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("model_type", "targets"),
+    [("qwen3", "wq,wv"), ("phi3", "wq,wk,wv"), ("gpt_neox", "wq,wk,wv"), ("mpt", "w0")],
+)
+def test_lora_changes_only_the_targeted_roles_with_rank_at_most_r(
+    model_type, targets, toy_corpus_txt, tmp_path
+):
+    """A few LoRA steps on a causal LM of the architecture: the targeted roles move by a
+    matrix of rank <= r (numpy's rank of the standard tensors' difference), the others not at
+    all. Fused q|k|v modules are adapted whole, so each of their roles moves."""
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+
+    import toolkit
+    from toolkit.training.data import train_bpe_tokenizer
+    from toolkit.training.recipe import FinetuneConfig
+
+    rank = 2
+    tokenizer = train_bpe_tokenizer(toy_corpus_txt.read_text().splitlines(), 300)
+    settings = {**MODELS[model_type][0], "vocab_size": len(tokenizer)}
+    torch.manual_seed(0)
+    base = tmp_path / "base"
+    AutoModelForCausalLM.from_config(CONFIG_MAPPING[model_type](**settings)).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    config = FinetuneConfig(
+        model=str(base),
+        dataset=str(toy_corpus_txt),
+        task="causal-lm",
+        output_dir=str(tmp_path / "run"),
+        method="lora",
+        lora_rank=rank,
+        lora_targets=targets,
+        max_length=16,
+        max_steps=3,
+        learning_rate=5e-2,
+        warmup_ratio=0.0,
+    )
+    toolkit.finetune(config)
+    before, after = load_attention(str(base)), load_attention(str(tmp_path / "run" / "final"))
+    for index in before.layer_indices:
+        for role in ("wq", "wk", "wv", "w0"):
+            delta = after.layer(index).full(role).astype(np.float64)
+            delta -= before.layer(index).full(role)
+            if role in targets.split(","):
+                singular = np.linalg.svd(delta, compute_uv=False)
+                assert singular[0] > 0, (index, role)
+                assert np.sum(singular > 1e-6 * singular[0]) <= rank, (index, role)
+            else:
+                assert not delta.any(), (index, role)
+
+
+# --- an unregistered model_type is tried by the common names ----------------------------------
+
+
+def _unregistered(model_type: str, folder):
+    from transformers import CONFIG_MAPPING, AutoModel
+
+    settings = {k: v for k, v in DECODER.items()}
+    torch.manual_seed(0)
+    model = AutoModel.from_config(CONFIG_MAPPING[model_type](**settings))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() >= 2:
+                parameter.normal_(0, 0.2)
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_an_unregistered_llama_like_model_is_read_by_convention_and_verified(tmp_path):
+    """Arcee (not in the registry) keeps Llama's q/k/v/o_proj: read by the common names, with a
+    note, and verify confirms the recomputation."""
+    import subprocess
+    import sys
+
+    folder = _unregistered("arcee", tmp_path / "arcee")
+    run = subprocess.run(
+        [sys.executable, "-m", "toolkit", "verify", str(folder), "--json"],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "note: model_type 'arcee' is not registered" in run.stderr
+    assert json.loads(run.stdout)["passed"] is True
+
+
+def test_verify_says_when_the_convention_is_wrong(tmp_path):
+    """EXAONE 4 normalises q and k, which the convention does not know: the recomputation is
+    read and run, and verify fails (exit 1) instead of passing silently."""
+    from click.testing import CliRunner
+
+    from toolkit.cli import main
+
+    folder = _unregistered("exaone4", tmp_path / "exaone4")
+    result = CliRunner().invoke(main, ["verify", str(folder)])
+    assert result.exit_code == 1 and "FAIL" in result.output
+
+
+def test_a_model_following_no_pattern_is_refused_in_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from toolkit.cli import main
+
+    folder = _unregistered("persimmon", tmp_path / "persimmon")  # fused query_key_value
+    result = CliRunner().invoke(main, ["inspect", str(folder)])
+    assert result.exit_code == 1
+    assert "'persimmon'" in result.output and "none of the common names" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+# --- compare and the lessons on the new layouts -------------------------------------------------
+
+
+@pytest.mark.parametrize("model_type", ["bloom", "codegen", "albert", "falcon"])
+def test_compare_with_itself_is_zero_in_every_head(built, model_type):
+    from toolkit import compare
+
+    result = compare(built(model_type), built(model_type))
+    assert result.mode == "elementwise"
+    for layer in result.layers:
+        assert layer.head_relative_change() == [0.0] * result.a.n_heads
+
+
+@pytest.mark.parametrize("model_type", ["qwen3", "bloom", "gemma2", "smollm3"])
+def test_w0_lesson_sums_heads_to_the_models_own_output(built, model_type):
+    """The lesson's sum_i z_i @ w0[i] + b0 equals the attention block output the model itself
+    computed, with the q/k norms, ALiBi, soft-cap and NoPE layers each model has."""
+    from toolkit.lessons.w0 import explain_w0
+
+    for layer in (0, 1):
+        lesson = explain_w0(str(built(model_type)), layer=layer)
+        assert lesson.sum_vs_model_max_abs_diff <= 1e-4
+
+
+def test_softmax_lesson_uses_the_q_k_norms(built):
+    from toolkit.lessons.softmax import explain_softmax
+
+    lesson = explain_softmax(str(built("qwen3")), layer=1, head=4)
+    assert lesson.max_abs_diff_vs_model <= 1e-5  # probabilities <= 1: float32 rounding ~1e-7
+
+
+@pytest.mark.parametrize(("model_type", "feature"), [("bloom", "ALiBi"), ("gemma2", "soft-cap")])
+def test_softmax_lesson_refuses_scores_it_does_not_show(built, model_type, feature):
+    from click.testing import CliRunner
+
+    from toolkit.cli import main
+
+    result = CliRunner().invoke(main, ["explain", "softmax", str(built(model_type))])
+    assert result.exit_code == 1
+    assert feature in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_a_file_extracted_by_convention_opens_again(tmp_path):
+    folder = _unregistered("arcee", tmp_path / "arcee")
+    out = tmp_path / "arcee.safetensors"
+    extract(str(folder), out)
+    saved, original = load_attention(str(out)), load_attention(str(folder))
+    assert saved.family.name == "arcee" and saved.family.by_convention
+    assert saved.positions() == original.positions()
+    np.testing.assert_array_equal(saved.layer(1).wk, original.layer(1).wk)
