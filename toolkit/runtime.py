@@ -43,10 +43,8 @@ def load_model(attention: AttentionModel, allow_pickle: bool = False):
             "this needs the full model to run: pass the model folder, not a standard-tensor file"
         )
     hf_logging.disable_progress_bar()
-    path = attention.source.path
-    if attention.source.is_gguf:  # transformers dequantizes the whole file itself
-        path, weights = path.parent, {"gguf_file": path.name}
-    else:
+    path, weights = attention.source.pretrained_arguments()
+    if not attention.source.is_gguf:
         has_safetensors = any(path.glob("*.safetensors"))
         weights = {"use_safetensors": True if has_safetensors or not allow_pickle else None}
     try:
