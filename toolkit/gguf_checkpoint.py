@@ -206,6 +206,12 @@ def gguf_config(path: Path) -> dict:
     return config
 
 
+# Where gguf's tables list several transformers-style names for one tensor (q_layernorm is
+# Persimmon's, query_key_value Falcon's, up_proj Llama's), the one these architectures use.
+_CHOSEN_NAMES = {"attn_q_norm": "q_norm", "attn_k_norm": "k_norm", "attn_qkv": "qkv_proj"}
+_CHOSEN_BY_ARCHITECTURE = {"phi3": {"ffn_up": "gate_up_proj"}}
+
+
 @functools.cache
 def transformers_names(architecture: str, n_layers: int) -> dict[str, str]:
     """GGUF tensor name (no .weight/.bias) -> transformers' name of the same tensor, from the
@@ -215,17 +221,21 @@ def transformers_names(architecture: str, n_layers: int) -> dict[str, str]:
 
     arch = next(key for key, name in gguf.MODEL_ARCH_NAMES.items() if name == architecture)
     tables = gguf.TensorNameMap(arch, 0)  # merges the architecture's own block names
+    chosen_names = {**_CHOSEN_NAMES, **_CHOSEN_BY_ARCHITECTURE.get(architecture, {})}
     names = {}
     for tensor in gguf.MODEL_TENSORS[arch]:
         in_block = tensor in tables.block_mappings_cfg
         table = tables.block_mappings_cfg if in_block else tables.mappings_cfg
-        candidates = table.get(tensor, ())
-        chosen = next((c for c in candidates if c.startswith(("model.", "lm_head"))), None)
+        gguf_pattern = gguf.TENSOR_NAMES[tensor]
+        leaf = chosen_names.get(gguf_pattern.rpartition(".")[2])
+        candidates = [c for c in table.get(tensor, ()) if c.startswith(("model.", "lm_head"))]
+        chosen = next((c for c in candidates if c.endswith(f".{leaf}")), None) or next(
+            iter(candidates), None
+        )
         if chosen is None:
             continue
         for layer in range(n_layers) if in_block else [None]:
-            gguf_name = gguf.TENSOR_NAMES[tensor].format(bid=layer)
-            names[gguf_name] = chosen.format(bid=layer)
+            names[gguf_pattern.format(bid=layer)] = chosen.format(bid=layer)
     return names
 
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from toolkit.attention import AttentionModel
 from toolkit.errors import ToolkitError, first_line
+from toolkit.gguf_checkpoint import read_index
 
 if TYPE_CHECKING:
     import torch
@@ -69,7 +70,9 @@ def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
     path = Path(path)
-    if path.suffix == ".gguf":  # the tokenizer is in the file's header
+    if path.suffix == ".gguf":  # the tokenizer is in the file's header, where there is one
+        if "tokenizer.ggml.model" not in read_index(path)[0]:
+            return None
         folder, files = path.parent, {"gguf_file": path.name}
     elif any((path / name).exists() for name in TOKENIZER_FILES):
         folder, files = path, {}
