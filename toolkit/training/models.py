@@ -1,5 +1,6 @@
-"""The model and tokenizer a run starts from: a pretrained checkpoint, or a GPT-2 or Llama
-built from a config.
+"""The model and tokenizer a run starts from: a pretrained checkpoint (a folder, or a GGUF file
+dequantized to a plain float32 model, its tokenizer read from the file's header), or a GPT-2 or
+Llama built from a config.
 
 `--model gpt2-config:n_layer=2,n_head=4,n_embd=128` builds a fresh GPT-2-architecture model
 (no pretrained weights needed) with a byte-level BPE tokenizer trained on the run's training
