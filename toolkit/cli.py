@@ -622,7 +622,8 @@ def _default(name: str) -> str:
 @click.argument("recipe", required=False)
 @click.option(
     "--model",
-    help="Model to fine-tune: 'minilm', a save_pretrained folder, a Hub id, "
+    help="Model to fine-tune: 'minilm', 'smollm2' (SmolLM2-135M, GGUF), a save_pretrained "
+    "folder, a .gguf file (dequantized to float32), a Hub id, "
     "or 'gpt2-config:n_layer=2,n_head=4,n_embd=128' (a fresh GPT-2 with a BPE "
     "tokenizer trained on the data), or 'llama-config:num_hidden_layers=2,"
     "num_attention_heads=6,num_key_value_heads=2,hidden_size=96' (a fresh Llama).",

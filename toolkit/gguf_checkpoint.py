@@ -5,10 +5,12 @@ The header is parsed here rather than with `gguf.GGUFReader`, which turns every 
 tokenizer's vocabulary and merges into numpy views (about 20 s for SmolLM2 on this machine,
 against a fraction of a second for the walk below).
 
-Tensors are offered under the names transformers gives them (`layers.{l}.self_attn.q_proj.weight`,
-[out, in]), so the Llama adapter reads a GGUF file like a `save_pretrained` folder. llama.cpp's
-converter permutes the rows of q and k of each head from transformers' rotary layout (pairs
-(j, j + d_head/2)) into its interleaved one (pairs (2j, 2j+1)); `get` undoes that permutation.
+Tensors are offered under the names transformers gives them (`model.layers.{l}.self_attn.
+q_proj.weight`, [out, in]), found through the `gguf` package's own name tables (MODEL_TENSORS,
+TensorNameMap), so a family adapter reads a GGUF file like a `save_pretrained` folder. For the
+llama architecture, llama.cpp's converter permutes the rows of q and k of each head from
+transformers' rotary layout (pairs (j, j + d_head/2)) into its interleaved one (pairs
+(2j, 2j+1)); `get` undoes that permutation. Other architectures are written unpermuted.
 """
 
 from __future__ import annotations
@@ -24,9 +26,25 @@ import numpy as np
 from toolkit.errors import ToolkitError
 
 GGUF_MAGIC = b"GGUF"
-SUPPORTED_ARCHITECTURES = ("llama",)
-# GGUF name -> transformers name of the attention projections, per layer
-_ATTENTION = {"attn_q": "q_proj", "attn_k": "k_proj", "attn_v": "v_proj", "attn_output": "o_proj"}
+
+
+@dataclass(frozen=True)
+class GGUFArchitecture:
+    """What a GGUF `general.architecture` becomes in transformers."""
+
+    model_type: str
+    model_class: str  # the causal LM class, config.json's `architectures`
+    rotary_rows_permuted: bool = False  # llama.cpp's converter permutes q/k rows (llama only)
+
+
+ARCHITECTURES = {
+    "llama": GGUFArchitecture("llama", "LlamaForCausalLM", rotary_rows_permuted=True),
+    "qwen2": GGUFArchitecture("qwen2", "Qwen2ForCausalLM"),
+    "qwen3": GGUFArchitecture("qwen3", "Qwen3ForCausalLM"),
+    "gemma": GGUFArchitecture("gemma", "GemmaForCausalLM"),
+    "gemma2": GGUFArchitecture("gemma2", "Gemma2ForCausalLM"),
+    "phi3": GGUFArchitecture("phi3", "Phi3ForCausalLM"),
+}
 # scalar value types: struct format by GGUF value type id
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q"}
 _SCALARS.update({11: "<q", 12: "<d"})
@@ -47,13 +65,21 @@ class GGUFCheckpoint:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.metadata, self._tensors = read_index(self.path)
-        architecture = self.metadata.get("general.architecture")
-        if architecture not in SUPPORTED_ARCHITECTURES:
+        self.architecture = self.metadata.get("general.architecture")
+        if self.architecture not in ARCHITECTURES:
             raise ToolkitError(
-                f"{self.path} holds a '{architecture}' model: GGUF files are supported for "
-                f"{', '.join(SUPPORTED_ARCHITECTURES)} only"
+                f"{self.path} holds a '{self.architecture}' model: GGUF files are supported for "
+                f"{', '.join(ARCHITECTURES)} only"
             )
-        self._names = {_transformers_name(name): name for name in self._tensors}
+        unreadable = sorted({t.qtype for t in self._tensors.values()} - _dequantizable_types())
+        if unreadable:
+            raise ToolkitError(
+                f"{self.path} stores tensors as {_type_name(unreadable[0])}, which the gguf "
+                "package cannot dequantize: convert the file to another type (e.g. Q8_0, F16)"
+            )
+        n_layers = self.metadata.get(f"{self.architecture}.block_count", 0)
+        to_transformers = transformers_names(self.architecture, n_layers)
+        self._names = {_renamed(name, to_transformers): name for name in self._tensors}
 
     def names(self) -> list[str]:
         return list(self._names)
@@ -76,18 +102,23 @@ class GGUFCheckpoint:
         (`half` is accepted for the Checkpoint interface: the result is float32)."""
         if name not in self:
             raise ToolkitError(f"tensor {name} is missing from {self.path}: the file is incomplete")
-        array = self._dequantize(self._tensors[self._names[name]])
-        meta = self.metadata
-        if name.endswith("q_proj.weight"):
-            return unpermute_rotary_rows(array, meta["llama.attention.head_count"])
-        if name.endswith("k_proj.weight"):
-            heads = meta.get("llama.attention.head_count_kv", meta["llama.attention.head_count"])
+        gguf_name = self._names[name]
+        array = self._dequantize(self._tensors[gguf_name])
+        if not ARCHITECTURES[self.architecture].rotary_rows_permuted:
+            return array
+        heads = self.metadata[f"{self.architecture}.attention.head_count"]
+        if gguf_name.endswith("attn_q.weight"):
             return unpermute_rotary_rows(array, heads)
+        if gguf_name.endswith("attn_k.weight"):
+            kv_heads = self.metadata.get(f"{self.architecture}.attention.head_count_kv", heads)
+            return unpermute_rotary_rows(array, kv_heads)
         return array
 
     def _dequantize(self, tensor: _Tensor) -> np.ndarray:
         from gguf import GGMLQuantizationType
         from gguf.quants import dequantize
+
+        kind = GGMLQuantizationType(tensor.qtype)
 
         raw = np.empty(tensor.nbytes, dtype=np.uint8)
         with open(self.path, "rb", buffering=0) as handle:
@@ -95,8 +126,33 @@ class GGUFCheckpoint:
             if handle.readinto(memoryview(raw)) != tensor.nbytes:
                 raise ToolkitError(f"{self.path} is truncated: download it again")
         rows = raw.reshape(*tensor.shape[:-1], -1)  # [..., bytes of one row]
-        values = dequantize(rows, GGMLQuantizationType(tensor.qtype))
+        values = dequantize(rows, kind)
         return np.ascontiguousarray(values.reshape(tensor.shape), dtype=np.float32)
+
+
+@functools.cache
+def _dequantizable_types() -> frozenset[int]:
+    """The ggml types the installed gguf package dequantizes (tried on one zero block each)."""
+    from gguf import GGML_QUANT_SIZES
+    from gguf.quants import dequantize
+
+    readable = set()
+    for kind, (_, type_size) in GGML_QUANT_SIZES.items():
+        try:
+            dequantize(np.zeros((1, type_size), dtype=np.uint8), kind)
+        except NotImplementedError:
+            continue
+        readable.add(int(kind))
+    return frozenset(readable)
+
+
+def _type_name(qtype: int) -> str:
+    from gguf import GGMLQuantizationType
+
+    try:
+        return GGMLQuantizationType(qtype).name
+    except ValueError:
+        return f"ggml type {qtype}"
 
 
 def unpermute_rotary_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
@@ -112,17 +168,18 @@ def unpermute_rotary_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def gguf_config(path: Path) -> dict:
-    """A transformers-style config.json dict of a Llama GGUF file, from its header."""
-    meta = GGUFCheckpoint(path).metadata
-    arch = meta["general.architecture"]
+    """A transformers-style config.json dict of a GGUF file, from its header (llama.cpp's keys,
+    `{architecture}.embedding_length` and so on, which all supported architectures share)."""
+    checkpoint = GGUFCheckpoint(path)
+    meta, arch = checkpoint.metadata, checkpoint.architecture
     n_heads = meta[f"{arch}.attention.head_count"]
     d_model = meta[f"{arch}.embedding_length"]
     rope = {"rope_type": "default", "rope_theta": float(meta.get(f"{arch}.rope.freq_base", 1e4))}
     if meta.get(f"{arch}.rope.scaling.type") == "linear":
         rope = {**rope, "rope_type": "linear", "factor": meta[f"{arch}.rope.scaling.factor"]}
-    return {
-        "model_type": arch,
-        "architectures": ["LlamaForCausalLM"],
+    config = {
+        "model_type": ARCHITECTURES[arch].model_type,
+        "architectures": [ARCHITECTURES[arch].model_class],
         "hidden_size": d_model,
         "num_hidden_layers": meta[f"{arch}.block_count"],
         "num_attention_heads": n_heads,
@@ -133,15 +190,60 @@ def gguf_config(path: Path) -> dict:
         "rms_norm_eps": meta.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5),
         "vocab_size": meta.get(f"{arch}.vocab_size", meta.get("tokenizer.ggml.tokens", 0)),
         "rope_parameters": rope,
-        "attention_bias": False,
+        # llama.cpp writes the output projection only when it is not the embedding matrix
+        "tie_word_embeddings": "output.weight" not in checkpoint._tensors,
     }
+    if arch == "llama":
+        config["attention_bias"] = "blk.0.attn_q.bias" in checkpoint._tensors
+    optional = {  # llama.cpp key -> transformers key, where the file states it
+        "attention.sliding_window": "sliding_window",
+        "attn_logit_softcapping": "attn_logit_softcapping",
+        "final_logit_softcapping": "final_logit_softcapping",
+    }
+    for key, name in optional.items():
+        if f"{arch}.{key}" in meta:
+            config[name] = meta[f"{arch}.{key}"]
+    return config
 
 
-def _transformers_name(gguf_name: str) -> str:
-    """blk.{l}.attn_q.weight -> layers.{l}.self_attn.q_proj.weight; other names unchanged."""
-    parts = gguf_name.split(".")
-    if len(parts) == 4 and parts[0] == "blk" and parts[2] in _ATTENTION:
-        return f"layers.{parts[1]}.self_attn.{_ATTENTION[parts[2]]}.{parts[3]}"
+# Where gguf's tables list several transformers-style names for one tensor (q_layernorm is
+# Persimmon's, query_key_value Falcon's, up_proj Llama's), the one these architectures use.
+_CHOSEN_NAMES = {"attn_q_norm": "q_norm", "attn_k_norm": "k_norm", "attn_qkv": "qkv_proj"}
+_CHOSEN_BY_ARCHITECTURE = {"phi3": {"ffn_up": "gate_up_proj"}}
+
+
+@functools.cache
+def transformers_names(architecture: str, n_layers: int) -> dict[str, str]:
+    """GGUF tensor name (no .weight/.bias) -> transformers' name of the same tensor, from the
+    gguf package's tables: of the names TensorNameMap knows for each tensor of the
+    architecture, the one transformers' models use ('model.…', or 'lm_head' for the output)."""
+    import gguf
+
+    arch = next(key for key, name in gguf.MODEL_ARCH_NAMES.items() if name == architecture)
+    tables = gguf.TensorNameMap(arch, 0)  # merges the architecture's own block names
+    chosen_names = {**_CHOSEN_NAMES, **_CHOSEN_BY_ARCHITECTURE.get(architecture, {})}
+    names = {}
+    for tensor in gguf.MODEL_TENSORS[arch]:
+        in_block = tensor in tables.block_mappings_cfg
+        table = tables.block_mappings_cfg if in_block else tables.mappings_cfg
+        gguf_pattern = gguf.TENSOR_NAMES[tensor]
+        leaf = chosen_names.get(gguf_pattern.rpartition(".")[2])
+        candidates = [c for c in table.get(tensor, ()) if c.startswith(("model.", "lm_head"))]
+        chosen = next((c for c in candidates if c.endswith(f".{leaf}")), None) or next(
+            iter(candidates), None
+        )
+        if chosen is None:
+            continue
+        for layer in range(n_layers) if in_block else [None]:
+            names[gguf_pattern.format(bid=layer)] = chosen.format(bid=layer)
+    return names
+
+
+def _renamed(gguf_name: str, to_transformers: dict[str, str]) -> str:
+    """blk.{l}.attn_q.weight -> model.layers.{l}.self_attn.q_proj.weight; unknown names kept."""
+    stem, dot, suffix = gguf_name.rpartition(".")
+    if dot and stem in to_transformers:
+        return f"{to_transformers[stem]}.{suffix}"
     return gguf_name
 
 
@@ -191,6 +293,11 @@ def _read_index(path: str, mtime_ns: int, size: int) -> tuple[dict, dict[str, _T
         ) from None
     tensors = {}
     for name, shape, qtype, offset in infos:
+        if qtype not in iter(GGMLQuantizationType):
+            raise ToolkitError(
+                f"{path} stores {name} as {_type_name(qtype)}, a type the gguf package does "
+                "not know: update gguf, or convert the file to another type (e.g. Q8_0, F16)"
+            )
         block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
         nbytes = int(np.prod(shape)) // block * type_size
         if data_start + offset + nbytes > size:

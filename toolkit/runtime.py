@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from toolkit.attention import AttentionModel
 from toolkit.errors import ToolkitError, first_line
+from toolkit.gguf_checkpoint import read_index
 
 if TYPE_CHECKING:
     import torch
@@ -43,10 +44,8 @@ def load_model(attention: AttentionModel, allow_pickle: bool = False):
             "this needs the full model to run: pass the model folder, not a standard-tensor file"
         )
     hf_logging.disable_progress_bar()
-    path = attention.source.path
-    if attention.source.is_gguf:  # transformers dequantizes the whole file itself
-        path, weights = path.parent, {"gguf_file": path.name}
-    else:
+    path, weights = attention.source.pretrained_arguments()
+    if not attention.source.is_gguf:
         has_safetensors = any(path.glob("*.safetensors"))
         weights = {"use_safetensors": True if has_safetensors or not allow_pickle else None}
     try:
@@ -71,7 +70,9 @@ def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
     path = Path(path)
-    if path.suffix == ".gguf":  # the tokenizer is in the file's header
+    if path.suffix == ".gguf":  # the tokenizer is in the file's header, where there is one
+        if "tokenizer.ggml.model" not in read_index(path)[0]:
+            return None
         folder, files = path.parent, {"gguf_file": path.name}
     elif any((path / name).exists() for name in TOKENIZER_FILES):
         folder, files = path, {}

@@ -99,21 +99,31 @@ def comparison_data(comparison: Comparison) -> dict:
 def shift_over_steps(trajectory: dict, shift_dir: Path) -> dict:
     """Per tracked step: the layer x head relative change of each weight and of all four together.
 
-    All four together, head h: sqrt(sum_m ||ΔW_m[h]||^2 / sum_m ||W_m[h]||^2) over m in
-    wq, wk, wv, w0, from each weight's relative change and the step-0 head norms
-    ||W_m[h]|| (||ΔW_m[h]|| = change_m[h] * ||W_m[h]||).
+    All four together, query head h: sqrt(sum_m ||ΔW_m[h]||^2 / sum_m ||W_m[h]||^2) over m in
+    wq, wk, wv, w0 (wk, wv: the key/value head that h reads, as in compare), from each
+    weight's relative change and the step-0 head norms ||W_m[h]||
+    (||ΔW_m[h]|| = change_m[h] * ||W_m[h]||).
     """
     points = trajectory["shift"]
     head_change = {role: [p["head_change"][role] for p in points] for role in WEIGHT_ROLES}
     if points:
         start = list(load_attention(shift_dir / points[0]["snapshot"]).layers())  # F32 or BF16
-        norms = np.stack(  # [role, layer, head]
+        n_query_heads = len(head_change["wq"][0][0])
+
+        def per_query_head(values: np.ndarray) -> np.ndarray:
+            """[..., heads of one weight] -> [..., query heads]: a key/value head repeated for
+            each query head of its group (grouped-query attention)."""
+            return np.repeat(values, n_query_heads // values.shape[-1], axis=-1)
+
+        norms = np.stack(  # [role, layer, query head]
             [
-                np.stack([head_frobenius(getattr(layer, role)) for layer in start])
+                per_query_head(np.stack([head_frobenius(getattr(layer, role)) for layer in start]))
                 for role in WEIGHT_ROLES
             ]
         )
-        changes = np.array([head_change[role] for role in WEIGHT_ROLES])  # [role, step, l, h]
+        changes = np.stack(  # [role, step, layer, query head]
+            [per_query_head(np.array(head_change[role])) for role in WEIGHT_ROLES]
+        )
         moved = np.square(changes * norms[:, None]).sum(axis=0)  # [step, layer, head]
         together = np.sqrt(moved / np.square(norms).sum(axis=0))
         head_change[ALL_ROLES] = together.tolist()

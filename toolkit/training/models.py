@@ -1,5 +1,6 @@
-"""The model and tokenizer a run starts from: a pretrained checkpoint, or a GPT-2 or Llama
-built from a config.
+"""The model and tokenizer a run starts from: a pretrained checkpoint (a folder, or a GGUF file
+dequantized to a plain float32 model, its tokenizer read from the file's header), or a GPT-2 or
+Llama built from a config.
 
 `--model gpt2-config:n_layer=2,n_head=4,n_embd=128` builds a fresh GPT-2-architecture model
 (no pretrained weights needed) with a byte-level BPE tokenizer trained on the run's training
@@ -151,7 +152,8 @@ def build_model(config, tokenizer, label_names: list[str] | None, start: ModelSt
     model_class = (
         AutoModelForCausalLM if config.task == "causal-lm" else AutoModelForSequenceClassification
     )
-    settings = {"attn_implementation": TRAINING_ATTENTION}
+    folder, weights = source.pretrained_arguments()
+    settings = {"attn_implementation": TRAINING_ATTENTION, **weights}
     if config.task == "classification":
         settings["pad_token_id"] = tokenizer.pad_token_id
     try:
@@ -159,13 +161,29 @@ def build_model(config, tokenizer, label_names: list[str] | None, start: ModelSt
             # The checkpoint's architecture, every weight drawn afresh by the model's own
             # initializer (normal(0, initializer_range) for BERT and GPT-2) from the seeded RNG.
             attention = settings.pop("attn_implementation")
-            model_config = AutoConfig.from_pretrained(source.path, **settings, **labels)
+            model_config = AutoConfig.from_pretrained(folder, **settings, **labels)
             return model_class.from_config(model_config, attn_implementation=attention)
         # A classifier checkpoint with another number of labels gets a new head.
         mismatched = {} if config.task == "causal-lm" else {"ignore_mismatched_sizes": True}
-        return model_class.from_pretrained(source.path, **settings, **mismatched, **labels)
+        if source.is_gguf:
+            return _dense_from_gguf(model_class, folder, {**settings, **mismatched, **labels})
+        return model_class.from_pretrained(folder, **settings, **mismatched, **labels)
     except OSError as err:
         raise ToolkitError(f"cannot load {config.model} ({err})") from None
+
+
+def _dense_from_gguf(model_class, folder: Path, settings: dict):
+    """A GGUF checkpoint as a plain float32 model that trains and saves like any other.
+
+    Without `dequantize=True`, transformers keeps a GGUF's quantized blocks packed where a matmul
+    kernel is installed (not trainable) and marks the model quantized (save_pretrained then
+    refuses it); with it, every weight is unpacked at load and the quantizer is dropped."""
+    import torch
+    from transformers import GgufConfig
+
+    return model_class.from_pretrained(
+        folder, **settings, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
+    )
 
 
 def save_final(model, tokenizer, state_dict: dict, final_dir: Path) -> None:

@@ -1,0 +1,220 @@
+"""GGUF files beyond Llama: tiny transformers models written with gguf's own GGUFWriter, named
+as transformers' GGUF loader names them (an independent route to the toolkit's reader, which
+goes through gguf's name tables), and read back by the toolkit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from toolkit import load_attention, verify
+from toolkit.cli import main
+from toolkit.gguf_checkpoint import gguf_config, transformers_names
+
+# d_model 64 so that rows are whole blocks of 32 (the quantised-type test needs that)
+SHAPE = {
+    "hidden_size": 64,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "num_hidden_layers": 2,
+    "intermediate_size": 40,
+    "vocab_size": 120,
+    "max_position_embeddings": 64,
+}
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _tiny_model(architecture: str):
+    """A seeded random causal LM of `architecture` (GGUF name), built by transformers."""
+    import torch
+    import transformers
+
+    classes = {
+        "llama": ("LlamaConfig", "LlamaForCausalLM", {"tie_word_embeddings": False}),
+        "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+        "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
+        "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 16}),
+        "gemma2": (
+            "Gemma2Config",
+            "Gemma2ForCausalLM",
+            {"head_dim": 16, "sliding_window": 8, "attn_logit_softcapping": 30.0},
+        ),
+        "phi3": (
+            "Phi3Config",
+            "Phi3ForCausalLM",
+            {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 1},
+        ),
+    }
+    config_class, model_class, extra = classes[architecture]
+    torch.manual_seed(7)
+    config = getattr(transformers, config_class)(**SHAPE, **extra)
+    return getattr(transformers, model_class)(config).eval()
+
+
+def _transformers_gguf_names(model) -> dict[str, str]:
+    """transformers' own GGUF name -> model name map (what its GGUF loader reads back)."""
+    from transformers.modeling_gguf_pytorch_utils import TensorProcessor, get_gguf_hf_weights_map
+
+    return get_gguf_hf_weights_map(model, TensorProcessor())
+
+
+def _llama_cpp_permute(weight: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf `permute` of Llama's q and k rows."""
+    return (
+        weight.reshape(n_heads, 2, weight.shape[0] // n_heads // 2, *weight.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weight.shape)
+    )
+
+
+def _write_gguf(model, architecture: str, path, replace: dict | None = None):
+    """The model as llama.cpp's converter would write it (float32; Llama's q/k rows permuted),
+    with tensor names from transformers' GGUF map. `replace`: GGUF name -> (raw bytes, shape,
+    ggml type) written instead of that tensor."""
+    import gguf
+
+    config = model.config
+    names = {hf: gguf_name for gguf_name, hf in _transformers_gguf_names(model).items()}
+    writer = gguf.GGUFWriter(str(path), architecture)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_key_length(config.head_dim if hasattr(config, "head_dim") else 16)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    if architecture == "gemma2":
+        writer.add_sliding_window(config.sliding_window)
+        writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
+    for hf_name, tensor in model.state_dict().items():
+        if hf_name not in names:  # a tied output projection: llama.cpp writes none
+            continue
+        gguf_name = names[hf_name]
+        if replace and gguf_name in replace:
+            raw, shape, kind = replace[gguf_name]
+            writer.add_tensor(gguf_name, raw, raw_shape=raw.shape, raw_dtype=kind)
+            continue
+        array = tensor.detach().numpy().astype(np.float32)
+        if architecture == "llama" and gguf_name.endswith(("attn_q.weight", "attn_k.weight")):
+            heads = (
+                config.num_attention_heads if "attn_q" in gguf_name else config.num_key_value_heads
+            )
+            array = _llama_cpp_permute(array, heads)
+        writer.add_tensor(gguf_name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen2", "qwen3", "gemma", "gemma2", "phi3"])
+def test_tensor_names_are_transformers_gguf_names(architecture):
+    model = _tiny_model(architecture)
+    expected = _transformers_gguf_names(model)  # GGUF name -> transformers name
+    ours = transformers_names(architecture, SHAPE["num_hidden_layers"])
+    attention = {"attn_q", "attn_qkv"} & {name.split(".")[2] for name in expected if "blk." in name}
+    assert attention, "the map should name the attention projections"
+    for gguf_name, hf_name in expected.items():
+        stem, _, suffix = gguf_name.rpartition(".")
+        assert f"{ours[stem]}.{suffix}" == hf_name, gguf_name
+
+
+# transformers' GGUF loader has no config mapping for gemma (its names are checked above)
+@pytest.mark.parametrize("architecture", ["llama", "qwen2", "qwen3", "gemma2", "phi3"])
+def test_config_from_header_agrees_with_transformers_gguf_config(architecture, tmp_path):
+    from transformers import AutoConfig
+
+    model = _tiny_model(architecture)
+    path = _write_gguf(model, architecture, tmp_path / "model.gguf")
+    theirs = AutoConfig.from_pretrained(tmp_path, gguf_file=path.name).to_dict()
+    ours = gguf_config(path)
+    keys = [
+        "model_type",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "intermediate_size",
+        "max_position_embeddings",
+        "vocab_size",
+    ]
+    if architecture == "gemma2":
+        keys.append("sliding_window")
+        # transformers' GGUF config leaves this at Gemma2Config's default (50); the file says 30
+        assert ours["attn_logit_softcapping"] == model.config.attn_logit_softcapping == 30.0
+    assert {k: ours[k] for k in keys} == {k: theirs[k] for k in keys}
+    # float32 in the file: the same float32 value on both sides
+    assert ours["rms_norm_eps"] == pytest.approx(theirs["rms_norm_eps"], rel=1e-6)
+    theta = theirs.get("rope_parameters", {}).get("rope_theta", theirs.get("rope_theta"))
+    assert ours["rope_parameters"]["rope_theta"] == theta
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen2"])
+def test_per_head_tensors_equal_the_source_model(architecture, tmp_path):
+    model = _tiny_model(architecture)
+    path = _write_gguf(model, architecture, tmp_path / "model.gguf")
+    model.save_pretrained(tmp_path / "folder")
+    from_gguf, from_folder = load_attention(path), load_attention(tmp_path / "folder")
+    assert from_gguf.family.name == architecture
+    assert from_gguf.dims == from_folder.dims
+    for index in range(SHAPE["num_hidden_layers"]):
+        ours, theirs = from_gguf.layer(index).tensors(), from_folder.layer(index).tensors()
+        # wq, wk, wv, w0 and (qwen2) the q/k/v biases
+        assert list(ours) == list(theirs) and len(ours) == (7 if architecture == "qwen2" else 4)
+        for role, tensor in ours.items():  # float32 written, float32 read: equal bit for bit
+            np.testing.assert_array_equal(tensor, theirs[role], err_msg=role)
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen2"])
+def test_verify_passes_on_a_written_gguf(architecture, tmp_path):
+    path = _write_gguf(_tiny_model(architecture), architecture, tmp_path / "model.gguf")
+    report = verify(path)
+    assert report.inputs["kind"].startswith("random token ids")  # no tokenizer in the file
+    assert report.passed
+    assert max(c.max_abs_diff["probs"] for c in report.layers) <= 1e-4
+
+
+def _refused(args: list[str], output) -> str:
+    result = CliRunner().invoke(main, [*args, "-o", str(output)])
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    assert not output.exists()
+    (line,) = result.output.strip().splitlines()
+    return line
+
+
+def test_unsupported_architecture_is_one_line_and_writes_nothing(tmp_path):
+    import gguf
+
+    path = tmp_path / "falcon.gguf"
+    writer = gguf.GGUFWriter(str(path), "falcon")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    line = _refused(["extract", str(path)], tmp_path / "out.safetensors")
+    assert "'falcon'" in line and "llama" in line
+
+
+def test_a_type_gguf_cannot_dequantize_is_one_line_and_writes_nothing(tmp_path):
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    kind = GGMLQuantizationType.Q8_1  # gguf knows its size, has no dequantizer for it
+    block, type_size = GGML_QUANT_SIZES[kind]
+    shape = (SHAPE["hidden_size"], SHAPE["hidden_size"])
+    raw = np.zeros((shape[0], shape[1] // block * type_size), dtype=np.uint8)
+    path = _write_gguf(
+        _tiny_model("llama"),
+        "llama",
+        tmp_path / "model.gguf",
+        replace={"blk.0.attn_q.weight": (raw, shape, kind)},
+    )
+    line = _refused(["extract", str(path)], tmp_path / "out.safetensors")
+    assert "Q8_1" in line and "cannot dequantize" in line
