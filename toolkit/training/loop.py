@@ -23,7 +23,15 @@ from pathlib import Path
 from toolkit.errors import ToolkitError
 from toolkit.fileio import give_plain_permissions, write_json
 from toolkit.progress import stderr_console
-from toolkit.training.baseline import class_baselines, learning_warning, majority_class
+from toolkit.training.baseline import (
+    baseline_warning,
+    check_labels,
+    class_baselines,
+    describe_baselines,
+    learning_warning,
+    majority_class,
+    reference_baselines,
+)
 from toolkit.training.batching import LengthGroupedSampler
 from toolkit.training.data import (
     data_collator,
@@ -114,6 +122,9 @@ class FinetuneResult:
     total_parameters: int = 0
     adapter_dir: str | None = None  # LoRA: the adapter in PEFT format
     view: str | None = None  # DIR/view.html once `finetune_with_report` wrote it
+    # Classification: majority and bag_of_words scores on the same validation rows
+    # (training/baseline.py), computed by the main process before training; else {}.
+    baselines: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -164,6 +175,7 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
     with accelerator.main_process_first():
         check_model(config)
         data = load_text_data(config)
+    baselines = _classification_baselines(data, config, main)
     checkpoint = _open_run_dir(run_dir, config, accelerator)
     resume_step = json.loads((checkpoint / COMPLETE).read_text())["step"] if checkpoint else 0
     with accelerator.main_process_first():
@@ -347,7 +359,9 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
         ),
         {},
     )
-    warning = learning_warning(final_metrics, start_metrics)
+    not_learned = learning_warning(final_metrics, start_metrics)
+    behind = baseline_warning(final_metrics, baselines)
+    warning = "; ".join(w for w in (not_learned, behind) if w) or None
 
     # The end: the final model (transformers format, safetensors) and the trajectory.
     accelerator.wait_for_everyone()
@@ -374,13 +388,14 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
         defaults=schedule.chosen,
         compiled=compiled,
         start_metrics=start_metrics,
-        learned=warning is None,
+        learned=not_learned is None,
         warning=warning,
         trajectory_record=trajectory,
         method=config.method,
         trainable_parameters=trainable,
         total_parameters=total,
         adapter_dir=str(run_dir / ADAPTER_DIR) if config.method == "lora" else None,
+        baselines=baselines,
     )
     if main:
         unwrapped = accelerator.unwrap_model(model)
@@ -391,6 +406,26 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result
+
+
+def _classification_baselines(data, config: FinetuneConfig, main: bool) -> dict:
+    """Check the training labels (one class stops the run; a single-example class is warned
+    about) and, on the main process, score the baselines before any training."""
+    if config.task != "classification":
+        return {}
+    notes = check_labels(data.train["label"], data.label_names)
+    if not main:
+        return {}
+    baselines = reference_baselines(
+        data.train["text"],
+        data.train["label"],
+        data.validation["text"],
+        data.validation["label"],
+        config.seed,
+    )
+    for line in [*(f"warning: {note}" for note in notes), describe_baselines(baselines)]:
+        stderr_console().print(line, highlight=False)
+    return baselines
 
 
 def _open_run_dir(run_dir: Path, config: FinetuneConfig, accelerator):

@@ -1,0 +1,136 @@
+"""The baselines every classification run is read against: majority class and bag of words
+(TF-IDF + logistic regression), side by side with the fine-tuned model; bad label columns."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import FILLER, NEGATIVE, POSITIVE
+
+import toolkit
+from toolkit.errors import ToolkitError
+from toolkit.training.baseline import (
+    baseline_warning,
+    check_labels,
+    reference_baselines,
+)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_majority_scores_match_a_hand_count():
+    # training majority: class 0. Validation truth [0, 0, 1, 2]; answering 0 everywhere is right
+    # twice (accuracy 1/2); F1 of class 0 = 2TP / (predicted 0 + truly 0) = 4 / (4 + 2) = 2/3,
+    # classes 1 and 2 have no true positive (0): macro-F1 (2/3 + 0 + 0) / 3 = 2/9.
+    train_texts = ["good film", "good plot", "bad film", "dull plot", "good good"]
+    baselines = reference_baselines(
+        train_texts, [0, 0, 1, 2, 0], ["good", "film", "bad", "dull"], [0, 0, 1, 2]
+    )
+    assert baselines["majority"] == pytest.approx({"accuracy": 1 / 2, "f1": 2 / 9}, abs=1e-12)
+
+
+def test_bag_of_words_matches_an_independent_pipeline():
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
+    rng = np.random.default_rng(0)
+    words = np.array(POSITIVE + NEGATIVE + FILLER)
+
+    def corpus(rows: int):
+        labels = rng.choice(3, size=rows, p=[0.6, 0.25, 0.15])
+        texts = [
+            " ".join(rng.choice(words, size=rng.integers(3, 9)))
+            + {0: "", 1: " great", 2: " awful"}[int(label)] * int(rng.random() < 0.7)
+            for label in labels
+        ]
+        return texts, labels
+
+    train_texts, train_labels = corpus(300)
+    eval_texts, eval_labels = corpus(120)
+    pipeline = make_pipeline(
+        TfidfVectorizer(ngram_range=(1, 2)),
+        LogisticRegression(class_weight="balanced", max_iter=1000),
+    ).fit(train_texts, train_labels)
+    predicted = pipeline.predict(eval_texts)
+    accuracy = np.mean(predicted == eval_labels)
+    per_class = [
+        2
+        * np.sum((predicted == c) & (eval_labels == c))
+        / (np.sum(predicted == c) + np.sum(eval_labels == c))
+        for c in np.union1d(predicted, eval_labels)
+    ]
+    baselines = reference_baselines(train_texts, train_labels, eval_texts, eval_labels)
+    words_scores = baselines["bag_of_words"]
+    # the same predictions give the same counts: equal up to float rounding of a mean
+    assert words_scores["accuracy"] == pytest.approx(accuracy, abs=1e-12)
+    assert words_scores["f1"] == pytest.approx(np.mean(per_class), abs=1e-12)
+    assert 0.5 < words_scores["accuracy"] < 1  # the keywords make it learnable, the noise not fully
+    assert words_scores["seconds"] < 30
+
+
+def test_one_class_stops_and_a_single_example_class_is_kept_with_a_warning():
+    with pytest.raises(ToolkitError, match="^every training row has the label 'good': nothing"):
+        check_labels([1, 1, 1], ["bad", "good"])
+    notes = check_labels([0, 0, 1, 2, 2], ["bad", "good", "meh"])
+    assert notes == [
+        "class 'good' has a single training example (kept in training; the model can hardly "
+        "learn it)"
+    ]
+
+
+def test_the_warning_names_what_the_bag_of_words_does_better():
+    baselines = {"bag_of_words": {"accuracy": 0.747, "f1": 0.476, "seconds": 1.04}}
+    assert baseline_warning({"accuracy": 0.75, "f1": 0.5}, baselines) is None
+    assert baseline_warning({"accuracy": 0.699, "f1": 0.5}, baselines) == (
+        "the fine-tuned model does not beat a bag of words (TF-IDF + logistic regression fitted "
+        "on the same training rows in 1.0 s): accuracy 0.699 against its 0.747"
+    )
+    assert "macro-F1 0.440 against its 0.476" in baseline_warning(
+        {"accuracy": 0.699, "f1": 0.44}, baselines
+    )
+
+
+def _cli(args: list[str]) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(toolkit.__file__).parents[1]),
+        "OMP_NUM_THREADS": "1",
+    }
+    command = [sys.executable, "-m", "toolkit", *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        (
+            [("good film", "positive")] * 30,
+            "error: every training row has the label 'positive': nothing to learn",
+        ),
+        (
+            [("!!!", "positive"), ("???", "negative")] * 15,
+            "error: the training texts hold no words",
+        ),
+    ],
+)
+def test_bad_label_columns_stop_with_one_line_and_no_output(
+    tiny_bert_with_tokenizer, tmp_path, rows, message
+):
+    data = tmp_path / "data.csv"
+    with open(data, "w", newline="") as handle:
+        csv.writer(handle).writerows([("text", "label"), *rows])
+    run = _cli(
+        ["finetune", "--model", str(tiny_bert_with_tokenizer), "--dataset", str(data)]
+        + ["--output-dir", str(tmp_path / "run"), "--track-every", "0"]
+    )
+    assert run.returncode != 0
+    assert run.stderr.strip().startswith(message), run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1 and "Traceback" not in run.stderr
+    assert not (tmp_path / "run").exists()
