@@ -134,3 +134,52 @@ def test_bad_label_columns_stop_with_one_line_and_no_output(
     assert run.stderr.strip().startswith(message), run.stderr
     assert len(run.stderr.strip().splitlines()) == 1 and "Traceback" not in run.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_scores_its_baselines_on_its_own_split_and_shows_them_beside_the_model(
+    tiny_bert_with_tokenizer, toy_sentiment_csv, tmp_path
+):
+    import json
+
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
+    from toolkit.training.data import load_text_data
+    from toolkit.training.recipe import FinetuneConfig
+
+    run = _cli(
+        ["finetune", "--model", str(tiny_bert_with_tokenizer), "--dataset", str(toy_sentiment_csv)]
+        + ["--output-dir", str(tmp_path / "run"), "--track-every", "0", "--max-steps", "6"]
+        + ["--max-length", "16", "--json"]
+    )
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    # the run's split, rebuilt from the same settings; the scores computed here independently
+    data = load_text_data(FinetuneConfig(model="x", dataset=str(toy_sentiment_csv)))
+    train_labels = np.array(data.train["label"])
+    truth = np.array(data.validation["label"])
+    majority = np.bincount(train_labels).argmax()
+    predicted = (
+        make_pipeline(
+            TfidfVectorizer(ngram_range=(1, 2)),
+            LogisticRegression(class_weight="balanced", max_iter=1000),
+        )
+        .fit(data.train["text"], train_labels)
+        .predict(data.validation["text"])
+    )
+    baselines = result["baselines"]
+    assert baselines["majority"]["accuracy"] == pytest.approx(np.mean(truth == majority))
+    assert baselines["bag_of_words"]["accuracy"] == pytest.approx(np.mean(predicted == truth))
+    # one keyword decides each label: the bag of words is near perfect, 6 steps are not
+    assert baselines["bag_of_words"]["accuracy"] > 0.9
+    assert result["metrics"]["accuracy"] < baselines["bag_of_words"]["accuracy"]
+    assert "does not beat a bag of words" in result["warning"]
+    words = baselines["bag_of_words"]
+    assert f"accuracy {words['accuracy']:.3f}, macro-F1 {words['f1']:.3f}" in run.stderr
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert f"| fine-tuned model | {result['metrics']['accuracy']:.4g} |" in report
+    assert (
+        f"| bag of words (TF-IDF 1-2-grams + logistic regression) | {words['accuracy']:.4g} |"
+        in (report)
+    )

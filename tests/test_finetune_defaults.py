@@ -166,3 +166,25 @@ def test_explicit_learning_rate_epochs_and_steps_win_over_the_rule():
     assert (given.learning_rate, given.epochs, given.total_steps, given.chosen) == (3e-5, 2, 58, {})
     steps = choose_schedule(None, None, 50, d_model=384, pretrained=True, updates_per_epoch=29)
     assert (steps.epochs, steps.total_steps, set(steps.chosen)) == (2, 50, {"learning_rate"})
+
+
+def test_max_length_is_the_95th_percentile_of_the_training_token_lengths(
+    tiny_bert_with_tokenizer,
+):
+    from transformers import AutoTokenizer
+
+    from toolkit.training.defaults import choose_max_length, default_max_length
+
+    # lengths 1..100: the 95th percentile (linear between order statistics) is 1 + 0.95 x 99 =
+    # 95.05, rounded up so that 95% of the texts fit whole
+    assert default_max_length(range(1, 101), 512)[0] == 96
+    assert default_max_length(range(1, 101), 64)[0] == 64  # the tokenizer's limit caps it
+    assert default_max_length([3] * 10, None)[0] == 16  # no shorter than 16
+    # texts of 1..20 known words: [CLS] + words + [SEP] = 3..22 tokens; the percentile's position
+    # 0.95 x 19 = 18.05 lies between 21 and 22 tokens: 21.05, rounded up to 22
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert_with_tokenizer)
+    texts = [" ".join(["film"] * n) for n in range(1, 21)]
+    length, why = choose_max_length(None, "classification", tokenizer, texts)
+    assert length == 22 and why.startswith("95th percentile") and "21.05" not in why
+    assert choose_max_length(48, "classification", tokenizer, texts) == (48, None)
+    assert choose_max_length(None, "causal-lm", tokenizer, texts)[0] == 128

@@ -17,7 +17,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from toolkit.errors import ToolkitError
@@ -39,7 +39,7 @@ from toolkit.training.data import (
     load_text_data,
     tokenize_for_classification,
 )
-from toolkit.training.defaults import choose_schedule, describe_schedule
+from toolkit.training.defaults import choose_max_length, choose_schedule, describe_schedule
 from toolkit.training.device_tracking import DeviceShiftTracker
 from toolkit.training.lora import (
     ADAPTER_DIR,
@@ -180,6 +180,10 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
     resume_step = json.loads((checkpoint / COMPLETE).read_text())["step"] if checkpoint else 0
     with accelerator.main_process_first():
         tokenizer = training_tokenizer(config, data.train["text"], run_dir)
+        max_length = choose_max_length(
+            config.max_length, config.task, tokenizer, data.train["text"]
+        )
+        config = replace(config, max_length=max_length[0])
         if config.task == "classification":
             train_set = tokenize_for_classification(data.train, tokenizer, config.max_length)
             eval_set = tokenize_for_classification(data.validation, tokenizer, config.max_length)
@@ -223,6 +227,7 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
         pretrained=config.init == "pretrained" and config_overrides(config.model) is None,
         updates_per_epoch=updates_per_epoch,
         method=config.method,
+        max_length=max_length,
     )
     total_steps, epochs = schedule.total_steps, schedule.epochs
     if main:
@@ -424,7 +429,7 @@ def _classification_baselines(data, config: FinetuneConfig, main: bool) -> dict:
         config.seed,
     )
     for line in [*(f"warning: {note}" for note in notes), describe_baselines(baselines)]:
-        stderr_console().print(line, highlight=False)
+        stderr_console().print(line, highlight=False, soft_wrap=True)
     return baselines
 
 

@@ -34,6 +34,9 @@ DEFAULT_BPE_VOCAB = 4096
 # the fused scaled-dot-product kernel is faster and uses less memory.
 TRAINING_ATTENTION = "sdpa"
 
+# A model built from a config spec holds at least this many positions.
+MIN_POSITIONS = 128
+
 
 def config_overrides(model: str) -> tuple[str, dict] | None:
     """`gpt2-config:key=value,...` or `llama-config:...` -> (config class name, {key: value});
@@ -109,7 +112,8 @@ def build_model(config, tokenizer, label_names: list[str] | None):
         positions = "n_positions" if class_name == "GPT2Config" else "max_position_embeddings"
         model_config = getattr(transformers, class_name)(
             **{
-                positions: config.max_length,
+                # room for texts longer than the training cut (the run's view, evaluate)
+                positions: max(config.max_length, MIN_POSITIONS),
                 **overrides,
                 "vocab_size": len(tokenizer),
                 "bos_token_id": tokenizer.eos_token_id,

@@ -37,7 +37,9 @@ class FinetuneConfig:
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     validation_fraction: float = 0.1
-    max_length: int = 128
+    # None: classification takes the training texts' 95th-percentile token length, causal-lm
+    # 128-token blocks (training/defaults.py)
+    max_length: int | None = None
     epochs: int | None = None  # None: enough for a minimum of steps (training/defaults.py)
     max_steps: int | None = None
     batch_size: int = 16
@@ -116,7 +118,7 @@ def check_config(config: FinetuneConfig) -> FinetuneConfig:
             f"choose {', '.join(MIXED_PRECISION)}"
         )
     for name in ("batch_size", "gradient_accumulation_steps", "max_length", "log_every"):
-        if getattr(config, name) < 1:
+        if getattr(config, name) is not None and getattr(config, name) < 1:
             raise ToolkitError(
                 f"{name.replace('_', '-')} must be at least 1, not {getattr(config, name)}"
             )
