@@ -667,6 +667,12 @@ def _default(name: str) -> str:
     help="Batch texts of similar length together: less padding (classification).",
 )
 @click.option(
+    "--class-weights/--no-class-weights",
+    default=None,
+    help="Weigh the loss by inverse class frequency (default: on when the largest class holds "
+    "more than half the training rows; classification).",
+)
+@click.option(
     "--fsdp",
     is_flag=True,
     help="Shard the model across the processes (FSDP2; launch with torchrun or accelerate "

@@ -39,7 +39,12 @@ from toolkit.training.data import (
     load_text_data,
     tokenize_for_classification,
 )
-from toolkit.training.defaults import choose_max_length, choose_schedule, describe_schedule
+from toolkit.training.defaults import (
+    choose_class_weights,
+    choose_max_length,
+    choose_schedule,
+    describe_schedule,
+)
 from toolkit.training.device_tracking import DeviceShiftTracker
 from toolkit.training.lora import (
     ADAPTER_DIR,
@@ -191,7 +196,12 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
             train_set = group_for_causal_lm(data.train, tokenizer, config.max_length)
             eval_set = group_for_causal_lm(data.validation, tokenizer, config.max_length)
     # The baseline every evaluation is read against: the most common TRAINING label.
-    majority = majority_class(train_set["labels"]) if config.task == "classification" else None
+    majority = class_weights = weights_why = None
+    if config.task == "classification":
+        majority = majority_class(train_set["labels"])
+        class_weights, weights_why = choose_class_weights(
+            config.class_weights, train_set["labels"], len(data.label_names)
+        )
     set_seed(config.seed)
     model = build_model(config, tokenizer, data.label_names)
     if config.method == "lora":
@@ -229,6 +239,8 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
         method=config.method,
         max_length=max_length,
     )
+    if weights_why:
+        schedule.chosen["class_weights"] = weights_why
     total_steps, epochs = schedule.total_steps, schedule.epochs
     if main:
         stderr_console().print(
@@ -283,7 +295,7 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
                 update_samples += len(batch["labels"]) * processes
                 update_tokens += _text_tokens(batch) * processes
                 with accelerator.accumulate(model):
-                    loss = model(**batch).loss
+                    loss = _training_loss(model, batch, class_weights)
                     accelerator.backward(loss)
                     micro_losses.append(loss.detach())
                     # Step only when gradients sync: --fsdp on CPU uses a plain optimizer, which
@@ -666,6 +678,18 @@ def _evaluate(
             )
         )
     return results
+
+
+def _training_loss(model, batch, class_weights: list[float] | None):
+    """The model's own loss, or (class weights given) cross-entropy weighted per class."""
+    import torch
+    import torch.nn.functional as F
+
+    outputs = model(**batch)
+    if class_weights is None:
+        return outputs.loss
+    weights = torch.tensor(class_weights, device=outputs.logits.device)
+    return F.cross_entropy(outputs.logits.float(), batch["labels"], weight=weights)
 
 
 def _text_tokens(batch):

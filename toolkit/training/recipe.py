@@ -53,6 +53,9 @@ class FinetuneConfig:
     seed: int = 42
     compile: bool | None = None  # torch.compile the model; None: on for CUDA, off on CPU
     group_by_length: bool = False  # batches of similar length (less padding); classification
+    # classification: weigh the loss by inverse class frequency; None: on when the largest class
+    # holds more than half the training rows (training/defaults.py)
+    class_weights: bool | None = None
     eval_every: int = 0
     track_every: int = 10
     checkpoint_every: int = 0
