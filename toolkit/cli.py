@@ -728,6 +728,28 @@ def finetune(recipe, as_json, **options):
 
 
 @main.command()
+@click.argument("run")
+@click.option("--dataset", required=True, help="A labelled file (csv, json, jsonl, parquet).")
+@click.option("--text-column", help="The column holding the texts (default: found by its name).")
+@click.option("--label-column", help="The column holding the labels (default: found by name).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+def evaluate(run, dataset, text_column, label_column, as_json):
+    """Score a fine-tuned classifier (RUN: a run folder or its final/) on a labelled file, beside
+    the majority class and a bag of words fitted on the run's training split."""
+    from toolkit.training.evaluation import evaluate_run
+
+    result = evaluate_run(run, dataset, text_column, label_column)
+    if as_json:
+        _print_json(result.to_dict())
+        if result.warning:
+            click.echo(f"warning: {result.warning}", err=True)
+    else:
+        from toolkit.render.console import evaluation_summary
+
+        click.echo(evaluation_summary(result))
+
+
+@main.command()
 def recipes():
     """List the fine-tuning recipes in recipes/."""
     from toolkit.render.console import render_recipes

@@ -158,6 +158,18 @@ def score_table(metrics: dict[str, float], baselines: dict[str, dict[str, float]
     ]
 
 
+def evaluation_summary(result) -> str:
+    """The lines `toolkit evaluate` prints (an EvaluationResult)."""
+    lines = [
+        f"{result.run_dir} on {result.dataset}: {result.rows} rows, texts cut at "
+        f"{result.max_length} tokens",
+        *score_table(result.metrics, result.baselines),
+    ]
+    if result.warning:
+        lines.append(f"WARNING: {result.warning}")
+    return "\n".join(lines)
+
+
 def finetune_summary(result) -> str:
     """The lines `toolkit finetune` prints at the end of a run (a FinetuneResult)."""
     metrics = ", ".join(f"{name} {value:.4g}" for name, value in result.metrics.items())
