@@ -59,12 +59,11 @@ def evaluate_run(
     label_column: str | None = None,
 ) -> EvaluationResult:
     """Score RUN's final model on every usable row of `dataset`, with the run's baselines."""
+    import datasets
     import numpy as np
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as transformers_logging
-
-    import datasets
 
     datasets.disable_progress_bars()
     transformers_logging.disable_progress_bar()
