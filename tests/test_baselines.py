@@ -136,8 +136,29 @@ def test_bad_label_columns_stop_with_one_line_and_no_output(
     assert not (tmp_path / "run").exists()
 
 
+@pytest.fixture(scope="module")
+def toy_run(tiny_bert_with_tokenizer, toy_sentiment_csv, tmp_path_factory):
+    """A 6-step run on the toy reviews: (run folder, the finished `finetune --json` process)."""
+    run_dir = tmp_path_factory.mktemp("toy_run") / "run"
+    run = _cli(
+        ["finetune", "--model", str(tiny_bert_with_tokenizer), "--dataset", str(toy_sentiment_csv)]
+        + ["--output-dir", str(run_dir), "--track-every", "0", "--max-steps", "6"]
+        + ["--max-length", "16", "--json"]
+    )
+    assert run.returncode == 0, run.stderr
+    return run_dir, run
+
+
+def _toy_split(toy_sentiment_csv):
+    """The toy run's training and validation rows, rebuilt from the same settings."""
+    from toolkit.training.data import load_text_data
+    from toolkit.training.recipe import FinetuneConfig
+
+    return load_text_data(FinetuneConfig(model="x", dataset=str(toy_sentiment_csv)))
+
+
 def test_a_run_scores_its_baselines_on_its_own_split_and_shows_them_beside_the_model(
-    tiny_bert_with_tokenizer, toy_sentiment_csv, tmp_path
+    toy_run, toy_sentiment_csv
 ):
     import json
 
@@ -145,18 +166,10 @@ def test_a_run_scores_its_baselines_on_its_own_split_and_shows_them_beside_the_m
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
 
-    from toolkit.training.data import load_text_data
-    from toolkit.training.recipe import FinetuneConfig
-
-    run = _cli(
-        ["finetune", "--model", str(tiny_bert_with_tokenizer), "--dataset", str(toy_sentiment_csv)]
-        + ["--output-dir", str(tmp_path / "run"), "--track-every", "0", "--max-steps", "6"]
-        + ["--max-length", "16", "--json"]
-    )
-    assert run.returncode == 0, run.stderr
+    run_dir, run = toy_run
     result = json.loads(run.stdout)
     # the run's split, rebuilt from the same settings; the scores computed here independently
-    data = load_text_data(FinetuneConfig(model="x", dataset=str(toy_sentiment_csv)))
+    data = _toy_split(toy_sentiment_csv)
     train_labels = np.array(data.train["label"])
     truth = np.array(data.validation["label"])
     majority = np.bincount(train_labels).argmax()
@@ -177,9 +190,68 @@ def test_a_run_scores_its_baselines_on_its_own_split_and_shows_them_beside_the_m
     assert "does not beat a bag of words" in result["warning"]
     words = baselines["bag_of_words"]
     assert f"accuracy {words['accuracy']:.3f}, macro-F1 {words['f1']:.3f}" in run.stderr
-    report = (tmp_path / "run" / "report.md").read_text()
+    report = (run_dir / "report.md").read_text()
     assert f"| fine-tuned model | {result['metrics']['accuracy']:.4g} |" in report
     assert (
         f"| bag of words (TF-IDF 1-2-grams + logistic regression) | {words['accuracy']:.4g} |"
         in (report)
+    )
+
+
+def _held_out_reviews(path: Path, labels: list[str]) -> Path:
+    """Toy reviews drawn afresh (another seed): rows the run never saw."""
+    import random
+
+    rng = random.Random(5)
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["review", "sentiment"])
+        for i in range(40):
+            label = labels[i % len(labels)]
+            keyword = rng.choice(POSITIVE if label == "positive" else NEGATIVE)
+            writer.writerow([" ".join([*rng.sample(FILLER, 4), keyword]), label])
+    return path
+
+
+def test_evaluate_scores_held_out_rows_as_the_saved_model_answers_them(
+    toy_run, toy_sentiment_csv, tmp_path
+):
+    import json
+
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    run_dir, _ = toy_run
+    held_out = _held_out_reviews(tmp_path / "held_out.csv", ["positive", "negative"])
+    run = _cli(["evaluate", str(run_dir / "final"), "--dataset", str(held_out), "--json"])
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    rows = list(csv.DictReader(open(held_out)))
+    # the saved model's answers, one text at a time (no padding), cut at the run's 16 tokens
+    model = AutoModelForSequenceClassification.from_pretrained(run_dir / "final").eval()
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "final")
+    right = 0
+    for row in rows:
+        encoded = tokenizer(row["review"], truncation=True, max_length=16, return_tensors="pt")
+        with torch.no_grad():
+            answer = model.config.id2label[int(model(**encoded).logits.argmax())]
+        right += answer == row["sentiment"]
+    assert result["rows"] == 40 and result["max_length"] == 16
+    assert result["metrics"]["accuracy"] == pytest.approx(right / 40, abs=1e-12)
+    # the majority baseline: the run's most common training label, counted on these rows
+    train = _toy_split(toy_sentiment_csv).train
+    majority = train.features["label"].int2str(int(np.bincount(train["label"]).argmax()))
+    expected = sum(row["sentiment"] == majority for row in rows) / 40
+    assert result["baselines"]["majority"]["accuracy"] == pytest.approx(expected, abs=1e-12)
+    assert result["baselines"]["bag_of_words"]["accuracy"] > 0.9  # one keyword per label
+
+
+def test_evaluate_names_the_labels_the_model_never_saw(toy_run, tmp_path):
+    run_dir, _ = toy_run
+    held_out = _held_out_reviews(tmp_path / "held_out.csv", ["positive", "neutral", "mixed"])
+    run = _cli(["evaluate", str(run_dir), "--dataset", str(held_out)])
+    assert run.returncode == 1
+    assert run.stderr.strip() == (
+        f"error: {held_out} holds labels the model never saw: 'mixed', 'neutral' "
+        "(it knows 'negative', 'positive')"
     )
