@@ -56,7 +56,7 @@ def test_bag_of_words_matches_an_independent_pipeline():
     eval_texts, eval_labels = corpus(120)
     pipeline = make_pipeline(
         TfidfVectorizer(ngram_range=(1, 2)),
-        LogisticRegression(class_weight="balanced", max_iter=1000),
+        LogisticRegression(class_weight="balanced", solver="saga", max_iter=1000, random_state=0),
     ).fit(train_texts, train_labels)
     predicted = pipeline.predict(eval_texts)
     accuracy = np.mean(predicted == eval_labels)
@@ -176,7 +176,9 @@ def test_a_run_scores_its_baselines_on_its_own_split_and_shows_them_beside_the_m
     predicted = (
         make_pipeline(
             TfidfVectorizer(ngram_range=(1, 2)),
-            LogisticRegression(class_weight="balanced", max_iter=1000),
+            LogisticRegression(
+                class_weight="balanced", solver="saga", max_iter=1000, random_state=0
+            ),
         )
         .fit(data.train["text"], train_labels)
         .predict(data.validation["text"])

@@ -66,7 +66,7 @@ def scores(predictions, references) -> dict[str, float]:
     }
 
 
-def bag_of_words_predictions(train_texts, train_labels, eval_texts, seed: int = 0) -> np.ndarray:
+def bag_of_words_predictions(train_texts, train_labels, eval_texts) -> np.ndarray:
     """TF-IDF (word 1- and 2-grams) + logistic regression with balanced class weights, fitted on
     the training rows; its label for each evaluation text."""
     from sklearn.feature_extraction.text import TfidfVectorizer
@@ -79,13 +79,16 @@ def bag_of_words_predictions(train_texts, train_labels, eval_texts, seed: int = 
         raise ToolkitError(
             "the training texts hold no words (letters or digits): nothing to learn from"
         ) from None
-    classifier = LogisticRegression(class_weight="balanced", max_iter=1000, random_state=seed)
+    # saga: 0.6 s on 8000 tweets (86k 1-2-gram features) where lbfgs took 33 s, same answers
+    classifier = LogisticRegression(
+        class_weight="balanced", solver="saga", max_iter=1000, random_state=0
+    )
     classifier.fit(features, np.asarray(train_labels))
     return classifier.predict(vectorizer.transform(eval_texts))
 
 
 def reference_baselines(
-    train_texts, train_labels, eval_texts, eval_labels, seed: int = 0
+    train_texts, train_labels, eval_texts, eval_labels
 ) -> dict[str, dict[str, float]]:
     """The scores a fine-tuned classifier is read against, on the same validation rows:
     majority (the most common training label everywhere) and bag_of_words (see above, with the
@@ -93,7 +96,7 @@ def reference_baselines(
     eval_labels = np.asarray(eval_labels)
     majority = np.full_like(eval_labels, majority_class(train_labels))
     started = time.perf_counter()
-    words = bag_of_words_predictions(train_texts, train_labels, eval_texts, seed)
+    words = bag_of_words_predictions(train_texts, train_labels, eval_texts)
     seconds = time.perf_counter() - started
     return {
         "majority": scores(majority, eval_labels),

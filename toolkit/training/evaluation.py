@@ -102,7 +102,7 @@ def evaluate_run(
             batches.append(model(**batch).logits.argmax(-1).numpy())
     predictions = np.concatenate(batches)
     metrics = scores(predictions, labels)
-    baselines = reference_baselines(train["text"], train["label"], texts, labels, config.seed)
+    baselines = reference_baselines(train["text"], train["label"], texts, labels)
     majority = baselines["majority"]
     not_learned = learning_warning(
         {

@@ -438,7 +438,6 @@ def _classification_baselines(data, config: FinetuneConfig, main: bool) -> dict:
         data.train["label"],
         data.validation["text"],
         data.validation["label"],
-        config.seed,
     )
     for line in [*(f"warning: {note}" for note in notes), describe_baselines(baselines)]:
         stderr_console().print(line, highlight=False, soft_wrap=True)
