@@ -17,6 +17,7 @@ import numpy as np
 
 from toolkit.errors import ToolkitError
 
+BASELINES_FILE = "baselines.json"  # in the run folder: reference_baselines' result
 # A model that gives one answer to this share of the rows has collapsed to that answer.
 COLLAPSED_SHARE = 0.95
 TRY = "try more steps (--epochs or --max-steps) or a higher --learning-rate"

@@ -24,6 +24,7 @@ from toolkit.errors import ToolkitError
 from toolkit.fileio import give_plain_permissions, write_json
 from toolkit.progress import stderr_console
 from toolkit.training.baseline import (
+    BASELINES_FILE,
     baseline_warning,
     check_labels,
     class_baselines,
@@ -420,6 +421,8 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
         if result.adapter_dir:
             save_adapter(unwrapped, tokenizer, Path(result.adapter_dir))
         write_json(shift_dir / TRAJECTORY_FILE, trajectory.to_dict())
+        if baselines:
+            write_json(run_dir / BASELINES_FILE, baselines)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result
