@@ -67,8 +67,15 @@ def test_default_settings_beat_the_majority_class_on_held_out_rows(
     # The rule: d_model 48 -> 1e-4 x (384/48)^1.5 = 2.3e-3, above the 1e-3 ceiling; 270 training
     # rows are 17 batches of 16, so at least 200 steps take 12 epochs (204 steps).
     assert result.learning_rate == 1e-3 and result.epochs == 12 and result.steps == 204
-    assert set(result.defaults) == {"learning_rate", "epochs"}
-    assert result.learned and result.warning is None
+    # 65% of the rows are "positive": the loss is class-weighted by default
+    assert set(result.defaults) == {"learning_rate", "epochs", "class_weights"}
+    assert result.learned
+    # one keyword decides each label: a bag of words may well do better than a tiny random BERT,
+    # and the warning then says so; it says nothing else
+    words = result.baselines["bag_of_words"]
+    behind = any(result.metrics[k] < words[k] for k in ("accuracy", "f1"))
+    assert (result.warning is not None) == behind
+    assert result.warning is None or result.warning.startswith("the fine-tuned model does not beat")
 
     held_out = list(csv.DictReader(open(_imbalanced_csv(tmp_path / "test.csv", 200, seed=1))))
     model = AutoModelForSequenceClassification.from_pretrained(result.final_dir).eval()
@@ -166,3 +173,58 @@ def test_explicit_learning_rate_epochs_and_steps_win_over_the_rule():
     assert (given.learning_rate, given.epochs, given.total_steps, given.chosen) == (3e-5, 2, 58, {})
     steps = choose_schedule(None, None, 50, d_model=384, pretrained=True, updates_per_epoch=29)
     assert (steps.epochs, steps.total_steps, set(steps.chosen)) == (2, 50, {"learning_rate"})
+
+
+def test_max_length_is_the_95th_percentile_of_the_training_token_lengths(
+    tiny_bert_with_tokenizer,
+):
+    from transformers import AutoTokenizer
+
+    from toolkit.training.defaults import choose_max_length, default_max_length
+
+    # lengths 1..100: the 95th percentile (linear between order statistics) is 1 + 0.95 x 99 =
+    # 95.05, rounded up so that 95% of the texts fit whole
+    assert default_max_length(range(1, 101), 512)[0] == 96
+    assert default_max_length(range(1, 101), 64)[0] == 64  # the tokenizer's limit caps it
+    assert default_max_length([3] * 10, None)[0] == 16  # no shorter than 16
+    # texts of 1..20 known words: [CLS] + words + [SEP] = 3..22 tokens; the percentile's position
+    # 0.95 x 19 = 18.05 lies between 21 and 22 tokens: 21.05, rounded up to 22
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert_with_tokenizer)
+    texts = [" ".join(["film"] * n) for n in range(1, 21)]
+    length, why = choose_max_length(None, "classification", tokenizer, texts)
+    assert length == 22 and why.startswith("95th percentile") and "21.05" not in why
+    assert choose_max_length(48, "classification", tokenizer, texts) == (48, None)
+    assert choose_max_length(None, "causal-lm", tokenizer, texts)[0] == 128
+
+
+def test_class_weights_are_balanced_when_the_largest_class_holds_over_half():
+    from toolkit.training.defaults import choose_class_weights
+
+    # counts 6, 3, 1 of 10 rows, 3 classes: weights 10 / (3 x count)
+    weights, why = choose_class_weights(None, [0] * 6 + [1] * 3 + [2], 3)
+    assert weights == pytest.approx([10 / 18, 10 / 9, 10 / 3], rel=1e-12)
+    assert why == "the largest class holds 60% of the training rows"
+    assert choose_class_weights(None, [0, 0, 1, 1], 2) == (None, None)  # 50%: not above half
+    assert choose_class_weights(False, [0] * 9 + [1], 2) == (None, None)  # the user said no
+    assert choose_class_weights(True, [0, 0, 1, 1], 2) == ([1.0, 1.0], None)  # the user said yes
+    # a class absent from the training rows weighs nothing
+    assert choose_class_weights(None, [0, 0, 0, 1], 3)[0] == pytest.approx([4 / 9, 4 / 3, 0.0])
+
+
+def test_the_weighted_loss_is_the_weighted_mean_of_the_rows_cross_entropy():
+    import math
+    from types import SimpleNamespace
+
+    import torch
+
+    from toolkit.training.loop import _training_loss
+
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    labels = torch.tensor([0, 1, 0])
+    model = lambda **batch: SimpleNamespace(logits=logits, loss=None)  # noqa: E731
+    weights = [0.5, 2.0]
+    # by hand: -log softmax of the true class, each row weighted by its class's weight
+    nll = [math.log(1 + math.exp(-2)), math.log(1 + math.exp(-1)), math.log(2)]
+    expected = (0.5 * nll[0] + 2.0 * nll[1] + 0.5 * nll[2]) / (0.5 + 2.0 + 0.5)
+    loss = _training_loss(model, {"labels": labels}, weights)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)  # float32 softmax: ~1e-7 relative

@@ -367,3 +367,23 @@ def test_numbers_keep_five_significant_digits():
         "a": [0.12346, 12346.0, None],
         "b": 3,
     }
+
+
+def test_the_page_sets_the_model_beside_the_majority_class_and_the_bag_of_words(run_page, run_dir):
+    # the numbers the run scored before training, and its final validation evaluation
+    baselines = json.loads((run_dir / "baselines.json").read_text())
+    final = _trajectory(run_dir)["evaluations"][-1]
+    rows = run_page.evaluate(
+        "[...document.querySelectorAll('#baselines tr')].map(r => [...r.cells].map(c => "
+        "c.textContent))"
+    )
+    expected = [baselines["majority"], baselines["bag_of_words"], final]
+    assert [row[0] for row in rows[1:]] == [
+        "always the most common training class",
+        "bag of words (TF-IDF 1-2-grams + logistic regression)",
+        "fine-tuned model",
+    ]
+    for row, scores in zip(rows[1:], expected, strict=True):
+        # the page shows 4 significant digits
+        assert float(row[1]) == pytest.approx(scores["accuracy"], rel=1e-3)
+        assert float(row[2]) == pytest.approx(scores["f1"], rel=1e-3)

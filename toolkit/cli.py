@@ -704,6 +704,12 @@ def _default(name: str) -> str:
     help="Batch texts of similar length together: less padding (classification).",
 )
 @click.option(
+    "--class-weights/--no-class-weights",
+    default=None,
+    help="Weigh the loss by inverse class frequency (default: on when the largest class holds "
+    "more than half the training rows; classification).",
+)
+@click.option(
     "--fsdp",
     is_flag=True,
     help="Shard the model across the processes (FSDP2; launch with torchrun or accelerate "
@@ -768,6 +774,28 @@ def finetune(recipe, as_json, **options):
         from toolkit.render.console import finetune_summary
 
         click.echo(finetune_summary(result))
+
+
+@main.command()
+@click.argument("run")
+@click.option("--dataset", required=True, help="A labelled file (csv, json, jsonl, parquet).")
+@click.option("--text-column", help="The column holding the texts (default: found by its name).")
+@click.option("--label-column", help="The column holding the labels (default: found by name).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+def evaluate(run, dataset, text_column, label_column, as_json):
+    """Score a fine-tuned classifier (RUN: a run folder or its final/) on a labelled file, beside
+    the majority class and a bag of words fitted on the run's training split."""
+    from toolkit.training.evaluation import evaluate_run
+
+    result = evaluate_run(run, dataset, text_column, label_column)
+    if as_json:
+        _print_json(result.to_dict())
+        if result.warning:
+            click.echo(f"warning: {result.warning}", err=True)
+    else:
+        from toolkit.render.console import evaluation_summary
+
+        click.echo(evaluation_summary(result))
 
 
 @main.command()

@@ -4,6 +4,7 @@ attention probabilities of a base and a fine-tuned model on a few texts, as plai
 The page runs no model, so everything it shows is gathered here ahead of time:
 
     run:        DIR/shift/trajectory.json (+ the step-0 snapshot's head norms, for "all four")
+                DIR/baselines.json (classification: majority class and bag of words)
                 DIR/compare.json when the report wrote one (step 0 against the final model)
     attention:  for each text, softmax(q k^T / sqrt(d_head)) of every layer and head, from the
                 real model run with eager attention: [n_layers][n_heads][tokens][tokens]
@@ -21,6 +22,7 @@ from toolkit.analysis.compare import Comparison
 from toolkit.attention import WEIGHT_ROLES, head_frobenius, load_attention
 from toolkit.errors import ToolkitError
 from toolkit.runtime import DEFAULT_TEXTS, load_model, make_inputs, token_strings
+from toolkit.training.baseline import BASELINES_FILE
 
 ALL_ROLES = "all"  # the four weights of a head together
 
@@ -38,6 +40,7 @@ def run_view_data(run_dir: str | Path, texts: Sequence[str] | None = None) -> di
     settings_file = run_dir / "config.json"
     settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
     compare_file = run_dir / "compare.json"
+    baselines_file = run_dir / BASELINES_FILE
     texts = list(texts or DEFAULT_TEXTS)
     base_model, base_unavailable = _run_base_model(settings, trajectory["model"])
     return {
@@ -51,6 +54,10 @@ def run_view_data(run_dir: str | Path, texts: Sequence[str] | None = None) -> di
             **shift_over_steps(trajectory, run_dir / "shift"),
             "train_loss": trajectory["train_loss"],
             "evaluations": trajectory["evaluations"],
+            # classification: majority and bag_of_words scores on the validation rows
+            "baselines": (
+                json.loads(baselines_file.read_text()) if baselines_file.is_file() else None
+            ),
         },
         "comparison": (
             comparison_data(Comparison.from_dict(json.loads(compare_file.read_text())))

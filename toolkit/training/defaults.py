@@ -4,6 +4,10 @@ width and the dataset's size, known before the first step.
     learning rate  1e-4 x (384 / d_model) ** 1.5, x 10 from random weights, x 10 for LoRA,
                    within [1e-5, 1e-3]
     epochs         enough for at least 200 optimizer steps, at most 20 epochs
+    class weights  classification: n / (classes x count) per class (scikit-learn's "balanced"),
+                   when the largest class holds more than half the training rows
+    max length     classification: the 95th percentile of the training texts' token lengths,
+                   within [16, the tokenizer's limit or 512]; causal-lm: 128-token blocks
 
 MiniLM (d_model 384) gets 1e-4, bert-base and gpt2 (768) 3.5e-5, bert-large (1024) 2.3e-5: the
 ranges that are known to fine-tune these models. Fewer than ~200 updates at these rates leave a
@@ -16,6 +20,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
+
 REFERENCE_WIDTH = 384
 REFERENCE_LEARNING_RATE = 1e-4
 WIDTH_EXPONENT = 1.5
@@ -26,17 +32,26 @@ LORA_FACTOR = 10.0
 LEARNING_RATE_RANGE = (1e-5, 1e-3)
 MIN_STEPS = 200
 MAX_DEFAULT_EPOCHS = 20
+# Cut 5% of the texts, not the typical one: truncating a review's ending loses its verdict, and
+# padding to the longest text costs time for a few rows (length-grouped batches pad little).
+LENGTH_PERCENTILE = 95
+MAX_LENGTH_RANGE = (16, 512)
+CAUSAL_LM_BLOCK = 128
+# Above this share of the training rows, the largest class pulls an unweighted loss towards
+# always answering it (a 65/20/15 split gave a model that did exactly that).
+IMBALANCED_SHARE = 0.5
 
 
 @dataclass
 class Schedule:
-    """The learning rate and epochs a run uses; `chosen` names those the default rule set, and
-    says why (setting -> reason)."""
+    """The learning rate, epochs and max length a run uses; `chosen` names those the default
+    rule set, and says why (setting -> reason)."""
 
     learning_rate: float
     epochs: int
     total_steps: int
     chosen: dict[str, str] = field(default_factory=dict)
+    max_length: int | None = None  # tokens per example (causal-lm: per block)
 
 
 def default_learning_rate(d_model: int, pretrained: bool, method: str = "full") -> float:
@@ -63,9 +78,15 @@ def choose_schedule(
     pretrained: bool,
     updates_per_epoch: int,
     method: str = "full",
+    max_length: tuple[int, str | None] = (CAUSAL_LM_BLOCK, None),
+    class_weights: str | None = None,
 ) -> Schedule:
-    """Fill in what the user left out (None) by the rule above."""
-    chosen = {}
+    """Fill in what the user left out (None) by the rule above; `max_length` is the value the
+    run uses and, when the rule chose it, why (see `choose_max_length`); `class_weights` is why
+    the rule weighted the loss, if it did (see `choose_class_weights`)."""
+    chosen = {"max_length": max_length[1]} if max_length[1] else {}
+    if class_weights:
+        chosen["class_weights"] = class_weights
     if learning_rate is None:
         learning_rate = default_learning_rate(d_model, pretrained, method)
         start = "pretrained" if pretrained else "random weights"
@@ -80,7 +101,50 @@ def choose_schedule(
             f"at least {MIN_STEPS} steps at {updates_per_epoch} per epoch, "
             f"at most {MAX_DEFAULT_EPOCHS} epochs"
         )
-    return Schedule(learning_rate, epochs, max_steps or epochs * updates_per_epoch, chosen)
+    total_steps = max_steps or epochs * updates_per_epoch
+    return Schedule(learning_rate, epochs, total_steps, chosen, max_length[0])
+
+
+def choose_max_length(
+    given: int | None, task: str, tokenizer, train_texts
+) -> tuple[int, str | None]:
+    """The max length a run uses, and why when the rule chose it (None when given)."""
+    if given is not None:
+        return given, None
+    if task != "classification":
+        return CAUSAL_LM_BLOCK, f"{CAUSAL_LM_BLOCK}-token blocks"
+    lengths = [len(ids) for ids in tokenizer(list(train_texts))["input_ids"]]
+    limit = tokenizer.model_max_length
+    return default_max_length(lengths, limit if limit < 1_000_000 else None)
+
+
+def default_max_length(token_lengths, model_limit: int | None) -> tuple[int, str]:
+    """The classification max length for texts of these token lengths (special tokens included),
+    and why; `model_limit` is the tokenizer's own (None when it sets none)."""
+    low, high = MAX_LENGTH_RANGE
+    high = min(high, model_limit or high)
+    percentile = math.ceil(float(np.percentile(token_lengths, LENGTH_PERCENTILE)))
+    chosen = min(max(percentile, low), high)
+    why = f"{LENGTH_PERCENTILE}th percentile of the training texts' token lengths, {percentile}"
+    if chosen != percentile:
+        why += f", brought within [{low}, {high}]"
+    return chosen, why
+
+
+def choose_class_weights(
+    given: bool | None, labels, num_classes: int
+) -> tuple[list[float] | None, str | None]:
+    """Per-class loss weights (None: an unweighted loss), and why when the rule chose them."""
+    counts = np.bincount(np.asarray(labels), minlength=num_classes)
+    largest = counts.max() / counts.sum()
+    weighted = given if given is not None else largest > IMBALANCED_SHARE
+    if not weighted:
+        return None, None
+    # a class absent from the training rows gets weight 0: no row of it to weigh
+    weights = [float(counts.sum() / (num_classes * c)) if c else 0.0 for c in counts]
+    if given is not None:
+        return weights, None
+    return weights, f"the largest class holds {largest:.0%} of the training rows"
 
 
 def describe_schedule(schedule: Schedule) -> str:
@@ -89,7 +153,12 @@ def describe_schedule(schedule: Schedule) -> str:
     def origin(name: str) -> str:
         return f" (default: {schedule.chosen[name]})" if name in schedule.chosen else ""
 
-    return (
-        f"learning rate {schedule.learning_rate:.1e}{origin('learning_rate')}; "
-        f"{schedule.epochs} epoch(s), {schedule.total_steps} steps{origin('epochs')}"
-    )
+    parts = [
+        f"learning rate {schedule.learning_rate:.1e}{origin('learning_rate')}",
+        f"{schedule.epochs} epoch(s), {schedule.total_steps} steps{origin('epochs')}",
+    ]
+    if schedule.max_length is not None:
+        parts.append(f"max length {schedule.max_length}{origin('max_length')}")
+    if "class_weights" in schedule.chosen:
+        parts.append(f"class-weighted loss{origin('class_weights')}")
+    return "; ".join(parts)

@@ -21,13 +21,22 @@ import os
 import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from toolkit.errors import ToolkitError
 from toolkit.fileio import give_plain_permissions, write_json
 from toolkit.progress import stderr_console
-from toolkit.training.baseline import class_baselines, learning_warning, majority_class
+from toolkit.training.baseline import (
+    BASELINES_FILE,
+    baseline_warning,
+    check_labels,
+    class_baselines,
+    describe_baselines,
+    learning_warning,
+    majority_class,
+    reference_baselines,
+)
 from toolkit.training.batching import LengthGroupedSampler
 from toolkit.training.compiling import (
     WHEN_TO_COMPILE,
@@ -42,7 +51,12 @@ from toolkit.training.data import (
     load_text_data,
     tokenize_for_classification,
 )
-from toolkit.training.defaults import choose_schedule, describe_schedule
+from toolkit.training.defaults import (
+    choose_class_weights,
+    choose_max_length,
+    choose_schedule,
+    describe_schedule,
+)
 from toolkit.training.device_tracking import DeviceShiftTracker
 from toolkit.training.lora import (
     ADAPTER_DIR,
@@ -129,6 +143,9 @@ class FinetuneResult:
     # snapshots skipped because the previous one was still being written (trajectory: which).
     tracking_seconds: float = 0.0
     skipped_snapshots: int = 0
+    # Classification: majority and bag_of_words scores on the same validation rows
+    # (training/baseline.py), computed by the main process before training; else {}.
+    baselines: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -163,6 +180,8 @@ class PreparedRun:
     scheduler: object
     schedule: object  # training/defaults.Schedule
     trajectory: Trajectory
+    class_weights: list[float] | None  # a weighted loss (imbalanced labels), or None
+    baselines: dict  # classification: majority and bag-of-words scores; else {}
     evaluation: Evaluation
     tracking: Tracking
     checkpointing: Checkpointing
@@ -198,27 +217,18 @@ def _prepare(config: FinetuneConfig) -> PreparedRun:
     with accelerator.main_process_first():
         start = resolve_model(config.model)
         data = load_text_data(config)
-    checkpoint = _open_run_dir(run_dir, config, accelerator)
-    resume_step = json.loads((checkpoint / COMPLETE).read_text())["step"] if checkpoint else 0
-    if accelerator.is_main_process and config.resume:
-        stderr_console().print(
-            _resume_line(run_dir, checkpoint, resume_step), highlight=False, markup=False
-        )
+    baselines = _classification_baselines(data, config, accelerator.is_main_process)
+    checkpoint, resume_step = _resume_point(run_dir, config, accelerator)
     with accelerator.main_process_first():
         tokenizer = training_tokenizer(config, data.train["text"], run_dir, start)
+        max_length = choose_max_length(
+            config.max_length, config.task, tokenizer, data.train["text"]
+        )
+        config = replace(config, max_length=max_length[0])
         train_set, eval_set = _tokenized(config, data, tokenizer)
-    # The baseline every evaluation is read against: the most common TRAINING label.
-    majority = majority_class(train_set["labels"]) if config.task == "classification" else None
+    majority, class_weights, weights_why = _label_balance(config, train_set, data.label_names)
     set_seed(config.seed)
-    model = build_model(config, tokenizer, data.label_names, start)
-    if config.method == "lora":
-        model = wrap_with_lora(model, config)
-    trainable, total = trainable_parameters(model)
-    if shard_here:
-        model = shard_on_cpu(model)
-    if compiled:
-        settle_forward_config(model, config.task)
-        model.compile()  # in place: parameter names and the state dict stay the same
+    model, (trainable, total) = _model(config, tokenizer, data, start, shard_here, compiled)
     train_loader, eval_loader = _loaders(
         config, accelerator, tokenizer, train_set, eval_set, fixed_shapes=compiled
     )
@@ -231,15 +241,15 @@ def _prepare(config: FinetuneConfig) -> PreparedRun:
         pretrained=config.init == "pretrained" and start.pretrained_checkpoint,
         updates_per_epoch=updates_per_epoch,
         method=config.method,
+        max_length=max_length,
+        class_weights=weights_why,
     )
     if accelerator.is_main_process:
         _announce(config, schedule, compiled, len(train_set), accelerator.device.type)
     model, optimizer, scheduler = _optimization(config, accelerator, model, schedule, shard_here)
     if checkpoint:
         accelerator.load_state(str(checkpoint))  # model, optimizer, scheduler, RNG states
-    trajectory = _start_trajectory(
-        run_dir / "shift", config, resume_step, accelerator.is_main_process
-    )
+    trajectory = _start_trajectory(run_dir / "shift", config, resume_step, accelerator)
     evaluation = Evaluation(accelerator, model, eval_loader, config, majority, trajectory, compiled)
     if config.task == "causal-lm" and not resume_step:  # the perplexity to beat
         evaluation.run(0)
@@ -257,6 +267,8 @@ def _prepare(config: FinetuneConfig) -> PreparedRun:
         scheduler=scheduler,
         schedule=schedule,
         trajectory=trajectory,
+        class_weights=class_weights,
+        baselines=baselines,
         evaluation=evaluation,
         tracking=tracking,
         checkpointing=Checkpointing(accelerator, run_dir, config.checkpoint_every, trajectory),
@@ -266,6 +278,64 @@ def _prepare(config: FinetuneConfig) -> PreparedRun:
         trainable_parameters=trainable,
         total_parameters=total,
     )
+
+
+def _model(config: FinetuneConfig, tokenizer, data, start, shard_here: bool, compiled: bool):
+    """The model to train (LoRA-wrapped, sharded on CPU, compiled as asked) and its (trainable,
+    total) parameter counts, counted before sharding."""
+    model = build_model(config, tokenizer, data.label_names, start)
+    if config.method == "lora":
+        model = wrap_with_lora(model, config)
+    counts = trainable_parameters(model)
+    if shard_here:
+        model = shard_on_cpu(model)
+    if compiled:
+        settle_forward_config(model, config.task)
+        model.compile()  # in place: parameter names and the state dict stay the same
+    return model, counts
+
+
+def _resume_point(run_dir: Path, config: FinetuneConfig, accelerator) -> tuple[Path | None, int]:
+    """The checkpoint a run resumes from and its step (None, 0 for a new run); says so."""
+    checkpoint = _open_run_dir(run_dir, config, accelerator)
+    resume_step = json.loads((checkpoint / COMPLETE).read_text())["step"] if checkpoint else 0
+    if accelerator.is_main_process and config.resume:
+        stderr_console().print(
+            _resume_line(run_dir, checkpoint, resume_step), highlight=False, markup=False
+        )
+    return checkpoint, resume_step
+
+
+def _label_balance(config: FinetuneConfig, train_set, label_names):
+    """(majority class, class weights or None, why the weights were chosen or None).
+
+    The majority is the baseline every evaluation is read against: the most common TRAINING
+    label; causal LM: (None, None, None)."""
+    if config.task != "classification":
+        return None, None, None
+    class_weights, why = choose_class_weights(
+        config.class_weights, train_set["labels"], len(label_names)
+    )
+    return majority_class(train_set["labels"]), class_weights, why
+
+
+def _classification_baselines(data, config: FinetuneConfig, main: bool) -> dict:
+    """Check the training labels (one class stops the run; a single-example class is warned
+    about) and, on the main process, score the baselines before any training."""
+    if config.task != "classification":
+        return {}
+    notes = check_labels(data.train["label"], data.label_names)
+    if not main:
+        return {}
+    baselines = reference_baselines(
+        data.train["text"],
+        data.train["label"],
+        data.validation["text"],
+        data.validation["label"],
+    )
+    for line in [*(f"warning: {note}" for note in notes), describe_baselines(baselines)]:
+        stderr_console().print(line, highlight=False, soft_wrap=True)
+    return baselines
 
 
 def _announce(config, schedule, compiled: bool, rows: int, device_type: str) -> None:
@@ -462,7 +532,7 @@ def _micro_step(run: PreparedRun, batch, micro_losses: list):
 
     accelerator, model = run.accelerator, run.model
     with accelerator.accumulate(model):
-        loss = model(**batch).loss
+        loss = _training_loss(model, batch, run.class_weights)
         accelerator.backward(loss)
         micro_losses.append(loss.detach())
         # Step only when gradients sync: --fsdp on CPU uses a plain optimizer, which (unlike
@@ -496,7 +566,9 @@ def _finish(run: PreparedRun, step: int, clock: StepClock, seconds: float) -> Fi
         ),
         {},
     )
-    warning = learning_warning(final_metrics, start_metrics)
+    not_learned = learning_warning(final_metrics, start_metrics)
+    behind = baseline_warning(final_metrics, run.baselines)
+    warning = "; ".join(w for w in (not_learned, behind) if w) or None
     accelerator.wait_for_everyone()
     state_dict = _weights(accelerator, run.model)
     result = FinetuneResult(
@@ -521,7 +593,7 @@ def _finish(run: PreparedRun, step: int, clock: StepClock, seconds: float) -> Fi
         defaults=run.schedule.chosen,
         compiled=run.compiled,
         start_metrics=start_metrics,
-        learned=warning is None,
+        learned=not_learned is None,
         warning=warning,
         trajectory_record=trajectory,
         method=config.method,
@@ -530,6 +602,7 @@ def _finish(run: PreparedRun, step: int, clock: StepClock, seconds: float) -> Fi
         adapter_dir=str(run_dir / ADAPTER_DIR) if config.method == "lora" else None,
         tracking_seconds=run.tracking.seconds,
         skipped_snapshots=run.tracking.skipped,
+        baselines=run.baselines,
     )
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(run.model)
@@ -537,6 +610,8 @@ def _finish(run: PreparedRun, step: int, clock: StepClock, seconds: float) -> Fi
         if result.adapter_dir:
             save_adapter(unwrapped, run.tokenizer, Path(result.adapter_dir))
         write_json(shift_dir / TRAJECTORY_FILE, trajectory.to_dict())
+        if run.baselines:
+            write_json(run_dir / BASELINES_FILE, run.baselines)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result
@@ -780,14 +855,16 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def _start_trajectory(
-    shift_dir: Path, config: FinetuneConfig, resume_step: int, main: bool
+    shift_dir: Path, config: FinetuneConfig, resume_step: int, accelerator
 ) -> Trajectory:
     """A new trajectory, or the resumed run's cut back to its checkpoint: no step appears twice."""
     if not resume_step:
         return Trajectory(model=config.model, task=config.task)
     trajectory = Trajectory.from_dict(json.loads((shift_dir / TRAJECTORY_FILE).read_text()))
     trajectory.truncate(resume_step)
-    if main:  # snapshots past the checkpoint belong to steps that will be redone
+    if (
+        accelerator.is_main_process
+    ):  # snapshots past the checkpoint belong to steps that will be redone
         for snapshot in shift_dir.glob("step_*.safetensors"):
             if snapshot.name > snapshot_name(resume_step):
                 snapshot.unlink()
@@ -949,6 +1026,18 @@ def _evaluate(
             )
         )
     return results
+
+
+def _training_loss(model, batch, class_weights: list[float] | None):
+    """The model's own loss, or (class weights given) cross-entropy weighted per class."""
+    import torch
+    import torch.nn.functional as F
+
+    outputs = model(**batch)
+    if class_weights is None:
+        return outputs.loss
+    weights = torch.tensor(class_weights, device=outputs.logits.device)
+    return F.cross_entropy(outputs.logits.float(), batch["labels"], weight=weights)
 
 
 def _text_tokens(batch):

@@ -37,6 +37,9 @@ DEFAULT_BPE_VOCAB = 4096
 # architecture has it, eager attention where it does not (MPT, and others with custom kernels).
 TRAINING_ATTENTION = None
 
+# A model built from a config spec holds at least this many positions.
+MIN_POSITIONS = 128
+
 
 def config_overrides(model: str) -> tuple[str, dict] | None:
     """`gpt2-config:key=value,...` or `llama-config:...` -> (config class name, {key: value});
@@ -126,7 +129,8 @@ def build_model(config, tokenizer, label_names: list[str] | None, start: ModelSt
         positions = "n_positions" if class_name == "GPT2Config" else "max_position_embeddings"
         model_config = getattr(transformers, class_name)(
             **{
-                positions: config.max_length,
+                # room for texts longer than the training cut (the run's view, evaluate)
+                positions: max(config.max_length, MIN_POSITIONS),
                 **overrides,
                 "vocab_size": len(tokenizer),
                 "bos_token_id": tokenizer.eos_token_id,

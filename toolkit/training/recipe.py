@@ -40,7 +40,9 @@ class FinetuneConfig:
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     validation_fraction: float = 0.1
-    max_length: int = 128
+    # None: classification takes the training texts' 95th-percentile token length, causal-lm
+    # 128-token blocks (training/defaults.py)
+    max_length: int | None = None
     epochs: int | None = None  # None: enough for a minimum of steps (training/defaults.py)
     max_steps: int | None = None
     batch_size: int = 16
@@ -54,6 +56,9 @@ class FinetuneConfig:
     seed: int = 42
     compile: bool | None = None  # torch.compile the model; None: off (training/compiling.py)
     group_by_length: bool = False  # batches of similar length (less padding); classification
+    # classification: weigh the loss by inverse class frequency; None: on when the largest class
+    # holds more than half the training rows (training/defaults.py)
+    class_weights: bool | None = None
     eval_every: int = 0
     track_every: int | None = None  # None: every 10 steps (tracking.TRACK_EVERY), capped
     snapshot_every: int = 0  # 0: snapshots at tracking.SnapshotSchedule's default steps only
@@ -119,7 +124,7 @@ def check_config(config: FinetuneConfig) -> FinetuneConfig:
             f"choose {', '.join(MIXED_PRECISION)}"
         )
     for name in ("batch_size", "gradient_accumulation_steps", "max_length", "log_every"):
-        if getattr(config, name) < 1:
+        if getattr(config, name) is not None and getattr(config, name) < 1:
             raise ToolkitError(
                 f"{name.replace('_', '-')} must be at least 1, not {getattr(config, name)}"
             )

@@ -243,6 +243,7 @@ function runSection(run) {
   if (!run.steps.length) {
     section.append(el("p", { class: "note" }, "Shift tracking was off in this run (--track-every 0)."));
     section.append(curves(run).row);
+    if (run.baselines) section.append(baselineTable(run));
     return;
   }
   section.append(el("p", { class: "muted" },
@@ -285,6 +286,7 @@ function runSection(run) {
 
   const { row: curvesRow, mark } = curves(run);
   section.append(curvesRow);
+  if (run.baselines) section.append(baselineTable(run));
   const top = el("div", { class: "panel" });
   curvesRow.append(top);
   listeners.step.push(() => {
@@ -320,6 +322,19 @@ function runSection(run) {
     }, 700);
   });
   setStep(run.steps.length - 1);
+}
+
+// The final model's validation accuracy and macro-F1 beside the majority class and the bag of
+// words (TF-IDF + logistic regression) on the same rows.
+function baselineTable(run) {
+  const last = run.evaluations[run.evaluations.length - 1];
+  const rows = [
+    ["always the most common training class", run.baselines.majority],
+    ["bag of words (TF-IDF 1-2-grams + logistic regression)", run.baselines.bag_of_words],
+    ["fine-tuned model", last],
+  ];
+  return table("baselines", ["on the validation rows", "accuracy", "macro-F1"],
+    rows.map(([name, scores]) => [name, scores.accuracy, scores.f1]));
 }
 
 // The loss and metric curves of a run; mark(step) draws the current step on both.
