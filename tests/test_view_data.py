@@ -6,22 +6,22 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from safetensors.numpy import save_file
-
 from toolkit.analysis.view_data import ALL_ROLES, shift_over_steps
+from toolkit.attention import load_attention, write_standard_file
 
 ROLES = ("wq", "wk", "wv", "w0")
 
 
-def test_all_four_change_of_a_query_head_uses_its_key_value_head(tmp_path):
+def test_all_four_change_of_a_query_head_uses_its_key_value_head(tiny_llama, tmp_path):
+    # a step-0 snapshot as a run writes it: the standard tensors of a grouped-query model
+    # (tiny_llama: 6 query heads in groups of 3 over 2 key/value heads), layer 0
+    write_standard_file(tmp_path / "step0.safetensors", load_attention(tiny_llama), [0])
+    layer = next(load_attention(tmp_path / "step0.safetensors").layers())
+    start = {f"layers.0.{role}": getattr(layer, role) for role in ROLES}
+    n_heads, n_kv_heads = layer.wq.shape[0], layer.wk.shape[0]
+    assert n_kv_heads < n_heads  # the case under test
     rng = np.random.default_rng(0)
-    n_heads, n_kv_heads, d_model, d_head = 4, 2, 6, 3  # query heads 0,1 read kv head 0; 2,3 kv 1
     heads = {"wq": n_heads, "wk": n_kv_heads, "wv": n_kv_heads, "w0": n_heads}
-    start = {
-        f"layers.0.{role}": rng.normal(size=(count, d_model, d_head)).astype(np.float32)
-        for role, count in heads.items()
-    }
-    save_file(start, tmp_path / "step0.safetensors")
     # two steps; each weight's relative change per head of its own
     change = {role: rng.uniform(0, 1, size=(2, 1, count)).tolist() for role, count in heads.items()}
     trajectory = {

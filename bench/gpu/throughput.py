@@ -191,6 +191,7 @@ def finetune_config(args, model: Path, route: Route, out: Path):
         learning_rate=2e-5,
         warmup_ratio=0.1,
         seed=0,
+        class_weights=False,  # the Trainer and the bare loop use the plain loss too
     )
 
 
@@ -504,8 +505,8 @@ def write_results_section(results_file: Path, markdown: Path) -> None:
     import run as bench  # bench/run.py: gpu_section()
 
     text = markdown.read_text() if markdown.is_file() else "# Benchmark results\n\n"
-    head = text.split("## 4. ")[0]
-    markdown.write_text(head + "\n".join(bench.gpu_section(results_file)))
+    head, notes = text.split("## 4. ")[0], bench.hand_written_notes(markdown)
+    markdown.write_text(head + "\n".join(bench.gpu_section(results_file)) + notes)
 
 
 if __name__ == "__main__":
