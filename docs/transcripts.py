@@ -14,7 +14,8 @@ later command can read what an earlier one wrote, e.g. a fine-tuning run), and r
 in place. `<!-- transcript slow: ... -->` marks a command of a minute or more (fine-tuning) or one
 that reads a slow command's output; `--fast` reruns only the others and keeps the recorded output
 of slow ones. tests/test_readme.py reruns the fast ones and checks the README still shows their
-output format.
+output format. `<!-- transcript slow, first N lines: ... -->` shows only the first N lines of a long
+output and says how many more the command prints.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ README = REPO / "README.md"
 # on GitHub without scrolling.
 COLUMNS = 100
 TRANSCRIPT = re.compile(
-    r"<!-- transcript(?P<slow> slow)?: (?P<command>.+?) -->\n"
+    r"<!-- transcript(?P<slow> slow)?(?:, first (?P<lines>\d+) lines)?: (?P<command>.+?) -->\n"
     r"```console\n(?P<body>.*?)```\n<!-- /transcript -->",
     flags=re.S,
 )
@@ -45,6 +46,7 @@ TRANSCRIPT = re.compile(
 class Transcript:
     command: str  # as shown, starting with "toolkit"
     slow: bool
+    lines: int | None  # show only the first `lines` lines of the output, or all (None)
     body: str  # the block's text: "$ command" and the output lines
     span: tuple[int, int]  # where the whole marked block lies in the README's text
 
@@ -52,7 +54,13 @@ class Transcript:
 def find_transcripts(text: str) -> list[Transcript]:
     """Every marked transcript block of a README's text, in order."""
     return [
-        Transcript(m["command"], bool(m["slow"]), m["body"], m.span())
+        Transcript(
+            m["command"],
+            bool(m["slow"]),
+            int(m["lines"]) if m["lines"] else None,
+            m["body"],
+            m.span(),
+        )
         for m in TRANSCRIPT.finditer(text)
     ]
 
@@ -85,8 +93,18 @@ def run_command(command: str, workdir: Path) -> str:
     return "\n".join(line.rstrip() for line in output.strip("\n").splitlines()) + "\n"
 
 
-def block_body(command: str, output: str) -> str:
-    return f"$ {command}\n{output}"
+def shown(transcript: Transcript, output: str) -> str:
+    """The part of `output` the README shows: all of it, or its first lines and a count of the
+    rest."""
+    lines = output.splitlines()
+    if transcript.lines is None or len(lines) <= transcript.lines:
+        return output
+    rest = len(lines) - transcript.lines
+    return "\n".join([*lines[: transcript.lines], f"… ({rest} more lines)"]) + "\n"
+
+
+def block_body(transcript: Transcript, output: str) -> str:
+    return f"$ {transcript.command}\n{shown(transcript, output)}"
 
 
 def rewrite(text: str, bodies: dict[int, str]) -> str:
@@ -95,7 +113,9 @@ def rewrite(text: str, bodies: dict[int, str]) -> str:
     for index, transcript in enumerate(find_transcripts(text)):
         start, end = transcript.span
         pieces.append(text[position:start])
-        slow = " slow" if transcript.slow else ""
+        slow = (" slow" if transcript.slow else "") + (
+            f", first {transcript.lines} lines" if transcript.lines else ""
+        )
         body = bodies.get(index, transcript.body)
         pieces.append(
             f"<!-- transcript{slow}: {transcript.command} -->\n```console\n{body}```\n"
@@ -120,7 +140,7 @@ def main() -> None:
                 output = run_command(transcript.command, Path(workdir))
             except (RuntimeError, ValueError) as error:  # the README is left as it was
                 sys.exit(f"error: {error}")
-            bodies[index] = block_body(transcript.command, output)
+            bodies[index] = block_body(transcript, output)
     README.write_text(rewrite(text, bodies))
     print(f"rewrote {len(bodies)} transcripts in {README}", file=sys.stderr)
 

@@ -114,7 +114,7 @@ def test_a_fast_transcript_matches_what_its_command_prints(transcript, tmp_path)
     # Numbers may differ in the last digits on another CPU, so the check is on the format.
     # The slow ones (a fine-tuning run and the commands that read it: minutes) are checked by
     # the option test below only; `python docs/transcripts.py` reruns them all.
-    output = transcripts.run_command(transcript.command, tmp_path)
+    output = transcripts.shown(transcript, transcripts.run_command(transcript.command, tmp_path))
     shown = transcript.body.split("\n", 1)[1]
     assert format_signature(output) == format_signature(shown), (
         f"README's transcript of `{transcript.command}` no longer matches the command's output: "

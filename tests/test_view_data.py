@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
 from toolkit.analysis.view_data import ALL_ROLES, shift_over_steps
 from toolkit.attention import load_attention, write_standard_file
 
