@@ -22,7 +22,8 @@ SHAPE = {
     "vocab_size": 120,
     "max_position_embeddings": 64,
 }
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+# CI reruns these under other CPU kernels
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.numerics]
 
 
 def _tiny_model(architecture: str):
