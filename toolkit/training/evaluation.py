@@ -59,6 +59,15 @@ def evaluate_run(
     label_column: str | None = None,
 ) -> EvaluationResult:
     """Score RUN's final model on every usable row of `dataset`, with the run's baselines."""
+    # the run and the file are checked before torch and transformers load (seconds)
+    run_dir = run_folder(run)
+    config = FinetuneConfig(**json.loads((run_dir / "config.json").read_text()))
+    if config.task != "classification":
+        raise ToolkitError(f"{run_dir} is a {config.task} run: evaluate scores classifiers")
+    if not Path(dataset).is_file():
+        raise ToolkitError(
+            f"no such file: {dataset} (give a labelled .csv, .json, .jsonl or .parquet)"
+        )
     import datasets
     import numpy as np
     import torch
@@ -68,10 +77,6 @@ def evaluate_run(
     datasets.disable_progress_bars()
     transformers_logging.disable_progress_bar()
     transformers_logging.set_verbosity_error()
-    run_dir = run_folder(run)
-    config = FinetuneConfig(**json.loads((run_dir / "config.json").read_text()))
-    if config.task != "classification":
-        raise ToolkitError(f"{run_dir} is a {config.task} run: evaluate scores classifiers")
     texts, label_names, source = load_labelled_file(dataset, text_column, label_column)
     model = AutoModelForSequenceClassification.from_pretrained(
         run_dir / "final", use_safetensors=True
