@@ -779,6 +779,7 @@ def gpu_section(results_file: Path = HERE / "gpu" / "results.json") -> list[str]
     for r in g["routes"]:
         name = names[r["runner"]] + (", LoRA" if r["method"] == "lora" else "")
         name += f", tracked every {r['track_every']}" if r["track_every"] else ""
+        name += " †" if r.get("earlier_run") else ""
         compiled = "on" if r["compiled"] else "off"
         if "error" in r:
             lines.append(f"| {name} | {r['batch']} | {compiled} | failed: {r['error']} | | | |")
@@ -803,6 +804,11 @@ def gpu_section(results_file: Path = HERE / "gpu" / "results.json") -> list[str]
     mfus = [r["mfu"] for r in routes if r["batch"] == 256 and r["runner"] == "toolkit" and r["mfu"]]
     if mfus:
         ratios.append(f"toolkit MFU at batch 256 (best route): {max(mfus):.2f} (target >= 0.35)")
+    if any(r.get("earlier_run") for r in g["routes"]):
+        ratios.append(
+            "†: measured by an earlier run of the same script on the same device (`--resume` "
+            "kept it); every other row comes from the latest run"
+        )
     return lines + [""] + [f"- {ratio}" for ratio in ratios] + [""]
 
 

@@ -446,6 +446,11 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=330, help="stop routes after this")
     parser.add_argument("--out", type=Path, help="also write the results here after each route")
     parser.add_argument("--allow-cpu", action="store_true", help="smoke test: tiny model and sizes")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the routes bench/gpu/results.json measured on this device; run the others",
+    )
     parser.add_argument("--route", help=argparse.SUPPRESS)  # internal: one route, in a child
     args = parser.parse_args()
     if args.prepare:
@@ -483,7 +488,13 @@ def main() -> None:
         "precision": args.precision,
         "routes": [],
     }
+    done = measured_routes(results_file, results) if args.resume else []
     for route in routes:
+        kept = next((entry for entry in done if entry_route(entry) == route), None)
+        if kept is not None:
+            results["routes"].append({**kept, "earlier_run": True})
+            print(f"{route.name()}: kept from the earlier run (--resume)", flush=True)
+            continue
         seconds_left = args.budget_s - (time.perf_counter() - started)
         if seconds_left < 20:
             print(f"{route.name()}: not run (--budget-s {args.budget_s:.0f} spent)", flush=True)
@@ -497,6 +508,21 @@ def main() -> None:
             args.out.mkdir(parents=True, exist_ok=True)
             shutil.copy(results_file, args.out / "results.json")
             shutil.copy(markdown, args.out / "RESULTS.md")
+
+
+def entry_route(entry: dict) -> Route:
+    return Route(
+        entry["runner"], entry["batch"], entry["compiled"], entry["track_every"], entry["method"]
+    )
+
+
+def measured_routes(results_file: Path, settings: dict) -> list[dict]:
+    """The routes an earlier run measured (not failed) with the same device, torch and settings."""
+    if not results_file.is_file():
+        return []
+    earlier = json.loads(results_file.read_text())
+    same = all(earlier.get(key) == value for key, value in settings.items() if key != "routes")
+    return [entry for entry in earlier["routes"] if same and "error" not in entry]
 
 
 def write_results_section(results_file: Path, markdown: Path) -> None:
