@@ -155,13 +155,13 @@ def test_config_from_header_agrees_with_transformers_gguf_config(architecture, t
     assert ours["rope_parameters"]["rope_theta"] == theta
 
 
-@pytest.mark.parametrize("architecture", ["llama", "qwen2"])
+@pytest.mark.parametrize("architecture", ["llama", "qwen2", "qwen3", "gemma", "gemma2", "phi3"])
 def test_per_head_tensors_equal_the_source_model(architecture, tmp_path):
     model = _tiny_model(architecture)
     path = _write_gguf(model, architecture, tmp_path / "model.gguf")
     model.save_pretrained(tmp_path / "folder")
     from_gguf, from_folder = load_attention(path), load_attention(tmp_path / "folder")
-    assert from_gguf.family.name == architecture
+    assert from_gguf.family.name == from_folder.family.name
     assert from_gguf.dims == from_folder.dims
     for index in range(SHAPE["num_hidden_layers"]):
         ours, theirs = from_gguf.layer(index).tensors(), from_folder.layer(index).tensors()
@@ -171,6 +171,8 @@ def test_per_head_tensors_equal_the_source_model(architecture, tmp_path):
             np.testing.assert_array_equal(tensor, theirs[role], err_msg=role)
 
 
+# verify runs the model through transformers' GGUF loader, which rebuilds these tiny qwen3,
+# gemma2 and phi3 files wrongly (head_dim, soft-capping, pad id not in its header map): not yet
 @pytest.mark.parametrize("architecture", ["llama", "qwen2"])
 def test_verify_passes_on_a_written_gguf(architecture, tmp_path):
     path = _write_gguf(_tiny_model(architecture), architecture, tmp_path / "model.gguf")
