@@ -761,6 +761,10 @@ class BestModel:
     """The evaluation with the best validation macro-F1 so far and a CPU copy of its weights,
     and early stopping after `patience` evaluations without a better one.
 
+    Patience counts only once the best model tells classes apart: a model that still answers
+    one class for every row has learned nothing to keep yet, and small classifiers often sit
+    there for several epochs before they learn (training/defaults.py).
+
     Every process keeps its own copy (each holds the whole model): the parameters' size in host
     memory, 91 MB for MiniLM's 22.7 M float32 parameters. A checkpoint saves it beside the
     training state (BEST_WEIGHTS), so a resumed run keeps the same best model. Inactive (keeps
@@ -773,6 +777,7 @@ class BestModel:
         self.score = -math.inf
         self.weights: dict | None = None
         self.waited = 0  # evaluations since the best one
+        self.one_class = True  # the best model so far answers one class for every row
         self.stopped_early = False
 
     @classmethod
@@ -792,8 +797,10 @@ class BestModel:
         score = evaluation[SELECTION_METRIC]
         if score > self.score:
             self.step, self.score, self.waited = step, score, 0
+            self.one_class = evaluation["top_prediction_share"] >= 1.0
             return True
-        self.waited += 1
+        if not self.one_class:
+            self.waited += 1
         return False
 
     def consider(self, step: int, evaluation: dict[str, float]) -> None:
