@@ -78,7 +78,8 @@ def test_final_holds_the_weights_of_the_evaluation_with_the_best_macro_f1(full_r
     steps = [e["step"] for e in evaluations]
     assert steps == [14 * epoch for epoch in range(1, 11)]  # each epoch's end, by default
     scores = [e["f1"] for e in evaluations]
-    best = steps[scores.index(max(scores))]  # the first of equal scores
+    ranks = [(e["f1"], -e["eval_loss"]) for e in evaluations]  # equal F1: the lower loss
+    best = steps[ranks.index(max(ranks))]
     assert full_run.best_step == best and full_run.steps == 140 and not full_run.stopped_early
     assert scores[-1] < max(scores), "the constructed case needs a last epoch worse than the best"
     best_evaluation = evaluations[steps.index(best)]
@@ -100,10 +101,11 @@ def test_training_stops_after_patience_evaluations_without_improvement(
     patience = 2
     # where it must stop, read from the full run's evaluations (the same seed trains the same
     # steps): the `patience`-th evaluation since a best that predicts more than one class
-    best_score, waited, expected_stop, expected_best = -1.0, 0, None, None
+    best_score, waited, expected_stop, expected_best = (-1.0, 0.0), 0, None, None
     for evaluation in full_run.trajectory_record.evaluations:
-        if evaluation["f1"] > best_score:
-            best_score, waited, expected_best = evaluation["f1"], 0, evaluation["step"]
+        score = (evaluation["f1"], -evaluation["eval_loss"])
+        if score > best_score:
+            best_score, waited, expected_best = score, 0, evaluation["step"]
             counting = evaluation["top_prediction_share"] < 1
         elif counting:
             waited += 1
@@ -135,12 +137,12 @@ def test_patience_waits_while_the_best_model_answers_one_class(
     )
     evaluations = result.trajectory_record.evaluations
     assert all(e["top_prediction_share"] == 1.0 for e in evaluations)
-    scores = [e["f1"] for e in evaluations]
+    ranks = [(e["f1"], -e["eval_loss"]) for e in evaluations]  # equal F1: the lower loss
     # patience 2 counted from the first evaluation would have stopped the run early: two
     # evaluations in a row no better than every one before them
-    assert any(max(scores[i : i + 2]) <= max(scores[:i]) for i in range(1, len(scores) - 1))
+    assert any(max(ranks[i : i + 2]) <= max(ranks[:i]) for i in range(1, len(ranks) - 1))
     assert not result.stopped_early and result.steps == 8 * 14
-    assert result.best_step == evaluations[scores.index(max(scores))]["step"]
+    assert result.best_step == evaluations[ranks.index(max(ranks))]["step"]
 
 
 def test_max_steps_keeps_the_last_model_and_evaluates_only_at_the_end(

@@ -758,8 +758,9 @@ class Tracking:
 
 
 class BestModel:
-    """The evaluation with the best validation macro-F1 so far and a CPU copy of its weights,
-    and early stopping after `patience` evaluations without a better one.
+    """The evaluation with the best validation macro-F1 so far (equal ones: the lower validation
+    loss; a small validation set often ties) and a CPU copy of its weights, and early stopping
+    after `patience` evaluations without a better one.
 
     Patience counts only once the best model tells classes apart: a model that still answers
     one class for every row has learned nothing to keep yet, and small classifiers often sit
@@ -774,7 +775,7 @@ class BestModel:
         self.accelerator, self.model = accelerator, model
         self.active, self.patience = selection.keep_best, selection.patience
         self.step: int | None = None
-        self.score = -math.inf
+        self.score = (-math.inf, -math.inf)  # (macro-F1, -validation loss)
         self.weights: dict | None = None
         self.waited = 0  # evaluations since the best one
         self.one_class = True  # the best model so far answers one class for every row
@@ -793,8 +794,8 @@ class BestModel:
         return best
 
     def _score(self, step: int, evaluation: dict[str, float]) -> bool:
-        """Count one evaluation; whether it is the best so far (ties keep the earlier)."""
-        score = evaluation[SELECTION_METRIC]
+        """Count one evaluation; whether it is the best so far (full ties keep the earlier)."""
+        score = (evaluation[SELECTION_METRIC], -evaluation["eval_loss"])
         if score > self.score:
             self.step, self.score, self.waited = step, score, 0
             self.one_class = evaluation["top_prediction_share"] >= 1.0
@@ -814,7 +815,7 @@ class BestModel:
     def describe_stop(self, step: int, epoch: int) -> str:
         return (
             f"stopping early at step {step} (epoch {epoch + 1}): validation macro-F1 has not "
-            f"beaten step {self.step}'s {self.score:.4f} in {self.waited} evaluations "
+            f"beaten step {self.step}'s {self.score[0]:.4f} in {self.waited} evaluations "
             f"(--early-stopping-patience {self.patience}); final/ holds step {self.step}"
         )
 
