@@ -267,6 +267,7 @@ def _prepare(config: FinetuneConfig) -> PreparedRun:
     config = replace(config, eval_every=selection.eval_every)
     if accelerator.is_main_process:
         _announce(config, schedule, selection, compiled, len(train_set), accelerator.device.type)
+    schedule.chosen.update(selection.chosen)  # the run's defaults, as FinetuneResult.defaults
     model, optimizer, scheduler = _optimization(config, accelerator, model, schedule, shard_here)
     if checkpoint:
         accelerator.load_state(str(checkpoint))  # model, optimizer, scheduler, RNG states
@@ -528,8 +529,9 @@ def _train(run: PreparedRun) -> tuple[int, StepClock]:
                     with clock.paused():
                         run.best.consider(step, evaluation)
                 stopping = run.best.stops()
-                if run.tracking.due(step, total_steps) or stopping:
-                    run.tracking.run(step, step_loss, evaluation)  # stopping: the last point
+                # a kept model's evaluations are tracked: final/ may be any of them
+                if run.tracking.due(step, total_steps) or (evaluation and run.best.active):
+                    run.tracking.run(step, step_loss, evaluation)
                 if stopping:
                     _log(progress, run.best.describe_stop(step, epoch))
                     run.best.stopped_early = True

@@ -145,6 +145,11 @@ class Trajectory:
         self.train_loss = [(s, loss) for s, loss in self.train_loss if s <= step]
         self.evaluations = [e for e in self.evaluations if e["step"] <= step]
 
+    def final_point(self) -> ShiftPoint:
+        """The shift point of the model saved as final/: the best step's when the run kept its
+        best evaluation, else the last one."""
+        return next((p for p in self.shift if p.step == self.best_step), self.shift[-1])
+
     def snapshots(self) -> list[tuple[int, str]]:
         """(step, file name) of every snapshot written, in step order."""
         return [(p.step, p.snapshot) for p in self.shift if p.snapshot]
