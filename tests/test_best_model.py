@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import FILLER, NEGATIVE, POSITIVE
 
 import toolkit
@@ -201,3 +202,40 @@ def test_a_bad_patience_is_one_line_before_torch_is_imported(args, message):
     )
     assert out.stdout.split() == ["1", "False"], out.stdout + out.stderr
     assert out.stderr.count("\n") == 1 and out.stderr.startswith(f"error: {message}")
+
+
+def test_a_resumed_run_keeps_the_best_model_of_the_steps_before_its_checkpoint(
+    tiny_bert_with_tokenizer, noisy_csv, tmp_path
+):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    whole = _run(
+        tiny_bert_with_tokenizer,
+        noisy_csv,
+        tmp_path / "whole",
+        patience=0,
+        **{**OVERFITS, "checkpoint_every": 42},
+    )
+    assert whole.best_step < 126  # before the last checkpoint: only the checkpoint knows it
+    # the run as a kill after its last checkpoint (step 126) leaves it: no final/
+    shutil.copytree(tmp_path / "whole", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "final")
+    resumed = toolkit.finetune(
+        FinetuneConfig(
+            model=str(tiny_bert_with_tokenizer),
+            dataset=str(noisy_csv),
+            output_dir=str(tmp_path / "resumed"),
+            early_stopping_patience=0,
+            checkpoint_every=42,
+            resume=True,
+            **OVERFITS,
+        )
+    )
+    assert resumed.resumed_from == 126 and resumed.best_step == whole.best_step
+    assert resumed.metrics == whole.metrics
+    expected = load_file(str(Path(whole.final_dir) / "model.safetensors"))
+    got = load_file(str(Path(resumed.final_dir) / "model.safetensors"))
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[name], got[name]) for name in expected)
