@@ -68,7 +68,13 @@ def test_default_settings_beat_the_majority_class_on_held_out_rows(
     # rows are 17 batches of 16, so at least 200 steps take 12 epochs (204 steps).
     assert result.learning_rate == 1e-3 and result.epochs == 12 and result.steps == 204
     # 65% of the rows are "positive": the loss is class-weighted by default
-    assert set(result.defaults) == {"learning_rate", "epochs", "class_weights"}
+    assert set(result.defaults) == {
+        "learning_rate",
+        "epochs",
+        "class_weights",
+        "eval_every",
+        "patience",
+    }
     assert result.learned
     # one keyword decides each label: a bag of words may well do better than a tiny random BERT,
     # and the warning then says so; it says nothing else

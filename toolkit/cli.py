@@ -729,7 +729,18 @@ def _default(name: str) -> str:
     "--label-column",
     help="The column holding the labels (default: found by its name, see README).",
 )
-@click.option("--eval-every", type=int, help="Evaluate every N steps (and always at the end).")
+@click.option(
+    "--eval-every",
+    type=int,
+    help="Evaluate every N steps (and always at the end); default for classification without "
+    "--max-steps: each epoch, keeping the best model (validation macro-F1) as final/.",
+)
+@click.option(
+    "--early-stopping-patience",
+    type=int,
+    help="Stop after N evaluations without a better validation macro-F1 (default 2; 0: never); "
+    "classification without --max-steps.",
+)
 @click.option(
     "--track-every",
     type=int,

@@ -205,7 +205,14 @@ def finetune_summary(result) -> str:
     lines.append(f"report: {result.report}")
     if result.view:
         lines.append(f"view: {result.view}")
-    lines.append(f"final model: {result.final_dir}")
+    lines.append(
+        f"final model: {result.final_dir}"
+        + (
+            f" (step {result.best_step}: the best validation macro-F1)"
+            if result.best_step is not None
+            else ""
+        )
+    )
     if result.adapter_dir:
         lines.append(f"adapter: {result.adapter_dir}")
     return "\n".join(lines)

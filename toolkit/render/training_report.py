@@ -74,7 +74,8 @@ def write_training_report(
         ),
         *([f"- **Warning: {result.warning}**"] if result.warning else []),
         *_baseline_table(result),
-        f"- final model: `{Path(result.final_dir).name}/`; trajectory: `shift/trajectory.json`",
+        f"- final model: `{Path(result.final_dir).name}/`{_which_step(result)}; trajectory: "
+        "`shift/trajectory.json`",
         "",
         "## Training",
         "",
@@ -114,7 +115,7 @@ def _start_vs_end_section(run_dir: Path, result: FinetuneResult, comparison: Com
 
 
 def _shift_section(run_dir: Path, trajectory: Trajectory) -> list[str]:
-    final = trajectory.shift[-1]
+    final = trajectory.final_point()
     lines = [
         "## How the attention weights moved",
         "",
@@ -237,9 +238,9 @@ def _plot_shift(path: Path, trajectory: Trajectory) -> str:
 
 
 def _plot_heads(path: Path, trajectory: Trajectory) -> str:
-    """One heatmap per weight: layer x head relative change at the last tracked step."""
+    """One heatmap per weight: layer x head relative change of the final model."""
     plt = _pyplot()
-    final = trajectory.shift[-1]
+    final = trajectory.final_point()
     top = max(max(max(row) for row in final.head_change[role]) for role in WEIGHT_ROLES) or 1.0
     figure, axes = plt.subplots(
         1, len(WEIGHT_ROLES), figsize=(3.6 * len(WEIGHT_ROLES), 3.4), layout="constrained"
@@ -293,6 +294,17 @@ def _save(figure, path: Path) -> str:
     write_atomic(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110))
     plt.close(figure)
     return path.name
+
+
+def _which_step(result: FinetuneResult) -> str:
+    """Which step final/ holds, when the run kept its best evaluation."""
+    if result.best_step is None:
+        return ""
+    stopped = "; training stopped early" if result.stopped_early else ""
+    return (
+        f", the weights of step {result.best_step} of {result.steps} (the best validation "
+        f"macro-F1{stopped}); the metrics above are that step's"
+    )
 
 
 def _number(value: float | None) -> str:

@@ -8,6 +8,9 @@ width and the dataset's size, known before the first step.
                    when the largest class holds more than half the training rows
     max length     classification: the 95th percentile of the training texts' token lengths,
                    within [16, the tokenizer's limit or 512]; causal-lm: 128-token blocks
+    best model     classification without --max-steps (or --fsdp): evaluate at the end of every
+                   epoch, keep the weights with the best validation macro-F1 as final/, and
+                   stop after 2 evaluations without improvement
 
 MiniLM (d_model 384) gets 1e-4, bert-base and gpt2 (768) 3.5e-5, bert-large (1024) 2.3e-5: the
 ranges that are known to fine-tune these models. Fewer than ~200 updates at these rates leave a
@@ -40,6 +43,10 @@ CAUSAL_LM_BLOCK = 128
 # Above this share of the training rows, the largest class pulls an unweighted loss towards
 # always answering it (a 65/20/15 split gave a model that did exactly that).
 IMBALANCED_SHARE = 0.5
+# The best model is the one with the highest validation macro-F1: with imbalanced labels,
+# accuracy rewards always answering the largest class, macro-F1 does not.
+SELECTION_METRIC = "f1"
+EARLY_STOPPING_PATIENCE = 2  # evaluations without improvement before training stops
 
 
 @dataclass
@@ -147,7 +154,44 @@ def choose_class_weights(
     return weights, f"the largest class holds {largest:.0%} of the training rows"
 
 
-def describe_schedule(schedule: Schedule) -> str:
+@dataclass
+class Selection:
+    """How a run picks its final model: the evaluation interval, whether final/ holds the best
+    evaluation's weights (else the last step's), the early-stopping patience (0: off), and why
+    for each setting the rule chose."""
+
+    eval_every: int
+    keep_best: bool
+    patience: int
+    chosen: dict[str, str] = field(default_factory=dict)
+
+
+def choose_selection(
+    eval_every: int,
+    patience: int | None,
+    task: str,
+    max_steps: int | None,
+    fsdp: bool,
+    updates_per_epoch: int,
+) -> Selection:
+    """Keep the best model when the run's length is counted in epochs (no --max-steps: a user
+    who sets max steps gets the model at that step), on classification, unsharded; evaluate
+    each epoch unless --eval-every is given; stop after `patience` evaluations without a better
+    macro-F1 (None: EARLY_STOPPING_PATIENCE)."""
+    keep_best = task == "classification" and not max_steps and not fsdp
+    if not keep_best:
+        return Selection(eval_every, False, 0)
+    chosen = {}
+    if not eval_every:
+        eval_every = updates_per_epoch
+        chosen["eval_every"] = "each epoch, to keep the best model"
+    if patience is None:
+        patience = EARLY_STOPPING_PATIENCE
+        chosen["patience"] = "macro-F1 rather than accuracy: labels may be imbalanced"
+    return Selection(eval_every, True, patience, chosen)
+
+
+def describe_schedule(schedule: Schedule, selection: Selection | None = None) -> str:
     """One line for the start of a run: the values, and which of them the rule chose."""
 
     def origin(name: str) -> str:
@@ -161,4 +205,13 @@ def describe_schedule(schedule: Schedule) -> str:
         parts.append(f"max length {schedule.max_length}{origin('max_length')}")
     if "class_weights" in schedule.chosen:
         parts.append(f"class-weighted loss{origin('class_weights')}")
+    if selection is not None and "eval_every" in selection.chosen:
+        why = selection.chosen["eval_every"]
+        parts.append(f"evaluate every {selection.eval_every} steps (default: {why})")
+    if selection is not None and "patience" in selection.chosen:
+        why = selection.chosen["patience"]
+        parts.append(
+            f"keep the best validation macro-F1, stop early after {selection.patience} "
+            f"evaluations without a better one (default: {why})"
+        )
     return "; ".join(parts)

@@ -59,7 +59,10 @@ class FinetuneConfig:
     # classification: weigh the loss by inverse class frequency; None: on when the largest class
     # holds more than half the training rows (training/defaults.py)
     class_weights: bool | None = None
-    eval_every: int = 0
+    eval_every: int = 0  # 0: classification without max_steps evaluates each epoch
+    # evaluations without a better macro-F1 before stopping (0: never stop early); None: 2 when
+    # the run keeps its best model (training/defaults.py)
+    early_stopping_patience: int | None = None
     track_every: int | None = None  # None: every 10 steps (tracking.TRACK_EVERY), capped
     snapshot_every: int = 0  # 0: snapshots at tracking.SnapshotSchedule's default steps only
     checkpoint_every: int = 0
@@ -145,6 +148,7 @@ def check_config(config: FinetuneConfig) -> FinetuneConfig:
                 f"{name.replace('_', '-')} {value} is longer than the run's max-steps "
                 f"{config.max_steps}: choose at most {config.max_steps}"
             )
+    _check_patience(config)
     if config.snapshot_every and config.track_every == 0:
         raise ToolkitError("snapshot-every needs tracking: track-every is 0 (off)")
     if not 0 < config.validation_fraction < 1:
@@ -183,6 +187,26 @@ def lora_roles(config: FinetuneConfig) -> list[str]:
             "(comma-separated, e.g. wq,wv)"
         )
     return [role for role in WEIGHT_ROLES if role in given]
+
+
+def _check_patience(config: FinetuneConfig) -> None:
+    """Early stopping needs a classification run counted in epochs (it keeps the best model)."""
+    patience = config.early_stopping_patience
+    if patience is None:
+        return
+    if patience < 0:
+        raise ToolkitError(
+            f"early-stopping-patience must be 0 (off) or a number of evaluations, not {patience}"
+        )
+    if patience and config.task != "classification":
+        raise ToolkitError("--early-stopping-patience is for classification runs")
+    if patience and config.max_steps:
+        raise ToolkitError(
+            "--early-stopping-patience needs a run counted in epochs: with --max-steps the run "
+            "trains to that step and keeps its last model; drop one of them"
+        )
+    if patience and config.fsdp:
+        raise ToolkitError("--early-stopping-patience does not work with --fsdp (no best model)")
 
 
 def _check_lora(config: FinetuneConfig) -> None:

@@ -137,12 +137,18 @@ class Trajectory:
     shift: list[ShiftPoint] = field(default_factory=list)
     train_loss: list[tuple[int, float]] = field(default_factory=list)  # (step, loss)
     evaluations: list[dict[str, float]] = field(default_factory=list)  # {"step": s, metric: value}
+    best_step: int | None = None  # the step final/ holds if the run kept its best; None: last
 
     def truncate(self, step: int) -> None:
         """Forget everything after `step` (a resumed run redoes those steps)."""
         self.shift = [p for p in self.shift if p.step <= step]
         self.train_loss = [(s, loss) for s, loss in self.train_loss if s <= step]
         self.evaluations = [e for e in self.evaluations if e["step"] <= step]
+
+    def final_point(self) -> ShiftPoint:
+        """The shift point of the model saved as final/: the best step's when the run kept its
+        best evaluation, else the last one."""
+        return next((p for p in self.shift if p.step == self.best_step), self.shift[-1])
 
     def snapshots(self) -> list[tuple[int, str]]:
         """(step, file name) of every snapshot written, in step order."""
