@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -338,3 +341,26 @@ def tiny_gpt2_lm_with_tokenizer(toy_corpus_txt, tmp_path_factory):
     folder = _save(GPT2LMHeadModel(config), tmp_path_factory.mktemp("tiny_gpt2_tok"))
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def assert_rejected_before_torch(argv: list[str], message: str) -> None:
+    """`toolkit ARGV` exits 1 with one error line starting `error: MESSAGE`, and neither torch
+    nor transformers is imported on the way (a bad value is rejected in a fraction of a second)."""
+    code = (
+        "import sys\n"
+        "from toolkit.cli import main\n"
+        "try:\n"
+        f"    main({argv!r})\n"
+        "except SystemExit as exit:\n"
+        "    print(exit.code, 'torch' in sys.modules, 'transformers' in sys.modules)\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        timeout=300,
+    )
+    assert out.stdout.split() == ["1", "False", "False"], out.stdout + out.stderr
+    assert out.stderr.count("\n") == 1 and out.stderr.startswith(f"error: {message}")

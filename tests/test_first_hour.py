@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import assert_rejected_before_torch
 
 import toolkit
 from toolkit.cli import main
@@ -52,39 +53,18 @@ BAD_FINETUNE_VALUES = [
 ]
 
 
-def _assert_rejected_before_torch(argv: list[str], message: str) -> None:
-    """`toolkit ARGV` exits 1 with one error line, torch and transformers never imported."""
-    code = (
-        "import sys\n"
-        "from toolkit.cli import main\n"
-        "try:\n"
-        f"    main({argv!r})\n"
-        "except SystemExit as exit:\n"
-        "    print(exit.code, 'torch' in sys.modules, 'transformers' in sys.modules)\n"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        timeout=300,
-    )
-    assert out.stdout.split() == ["1", "False", "False"], out.stdout + out.stderr
-    assert out.stderr.count("\n") == 1 and out.stderr.startswith(f"error: {message}")
-
-
 @pytest.mark.parametrize(("args", "message"), BAD_FINETUNE_VALUES)
 def test_a_bad_finetune_value_is_one_line_before_torch_is_imported(args, message):
-    _assert_rejected_before_torch(["finetune", *args], message)
+    assert_rejected_before_torch(["finetune", *args], message)
 
 
 def test_evaluate_checks_the_run_and_the_file_before_torch_is_imported(tmp_path):
-    _assert_rejected_before_torch(
+    assert_rejected_before_torch(
         ["evaluate", str(tmp_path), "--dataset", "x.csv"], f"{tmp_path} is not a fine-tuning run"
     )
     (tmp_path / "final").mkdir()
     (tmp_path / "config.json").write_text('{"task": "classification"}')
-    _assert_rejected_before_torch(
+    assert_rejected_before_torch(
         ["evaluate", str(tmp_path), "--dataset", str(tmp_path / "no.csv")], "no such file"
     )
 
