@@ -207,8 +207,8 @@ def prepare_checkpoint(name: str) -> Path:
 
 
 def prepare_tokenizer(folder: Path) -> None:
-    """A small BPE tokenizer beside a Llama or GPT-NeoX checkpoint: TransformerLens boots one with the model
-    (real Llama checkpoints ship theirs; a tokenizer-less Llama folder makes it fail)."""
+    """A small BPE tokenizer beside a Llama or GPT-NeoX checkpoint: TransformerLens boots one
+    with the model (real checkpoints ship theirs; a tokenizer-less Llama folder makes it fail)."""
     if (folder / "tokenizer.json").is_file():
         return
     code = (
@@ -275,8 +275,8 @@ def extraction_table(results: dict) -> list[str]:
         "(`from_pretrained`, then slice per head) and TransformerLens (`TransformerBridge."
         "boot_transformers`, then its stacked `W_Q`.. tensors). *inspect* = per-head norms; "
         "*extract* = the same plus writing the per-head tensors to a safetensors file, each route "
-        "in the checkpoint's own dtype (llama-1b, pythia-1.4b: bfloat16; the others float32). `toolkit "
-        "inspect` reads and reduces two layers at a time, on two threads; `toolkit "
+        "in the checkpoint's own dtype (llama-1b, pythia-1.4b: bfloat16; the others float32). "
+        "`toolkit inspect` reads and reduces two layers at a time, on two threads; `toolkit "
         "extract` lays the tensors out straight into the memory-mapped output file on two "
         "threads, copying each transposed per-head view in blocks of 8 columns "
         "(`toolkit/layout.py`) and releasing each finished layer's pages from the process (they "
