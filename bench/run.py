@@ -50,11 +50,23 @@ LLAMA_1B = {
         "original_max_position_embeddings": 8192,
     },
 }
+# Pythia-1.4B's shape: GPT-NeoX, query_key_value fused per head [h, 3, d_head], rotary on a
+# quarter of each head; stored in bfloat16 (Pythia ships float16: the same two bytes a value).
+PYTHIA_1_4B = {
+    "hidden_size": 2048,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "intermediate_size": 8192,
+    "vocab_size": 50304,
+    "rotary_pct": 0.25,
+    "max_position_embeddings": 2048,
+}
 SHAPES = {
     "bert-base": ("bert", {}),
     "gpt2": ("gpt2", {}),
     "gpt2-medium": ("gpt2", {"n_embd": 1024, "n_layer": 24, "n_head": 16}),
     "llama-1b": ("llama", LLAMA_1B),
+    "pythia-1.4b": ("gpt_neox", PYTHIA_1_4B),
 }
 
 
@@ -163,7 +175,7 @@ def prepare_checkpoint(name: str) -> Path:
     if (folder / "model.safetensors").is_file() or (
         folder / "model.safetensors.index.json"
     ).is_file():
-        if SHAPES[name][0] == "llama":
+        if SHAPES[name][0] in ("llama", "gpt_neox"):
             prepare_tokenizer(folder)
         return folder
     family, overrides = SHAPES[name]
@@ -171,13 +183,17 @@ def prepare_checkpoint(name: str) -> Path:
     code = (
         "import sys, torch\n"
         "from transformers import BertConfig, BertModel, GPT2Config, GPT2Model\n"
+        "from transformers import GPTNeoXConfig, GPTNeoXForCausalLM\n"
         "from transformers import LlamaConfig, LlamaForCausalLM\n"
         "torch.manual_seed(0)\n"
         f"overrides = {overrides!r}\n"
         f"family = {family!r}\n"
-        "if family == 'llama':  # built in bfloat16: half the memory of float32, as it ships\n"
+        "if family in ('llama', 'gpt_neox'):  # built in bfloat16: half the memory of float32\n"
         "    torch.set_default_dtype(torch.bfloat16)\n"
+        "if family == 'llama':\n"
         "    model = LlamaForCausalLM(LlamaConfig(**overrides))\n"
+        "elif family == 'gpt_neox':\n"
+        "    model = GPTNeoXForCausalLM(GPTNeoXConfig(**overrides))\n"
         "elif family == 'bert':\n"
         "    model = BertModel(BertConfig(**overrides))\n"
         "else:\n"
@@ -185,14 +201,14 @@ def prepare_checkpoint(name: str) -> Path:
         "model.save_pretrained(sys.argv[1])\n"
     )
     subprocess.run([PY, "-c", code, str(folder)], check=True, env=ENV)
-    if family == "llama":
+    if family in ("llama", "gpt_neox"):
         prepare_tokenizer(folder)
     return folder
 
 
 def prepare_tokenizer(folder: Path) -> None:
-    """A small BPE tokenizer beside a Llama checkpoint: TransformerLens boots one with the model
-    (real Llama checkpoints ship theirs; a tokenizer-less Llama folder makes it fail)."""
+    """A small BPE tokenizer beside a Llama or GPT-NeoX checkpoint: TransformerLens boots one
+    with the model (real checkpoints ship theirs; a tokenizer-less Llama folder makes it fail)."""
     if (folder / "tokenizer.json").is_file():
         return
     code = (
@@ -259,8 +275,8 @@ def extraction_table(results: dict) -> list[str]:
         "(`from_pretrained`, then slice per head) and TransformerLens (`TransformerBridge."
         "boot_transformers`, then its stacked `W_Q`.. tensors). *inspect* = per-head norms; "
         "*extract* = the same plus writing the per-head tensors to a safetensors file, each route "
-        "in the checkpoint's own dtype (llama-1b: bfloat16; the others float32). `toolkit "
-        "inspect` reads and reduces two layers at a time, on two threads; `toolkit "
+        "in the checkpoint's own dtype (llama-1b, pythia-1.4b: bfloat16; the others float32). "
+        "`toolkit inspect` reads and reduces two layers at a time, on two threads; `toolkit "
         "extract` lays the tensors out straight into the memory-mapped output file on two "
         "threads, copying each transposed per-head view in blocks of 8 columns "
         "(`toolkit/layout.py`) and releasing each finished layer's pages from the process (they "

@@ -612,3 +612,66 @@ def test_a_file_extracted_by_convention_opens_again(tmp_path):
     assert saved.family.name == "arcee" and saved.family.by_convention
     assert saved.positions() == original.positions()
     np.testing.assert_array_equal(saved.layer(1).wk, original.layer(1).wk)
+
+
+# --- fused q/k/v in bfloat16: extract is a bit-exact copy, inspect's norms are the slices' ------
+
+
+def _weight_slices(weight: torch.Tensor, kind: str, h: int, h_kv: int, d_head: int) -> dict:
+    """role -> [heads, ...] rows of a fused projection's weight [out, ...] (or bias [out]) that
+    each head's q, k or v is computed from, sliced by torch from the model's own parameter."""
+    rest = weight.shape[1:]
+    if kind == "blocks":
+        q, k, v = weight.split([h * d_head, h_kv * d_head, h_kv * d_head])
+        return {
+            "q": q.view(h, d_head, *rest),
+            "k": k.view(h_kv, d_head, *rest),
+            "v": v.view(h_kv, d_head, *rest),
+        }
+    group = h // h_kv  # "groups": rows [h_kv, group + 2, d_head]
+    grouped = weight.view(h_kv, group + 2, d_head, *rest)
+    return {
+        "q": grouped[:, :group].reshape(h, d_head, *rest),
+        "k": grouped[:, group],
+        "v": grouped[:, group + 1],
+    }
+
+
+@pytest.mark.parametrize("model_type", ["gpt_neox", "bloom", "phi3", "falcon:grouped"])
+def test_fused_bf16_heads_are_the_models_own_slices_bit_for_bit(built, model_type, tmp_path):
+    """A fused-qkv checkpoint in bfloat16 (odd shapes: 6 heads of 8, or 6 over 2 key/value
+    heads): each per-head block `extract` writes equals, bit for bit, the slice of the model's
+    own bfloat16 weight, and `inspect`'s per-head norms are those slices' norms (torch, float64).
+    Norm tolerance 1e-12 relative: float64 sums of at most 400 squares in another order."""
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    from toolkit import inspect_model
+
+    kind, block, qkv, o = MODELS[model_type][1]
+    folder = tmp_path / "bf16"
+    AutoModel.from_pretrained(built(model_type)).to(torch.bfloat16).save_pretrained(folder)
+    model = AutoModel.from_pretrained(folder, dtype=torch.bfloat16)
+    out = tmp_path / "heads.safetensors"
+    assert extract(str(folder), out)["dtype"] == "bfloat16"
+    tensors = load_file(out)
+    summary = inspect_model(str(folder))
+    d = load_attention(str(folder)).dims
+    for index in range(d.n_layers):
+        attention = model.get_submodule(block.format(index))
+        fused = attention.get_submodule(qkv)
+        weights = _weight_slices(fused.weight, kind, d.n_heads, d.n_kv_heads, d.d_head)
+        expected = {"w" + r: w.transpose(1, 2) for r, w in weights.items()}  # [h, d_model, d_head]
+        dense = attention.get_submodule(o).weight  # [d_model, h * d_head]
+        expected["w0"] = dense.T.reshape(d.n_heads, d.d_head, d.d_model)
+        if fused.bias is not None:
+            biases = _weight_slices(fused.bias, kind, d.n_heads, d.n_kv_heads, d.d_head)
+            expected.update({"b" + r: b for r, b in biases.items()})
+        for role, theirs in expected.items():
+            ours = tensors[f"layers.{index}.{role}"]
+            assert ours.dtype == torch.bfloat16 and torch.equal(ours, theirs), role
+        layer = summary.layers[index]
+        for role in ("wq", "wk", "wv", "w0"):
+            norms = expected[role].double().flatten(1).norm(dim=1)
+            got = torch.tensor(getattr(layer, role).head_fro, dtype=torch.float64)
+            assert torch.allclose(got, norms, rtol=1e-12, atol=0), role

@@ -29,6 +29,7 @@ from toolkit.families import (
     family_for_checkpoint,
     family_for_config,
 )
+from toolkit.safetensors_format import widened
 from toolkit.sources import ModelSource, resolve_source
 
 WEIGHT_ROLES = ("wq", "wk", "wv", "w0")
@@ -438,8 +439,7 @@ _AXES = "abcdefghijklmnopqrstuvwxyz"  # einsum subscripts, one per axis
 
 def frobenius(array: np.ndarray) -> float:
     """Frobenius norm of the whole array, summed in float64."""
-    axes = _AXES[: array.ndim]
-    return math.sqrt(float(np.einsum(f"{axes},{axes}->", array, array, dtype=np.float64)))
+    return math.sqrt(_squares(array))
 
 
 def head_frobenius(array: np.ndarray) -> np.ndarray:
@@ -449,6 +449,20 @@ def head_frobenius(array: np.ndarray) -> np.ndarray:
     busy machine costs a scheduler time slice per call; tracking calls this ~100 times a step).
     einsum reads a strided view (a family's transposed per-head layout) in place, where a
     reshape would first copy it (that copy was two thirds of `inspect` on a Llama-1B shape).
+    An array of half-precision storage as `AttentionModel.layer(index, half=True)` gives it
+    (uint16: BF16 bits, or float16) is widened one head at a time, a block that stays in cache,
+    instead of the whole layer into fresh memory first (that widening was most of `inspect` on
+    a fused-qkv Pythia-1.4B shape).
     """
     axes = _AXES[1 : array.ndim]  # h is not among them
+    if array.dtype in (np.uint16, np.float16):
+        storage = "BF16" if array.dtype == np.uint16 else "F16"
+        squares = [_squares(widened(head, storage)) for head in array]
+        return np.sqrt(np.array(squares, dtype=np.float64))
     return np.sqrt(np.einsum(f"h{axes},h{axes}->h", array, array, dtype=np.float64))
+
+
+def _squares(array: np.ndarray) -> float:
+    """The sum of squares of all values, in float64 (a strided view read in place)."""
+    axes = _AXES[: array.ndim]
+    return float(np.einsum(f"{axes},{axes}->", array, array, dtype=np.float64))

@@ -27,6 +27,12 @@ with torch.no_grad():
             (*b.attn.c_attn.weight.split(config.n_embd, dim=1), b.attn.c_proj.weight)
             for b in model.h
         ]
+    elif config.model_type == "gpt_neox":  # query_key_value rows per head: [h, 3 (q, k, v), d_head]
+        blocks = []
+        for a in (layer.attention for layer in model.layers):
+            qkv = a.query_key_value.weight.view(n_heads, 3, -1, config.hidden_size)
+            q, k, v = (qkv[:, i].reshape(-1, config.hidden_size).T for i in range(3))
+            blocks.append((q, k, v, a.dense.weight.T))
     else:  # nn.Linear weights are stored [out, in]
         blocks = [
             (

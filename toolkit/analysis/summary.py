@@ -87,7 +87,7 @@ def summarize(model: AttentionModel, layers: Sequence[int] | None = None) -> Mod
 
 
 def _layer_summary(model: AttentionModel, index: int) -> LayerSummary:
-    layer = model.layer(index)
+    layer = model.layer(index, half=True)  # half storage as stored: widened head by head
     matrices = {role: _matrix_summary(getattr(layer, role)) for role in WEIGHT_ROLES}
     return LayerSummary(layer=index, **matrices)
 
