@@ -36,6 +36,12 @@ GPT_STYLE = {"n_embd": 48, "n_head": 6, "n_layer": 2, "vocab_size": 120, "n_posi
 #                                      key/value group's query heads, its key, its value
 #   ("four groups", block, qkv, o)     CodeGen: output [4, 3 (q, v, k), h/4, d_head]
 LLAMA_NAMES = ("separate", "layers.{}.self_attn", ("q_proj", "k_proj", "v_proj"), "o_proj")
+BERT_NAMES = (
+    "separate",
+    "encoder.layer.{}.attention",
+    ("self.query", "self.key", "self.value"),
+    "output.dense",
+)
 FALCON_NAMES = ("groups", "h.{}.self_attention", "query_key_value", "dense")
 MODELS = {
     "qwen3": (GQA, LLAMA_NAMES),
@@ -135,21 +141,11 @@ MODELS = {
     ),
     "electra": (
         {**ENCODER, "embedding_size": 48},
-        (
-            "separate",
-            "encoder.layer.{}.attention",
-            ("self.query", "self.key", "self.value"),
-            "output.dense",
-        ),
+        BERT_NAMES,
     ),
     "xlm-roberta": (
         ENCODER,
-        (
-            "separate",
-            "encoder.layer.{}.attention",
-            ("self.query", "self.key", "self.value"),
-            "output.dense",
-        ),
+        BERT_NAMES,
     ),
     "albert": (
         {**ENCODER, "embedding_size": 16},
