@@ -63,3 +63,39 @@ def test_device_route_equals_numpy_route(
         assert want.keys() == have.keys()
         for name in want:
             np.testing.assert_array_equal(have[name], want[name], err_msg=name)
+
+
+def test_device_numbers_reach_their_points_later_and_all_by_close(tiny_llama, tmp_path):
+    """The device route does not wait for a step's numbers: a point is filled in by a later
+    record (here at once: CPU tensors are already on the host), a snapshot, or close; the
+    trajectory file then holds every step's numbers, equal to the numpy route's."""
+    import json
+
+    from transformers import AutoModel
+
+    from toolkit.training.tracking import TRAJECTORY_FILE
+
+    model = AutoModel.from_pretrained(tiny_llama)
+    config = model.config.to_dict()
+    schedule = SnapshotSchedule(total_steps=8, track_every=1)  # snapshots at 0, 1, 2, 4, 8
+    runs = {}
+    for name, tracker_class in (("numpy", ShiftTracker), ("device", DeviceShiftTracker)):
+        folder = tmp_path / name
+        folder.mkdir()
+        trajectory = Trajectory(model="m", task="t")
+        tracker = tracker_class.begin(folder, model.state_dict(), config, trajectory, schedule)
+        tracker.flush()
+        for step in (3, 5, 6, 8):  # 8, the last, writes a snapshot and the trajectory file
+            point = tracker.record(trajectory, step, _perturbed(model, step), 0.5, {})
+            if tracker_class is DeviceShiftTracker and step != 8:
+                # its own numbers come later; every earlier point's are in
+                assert point.head_change == {}
+                assert all(p.head_change for p in trajectory.shift[:-1])
+        tracker.close()
+        runs[name] = trajectory
+    for want, have in zip(runs["numpy"].shift, runs["device"].shift, strict=True):
+        for role in ("wq", "wk", "wv", "w0"):
+            # torch's float64 sums against numpy's of the same float32 weights (see above)
+            np.testing.assert_allclose(have.head_change[role], want.head_change[role], atol=1e-6)
+    written = json.loads((tmp_path / "device" / TRAJECTORY_FILE).read_text())
+    assert [bool(p["head_change"]) for p in written["shift"]] == [True] * 5

@@ -147,13 +147,13 @@ def test_a_snapshot_due_while_the_writer_is_busy_is_skipped_not_waited_for(
     tracker, trajectory = _begin(model, tmp_path, SnapshotSchedule(8, 1))
     tracker.flush()
     release = threading.Event()
-    real_write = tracking.write_standard_tensors
+    real_write = tracking.write_laid_out
 
     def slow_write(*args, **kwargs):
         release.wait(60)  # a disk that takes long; the test releases it
         real_write(*args, **kwargs)
 
-    monkeypatch.setattr(tracking, "write_standard_tensors", slow_write)
+    monkeypatch.setattr(tracking, "write_laid_out", slow_write)
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.mul_(1.01)  # every weight 1% larger: a relative change of 0.01
@@ -221,7 +221,7 @@ def test_a_failing_snapshot_write_warns_once_and_the_run_goes_on(
 ):
     """A real failing write: the file size limit (RLIMIT_FSIZE; Python ignores SIGXFSZ, so the
     write fails with EFBIG) lowered to 1 KB while steps 2 and 4's snapshots are written."""
-    real_write = tracking.write_standard_tensors
+    real_write = tracking.write_laid_out
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
 
     def write_into_a_full_disk(path, *args, **kwargs):
@@ -233,7 +233,7 @@ def test_a_failing_snapshot_write_warns_once_and_the_run_goes_on(
         finally:
             resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 
-    monkeypatch.setattr(tracking, "write_standard_tensors", write_into_a_full_disk)
+    monkeypatch.setattr(tracking, "write_laid_out", write_into_a_full_disk)
     run = tmp_path / "run"
     result = _tiny_run(toy_sentiment_csv, tiny_bert_with_tokenizer, run, max_steps=6, track_every=2)
     assert result.steps == 6 and (run / "final").is_dir()

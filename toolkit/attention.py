@@ -341,6 +341,22 @@ def write_standard_file(
     layers: Sequence[int] | None = None,
     dtype: str = "source",
 ) -> tuple[int, str]:
+    """`write_laid_out`, with a failed write (a full disk, a read-only folder) as one line
+    (ToolkitError); no file is left behind."""
+    try:
+        return write_laid_out(path, model, layers, dtype)
+    except OSError as err:
+        raise ToolkitError(
+            f"cannot write {path} ({err.strerror or err}): free space or choose another folder"
+        ) from None
+
+
+def write_laid_out(
+    path: str | Path,
+    model: AttentionModel,
+    layers: Sequence[int] | None = None,
+    dtype: str = "source",
+) -> tuple[int, str]:
     """Write the standard tensors of `layers` (default all) as a safetensors file, atomically,
     laying each layer out straight into the file's memory-mapped pages (at most READERS layers
     read at a time). Returns (bytes of tensor data, storage dtype: "F32", "BF16" or "F16").
@@ -387,12 +403,7 @@ def write_standard_file(
     from toolkit.safetensors_format import write_mapped
 
     metadata = standard_metadata(model)
-    try:
-        write_atomic(path, lambda tmp: write_mapped(tmp, shapes, metadata, storage, fill))
-    except OSError as err:  # a full disk, a read-only folder: one line, and no file left behind
-        raise ToolkitError(
-            f"cannot write {path} ({err.strerror or err}): free space or choose another folder"
-        ) from None
+    write_atomic(path, lambda tmp: write_mapped(tmp, shapes, metadata, storage, fill))
     return sum(math.prod(shape) * (2 if half else 4) for shape in shapes.values()), storage
 
 

@@ -1,5 +1,7 @@
 """Shift tracking where the weights live: the per-head relative change by torch ops on the
-parameters' device; only the [n_layers, n_heads] numbers cross to the host.
+parameters' device; only the [n_layers, n_heads] numbers cross to the host, by a non-blocking
+copy that a later record, snapshot or flush collects: the training thread never waits for the
+device to finish a step because of tracking.
 
     flat_l  = concat(layer l's attention parameters, flattened)          on the device
     W_t[h]  = flat_l[index[role][h]]     index: [n_heads, rows*cols], from the family's own
@@ -15,10 +17,12 @@ numpy route.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from toolkit.attention import WEIGHT_ROLES, attention_from_state_dict, standard_name
-from toolkit.training.tracking import ShiftPoint, ShiftTracker, _standard_tensors
+from toolkit.training.tracking import ShiftPoint, ShiftTracker
 
 
 def layer_gather_index(attention, state_dict: dict, layer: int) -> dict[str, np.ndarray]:
@@ -49,21 +53,59 @@ def layer_flat(attention, state_dict: dict, layer: int):
     )
 
 
+@dataclass
+class UnreadChange:
+    """One step's per-head numbers on their way to the host: `values` (heads of each role, then
+    each role's layers, float64) is complete once `arrived` has happened (None: already)."""
+
+    values: object  # torch.Tensor, on the host
+    arrived: object  # torch.cuda.Event | None
+    n_layers: int
+    heads: list[int]  # per role
+
+    def arrived_already(self) -> bool:
+        return self.arrived is None or self.arrived.query()
+
+    def read(self) -> tuple[dict, dict]:
+        """(layer_change, head_change): role -> [n_layers], role -> [n_layers][n_heads]."""
+        if self.arrived is not None:
+            self.arrived.synchronize()
+        counts = [self.n_layers * size for size in self.heads] + [self.n_layers] * len(self.heads)
+        pieces = self.values.split(counts)
+        heads = [
+            piece.reshape(self.n_layers, size).tolist()
+            for piece, size in zip(pieces[: len(self.heads)], self.heads, strict=True)
+        ]
+        layers = [piece.tolist() for piece in pieces[len(self.heads) :]]
+        return (
+            dict(zip(WEIGHT_ROLES, layers, strict=True)),
+            dict(zip(WEIGHT_ROLES, heads, strict=True)),
+        )
+
+
 class DeviceShiftTracker(ShiftTracker):
-    """A ShiftTracker that measures on the device of the state dict it is given."""
+    """A ShiftTracker that measures on the device of the state dict it is given; a step's numbers
+    reach its ShiftPoint later (by the next record, snapshot or `flush`), so that the training
+    thread never waits for the device to finish the step."""
 
     _index: dict | None = None  # role -> LongTensor [n_heads, rows * cols], per layer alike
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._unread: list[tuple[ShiftPoint, UnreadChange]] = []  # in step order
 
     def _record(self, trajectory, step, state_dict, loss, metrics) -> ShiftPoint:
         name = f"{trajectory.model} at step {step}"
         attention = attention_from_state_dict(state_dict, self.model_config, name)
         if self._index is None:
             self._prepare(attention, state_dict)
+        self._collect(wait=False)  # earlier steps' numbers that have reached the host
         flats = [layer_flat(attention, state_dict, layer) for layer in range(trajectory.n_layers)]
-        layer_change, head_change = self._device_change(flats)
-        point = ShiftPoint(step, loss, metrics, layer_change, head_change, None)
+        point = ShiftPoint(step, loss, metrics, {}, {}, None)
+        self._unread.append((point, self._device_change(flats)))
         if not self._snapshot_wanted(point):
-            return self._append_point(trajectory, point, attention, None)
+            return self._append_point(trajectory, point, None)
+        self._collect(wait=True)  # the snapshot's trajectory file holds every number so far
         # the writer is idle, so the pinned buffers are free: the last write has read them
         copied = self._copy_to_host(flats)
         shapes = {
@@ -72,7 +114,7 @@ class DeviceShiftTracker(ShiftTracker):
             for name in attention.family.layer_names(layer, attention.config).values()
         }
 
-        def standard_tensors():
+        def snapshot():
             host_flats = copied()
             raw = {}
             for layer, flat in enumerate(host_flats):
@@ -84,9 +126,9 @@ class DeviceShiftTracker(ShiftTracker):
                         shape
                     )
                     position += count
-            return _standard_tensors(raw, self.model_config, name)[1]
+            return attention_from_state_dict(raw, self.model_config, name)
 
-        return self._append_point(trajectory, point, attention, standard_tensors)
+        return self._append_point(trajectory, point, snapshot)
 
     def _prepare(self, attention, state_dict: dict) -> None:
         """Per-role gather indices and the step-0 weights [n_layers, n_heads, rows * cols] on the
@@ -116,8 +158,9 @@ class DeviceShiftTracker(ShiftTracker):
         if device.type == "cuda":
             self._copy_stream = torch.cuda.Stream(device)
 
-    def _device_change(self, flats: list) -> tuple[dict, dict]:
-        """(layer_change, head_change) as ShiftPoint holds them; one transfer to the host."""
+    def _device_change(self, flats: list) -> UnreadChange:
+        """Start computing (layer_change, head_change) as ShiftPoint holds them, and copying them
+        to the host: one small transfer that the training thread does not wait for."""
         import torch
 
         heads, layers = [], []
@@ -127,19 +170,30 @@ class DeviceShiftTracker(ShiftTracker):
             start = self._start_norm[role]
             heads.append(moved / start)
             layers.append((moved.square().sum(-1) / start.square().sum(-1)).sqrt())  # [L]
-        # one transfer: wq/w0 have h heads, wk/wv h_kv under grouped-query attention
+        # wq/w0 have h heads, wk/wv h_kv under grouped-query attention
         sizes = [len(change[0]) for change in heads]
-        flat = torch.cat([change.reshape(-1) for change in heads + layers]).cpu()
-        pieces = flat.split([len(flats) * size for size in sizes] + [len(flats)] * len(layers))
-        heads = [
-            piece.reshape(len(flats), size).tolist()
-            for piece, size in zip(pieces[: len(sizes)], sizes, strict=True)
-        ]
-        layers = [piece.tolist() for piece in pieces[len(sizes) :]]
-        return (
-            dict(zip(WEIGHT_ROLES, layers, strict=True)),
-            dict(zip(WEIGHT_ROLES, heads, strict=True)),
-        )
+        flat = torch.cat([change.reshape(-1) for change in heads + layers])
+        if flat.device.type != "cuda":
+            return UnreadChange(flat, None, len(flats), sizes)
+        host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+        host.copy_(flat, non_blocking=True)
+        arrived = torch.cuda.Event()
+        arrived.record()
+        return UnreadChange(host, arrived, len(flats), sizes)
+
+    def _collect(self, wait: bool) -> None:
+        """Fill in the numbers of the points whose transfer is done, in step order; `wait`: of
+        every point (waiting for the device)."""
+        while self._unread:
+            point, change = self._unread[0]
+            if not (wait or change.arrived_already()):
+                return
+            point.layer_change, point.head_change = change.read()
+            self._unread.pop(0)
+
+    def flush(self) -> None:
+        self._collect(wait=True)
+        super().flush()
 
     def _copy_to_host(self, flats: list):
         """Start copying the flats to the host; return a function that waits and gives them."""

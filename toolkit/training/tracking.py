@@ -15,17 +15,21 @@ tracked steps whose count is a power of two (1, 2, 4, 8, ... times `track_every`
 every `snapshot_every` steps if asked, and the last step. They are stored in the model's 16-bit
 dtype when its step-0 weights are exact in it (a bf16 model or checkpoint), float32 otherwise.
 
-One background thread writes snapshots and the trajectory atomically; training never waits for
-it: a snapshot due while the previous one is still being written is skipped and counted, and a
-write that fails (a full disk) warns once. Either way the shift point says which snapshot is
-missing and why. `flush()` waits (before a checkpoint and at the end). This module measures on
-the host with numpy; `device_tracking.DeviceShiftTracker` measures on the device (CUDA) with the
-same numbers.
+For a snapshot the training thread only copies the raw attention parameters (one memcpy each);
+one background thread, at the lowest scheduling priority (it takes the cores the training step's
+threads leave idle), lays them out per head straight into the file's mapped pages and writes the
+trajectory, atomically. Training never waits for it: a snapshot due while the previous one is
+still being written is skipped and counted, and a write that fails (a full disk) warns once.
+Either way the shift point says which snapshot is missing and why. `flush()` waits (before a
+checkpoint and at the end). This module measures on the host with numpy, spreading the weights
+over as many threads as torch uses (its workers sit idle meanwhile);
+`device_tracking.DeviceShiftTracker` measures on the device (CUDA) with the same numbers.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -40,6 +44,7 @@ from toolkit.attention import (
     load_attention,
     standard_name,
     standard_tensor_dict,
+    write_laid_out,
     write_standard_tensors,
 )
 from toolkit.errors import ToolkitError
@@ -193,9 +198,11 @@ class ShiftTracker:
         self.dtype = dtype  # the snapshots' safetensors dtype: F32, BF16 or F16
         self.seconds = 0.0
         self.skipped = 0
-        self._writer = ThreadPoolExecutor(max_workers=1)
+        self._writer = ThreadPoolExecutor(max_workers=1, initializer=_yield_to_training)
         self._pending: Future | None = None
         self._warned = False
+        self._measure_pool: ThreadPoolExecutor | None = None
+        self._scratch = threading.local()  # each measuring thread's difference buffers
 
     @classmethod
     def begin(
@@ -208,16 +215,17 @@ class ShiftTracker:
     ) -> ShiftTracker:
         """Snapshot step 0 and start a trajectory that is zero there."""
         name = f"{trajectory.model} at step 0"
-        attention, tensors = _standard_tensors(state_dict, model_config, name)
+        attention = attention_from_state_dict(state_dict, model_config, name)
         trajectory.n_layers, trajectory.n_heads = attention.dims.n_layers, attention.dims.n_heads
         # views of a copy of the raw parameters: later steps' live views have the same strides,
         # so their difference runs in memory order
         start = _live_weights(attention, state_dict, copy=True)
         dtype = snapshot_dtype(_parameter_dtype(state_dict), model_config, start)
         tracker = cls(shift_dir, model_config, start, schedule, dtype)
-        layer_change, head_change = tracker._relative_change(tensors, trajectory.n_layers)
+        layer_change, head_change = tracker._relative_change(start, trajectory.n_layers)
         point = ShiftPoint(0, None, {}, layer_change, head_change, snapshot_name(0))
-        tracker._append_point(trajectory, point, attention, lambda: tensors)
+        snapshot = snapshot_source(attention, state_dict, model_config, name)
+        tracker._append_point(trajectory, point, lambda: snapshot)
         return tracker
 
     @classmethod
@@ -254,12 +262,11 @@ class ShiftTracker:
         live = _live_weights(attention, state_dict)
         layer_change, head_change = self._relative_change(live, trajectory.n_layers)
         point = ShiftPoint(step, loss, metrics, layer_change, head_change, None)
-        make_tensors = None
+        snapshot = None
         if self._snapshot_wanted(point):
-            # copies: the writer reads them while the next steps move the parameters
-            tensors = standard_tensor_dict(list(attention.layers()))
-            make_tensors = lambda: tensors  # noqa: E731
-        return self._append_point(trajectory, point, attention, make_tensors)
+            source = snapshot_source(attention, state_dict, self.model_config, name)
+            snapshot = lambda: source  # noqa: E731
+        return self._append_point(trajectory, point, snapshot)
 
     def flush(self) -> None:
         """Wait until every snapshot and trajectory so far is on disk."""
@@ -270,6 +277,8 @@ class ShiftTracker:
     def close(self) -> None:
         self.flush()
         self._writer.shutdown()
+        if self._measure_pool is not None:
+            self._measure_pool.shutdown()
 
     def _snapshot_wanted(self, point: ShiftPoint) -> bool:
         """Whether to write `point`'s snapshot now: its step is due one (step 0 always) and the
@@ -282,50 +291,72 @@ class ShiftTracker:
             return False
         return True
 
-    def _append_point(self, trajectory, point, attention, make_tensors) -> ShiftPoint:
-        """Add `point`; with `make_tensors`, write its snapshot: `make_tensors()` runs on the
-        writer thread, which is idle (`_snapshot_wanted`)."""
+    def _append_point(self, trajectory, point, snapshot) -> ShiftPoint:
+        """Add `point`; with `snapshot`, write its weights: `snapshot()` (the AttentionModel of a
+        copy of the parameters) runs on the writer thread, which is idle (`_snapshot_wanted`)."""
         trajectory.shift.append(point)
-        if make_tensors is None:
+        if snapshot is None:
             return point
         point.snapshot = snapshot_name(point.step)
         self.flush()  # done already: collects its result
         # a shallow copy: the writer serialises the points so far while training appends more
         record = dataclasses.replace(trajectory, shift=list(trajectory.shift))
-        self._pending = self._writer.submit(self._write, make_tensors, attention, record, point)
+        self._pending = self._writer.submit(self._write, snapshot, record, point)
         return point
 
     def _relative_change(self, tensors: dict, n_layers: int):
+        names = [standard_name(layer, role) for layer in range(n_layers) for role in WEIGHT_ROLES]
+        # each weight on its own: numpy releases the GIL in these loops, so the cores that the
+        # training step's torch threads use (idle while this runs) share the work; every weight's
+        # sums run alike whatever thread takes them, so the numbers do not depend on the count
+        moved = dict(
+            zip(
+                names,
+                self._measurers().map(self._moved, names, [tensors[n] for n in names]),
+                strict=True,
+            )
+        )
         layer_change = {role: [] for role in WEIGHT_ROLES}
         head_change = {role: [] for role in WEIGHT_ROLES}
         for layer in range(n_layers):
             for role in WEIGHT_ROLES:
                 name = standard_name(layer, role)
-                # [n_heads, a, b] -> ||W_t[h] - W_start[h]||_F: [n_heads]. The difference takes
-                # the live view's layout, whatever W_start's (a copy, or read from a snapshot
-                # when resuming), so that the sums run in one order: a resumed run's numbers
-                # are bit for bit those of an uninterrupted one.
-                live = tensors[name]
-                difference = np.empty_like(live)  # order "K": the live parameter's strides
-                np.subtract(live, self.weights_at_start[name], out=difference)
-                moved = head_frobenius(difference)
                 at_start = self.head_norms_at_start[name]
-                head_change[role].append((moved / at_start).tolist())
+                head_change[role].append((moved[name] / at_start).tolist())
                 layer_change[role].append(
-                    float(np.sqrt(np.square(moved).sum() / np.square(at_start).sum()))
+                    float(np.sqrt(np.square(moved[name]).sum() / np.square(at_start).sum()))
                 )
         return layer_change, head_change
 
-    def _write(self, make_tensors, attention, trajectory: Trajectory, point: ShiftPoint) -> None:
+    def _moved(self, name: str, live: np.ndarray) -> np.ndarray:
+        """||W_t[h] - W_start[h]||_F of one weight [n_heads, a, b]: [n_heads] float64. The
+        difference takes the live view's layout, whatever W_start's (a copy, or read from a
+        snapshot when resuming), so that the sums run in one order: a resumed run's numbers are
+        bit for bit those of an uninterrupted one."""
+        # order "K": the live parameter's strides. One buffer per layout and thread, reused
+        # every step: fresh ones cost page faults, and returning them to the system interrupts
+        # the training threads (TLB shootdowns)
+        buffers = self._scratch.__dict__.setdefault("buffers", {})
+        key = (live.shape, live.strides, live.dtype)
+        if key not in buffers:
+            buffers[key] = np.empty_like(live)
+        difference = buffers[key]
+        np.subtract(live, self.weights_at_start[name], out=difference)
+        return head_frobenius(difference)
+
+    def _measurers(self) -> ThreadPoolExecutor:
+        """The threads `_relative_change` spreads its weights over: as many as torch's."""
+        if self._measure_pool is None:
+            import torch
+
+            self._measure_pool = ThreadPoolExecutor(max_workers=torch.get_num_threads())
+        return self._measure_pool
+
+    def _write(self, snapshot, trajectory: Trajectory, point: ShiftPoint) -> None:
         """On the writer thread: the snapshot, then the trajectory; a failed write (a full
         disk) leaves no file, marks the point and warns once, and training goes on."""
         try:
-            tensors = make_tensors()
-            shapes = {name: tensor.shape for name, tensor in tensors.items()}
-            stored = ((name, stored_as(tensor, self.dtype)) for name, tensor in tensors.items())
-            write_standard_tensors(
-                self.shift_dir / point.snapshot, attention, shapes, stored, self.dtype
-            )
+            self._write_snapshot(snapshot(), self.shift_dir / point.snapshot)
         except OSError as err:
             point.snapshot, point.snapshot_missing = None, f"not written: {err.strerror or err}"
             self._warn(f"snapshot of step {point.step} {point.snapshot_missing}")
@@ -333,6 +364,18 @@ class ShiftTracker:
             write_json(self.shift_dir / TRAJECTORY_FILE, trajectory.to_dict())
         except OSError as err:
             self._warn(f"{TRAJECTORY_FILE} not updated at step {point.step}: {err.strerror}")
+
+    def _write_snapshot(self, source, path: Path) -> None:
+        """Lay `source`'s heads out straight into the file's mapped pages (one pass over the
+        data) when it is stored in the snapshots' dtype or they are float32; else (a float32
+        model whose checkpoint is 16-bit) convert each tensor and stream it."""
+        if self.dtype == "F32" or source.storage_dtype() == self.dtype:
+            write_laid_out(path, source, dtype="float32" if self.dtype == "F32" else "source")
+            return
+        tensors = standard_tensor_dict(list(source.layers()))
+        shapes = {name: tensor.shape for name, tensor in tensors.items()}
+        stored = ((name, stored_as(tensor, self.dtype)) for name, tensor in tensors.items())
+        write_standard_tensors(path, source, shapes, stored, self.dtype)
 
     def _warn(self, message: str) -> None:
         if not self._warned:
@@ -393,11 +436,26 @@ def _live_weights(attention, state_dict: dict, copy: bool = False) -> dict[str, 
     return weights
 
 
-def _standard_tensors(state_dict: dict, config: dict, name: str):
-    """(AttentionModel, contiguous float32 copies of every layer's standard tensors).
+def snapshot_source(attention, state_dict: dict, model_config: dict, name: str):
+    """The AttentionModel of a copy of `attention`'s parameters in `state_dict`, their own dtype
+    and layout: one memcpy per tensor is all the training thread does for a snapshot (the writer
+    reads the copy while the next steps move the parameters, and lays it out per head)."""
+    raw = {
+        attention.prefix + tensor: state_dict[attention.prefix + tensor].detach().clone()
+        for layer in attention.layer_indices
+        for tensor in attention.family.layer_names(layer, attention.config).values()
+    }
+    return attention_from_state_dict(raw, model_config, name)
 
-    `Checkpoint.get` copies each tensor out of the state dict, so nothing here is a view of a
-    live parameter that the next optimizer step would overwrite.
-    """
-    attention = attention_from_state_dict(state_dict, config, name)
-    return attention, standard_tensor_dict(list(attention.layers()))
+
+def _yield_to_training() -> None:
+    """Run the calling (writer) thread at the lowest scheduling priority: its layout and writes
+    take the cores only when the training thread's workers leave them idle, instead of stalling
+    a torch operation whose worker threads wait for the one that shares a core with it."""
+    import os
+    import threading
+
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # this thread, on Linux
+    except (AttributeError, OSError):
+        pass  # elsewhere: normal priority
