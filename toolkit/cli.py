@@ -61,6 +61,18 @@ def _print_json(data: object) -> None:
     click.echo(json.dumps(data, indent=2 if sys.stdout.isatty() else None))
 
 
+def run() -> None:
+    """The `toolkit` program: `main`, then an exit that skips the interpreter's last garbage
+    collection over every object the command left (0.05-0.15 s of a 0.5 s `inspect`): they are
+    frozen, and freed as the interpreter tears the modules down."""
+    import gc
+
+    try:
+        main()  # click ends by raising SystemExit
+    finally:
+        gc.freeze()
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="attention-toolkit")
 @click.option(
