@@ -670,4 +670,6 @@ def test_fused_bf16_heads_are_the_models_own_slices_bit_for_bit(built, model_typ
         for role in ("wq", "wk", "wv", "w0"):
             norms = expected[role].double().flatten(1).norm(dim=1)
             got = torch.tensor(getattr(layer, role).head_fro, dtype=torch.float64)
-            assert torch.allclose(got, norms, rtol=1e-12, atol=0), role
+            # half-precision heads: exact float32 squares, float32 pairwise sums per contiguous
+            # run (< ~20 float32 epsilons = 1.2e-6 relative for positive terms), float64 after
+            assert torch.allclose(got, norms, rtol=2e-6, atol=0), role

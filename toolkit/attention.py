@@ -463,14 +463,28 @@ def head_frobenius(array: np.ndarray) -> np.ndarray:
     An array of half-precision storage as `AttentionModel.layer(index, half=True)` gives it
     (uint16: BF16 bits, or float16) is widened one head at a time, a block that stays in cache,
     instead of the whole layer into fresh memory first (that widening was most of `inspect` on
-    a fused-qkv Pythia-1.4B shape).
+    a fused-qkv Pythia-1.4B shape); its squares are exact in float32 (8- or 11-bit significands
+    squared), summed in float32 along each contiguous run and the runs in float64 (half the
+    time of casting every square to float64; at most ~1e-6 relative, 1e-7 measured).
     """
     axes = _AXES[1 : array.ndim]  # h is not among them
     if array.dtype in (np.uint16, np.float16):
         storage = "BF16" if array.dtype == np.uint16 else "F16"
-        squares = [_squares(widened(head, storage)) for head in array]
+        squares = [_half_squares(widened(head, storage)) for head in array]
         return np.sqrt(np.array(squares, dtype=np.float64))
     return np.sqrt(np.einsum(f"h{axes},h{axes}->h", array, array, dtype=np.float64))
+
+
+def _half_squares(widened_head: np.ndarray) -> float:
+    """The sum of squares of a widened half-precision block (a fresh float32 array, contiguous in
+    some axis order, squared in place): exact squares; each run of it along its contiguous axis
+    summed in float32 by numpy's pairwise sum (relative error below ~20 float32 epsilons for
+    positive terms: 8 accumulators over runs up to 128, pairs of halves above), the runs in
+    float64."""
+    np.square(widened_head, out=widened_head)
+    run = widened_head.shape[int(np.argmin(widened_head.strides))] if widened_head.ndim else 1
+    runs = widened_head.ravel(order="K").reshape(-1, run)  # no copy: memory order
+    return float(runs.sum(axis=1, dtype=np.float32).sum(dtype=np.float64))
 
 
 def _squares(array: np.ndarray) -> float:
