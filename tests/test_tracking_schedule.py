@@ -178,6 +178,42 @@ def test_a_snapshot_due_while_the_writer_is_busy_is_skipped_not_waited_for(
     assert tracker.seconds > 0
 
 
+def test_an_evaluated_or_last_step_waits_for_the_writer_instead_of_skipping(
+    tiny_llama, tmp_path, monkeypatch
+):
+    """The snapshots a kept best model and the report read (evaluations, the last step) are
+    written even when the writer is still busy with the previous one."""
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(tiny_llama)
+    tracker, trajectory = _begin(model, tmp_path, SnapshotSchedule(8, 1))
+    tracker.flush()
+    real_write = tracking.write_laid_out
+    started = threading.Event()
+
+    def slow_write(*args, **kwargs):
+        started.set()
+        time.sleep(0.5)  # a slow disk: still writing when the next steps are recorded
+        real_write(*args, **kwargs)
+
+    monkeypatch.setattr(tracking, "write_laid_out", slow_write)
+    tracker.record(trajectory, 1, model.state_dict(), 0.5, {})  # snapshot due: the slow write
+    assert started.wait(10)
+    tracker.record(trajectory, 2, model.state_dict(), 0.5, {"accuracy": 0.5})  # evaluated
+    tracker.record(trajectory, 4, model.state_dict(), 0.5, {})  # due, writer busy: skipped
+    tracker.record(trajectory, 8, model.state_dict(), 0.5, {})  # the last step
+    tracker.close()
+    points = {p.step: p for p in trajectory.shift}
+    assert [points[s].snapshot for s in (1, 2, 4, 8)] == [
+        snapshot_name(1),
+        snapshot_name(2),
+        None,
+        snapshot_name(8),
+    ]
+    assert points[4].snapshot_missing == SKIPPED and tracker.skipped == 1
+    assert {snapshot_name(s) for s in (0, 1, 2, 8)} == {p.name for p in tmp_path.glob("step_*")}
+
+
 def _tiny_run(csv, model, out, **settings):
     return toolkit.finetune(
         FinetuneConfig(

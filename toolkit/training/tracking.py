@@ -19,7 +19,8 @@ For a snapshot the training thread only copies the raw attention parameters (one
 one background thread, at the lowest scheduling priority (it takes the cores the training step's
 threads leave idle), lays them out per head straight into the file's mapped pages and writes the
 trajectory, atomically. Training never waits for it: a snapshot due while the previous one is
-still being written is skipped and counted, and a write that fails (a full disk) warns once.
+still being written is skipped and counted (an evaluated step's and the last step's wait for
+it instead: training has stopped there), and a write that fails (a full disk) warns once.
 Either way the shift point says which snapshot is missing and why. `flush()` waits (before a
 checkpoint and at the end). This module measures on the host with numpy, spreading the weights
 over as many threads as torch uses (its workers sit idle meanwhile);
@@ -282,9 +283,14 @@ class ShiftTracker:
 
     def _snapshot_wanted(self, point: ShiftPoint) -> bool:
         """Whether to write `point`'s snapshot now: its step is due one (step 0 always) and the
-        writer is idle; a due one the writer is too busy for is skipped, counted and noted."""
+        writer is idle; a due one the writer is too busy for is skipped, counted and noted.
+        An evaluated step's and the last step's are never skipped: training has stopped for the
+        evaluation (or is over), so waiting for the previous write costs it nothing, and those
+        are the snapshots a kept best model and the report are read from."""
         if point.step and not self.schedule.snapshots(point.step, bool(point.metrics)):
             return False
+        if point.metrics or point.step == self.schedule.total_steps:
+            self.flush()
         if self._pending is not None and not self._pending.done():
             self.skipped += 1
             point.snapshot_missing = SKIPPED
