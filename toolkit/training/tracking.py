@@ -16,11 +16,11 @@ every `snapshot_every` steps if asked, and the last step. They are stored in the
 dtype when its step-0 weights are exact in it (a bf16 model or checkpoint), float32 otherwise.
 
 For a snapshot the training thread only copies the raw attention parameters (one memcpy each);
-one background thread, at the lowest scheduling priority (it takes the cores the training step's
-threads leave idle), lays them out per head straight into the file's mapped pages and writes the
-trajectory, atomically. Training never waits for it: a snapshot due while the previous one is
-still being written is skipped and counted (an evaluated step's and the last step's wait for
-it instead: training has stopped there), and a write that fails (a full disk) warns once.
+one background thread lays them out per head straight into the file's mapped pages (one pass over
+the data) and writes the trajectory, atomically. Training never waits for it: a snapshot due
+while the previous one is still being written is skipped and counted (an evaluated step's and
+the last step's wait for it instead: training has stopped there), and a write that fails (a
+full disk) warns once.
 Either way the shift point says which snapshot is missing and why. `flush()` waits (before a
 checkpoint and at the end). This module measures on the host with numpy, spreading the weights
 over as many threads as torch uses (its workers sit idle meanwhile);
@@ -199,7 +199,7 @@ class ShiftTracker:
         self.dtype = dtype  # the snapshots' safetensors dtype: F32, BF16 or F16
         self.seconds = 0.0
         self.skipped = 0
-        self._writer = ThreadPoolExecutor(max_workers=1, initializer=_yield_to_training)
+        self._writer = ThreadPoolExecutor(max_workers=1)
         self._pending: Future | None = None
         self._warned = False
         self._measure_pool: ThreadPoolExecutor | None = None
@@ -452,16 +452,3 @@ def snapshot_source(attention, state_dict: dict, model_config: dict, name: str):
         for tensor in attention.family.layer_names(layer, attention.config).values()
     }
     return attention_from_state_dict(raw, model_config, name)
-
-
-def _yield_to_training() -> None:
-    """Run the calling (writer) thread at the lowest scheduling priority: its layout and writes
-    take the cores only when the training thread's workers leave them idle, instead of stalling
-    a torch operation whose worker threads wait for the one that shares a core with it."""
-    import os
-    import threading
-
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # this thread, on Linux
-    except (AttributeError, OSError):
-        pass  # elsewhere: normal priority
