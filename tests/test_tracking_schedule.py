@@ -271,7 +271,11 @@ def test_a_failing_snapshot_write_warns_once_and_the_run_goes_on(
 
     monkeypatch.setattr(tracking, "write_laid_out", write_into_a_full_disk)
     run = tmp_path / "run"
-    result = _tiny_run(toy_sentiment_csv, tiny_bert_with_tokenizer, run, max_steps=6, track_every=2)
+    # evaluated every tracked step: each snapshot waits for the one before (none is skipped
+    # because the writer was busy, whatever the machine's load), so steps 2 and 4 both fail
+    result = _tiny_run(
+        toy_sentiment_csv, tiny_bert_with_tokenizer, run, max_steps=6, track_every=2, eval_every=2
+    )
     assert result.steps == 6 and (run / "final").is_dir()
     warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
     assert len(warnings) == 1 and "snapshot of step 2 not written: File too large" in warnings[0]
