@@ -14,6 +14,7 @@ from toolkit import load_attention, verify
 from toolkit.cli import main
 from toolkit.gguf_checkpoint import gguf_config, transformers_names
 from toolkit.gguf_model import load_gguf_model
+from toolkit.runtime import load_tokenizer
 
 # d_model 64 so that rows are whole blocks of 32 (the quantised-type test needs that)
 SHAPE = {
@@ -260,6 +261,18 @@ def test_verify_passes_on_a_written_gguf(architecture, tmp_path):
     assert min(c.reference_max_abs["output"] for c in report.layers) > 1e-2
 
 
+def test_verify_runs_a_gemma_gguf_on_texts_through_its_own_tokenizer(tmp_path):
+    """transformers' GGUF config reader refuses architecture gemma, so AutoTokenizer is told
+    the tokenizer class; the texts' token ids are the byte-level vocabulary's."""
+    tokens = _byte_level_tokens()
+    model = _tiny_model("gemma", vocab_size=len(tokens))
+    path = _write_gguf(model, "gemma", tmp_path / "model.gguf", tokens=tokens)
+    report = verify(path, texts=["he sat in the hat"])
+    assert report.inputs["kind"] == "texts" and report.passed
+    ids = load_tokenizer(path)("he sat")["input_ids"]
+    assert ids == [tokens.index(t) for t in ["he", "Ġ", "s", "a", "t"]]
+
+
 def test_a_tensor_the_model_has_no_place_for_is_one_line(tmp_path):
     """Llama 3's rope_freqs (a rotary scaling the config would not carry): refused, not dropped
     as transformers' loader drops it."""
@@ -317,17 +330,19 @@ def test_a_type_gguf_cannot_dequantize_is_one_line_and_writes_nothing(tmp_path):
     assert "Q8_1" in line and "cannot dequantize" in line
 
 
-def test_finetune_on_a_qwen3_gguf_moves_the_weights_by_what_compare_reports(tmp_path):
-    """`toolkit finetune` on a tiny Qwen3 GGUF (head_dim 16, which transformers' own GGUF loader
-    rebuilds as 128) trains, and `toolkit compare X.gguf RUN/final` reports the change of wq
-    that numpy computes from final/ and the source model's own tensor."""
+# qwen3: head_dim 16, which transformers' own GGUF loader rebuilds as 128; gemma2: norms stored
+# plus 1, soft-capping 30 where transformers' loader sets 50
+@pytest.mark.parametrize("architecture", ["qwen3", "gemma2"])
+def test_finetune_on_a_gguf_moves_the_weights_by_what_compare_reports(architecture, tmp_path):
+    """`toolkit finetune` on a tiny GGUF trains, and `toolkit compare X.gguf RUN/final` reports
+    the change of wq that numpy computes from final/ and the source model's own tensor."""
     from safetensors.numpy import load_file
 
     import toolkit
 
     tokens = _byte_level_tokens()
-    model = _tiny_model("qwen3", vocab_size=len(tokens))
-    path = _write_gguf(model, "qwen3", tmp_path / "qwen3.gguf", tokens=tokens)
+    model = _tiny_model(architecture, vocab_size=len(tokens))
+    path = _write_gguf(model, architecture, tmp_path / "model.gguf", tokens=tokens)
     run = tmp_path / "run"
     toolkit.finetune(
         toolkit.FinetuneConfig(

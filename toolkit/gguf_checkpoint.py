@@ -38,13 +38,16 @@ class GGUFArchitecture:
     # llama.cpp's converter writes Gemma's RMSNorm weights plus 1 (its norm scales by the weight,
     # Gemma's by 1 + weight); transformers holds them without
     norm_offset: float = 0.0
+    # AutoTokenizer's `tokenizer_type`, where transformers' GGUF config reader does not know the
+    # architecture (and so cannot pick the tokenizer class from the file itself)
+    tokenizer_type: str | None = None
 
 
 ARCHITECTURES = {
     "llama": GGUFArchitecture("llama", "LlamaForCausalLM", rotary_rows_permuted=True),
     "qwen2": GGUFArchitecture("qwen2", "Qwen2ForCausalLM"),
     "qwen3": GGUFArchitecture("qwen3", "Qwen3ForCausalLM"),
-    "gemma": GGUFArchitecture("gemma", "GemmaForCausalLM", norm_offset=1.0),
+    "gemma": GGUFArchitecture("gemma", "GemmaForCausalLM", norm_offset=1.0, tokenizer_type="gemma"),
     "gemma2": GGUFArchitecture("gemma2", "Gemma2ForCausalLM", norm_offset=1.0),
     "phi3": GGUFArchitecture("phi3", "Phi3ForCausalLM"),
 }

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from toolkit.attention import AttentionModel
 from toolkit.errors import ToolkitError, first_line
-from toolkit.gguf_checkpoint import read_index
+from toolkit.gguf_checkpoint import ARCHITECTURES, read_index
 from toolkit.gguf_model import load_gguf_model
 
 if TYPE_CHECKING:
@@ -73,9 +73,13 @@ def load_tokenizer(path: str | Path):
 
     path = Path(path)
     if path.suffix == ".gguf":  # the tokenizer is in the file's header, where there is one
-        if "tokenizer.ggml.model" not in read_index(path)[0]:
+        header = read_index(path)[0]
+        if "tokenizer.ggml.model" not in header:
             return None
         folder, files = path.parent, {"gguf_file": path.name}
+        architecture = ARCHITECTURES.get(header.get("general.architecture"))
+        if architecture and architecture.tokenizer_type:
+            files["tokenizer_type"] = architecture.tokenizer_type
     elif any((path / name).exists() for name in TOKENIZER_FILES):
         folder, files = path, {}
     else:
