@@ -396,3 +396,15 @@ def test_finetune_on_a_gguf_moves_the_weights_by_what_compare_reports(architectu
     assert data["layers"][0]["matrices"]["wq"]["relative_change"] == pytest.approx(
         expected, rel=1e-6
     )
+
+
+def test_a_header_that_contradicts_the_tensors_is_one_line(tmp_path):
+    """key_length 8 in the header, q/k/v rows of 16 per head in the tensors."""
+    model = _tiny_model("qwen3")
+    model.config.head_dim = 8  # what the writer puts in the header only
+    path = _write_gguf(model, "qwen3", tmp_path / "model.gguf")
+    result = CliRunner().invoke(main, ["verify", str(path)])
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    (line,) = result.output.strip().splitlines()
+    assert "q_proj.weight is (64, 64) but its header makes it (32, 64)" in line
