@@ -13,12 +13,16 @@ no place for, or a model weight the file lacks, stops the load in one line.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from toolkit.errors import ToolkitError
 from toolkit.gguf_checkpoint import GGUFCheckpoint, gguf_config
 
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel
 
-def gguf_model_config(path: Path, **overrides):
+
+def gguf_model_config(path: Path, **overrides) -> PretrainedConfig:
     """The transformers config of a GGUF file's model (`overrides`: num_labels, pad_token_id...)."""
     from transformers import AutoConfig
 
@@ -27,8 +31,8 @@ def gguf_model_config(path: Path, **overrides):
 
 
 def load_gguf_model(
-    path: Path, model_class=None, attn_implementation: str | None = None, **overrides
-):
+    path: Path, model_class: type | None = None, attn_implementation: str | None = None, **overrides
+) -> PreTrainedModel:
     """The model of a GGUF file as float32 torch weights, dequantized by the gguf package.
 
     `model_class`: a transformers auto class (default AutoModelForCausalLM); a task head the
