@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from toolkit import compare, load_attention, verify
 from toolkit.cli import main
 from toolkit.gguf_checkpoint import unpermute_rotary_rows
+from toolkit.gguf_model import load_gguf_model
 from toolkit.sources import embedded_model_path
 
 pytestmark = pytest.mark.numerics  # CI reruns these under other CPU kernels
@@ -75,6 +76,17 @@ def test_standard_tensors_equal_transformers_gguf_load(smollm2_transformers):
     # without undoing the permutation, q and k would not match
     raw = attention.checkpoint._dequantize(attention.checkpoint._tensors["blk.0.attn_q.weight"])
     assert not np.array_equal(raw, smollm2_transformers.model.layers[0].self_attn.q_proj.weight)
+
+
+@pytest.mark.slow
+def test_model_built_from_the_gguf_equals_transformers_gguf_load(smollm2_transformers):
+    """The model verify and finetune run (built from our dequantized tensors) holds every tensor
+    of transformers' own GGUF load, bit for bit: norms, MLP and the tied output included."""
+    ours = load_gguf_model(embedded_model_path("smollm2")).state_dict()
+    theirs = smollm2_transformers.state_dict()
+    assert list(ours) == list(theirs) and len(theirs) == 3 + 30 * 9
+    for name, tensor in theirs.items():
+        np.testing.assert_array_equal(ours[name], tensor, err_msg=name)
 
 
 @pytest.mark.slow

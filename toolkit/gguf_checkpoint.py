@@ -35,14 +35,20 @@ class GGUFArchitecture:
     model_type: str
     model_class: str  # the causal LM class, config.json's `architectures`
     rotary_rows_permuted: bool = False  # llama.cpp's converter permutes q/k rows (llama only)
+    # llama.cpp's converter writes Gemma's RMSNorm weights plus 1 (its norm scales by the weight,
+    # Gemma's by 1 + weight); transformers holds them without
+    norm_offset: float = 0.0
+    # AutoTokenizer's `tokenizer_type`, where transformers' GGUF config reader does not know the
+    # architecture (and so cannot pick the tokenizer class from the file itself)
+    tokenizer_type: str | None = None
 
 
 ARCHITECTURES = {
     "llama": GGUFArchitecture("llama", "LlamaForCausalLM", rotary_rows_permuted=True),
     "qwen2": GGUFArchitecture("qwen2", "Qwen2ForCausalLM"),
     "qwen3": GGUFArchitecture("qwen3", "Qwen3ForCausalLM"),
-    "gemma": GGUFArchitecture("gemma", "GemmaForCausalLM"),
-    "gemma2": GGUFArchitecture("gemma2", "Gemma2ForCausalLM"),
+    "gemma": GGUFArchitecture("gemma", "GemmaForCausalLM", norm_offset=1.0, tokenizer_type="gemma"),
+    "gemma2": GGUFArchitecture("gemma2", "Gemma2ForCausalLM", norm_offset=1.0),
     "phi3": GGUFArchitecture("phi3", "Phi3ForCausalLM"),
 }
 # scalar value types: struct format by GGUF value type id
@@ -98,13 +104,17 @@ class GGUFCheckpoint:
         return "F32"
 
     def get(self, name: str, half: bool = False) -> np.ndarray:
-        """One tensor, dequantized to float32, with llama.cpp's q/k row permutation undone
-        (`half` is accepted for the Checkpoint interface: the result is float32)."""
+        """One tensor, dequantized to float32, as transformers holds it: llama.cpp's q/k row
+        permutation and Gemma's norm offset undone (`half` is accepted for the Checkpoint
+        interface: the result is float32)."""
         if name not in self:
             raise ToolkitError(f"tensor {name} is missing from {self.path}: the file is incomplete")
         gguf_name = self._names[name]
         array = self._dequantize(self._tensors[gguf_name])
-        if not ARCHITECTURES[self.architecture].rotary_rows_permuted:
+        architecture = ARCHITECTURES[self.architecture]
+        if architecture.norm_offset and gguf_name.endswith("norm.weight"):
+            return array - np.float32(architecture.norm_offset)
+        if not architecture.rotary_rows_permuted:
             return array
         heads = self.metadata[f"{self.architecture}.attention.head_count"]
         if gguf_name.endswith("attn_q.weight"):
@@ -192,9 +202,28 @@ def gguf_config(path: Path) -> dict:
         "rope_parameters": rope,
         # llama.cpp writes the output projection only when it is not the embedding matrix
         "tie_word_embeddings": "output.weight" not in checkpoint._tensors,
+        # the tokenizer's ids where the file has one, never a config class's default (Phi-3's
+        # 32000, outside a smaller vocabulary); no padding id: it would freeze that embedding
+        # row in training, and a batch's padding is the tokenizer's business
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+        "pad_token_id": None,
     }
     if arch == "llama":
         config["attention_bias"] = "blk.0.attn_q.bias" in checkpoint._tensors
+    if arch == "gemma2":
+        # llama.cpp and Gemma2Config: the window on even layers only
+        config["layer_types"] = [
+            "full_attention" if layer % 2 else "sliding_attention"
+            for layer in range(config["num_hidden_layers"])
+        ]
+        # The header has no query_pre_attn_scalar: llama.cpp scales the queries by
+        # 1/sqrt(head_dim), by 1/sqrt(d_model / n_heads) for the 27B (its 46 layers), which is
+        # the scalar of every Gemma 2 release (256, 256, 144)
+        n_layers = config["num_hidden_layers"]
+        config["query_pre_attn_scalar"] = (
+            d_model // n_heads if n_layers == 46 else config["head_dim"]
+        )
     optional = {  # llama.cpp key -> transformers key, where the file states it
         "attention.sliding_window": "sliding_window",
         "attn_logit_softcapping": "attn_logit_softcapping",

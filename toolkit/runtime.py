@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 
 from toolkit.attention import AttentionModel
 from toolkit.errors import ToolkitError, first_line
-from toolkit.gguf_checkpoint import read_index
+from toolkit.gguf_checkpoint import ARCHITECTURES, read_index
+from toolkit.gguf_model import load_gguf_model
 
 if TYPE_CHECKING:
     import torch
@@ -44,10 +45,11 @@ def load_model(attention: AttentionModel, allow_pickle: bool = False):
             "this needs the full model to run: pass the model folder, not a standard-tensor file"
         )
     hf_logging.disable_progress_bar()
-    path, weights = attention.source.pretrained_arguments()
-    if not attention.source.is_gguf:
-        has_safetensors = any(path.glob("*.safetensors"))
-        weights = {"use_safetensors": True if has_safetensors or not allow_pickle else None}
+    path = attention.source.path
+    if attention.source.is_gguf:
+        return load_gguf_model(path, attn_implementation="eager").base_model.eval()
+    has_safetensors = any(path.glob("*.safetensors"))
+    weights = {"use_safetensors": True if has_safetensors or not allow_pickle else None}
     try:
         net = AutoModel.from_pretrained(
             path, attn_implementation="eager", dtype=torch.float32, **weights
@@ -71,9 +73,13 @@ def load_tokenizer(path: str | Path):
 
     path = Path(path)
     if path.suffix == ".gguf":  # the tokenizer is in the file's header, where there is one
-        if "tokenizer.ggml.model" not in read_index(path)[0]:
+        header = read_index(path)[0]
+        if "tokenizer.ggml.model" not in header:
             return None
         folder, files = path.parent, {"gguf_file": path.name}
+        architecture = ARCHITECTURES.get(header.get("general.architecture"))
+        if architecture and architecture.tokenizer_type:
+            files["tokenizer_type"] = architecture.tokenizer_type
     elif any((path / name).exists() for name in TOKENIZER_FILES):
         folder, files = path, {}
     else:

@@ -76,13 +76,6 @@ class ModelSource:
     def is_gguf(self) -> bool:
         return self.path.suffix == GGUF_SUFFIX
 
-    def pretrained_arguments(self) -> tuple[Path, dict]:
-        """The folder and extra keyword arguments for transformers' `from_pretrained`: a .gguf
-        file is named by `gguf_file` beside its folder (transformers dequantizes it itself)."""
-        if self.is_gguf:
-            return self.path.parent, {"gguf_file": self.path.name}
-        return self.path, {}
-
 
 def embedded_model_path(name: str = EMBEDDED_NAME) -> Path:
     """The checkpoint of the embedded model `name` (default: MiniLM-L6-H384): a model folder, or

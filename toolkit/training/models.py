@@ -18,6 +18,7 @@ from pathlib import Path
 from toolkit.errors import ToolkitError
 from toolkit.families import family_for_config
 from toolkit.fileio import atomic_folder
+from toolkit.gguf_model import gguf_model_config, load_gguf_model
 from toolkit.runtime import load_tokenizer
 from toolkit.sources import ModelSource, resolve_source
 from toolkit.training.data import train_bpe_tokenizer
@@ -156,38 +157,30 @@ def build_model(config, tokenizer, label_names: list[str] | None, start: ModelSt
     model_class = (
         AutoModelForCausalLM if config.task == "causal-lm" else AutoModelForSequenceClassification
     )
-    folder, weights = source.pretrained_arguments()
-    settings = {"attn_implementation": TRAINING_ATTENTION, **weights}
+    settings = dict(labels)
     if config.task == "classification":
         settings["pad_token_id"] = tokenizer.pad_token_id
+    if source.is_gguf:
+        # The file's own architecture class holding its dequantized float32 tensors (a plain
+        # model that trains and saves like any other), or the same class freshly initialised.
+        if config.init == "random":
+            return model_class.from_config(
+                gguf_model_config(source.path, **settings), attn_implementation=TRAINING_ATTENTION
+            )
+        return load_gguf_model(source.path, model_class, TRAINING_ATTENTION, **settings)
     try:
         if config.init == "random":
             # The checkpoint's architecture, every weight drawn afresh by the model's own
             # initializer (normal(0, initializer_range) for BERT and GPT-2) from the seeded RNG.
-            attention = settings.pop("attn_implementation")
-            model_config = AutoConfig.from_pretrained(folder, **settings, **labels)
-            return model_class.from_config(model_config, attn_implementation=attention)
+            model_config = AutoConfig.from_pretrained(source.path, **settings)
+            return model_class.from_config(model_config, attn_implementation=TRAINING_ATTENTION)
         # A classifier checkpoint with another number of labels gets a new head.
         mismatched = {} if config.task == "causal-lm" else {"ignore_mismatched_sizes": True}
-        if source.is_gguf:
-            return _dense_from_gguf(model_class, folder, {**settings, **mismatched, **labels})
-        return model_class.from_pretrained(folder, **settings, **mismatched, **labels)
+        return model_class.from_pretrained(
+            source.path, attn_implementation=TRAINING_ATTENTION, **settings, **mismatched
+        )
     except OSError as err:
         raise ToolkitError(f"cannot load {config.model} ({err})") from None
-
-
-def _dense_from_gguf(model_class, folder: Path, settings: dict):
-    """A GGUF checkpoint as a plain float32 model that trains and saves like any other.
-
-    Without `dequantize=True`, transformers keeps a GGUF's quantized blocks packed where a matmul
-    kernel is installed (not trainable) and marks the model quantized (save_pretrained then
-    refuses it); with it, every weight is unpacked at load and the quantizer is dropped."""
-    import torch
-    from transformers import GgufConfig
-
-    return model_class.from_pretrained(
-        folder, **settings, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
-    )
 
 
 def save_final(model, tokenizer, state_dict: dict, final_dir: Path) -> None:
