@@ -28,6 +28,7 @@ from toolkit.families import (
     family_by_name,
     family_for_checkpoint,
     family_for_config,
+    is_registered,
 )
 from toolkit.safetensors_format import widened
 from toolkit.sources import ModelSource, resolve_source
@@ -226,6 +227,14 @@ def load_attention(
             file=sys.stderr,
         )
     return _from_checkpoint(source, family, checkpoint)
+
+
+def family_of_source(source: ModelSource) -> Family:
+    """The family a model folder or GGUF file is read with: its model_type's registry line, or
+    for an unregistered type the common names its tensors follow (safetensors headers only)."""
+    if source.is_gguf or is_registered(source.config):
+        return family_for_config(source.config)
+    return family_for_checkpoint(source.config, Checkpoint(source.path).names())
 
 
 def _from_checkpoint(source: ModelSource, family: Family, checkpoint) -> AttentionModel:
