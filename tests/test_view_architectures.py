@@ -68,12 +68,25 @@ def tracked_run(request, toy_corpus_txt, tmp_path_factory):
     return base, run, json.loads(payload.group(1).replace("<\\/", "</"))
 
 
-def _snapshots(run) -> list[dict[str, np.ndarray]]:
+def _snapshots(run) -> dict[int, dict[str, np.ndarray]]:
+    """Tracked point's index -> its snapshot's standard tensors (float64), for every point
+    that has one: step 0 always; a later one is skipped while the previous is being written."""
     trajectory = json.loads((run / "shift" / "trajectory.json").read_text())
-    return [
-        {n: t.double().numpy() for n, t in load_file(run / "shift" / p["snapshot"]).items()}
-        for p in trajectory["shift"]
-    ]
+    return {
+        index: {n: t.double().numpy() for n, t in load_file(run / "shift" / file).items()}
+        for index, file in enumerate(p["snapshot"] for p in trajectory["shift"])
+        if file
+    }
+
+
+def _final_weights(run) -> dict[str, np.ndarray]:
+    """The final model's standard tensors (float64): the weights at the run's last step."""
+    final = toolkit.load_attention(str(run / "final"))
+    return {
+        f"layers.{i}.{role}": getattr(final.layer(i), role).astype(np.float64)
+        for i in final.layer_indices
+        for role in ROLES
+    }
 
 
 def test_each_weights_head_change_is_read_from_the_snapshots(tracked_run):
@@ -84,7 +97,8 @@ def test_each_weights_head_change_is_read_from_the_snapshots(tracked_run):
     snapshots = _snapshots(run)
     shown = data["run"]["head_change"]
     assert data["run"]["steps"] == [0, 1, 2]
-    for step, now in enumerate(snapshots):
+    snapshots[len(shown["wq"]) - 1] = _final_weights(run)
+    for step, now in snapshots.items():
         for role in ROLES:
             for (layer, head), value in _expected_change(snapshots[0], now, role).items():
                 assert shown[role][step][layer][head] == pytest.approx(value, rel=1e-4, abs=1e-12)
@@ -97,9 +111,10 @@ def test_all_four_change_of_a_query_head_includes_its_shared_key_value_head(trac
     and the key/value head wk[g], wv[g] of its group (g = h // (h / h_kv))."""
     _, run, data = tracked_run
     snapshots = _snapshots(run)
+    snapshots[len(data["run"]["steps"]) - 1] = _final_weights(run)
     start = snapshots[0]
     n_heads, n_kv_heads = start["layers.0.wq"].shape[0], start["layers.0.wk"].shape[0]
-    for step, now in enumerate(snapshots):
+    for step, now in snapshots.items():
         expected = np.zeros((2, n_heads))
         for layer in range(2):
             for head in range(n_heads):
@@ -174,7 +189,7 @@ def test_the_pages_draw_one_column_per_stored_head(tracked_run, browser, tmp_pat
     weight's map has one column per head the weight stores (wk, wv of a grouped- or multi-query
     model: its key/value heads), with the snapshots' relative changes (rtol 1e-4: 5 digits)."""
     base, run, _ = tracked_run
-    snapshots = _snapshots(run)
+    start, final = _snapshots(run)[0], _final_weights(run)
     compare_page = tmp_path / "compare.html"
     argv = ["compare", str(base), str(run / "final"), "--html", str(compare_page)]
     result = CliRunner().invoke(main, argv)
@@ -184,8 +199,8 @@ def test_the_pages_draw_one_column_per_stored_head(tracked_run, browser, tmp_pat
         assert page.evaluate("document.body.dataset.ready") == "true"
         assert page.problems() == []
         for role in ROLES:
-            # the run's page opens at its last snapshot; compare's final is that snapshot too
-            expected = _expected_change(snapshots[0], snapshots[-1], role)
+            # the run's page opens at its last step, whose weights are final/'s
+            expected = _expected_change(start, final, role)
             shown = _cells(page, f"{prefix}-{role}")
             assert shown.keys() == expected.keys(), (prefix, role)
             for cell, value in expected.items():
