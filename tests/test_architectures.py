@@ -732,6 +732,59 @@ def test_softmax_lesson_refuses_scores_it_does_not_show(built, model_type, featu
     assert feature in result.output and len(result.output.strip().splitlines()) == 1
 
 
+def test_qkv_lesson_refuses_embeddings_narrower_than_the_hidden_states(built):
+    """ALBERT's factorised embeddings (16 wide, d_model 48) cannot score its hidden states: the
+    lesson's tied-embedding loss does not apply, said in one line."""
+    from click.testing import CliRunner
+
+    from toolkit.cli import main
+
+    result = CliRunner().invoke(main, ["explain", "qkv", str(built("albert"))])
+    assert result.exit_code == 1
+    assert "which are 16 wide" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_explain_all_notes_a_lesson_that_does_not_apply_and_goes_on(built):
+    from click.testing import CliRunner
+
+    from toolkit.cli import main
+
+    argv = ["explain", "all", str(built("bloom")), "--skip", "pretrained", "--skip", "lora"]
+    result = CliRunner().invoke(main, [*argv, "--json"])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    lessons = {line["lesson"]: line for line in map(json.loads, lines)}
+    assert lessons["softmax"]["applies"] is False and "ALiBi" in lessons["softmax"]["reason"]
+    assert lessons["w0"]["sum_vs_model_max_abs_diff"] <= 1e-4  # the others ran in full
+    assert lessons["qkv"]["update_max_abs_diff"] <= 1e-6
+    shown = CliRunner().invoke(main, argv).output
+    skipped = [line for line in shown.splitlines() if "Skipped:" in line]
+    assert len(skipped) == 1 and "ALiBi" in skipped[0]
+
+
+def test_lessons_on_a_multi_query_model_speak_of_one_key_value_head(built):
+    """GPT-BigCode keeps one key/value head: the lessons say multi-query, not groups of 6, and
+    the qkv lesson's single wk/wv head carries the whole matrix's gradient (relative 1e-12:
+    float64 sums of the same squares)."""
+    from toolkit.lessons.qkv import explain_qkv
+    from toolkit.lessons.w0 import explain_w0
+    from toolkit.render.lessons import present_qkv, present_w0
+    from toolkit.render.report import Paragraph
+
+    folder = str(built("gpt_bigcode"))
+    qkv = explain_qkv(folder)
+    for lesson, present in ((explain_w0(folder), present_w0), (qkv, present_qkv)):
+        for lang in ("en", "zh"):
+            texts = " ".join(b.text for b in present(lesson, lang) if isinstance(b, Paragraph))
+            assert ("multi-query" if lang == "en" else "多查询注意力") in texts
+            assert "grouped-query" not in texts and "分组查询" not in texts
+    for layer in qkv.layers:
+        for role in ("wk", "wv"):
+            (head,) = layer.grad_norm_per_head[role]
+            assert head == pytest.approx(layer.grad_norm[role], rel=1e-12)
+
+
 def test_a_file_extracted_by_convention_opens_again(tmp_path):
     folder = _unregistered("arcee", tmp_path / "arcee")
     out = tmp_path / "arcee.safetensors"
