@@ -11,6 +11,7 @@ Arrays are float32 numpy; `AttentionLayer.as_torch()` gives torch tensors sharin
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sys
@@ -221,12 +222,17 @@ def load_attention(
         return _open_standard_file(source, checkpoint)
     family = family_for_checkpoint(source.config, checkpoint.names())
     if family.by_convention:
-        print(
-            f"note: model_type '{family.name}' is not registered; its attention is read by the "
-            f"common names ({family.pattern}): `toolkit verify` tells whether that is right",
-            file=sys.stderr,
-        )
+        _note_by_convention(family.name, family.pattern)
     return _from_checkpoint(source, family, checkpoint)
+
+
+@functools.cache  # once per process: a fine-tune's report, view and compare each open the model
+def _note_by_convention(model_type: str, pattern: str) -> None:
+    print(
+        f"note: model_type '{model_type}' is not registered; its attention is read by the "
+        f"common names ({pattern}): `toolkit verify` tells whether that is right",
+        file=sys.stderr,
+    )
 
 
 def family_of_source(source: ModelSource) -> Family:
