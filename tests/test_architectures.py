@@ -450,54 +450,186 @@ def test_lora_targets_name_the_models_projection_modules(built, model_type):
 # --- LoRA through the description's target names ----------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("model_type", "targets"),
-    [("qwen3", "wq,wv"), ("phi3", "wq,wk,wv"), ("gpt_neox", "wq,wk,wv"), ("mpt", "w0")],
-)
-def test_lora_changes_only_the_targeted_roles_with_rank_at_most_r(
-    model_type, targets, toy_corpus_txt, tmp_path
-):
-    """A few LoRA steps on a causal LM of the architecture: the targeted roles move by a
-    matrix of rank <= r (numpy's rank of the standard tensors' difference), the others not at
-    all. Fused q|k|v modules are adapted whole, so each of their roles moves."""
-    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+# model_type -> (config settings, layout as MODELS, LoRA targets, task): one per way of storing
+# q/k/v, each with a role left out where the storage allows it (its heads must not move)
+LORA_CASES = {
+    "qwen3": (GQA, LLAMA_NAMES, "wq,wv", "causal-lm"),  # separate, grouped-query, q/k norms
+    "phi3": (*MODELS["phi3"], "wq,wk,wv", "causal-lm"),  # fused [q; k; v]
+    "gpt_neox": (*MODELS["gpt_neox"], "wq,wk,wv", "causal-lm"),  # fused per head
+    "gpt2": (GPT_STYLE, ("blocks", "h.{}.attn", "c_attn", "c_proj"), "wq,wk,wv,w0", "causal-lm"),
+    "gpt_bigcode": (*MODELS["gpt_bigcode"], "wq,wk,wv", "causal-lm"),  # multi-query, per group
+    "mpt": (*MODELS["mpt"], "w0", "classification"),  # ALiBi, a new head trained beside
+    "arcee": (DECODER, LLAMA_NAMES, "wk,w0", "causal-lm"),  # unregistered: by convention
+}
+CONV1D_TYPES = {"gpt2"}  # weight stored [in, out]
+
+
+def _lora_run(model_type: str, corpus, reviews, folder):
+    """(base folder, run folder) of 3 LoRA steps (r = 2, alpha = 6) on a tiny random model."""
+    from transformers import (
+        CONFIG_MAPPING,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+    )
 
     import toolkit
     from toolkit.training.data import train_bpe_tokenizer
     from toolkit.training.recipe import FinetuneConfig
 
-    rank = 2
-    tokenizer = train_bpe_tokenizer(toy_corpus_txt.read_text().splitlines(), 300)
-    settings = {**MODELS[model_type][0], "vocab_size": len(tokenizer)}
+    settings, _, targets, task = LORA_CASES[model_type]
+    tokenizer = train_bpe_tokenizer(corpus.read_text().splitlines(), 300)
+    settings = {**settings, "vocab_size": len(tokenizer)}
+    causal = task == "causal-lm"
+    model_class = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
     torch.manual_seed(0)
-    base = tmp_path / "base"
-    AutoModelForCausalLM.from_config(CONFIG_MAPPING[model_type](**settings)).save_pretrained(base)
+    base = folder / "base"
+    model = model_class.from_config(CONFIG_MAPPING[model_type](**settings, num_labels=2))
+    model.save_pretrained(base)
     tokenizer.save_pretrained(base)
-    config = FinetuneConfig(
-        model=str(base),
-        dataset=str(toy_corpus_txt),
-        task="causal-lm",
-        output_dir=str(tmp_path / "run"),
-        method="lora",
-        lora_rank=rank,
-        lora_targets=targets,
-        max_length=16,
-        max_steps=3,
-        learning_rate=5e-2,
-        warmup_ratio=0.0,
+    run = folder / "run"
+    toolkit.finetune(
+        FinetuneConfig(
+            model=str(base),
+            dataset=str(corpus if causal else reviews),
+            task=task,
+            output_dir=str(run),
+            method="lora",
+            lora_rank=2,
+            lora_alpha=6.0,
+            lora_dropout=0.0,
+            lora_targets=targets,
+            max_length=16,
+            max_steps=3,
+            learning_rate=5e-2,
+            warmup_ratio=0.0,
+        )
     )
-    toolkit.finetune(config)
-    before, after = load_attention(str(base)), load_attention(str(tmp_path / "run" / "final"))
-    for index in before.layer_indices:
+    return base, run
+
+
+def _adapter_deltas(run, conv1d: bool) -> dict[str, torch.Tensor]:
+    """Saved weight name -> (alpha/r)·B·A (float64) read from the PEFT adapter file, in the
+    saved weight's own orientation ([in, out] for Conv1D)."""
+    from safetensors.torch import load_file
+
+    adapter = load_file(run / "adapter" / "adapter_model.safetensors")
+    config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    scale = config["lora_alpha"] / config["r"]
+    deltas = {}
+    for name in adapter:
+        if name.endswith(".lora_A.weight"):
+            module = name.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+            a = adapter[name].double()  # [r, in]
+            b = adapter[name.replace(".lora_A.", ".lora_B.")].double()  # [out, r]
+            delta = scale * b @ a  # [out, in]
+            deltas[module + ".weight"] = delta.T if conv1d else delta
+    return deltas
+
+
+def _heads_of(delta: torch.Tensor, layout, module: str, h: int, h_kv: int, d_head: int) -> dict:
+    """role -> the per-head [heads, d_model, d_head] (w0: [h, d_head, d_model]) pieces of a
+    module's weight change [out, in], sliced by the test's own reading of the layout."""
+    kind, _, names, o = layout
+    if module == o:
+        return {"w0": delta.T.reshape(h, d_head, -1)}
+    if kind == "separate":
+        role = "wqkv"[1 + names.index(module)]
+        heads = h if role == "q" else h_kv
+        return {"w" + role: delta.view(heads, d_head, -1).transpose(1, 2)}
+    slices = _weight_slices(delta, kind, h, h_kv, d_head)
+    return {"w" + r: w.transpose(1, 2) for r, w in slices.items()}
+
+
+@pytest.mark.parametrize("model_type", sorted(LORA_CASES))
+def test_lora_final_is_w_plus_scaled_b_a_in_the_heads_it_targets(
+    model_type, toy_corpus_txt, toy_sentiment_csv, tmp_path, one_torch_thread
+):
+    """A few LoRA steps on each way of storing attention, the unregistered convention included.
+    `final/` (merged) minus the start equals (alpha/r)·B·A computed from the saved adapter
+    tensors, every other weight is unchanged (the classifier's new head aside), and the per-head
+    tensors `extract` reads from `final/` move by exactly that product's slices for each head,
+    in the targeted roles only. Tolerance 1e-6 of the weights' magnitude: the merged weight is
+    one float32 rounding of W + ΔW (2^-24 relative), ΔW a float32 product of rank 2."""
+    from safetensors.torch import load_file
+
+    settings, layout, targets, task = LORA_CASES[model_type]
+    base, run = _lora_run(model_type, toy_corpus_txt, toy_sentiment_csv, tmp_path)
+    conv1d = model_type in CONV1D_TYPES
+    deltas = _adapter_deltas(run, conv1d)
+    before = load_file(base / "model.safetensors")
+    after = load_file(run / "final" / "model.safetensors")
+    scale = max(t.abs().max().item() for t in before.values())
+    assert deltas
+    for name, weight in before.items():
+        change = after[name].double() - weight.double()
+        if name in deltas:
+            assert deltas[name].abs().max() > 1e-3 * scale, name  # B has moved off zero
+            assert (change - deltas[name]).abs().max() <= 1e-6 * scale, name
+        elif not name.startswith(("score.", "classifier.")):
+            assert not change.any(), name
+
+    start, final = load_attention(str(base)), load_attention(str(run / "final"))
+    d = start.dims
+    kind, block, names, o = layout
+    modules = [o] + ([names] if isinstance(names, str) else list(names))
+    for index in start.layer_indices:
+        expected = {}
+        for module in modules:
+            path = f"{block.format(index)}.{module}.weight"
+            saved = [n for n in deltas if n == path or n.endswith("." + path)]
+            if saved:
+                delta = deltas[saved[0]].T if conv1d else deltas[saved[0]]  # [out, in]
+                expected.update(_heads_of(delta, layout, module, d.n_heads, d.n_kv_heads, d.d_head))
+        assert set(expected) == set(targets.split(","))
         for role in ("wq", "wk", "wv", "w0"):
-            delta = after.layer(index).full(role).astype(np.float64)
-            delta -= before.layer(index).full(role)
-            if role in targets.split(","):
-                singular = np.linalg.svd(delta, compute_uv=False)
-                assert singular[0] > 0, (index, role)
-                assert np.sum(singular > 1e-6 * singular[0]) <= rank, (index, role)
+            moved = torch.from_numpy(getattr(final.layer(index), role)).double()
+            moved -= torch.from_numpy(getattr(start.layer(index), role)).double()
+            if role in expected:
+                assert moved.shape == expected[role].shape, role
+                assert (moved - expected[role]).abs().max() <= 1e-6 * scale, (index, role)
             else:
-                assert not delta.any(), (index, role)
+                assert not moved.any(), (index, role)
+
+
+def test_lora_on_attention_we_cannot_recompute_is_refused_in_one_line(
+    built, toy_sentiment_csv, tmp_path
+):
+    from click.testing import CliRunner
+
+    from toolkit.cli import main
+
+    out = tmp_path / "run"
+    argv = ["finetune", "--model", str(built("deberta-v2")), "--dataset", str(toy_sentiment_csv)]
+    result = CliRunner().invoke(main, [*argv, "--method", "lora", "--output-dir", str(out)])
+    assert result.exit_code == 1
+    assert "disentangled attention" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_lora_refuses_a_projection_that_is_not_a_linear_layer():
+    """peft adapts nn.Linear and Conv1D here: a model whose q_proj is something else (one layer
+    of it swapped for a custom module) is refused naming the module, before peft is called."""
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+
+    from toolkit.errors import ToolkitError
+    from toolkit.training.lora import wrap_with_lora
+    from toolkit.training.recipe import FinetuneConfig
+
+    class Projection(torch.nn.Module):
+        def __init__(self, linear: torch.nn.Linear):
+            super().__init__()
+            self.weight = linear.weight
+
+        def forward(self, x):
+            return x @ self.weight.T
+
+    model = AutoModelForCausalLM.from_config(CONFIG_MAPPING["qwen3"](**GQA))
+    attention = model.model.layers[1].self_attn
+    attention.q_proj = Projection(attention.q_proj)
+    config = FinetuneConfig(dataset="x", output_dir="x", method="lora", task="causal-lm")
+    with pytest.raises(ToolkitError, match=r"'self_attn.q_proj' is not an nn.Linear or Conv1D"):
+        wrap_with_lora(model, config)
 
 
 # --- an unregistered model_type is tried by the common names ----------------------------------
@@ -598,6 +730,59 @@ def test_softmax_lesson_refuses_scores_it_does_not_show(built, model_type, featu
     result = CliRunner().invoke(main, ["explain", "softmax", str(built(model_type))])
     assert result.exit_code == 1
     assert feature in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_qkv_lesson_refuses_embeddings_narrower_than_the_hidden_states(built):
+    """ALBERT's factorised embeddings (16 wide, d_model 48) cannot score its hidden states: the
+    lesson's tied-embedding loss does not apply, said in one line."""
+    from click.testing import CliRunner
+
+    from toolkit.cli import main
+
+    result = CliRunner().invoke(main, ["explain", "qkv", str(built("albert"))])
+    assert result.exit_code == 1
+    assert "which are 16 wide" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_explain_all_notes_a_lesson_that_does_not_apply_and_goes_on(built):
+    from click.testing import CliRunner
+
+    from toolkit.cli import main
+
+    argv = ["explain", "all", str(built("bloom")), "--skip", "pretrained", "--skip", "lora"]
+    result = CliRunner().invoke(main, [*argv, "--json"])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    lessons = {line["lesson"]: line for line in map(json.loads, lines)}
+    assert lessons["softmax"]["applies"] is False and "ALiBi" in lessons["softmax"]["reason"]
+    assert lessons["w0"]["sum_vs_model_max_abs_diff"] <= 1e-4  # the others ran in full
+    assert lessons["qkv"]["update_max_abs_diff"] <= 1e-6
+    shown = CliRunner().invoke(main, argv).output
+    skipped = [line for line in shown.splitlines() if "Skipped:" in line]
+    assert len(skipped) == 1 and "ALiBi" in skipped[0]
+
+
+def test_lessons_on_a_multi_query_model_speak_of_one_key_value_head(built):
+    """GPT-BigCode keeps one key/value head: the lessons say multi-query, not groups of 6, and
+    the qkv lesson's single wk/wv head carries the whole matrix's gradient (relative 1e-12:
+    float64 sums of the same squares)."""
+    from toolkit.lessons.qkv import explain_qkv
+    from toolkit.lessons.w0 import explain_w0
+    from toolkit.render.lessons import present_qkv, present_w0
+    from toolkit.render.report import Paragraph
+
+    folder = str(built("gpt_bigcode"))
+    qkv = explain_qkv(folder)
+    for lesson, present in ((explain_w0(folder), present_w0), (qkv, present_qkv)):
+        for lang in ("en", "zh"):
+            texts = " ".join(b.text for b in present(lesson, lang) if isinstance(b, Paragraph))
+            assert ("multi-query" if lang == "en" else "多查询注意力") in texts
+            assert "grouped-query" not in texts and "分组查询" not in texts
+    for layer in qkv.layers:
+        for role in ("wk", "wv"):
+            (head,) = layer.grad_norm_per_head[role]
+            assert head == pytest.approx(layer.grad_norm[role], rel=1e-12)
 
 
 def test_a_file_extracted_by_convention_opens_again(tmp_path):

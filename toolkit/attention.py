@@ -11,6 +11,7 @@ Arrays are float32 numpy; `AttentionLayer.as_torch()` gives torch tensors sharin
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sys
@@ -28,6 +29,7 @@ from toolkit.families import (
     family_by_name,
     family_for_checkpoint,
     family_for_config,
+    is_registered,
 )
 from toolkit.safetensors_format import widened
 from toolkit.sources import ModelSource, resolve_source
@@ -220,12 +222,25 @@ def load_attention(
         return _open_standard_file(source, checkpoint)
     family = family_for_checkpoint(source.config, checkpoint.names())
     if family.by_convention:
-        print(
-            f"note: model_type '{family.name}' is not registered; its attention is read by the "
-            f"common names ({family.pattern}): `toolkit verify` tells whether that is right",
-            file=sys.stderr,
-        )
+        _note_by_convention(family.name, family.pattern)
     return _from_checkpoint(source, family, checkpoint)
+
+
+@functools.cache  # once per process: a fine-tune's report, view and compare each open the model
+def _note_by_convention(model_type: str, pattern: str) -> None:
+    print(
+        f"note: model_type '{model_type}' is not registered; its attention is read by the "
+        f"common names ({pattern}): `toolkit verify` tells whether that is right",
+        file=sys.stderr,
+    )
+
+
+def family_of_source(source: ModelSource) -> Family:
+    """The family a model folder or GGUF file is read with: its model_type's registry line, or
+    for an unregistered type the common names its tensors follow (safetensors headers only)."""
+    if source.is_gguf or is_registered(source.config):
+        return family_for_config(source.config)
+    return family_for_checkpoint(source.config, Checkpoint(source.path).names())
 
 
 def _from_checkpoint(source: ModelSource, family: Family, checkpoint) -> AttentionModel:

@@ -13,6 +13,11 @@ class ToolkitError(Exception):
     """
 
 
+class LessonDoesNotApply(ToolkitError):
+    """A lesson whose numbers this model's attention cannot show as the lesson shows them (the
+    softmax lesson's row on an ALiBi model): `explain all` says so in one line and goes on."""
+
+
 def first_line(err: BaseException, limit: int = 200) -> str:
     """The first line of an error's message (at most `limit` characters), or its type's name when
     it has none: enough to say why inside a one-line ToolkitError."""

@@ -284,7 +284,7 @@ def family_for_checkpoint(config: dict, names: Iterable[str]) -> Family:
     conventional pattern whose layer-0 tensors the checkpoint holds (`names`), with the biases
     it holds there. Such a family is marked `by_convention`: verify tells whether it matches."""
     model_type = config.get("model_type")
-    if any(model_type in candidate.model_types for candidate in FAMILIES):
+    if is_registered(config):
         return family_for_config(config)
     names = list(names)
     for pattern in CONVENTIONS:
@@ -302,6 +302,11 @@ def family_for_checkpoint(config: dict, names: Iterable[str]) -> Family:
             return dataclasses.replace(family(architecture), by_convention=True)
     tried = "; ".join(pattern.name for pattern in CONVENTIONS)
     raise _unsupported(config, f"its attention tensors follow none of the common names ({tried})")
+
+
+def is_registered(config: dict) -> bool:
+    """Whether the config's model_type has a registry line (supported or refused)."""
+    return any(config.get("model_type") in candidate.model_types for candidate in FAMILIES)
 
 
 def layer_bias_names(pattern: Pattern) -> dict[str, str]:
@@ -337,6 +342,7 @@ __all__ = [
     "family_by_name",
     "family_for_checkpoint",
     "family_for_config",
+    "is_registered",
 ]
 
 

@@ -37,6 +37,7 @@ Everything downstream works on that layout only. An adapter (`Family`) supplies:
 - `lora_targets`: role (wq, wk, wv, w0) -> the name, as `peft` matches it (a suffix of the
   module's path), of the `nn.Linear`/`Conv1D` that holds the role's weight in every layer; roles
   stored fused in one module map to the same name. Empty: LoRA is not supported.
+- `conv1d`: the projections are GPT-2's Conv1D, whose weight is stored [in, out].
 """
 
 from __future__ import annotations
@@ -108,6 +109,7 @@ class Family:
     rotary: Callable[[dict], Rotary | None] = lambda config: None
     positions: Callable[[dict], dict] = lambda config: {"scheme": "learned absolute"}
     lora_targets: Mapping[str, str] = field(default_factory=dict)
+    conv1d: bool = False
     # the defaults above describe BERT and GPT-2: every bias, full attention, learned positions
     pattern: str = ""  # the attention pattern this family follows (`toolkit.families.pattern`)
     alibi: bool = False  # a per-head linear bias on key positions (BLOOM, MPT) is added

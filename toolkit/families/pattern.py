@@ -357,6 +357,7 @@ def family(architecture: Architecture) -> Family:
         ),
         positions=positions_for(pattern),
         lora_targets=lora_targets_for(projections),
+        conv1d=projections.conv1d,
         pattern=pattern.name,
         alibi=pattern.positions == "alibi",
         logit_softcap=logit_softcap,

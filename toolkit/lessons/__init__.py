@@ -9,9 +9,10 @@ presenter there, and one line in each registry.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from importlib import import_module
 
-from toolkit.errors import ToolkitError
+from toolkit.errors import LessonDoesNotApply, ToolkitError
 
 # lesson name -> "module:function"; imported on use so that the registry costs nothing to read.
 LESSONS: dict[str, str] = {
@@ -21,6 +22,17 @@ LESSONS: dict[str, str] = {
     "pretrained": "toolkit.lessons.pretrained:explain_pretrained",
     "lora": "toolkit.lessons.lora:explain_lora",
 }
+
+
+@dataclass
+class NotApplicable:
+    """A lesson `explain all` left out: the model's attention has a feature it cannot show."""
+
+    reason: str
+    applies: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 def lesson_function(name: str) -> Callable:
@@ -36,7 +48,8 @@ def explain_all(
     skip: Sequence[str] = (),
     on_lesson: Callable[[str], None] | None = None,
 ) -> dict[str, object]:
-    """Every registered lesson but those in `skip`, with its defaults, on one model: name -> result.
+    """Every registered lesson but those in `skip`, with its defaults, on one model: name -> result
+    (`NotApplicable`, with the reason, for a lesson the model's attention does not fit).
 
     `on_lesson(name)` is called before each lesson starts (the CLI advances a progress bar).
     """
@@ -50,5 +63,8 @@ def explain_all(
     for name in (name for name in LESSONS if name not in skip):
         if on_lesson is not None:
             on_lesson(name)
-        results[name] = lesson_function(name)(attention=attention, allow_pickle=allow_pickle)
+        try:
+            results[name] = lesson_function(name)(attention=attention, allow_pickle=allow_pickle)
+        except LessonDoesNotApply as err:
+            results[name] = NotApplicable(str(err))
     return results

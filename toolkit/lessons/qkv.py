@@ -27,6 +27,7 @@ from toolkit.attention import (
     head_frobenius,
     load_attention,
 )
+from toolkit.errors import LessonDoesNotApply
 from toolkit.runtime import load_model, load_tokenizer, make_inputs, token_strings
 
 QKV = ("wq", "wk", "wv")
@@ -103,6 +104,7 @@ def explain_qkv(
 
     attention = attention or load_attention(model, revision=revision, allow_pickle=allow_pickle)
     net = load_model(attention, allow_pickle)
+    _check_tied_scores_apply(attention, net)
     config = net.config.to_dict()
     torch.manual_seed(seed)
     fresh = AutoModel.from_config(net.config)
@@ -218,6 +220,18 @@ def self_supervised_loss(net, input_ids, targets, masked_position: int | None):
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
     logits = hidden[:, masked_position] @ embeddings.T  # [1, vocab]
     return F.cross_entropy(logits, targets)
+
+
+def _check_tied_scores_apply(attention: AttentionModel, net) -> None:
+    """The loss scores hidden states [d_model] against the input embeddings: refused in one line
+    where those are narrower (ALBERT's factorised embeddings, OPT's projected ones)."""
+    width = net.get_input_embeddings().weight.shape[1]
+    if width != attention.dims.d_model:
+        raise LessonDoesNotApply(
+            f"the qkv lesson does not apply to this {attention.family.name} model: its loss "
+            f"scores the {attention.dims.d_model}-wide hidden states against the token "
+            f"embeddings (tied weights), which are {width} wide here"
+        )
 
 
 def _snapshot(net) -> dict:

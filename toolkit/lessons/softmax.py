@@ -17,7 +17,7 @@ from toolkit.analysis.verify import (
     score_details,
 )
 from toolkit.attention import AttentionModel, load_attention
-from toolkit.errors import ToolkitError
+from toolkit.errors import LessonDoesNotApply, ToolkitError
 from toolkit.runtime import captured_blocks, load_model, make_inputs, token_strings
 
 OVERFLOW_DTYPES = ("float16", "float32")
@@ -103,7 +103,7 @@ def explain_softmax(
         (attention.family.logit_softcap(attention.config), "soft-capped scores"),
     ):
         if present:  # the lesson's row is softmax(q . k * scale) alone
-            raise ToolkitError(
+            raise LessonDoesNotApply(
                 f"the softmax lesson does not apply to {attention.family.name} models: their "
                 f"scores add {feature} to q . k * scale (verify checks them)"
             )

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from functools import partial
 
 from toolkit.attention import WEIGHT_ROLES
+from toolkit.lessons import NotApplicable
 from toolkit.lessons.lora import LoraLesson
 from toolkit.lessons.pretrained import PretrainedLesson
 from toolkit.lessons.qkv import QKV, QkvLesson
@@ -312,6 +313,8 @@ def _shared_kv(lang: str, key: str, n_heads: int, n_kv_heads: int | None) -> lis
     """The grouped-query paragraph, only for models whose heads share keys and values."""
     if n_kv_heads is None or n_kv_heads == n_heads:
         return []
+    if n_kv_heads == 1:  # multi-query attention: one key/value head, no groups to speak of
+        return [Paragraph(say(lang, key + "_one", n_heads=n_heads))]
     group = n_heads // n_kv_heads
     return [Paragraph(say(lang, key, n_heads=n_heads, n_kv_heads=n_kv_heads, group=group))]
 
@@ -509,5 +512,13 @@ PRESENTERS: dict[str, Callable[..., list[Block]]] = {
 
 
 def lesson_blocks(results: dict[str, object], lang: str) -> list[Block]:
-    """All lessons' blocks, in the order given."""
-    return [block for name, result in results.items() for block in PRESENTERS[name](result, lang)]
+    """All lessons' blocks, in the order given; one line for a lesson that does not apply."""
+    return [
+        block
+        for name, result in results.items()
+        for block in (
+            [Paragraph(say(lang, "not_applicable", name=name, reason=result.reason))]
+            if isinstance(result, NotApplicable)
+            else PRESENTERS[name](result, lang)
+        )
+    ]

@@ -20,6 +20,7 @@ TEXT: dict[str, dict[str, str]] = {
         "layer": "layer",
         "head": "head",
         "role": "matrix",
+        "not_applicable": "Skipped: {reason}.",
         # w0
         "w0.title": "Question 1: why one W0, and not one output matrix per head?",
         "w0.shapes": (
@@ -166,6 +167,15 @@ TEXT: dict[str, dict[str, str]] = {
             "weigh the same values v with their own attention patterns, so their z_i differ; W0 still has one "
             "block w0[i] per query head, and Concat(z) is still {n_heads} x d_head wide."
         ),
+        "w0.shared_kv_one": (
+            "This model uses multi-query attention: all {n_heads} query heads read one key/value head. They "
+            "weigh the same values v with their own attention patterns, so their z_i differ; W0 still has one "
+            "block w0[i] per query head, and Concat(z) is still {n_heads} x d_head wide."
+        ),
+        "qkv.shared_kv_one": (
+            "Here wk and wv have a single head for {n_heads} query heads (multi-query attention): its gradient "
+            "sums what all {n_heads} of them asked of it, and the per-head tables below have one row for wk and wv."
+        ),
         "qkv.shared_kv": (
             "Here wk and wv have only {n_kv_heads} heads for {n_heads} query heads: each key/value head is shared "
             "by {group} query heads, so its gradient sums what all {group} of them asked of it, and its rows in "
@@ -287,6 +297,7 @@ TEXT: dict[str, dict[str, str]] = {
         "layer": "层",
         "head": "头",
         "role": "矩阵",
+        "not_applicable": "已跳过：{reason}。",
         "w0.title": "问题一：为什么只有一个 W0，而不是每个头一个输出矩阵？",
         "w0.shapes": (
             "在第 {layer} 层，{n_heads} 个头各输出一个 z_i，形状为 {z_shape}（词元数 x d_head，"
@@ -413,6 +424,15 @@ TEXT: dict[str, dict[str, str]] = {
             "这个模型使用分组查询注意力（GQA）：{n_heads} 个查询头共享 {n_kv_heads} 个键/值头，每组 {group} 个查询头"
             "（第 i 个查询头读取第 i // {group} 个键/值头）。同一组的头对同一组值 v 加权，但注意力模式各不相同，"
             "所以它们的 z_i 不同；W0 仍然为每个查询头保留一个行块 w0[i]，Concat(z) 的宽度仍是 {n_heads} x d_head。"
+        ),
+        "w0.shared_kv_one": (
+            "这个模型使用多查询注意力（MQA）：全部 {n_heads} 个查询头读取同一个键/值头。它们对同一组值 v 加权，"
+            "但注意力模式各不相同，所以它们的 z_i 不同；W0 仍然为每个查询头保留一个行块 w0[i]，"
+            "Concat(z) 的宽度仍是 {n_heads} x d_head。"
+        ),
+        "qkv.shared_kv_one": (
+            "这里 wk 和 wv 只有 1 个头，对应 {n_heads} 个查询头（多查询注意力）：它的梯度是全部 {n_heads} 个"
+            "查询头对它的要求之和；下面逐头表格中 wk、wv 只有一行。"
         ),
         "qkv.shared_kv": (
             "这里 wk 和 wv 只有 {n_kv_heads} 个头，对应 {n_heads} 个查询头：每个键/值头由 {group} 个查询头共享，"

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from toolkit.errors import ToolkitError
-from toolkit.families import family_for_config
+from toolkit.families import Family, family_for_checkpoint
 from toolkit.fileio import atomic_folder
 from toolkit.training.recipe import FinetuneConfig, lora_roles
 
@@ -25,13 +25,12 @@ ADAPTER = "default"  # peft's name for a model's single adapter
 ADAPTER_DIR = "adapter"
 
 
-def lora_modules(model_config: dict, roles: list[str]) -> list[str]:
+def lora_modules(family: Family, roles: list[str]) -> list[str]:
     """The module names (peft suffixes) holding `roles` in this family, checked for fused roles.
 
     A family that stores several roles in one matrix (GPT-2's q|k|v `c_attn`) can only adapt
     them together: asking for some of them alone is refused rather than silently widened.
     """
-    family = family_for_config(model_config)
     if not family.lora_targets:
         raise ToolkitError(f"--method lora is not available for {family.name} models yet")
     modules = sorted({family.lora_targets[role] for role in roles})
@@ -45,23 +44,52 @@ def lora_modules(model_config: dict, roles: list[str]) -> list[str]:
     return modules
 
 
+def model_family(model) -> Family:
+    """The attention description of an in-memory transformers model: its registry line, or the
+    common names its parameters follow (an unregistered model_type)."""
+    return family_for_checkpoint(model.config.to_dict(), model.state_dict().keys())
+
+
+def check_targets_are_adaptable(model, family: Family, targets: list[str]) -> None:
+    """Every target names, somewhere in `model`, an nn.Linear or Conv1D (what peft's LoRA
+    adapts here): otherwise one line naming it, before peft fails with its own error."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    for target in targets:
+        found = [
+            module
+            for path, module in model.named_modules()
+            if path == target or path.endswith("." + target)
+        ]
+        if not found or not all(isinstance(m, torch.nn.Linear | Conv1D) for m in found):
+            kinds = ", ".join(sorted({type(m).__name__ for m in found})) or "nothing"
+            raise ToolkitError(
+                f"--method lora cannot adapt this {family.name} model: its attention projection "
+                f"'{target}' is not an nn.Linear or Conv1D in every layer (found: {kinds})"
+            )
+
+
 def wrap_with_lora(model, config: FinetuneConfig):
     """`model` as a peft LoRA model: attention matrices adapted, the task head fully trained.
 
-    peft's task types keep a classifier's new head trainable (`modules_to_save`) and save it in
-    the adapter, so a classification run learns the head it could not do without.
+    The target modules come from the model's attention description (`toolkit.families`), for a
+    registered architecture and one read by the common names alike. peft's task types keep a
+    classifier's new head trainable (`modules_to_save`) and save it in the adapter, so a
+    classification run learns the head it could not do without.
     """
     from peft import LoraConfig, TaskType, get_peft_model
 
-    model_config = model.config.to_dict()
+    family = model_family(model)
+    targets = lora_modules(family, lora_roles(config))
+    check_targets_are_adaptable(model, family, targets)
     task_type = TaskType.CAUSAL_LM if config.task == "causal-lm" else TaskType.SEQ_CLS
     lora = LoraConfig(
         r=config.lora_rank,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
-        target_modules=lora_modules(model_config, lora_roles(config)),
-        # GPT-2's Conv1D stores [in, out], the transpose of nn.Linear
-        fan_in_fan_out=family_for_config(model_config).name == "gpt2",
+        target_modules=targets,
+        fan_in_fan_out=family.conv1d,  # Conv1D stores [in, out], the transpose of nn.Linear
         task_type=task_type,
     )
     return get_peft_model(model, lora)

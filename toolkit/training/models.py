@@ -15,8 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from toolkit.attention import family_of_source
 from toolkit.errors import ToolkitError
-from toolkit.families import family_for_config
+from toolkit.families import Family
 from toolkit.fileio import atomic_folder
 from toolkit.gguf_model import gguf_model_config, load_gguf_model
 from toolkit.runtime import load_tokenizer
@@ -70,6 +71,7 @@ class ModelStart:
 
     spec: tuple[str, dict] | None  # (config class name, overrides) for `gpt2-config:...`
     source: ModelSource | None  # the checkpoint otherwise
+    family: Family | None = None  # the checkpoint's attention description
 
     @property
     def pretrained_checkpoint(self) -> bool:
@@ -77,9 +79,13 @@ class ModelStart:
 
 
 def resolve_model(model: str) -> ModelStart:
-    """Resolve `--model` (a typo, a missing folder) before the run writes anything."""
+    """Resolve `--model` (a typo, a missing folder, an attention this toolkit cannot track)
+    before the run writes anything."""
     spec = config_overrides(model)
-    return ModelStart(spec, resolve_source(model) if spec is None else None)
+    if spec is not None:
+        return ModelStart(spec, None)
+    source = resolve_source(model)
+    return ModelStart(None, source, family_of_source(source))
 
 
 def training_tokenizer(config, train_texts, run_dir: Path, start: ModelStart | None = None):
@@ -147,8 +153,7 @@ def build_model(config, tokenizer, label_names: list[str] | None, start: ModelSt
             else AutoModelForSequenceClassification
         )
         return model_class.from_config(model_config)
-    source = start.source
-    family = family_for_config(source.config)  # only families whose attention we can track
+    source, family = start.source, start.family
     if config.task == "causal-lm" and not family.causal:
         raise ToolkitError(
             f"{config.model} is a {family.name} model, which is not a causal language model: "

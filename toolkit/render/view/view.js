@@ -106,10 +106,12 @@ function scaleColour(v, min, max, restAtMax, floor) {
 // A layer x head heatmap. value(layer, head) -> number | null; scale [min, max], whose max means
 // no change when restAtMax (cosines), else its min.
 
-// layerIds: the model's index of each row (a comparison may hold only some layers)
+// layerIds: the model's index of each row (a comparison may hold only some layers).
+// group: query heads per column (wk, wv of grouped- or multi-query attention: a column is a
+// key/value head, shared by `group` query heads; a click picks the first of them).
 function heatmap({ name, title, layers, heads, value, min = 0, max, restAtMax = false,
   describe,
-  layerIds = range(layers) }) {
+  layerIds = range(layers), group = 1 }) {
   const left = 22, top = 16;
   const width = Math.max(left + heads * CELL + 4, 90), height = top + layers * CELL + 14;
   const svg = svgEl("svg", { width, height, class: "heatmap", "data-map": name });
@@ -125,7 +127,7 @@ function heatmap({ name, title, layers, heads, value, min = 0, max, restAtMax = 
       });
       rect.addEventListener("mousemove", (event) => showTip(event, describe(layer, head)));
       rect.addEventListener("mouseleave", hideTip);
-      rect.addEventListener("click", () => pickHead(layerIds[layer], head));
+      rect.addEventListener("click", () => pickHead(layerIds[layer], head * group));
       svg.append(rect);
       cells.push(rect);
     }
@@ -137,7 +139,8 @@ function heatmap({ name, title, layers, heads, value, min = 0, max, restAtMax = 
       rect.setAttribute("data-value", v === null ? "" : String(v));
       rect.setAttribute("fill", v === null ? "#ccc" : scaleColour(v, min, max, restAtMax, D.noise_floor));
       rect.classList.toggle("picked",
-        layerIds[+rect.dataset.layer] === state.layer && +rect.dataset.head === state.head);
+        layerIds[+rect.dataset.layer] === state.layer &&
+        +rect.dataset.head === Math.floor(state.head / group));
     }
   }
   update();
@@ -235,6 +238,10 @@ function table(id, header, rows) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Query heads per stored head of a weight: 1 for wq and w0, h / h_kv for wk and wv.
+function groupOf(storedHeads, queryHeads) { return queryHeads / storedHeads; }
+function headLabel(group) { return group > 1 ? "key/value head" : "head"; }
+
 // The run: heatmaps with a step slider, curves, heads that moved most
 
 function runSection(run) {
@@ -253,6 +260,10 @@ function runSection(run) {
     "click it to see that head's attention below."));
   const maps = [...ROLES, "all"];
   const change = run.head_change;
+  // a weight's own entry for query head h (wk, wv: its key/value head's)
+  const groups = Object.fromEntries(maps.map((m) =>
+    [m, groupOf(change[m][0][0].length, run.n_heads)]));
+  const ofHead = (m, step, l, h) => change[m][step][l][Math.floor(h / groups[m])];
   const max = extent(maps.flatMap((m) => change[m].flat(2)))[1];
   const slider = el("input", { id: "step-slider", type: "range", min: 0,
     max: run.steps.length - 1, value: 0, step: 1 });
@@ -265,9 +276,10 @@ function runSection(run) {
   for (const m of maps) {
     const title = m === "all" ? "all four" : m;
     const map = heatmap({
-      name: `run-${m}`, title, layers: run.n_layers, heads: run.n_heads, max,
+      name: `run-${m}`, title, layers: run.n_layers, heads: run.n_heads / groups[m], max,
+      group: groups[m],
       value: (l, h) => change[m][state.step][l][h],
-      describe: (l, h) => `${title} · layer ${l} · head ${h}\nrelative change ` +
+      describe: (l, h) => `${title} · layer ${l} · ${headLabel(groups[m])} ${h}\nrelative change ` +
         `${fmt(change[m][state.step][l][h])}\nstep ${run.steps[state.step]}`,
     });
     listeners.step.push(map.update);
@@ -278,7 +290,7 @@ function runSection(run) {
   section.append(info);
   const describeHead = () => {
     info.textContent = `layer ${state.layer}, head ${state.head} at step ${run.steps[state.step]}: ` +
-      maps.map((m) => `${m === "all" ? "all four" : m} ${fmt(change[m][state.step][state.layer][state.head])}`)
+      maps.map((m) => `${m === "all" ? "all four" : m} ${fmt(ofHead(m, state.step, state.layer, state.head))}`)
         .join(", ");
   };
   listeners.head.push(describeHead);
@@ -297,7 +309,7 @@ function runSection(run) {
     ranked.sort((a, b) => b[0] - a[0]);
     top.replaceChildren(el("h3", {}, `Heads that moved most at step ${run.steps[state.step]}`),
       table("top-heads", ["layer", "head", "all four", ...ROLES], ranked.slice(0, 8).map(
-        ([v, l, h]) => [l, h, v, ...ROLES.map((r) => change[r][state.step][l][h])])));
+        ([v, l, h]) => [l, h, v, ...ROLES.map((r) => ofHead(r, state.step, l, h))])));
   });
 
   function setStep(index) {
@@ -367,42 +379,47 @@ function comparisonSection(c) {
 
 function elementwise(section, c) {
   const layers = c.layers.length, heads = c.a.n_heads;
+  // wk, wv of grouped- or multi-query attention: one column per key/value head
+  const group = (role) => groupOf(c.layers[0].matrices[role].heads.length, heads);
   const headValue = (role, key) => (l, h) => c.layers[l].matrices[role].heads[h][key];
   const relative = Object.fromEntries(ROLES.map((r) => [r, headValue(r, "relative_change")]));
   relative.all = (l, h) => c.head_relative_change[l][h];
   const layerIds = c.layers.map((layer) => layer.layer);
-  const describe = (title, value) => (l, h) =>
-    `${title} · layer ${layerIds[l]} · head ${h}\n${fmt(value(l, h))}`;
-  const all = (fns) => fns.flatMap((f) => range(layers).flatMap((l) =>
-    range(heads).map((h) => f(l, h))));
-  const maxOf = (fns) => extent(all(fns))[1];
+  const describe = (title, value, g = 1) => (l, h) =>
+    `${title} · layer ${layerIds[l]} · ${headLabel(g)} ${h}\n${fmt(value(l, h))}`;
+  // query heads per column of map m (a weight's own heads; "all" and circuits: query heads)
+  const columns = (m) => (ROLES.includes(m) ? group(m) : 1);
+  const all = (entries) => entries.flatMap(([m, f]) => range(layers).flatMap((l) =>
+    range(heads / columns(m)).map((h) => f(l, h))));
+  const maxOf = (entries) => extent(all(entries))[1];
 
   section.append(el("h3", {}, "Relative change ||W_b[h] - W_a[h]|| / ||W_a[h]|| per head"));
-  const max = maxOf(Object.values(relative));
+  const max = maxOf(Object.entries(relative));
   const row = el("div", { class: "row" });
   for (const m of [...ROLES, "all"]) {
     const title = m === "all" ? "all four" : m;
-    row.append(heatmap({ name: `compare-${m}`, title, layers, heads, max, value: relative[m], layerIds,
-      describe: describe(`${title} relative change`, relative[m]) }).svg);
+    const g = columns(m);
+    row.append(heatmap({ name: `compare-${m}`, title, layers, heads: heads / g, group: g, max,
+      value: relative[m], layerIds, describe: describe(`${title} relative change`, relative[m], g) }).svg);
   }
   row.append(scaleLegend(0, max, "relative change"));
   section.append(row);
 
   section.append(el("h3", {}, "Cosine of W_a[h] and W_b[h]"));
   const cosine = Object.fromEntries(ROLES.map((r) => [r, headValue(r, "cosine")]));
-  const minCosine = extent(all(Object.values(cosine)))[0];
+  const minCosine = extent(all(Object.entries(cosine)))[0];
   const cosRow = el("div", { class: "row" });
   for (const r of ROLES) {
-    cosRow.append(heatmap({ name: `cosine-${r}`, title: r, layers, heads, min: minCosine, max: 1,
-      restAtMax: true, layerIds,
-      value: cosine[r], describe: describe(`${r} cosine`, cosine[r]) }).svg);
+    cosRow.append(heatmap({ name: `cosine-${r}`, title: r, layers, heads: heads / group(r),
+      group: group(r), min: minCosine, max: 1, restAtMax: true, layerIds,
+      value: cosine[r], describe: describe(`${r} cosine`, cosine[r], group(r)) }).svg);
   }
   cosRow.append(scaleLegend(minCosine, 1, "cosine", true));
   section.append(cosRow);
 
   section.append(el("h3", {}, "Circuit change: QK = wq[h] wk[h]^T, OV = wv[h] w0[h]"));
   const circuit = (name) => (l, h) => c.layers[l].circuits[name][h].relative_change;
-  const circuitMax = maxOf([circuit("qk"), circuit("ov")]);
+  const circuitMax = maxOf([["qk", circuit("qk")], ["ov", circuit("ov")]]);
   const circuitRow = el("div", { class: "row" });
   for (const name of ["qk", "ov"]) {
     circuitRow.append(heatmap({ name: `circuit-${name}`, title: `${name.toUpperCase()} relative change`,
