@@ -371,10 +371,12 @@ def write_laid_out(
     model: AttentionModel,
     layers: Sequence[int] | None = None,
     dtype: str = "source",
+    readers: int = READERS,
 ) -> tuple[int, str]:
     """Write the standard tensors of `layers` (default all) as a safetensors file, atomically,
-    laying each layer out straight into the file's memory-mapped pages (at most READERS layers
-    read at a time). Returns (bytes of tensor data, storage dtype: "F32", "BF16" or "F16").
+    laying each layer out straight into the file's memory-mapped pages (at most `readers` layers
+    read at a time, each on its thread: a background writer beside training takes one). Returns
+    (bytes of tensor data, storage dtype: "F32", "BF16" or "F16").
 
     dtype "source": in the checkpoint's own storage when all its attention tensors share a half
     precision (BF16 or F16: bit-exact, half the bytes), else float32; "float32": always float32
@@ -409,7 +411,7 @@ def write_laid_out(
     def fill(views: dict[str, np.ndarray], release) -> None:
         # Layers on READERS threads: reading and numpy copies release the GIL, and the layout
         # copies (a transpose per head: the slow part) of two layers use two cores.
-        with ThreadPoolExecutor(max_workers=READERS) as pool:
+        with ThreadPoolExecutor(max_workers=readers) as pool:
             for done in [pool.submit(copy_layer, index, views, release) for index in selected]:
                 done.result()
 

@@ -376,7 +376,10 @@ class ShiftTracker:
         data) when it is stored in the snapshots' dtype or they are float32; else (a float32
         model whose checkpoint is 16-bit) convert each tensor and stream it."""
         if self.dtype == "F32" or source.storage_dtype() == self.dtype:
-            write_laid_out(path, source, dtype="float32" if self.dtype == "F32" else "source")
+            # one thread: the writer must not take the cores the training step is using
+            write_laid_out(
+                path, source, dtype="float32" if self.dtype == "F32" else "source", readers=1
+            )
             return
         tensors = standard_tensor_dict(list(source.layers()))
         shapes = {name: tensor.shape for name, tensor in tensors.items()}
