@@ -689,14 +689,10 @@ def bench_lora(repeat: int) -> dict:
     speeds = {route: [] for route in routes}
     peaks = {route: [] for route in routes}
     trainable = {}
-    for index in range(repeat):
-        for route in list(routes)[index % 2 :] + list(routes)[: index % 2]:
-            log(f"lora: {route}, round {index + 1}/{repeat}")
-            shutil.rmtree(runs / route, ignore_errors=True)
-            result, peak = _run_measured([*routes[route], "--output-dir", str(runs / route)], env)
-            speeds[route].append(result["train_samples_per_second"])
-            peaks[route].append(peak)
-            trainable[route] = result["trainable_parameters"]
+    for route, result, peak in _alternating("lora", routes, repeat, runs, env):
+        speeds[route].append(result["train_samples_per_second"])
+        peaks[route].append(peak)
+        trainable[route] = result["trainable_parameters"]
     return {
         "settings": FINETUNE_RECIPE,
         "threads": os.cpu_count(),
@@ -750,17 +746,13 @@ def bench_smollm2(repeat: int) -> dict:
     speeds = {route: [] for route in routes}
     peaks = {route: [] for route in routes}
     perplexity = {}
-    for index in range(repeat):
-        for route in list(routes)[index % 2 :] + list(routes)[: index % 2]:
-            log(f"smollm2: {route}, round {index + 1}/{repeat}")
-            shutil.rmtree(runs / route, ignore_errors=True)
-            result, peak = _run_measured([*routes[route], "--output-dir", str(runs / route)], env)
-            speeds[route].append(result["train_samples_per_second"])
-            peaks[route].append(peak)
-            perplexity[route] = (
-                result["start_metrics"].get("perplexity"),
-                result["metrics"].get("perplexity"),
-            )
+    for route, result, peak in _alternating("smollm2", routes, repeat, runs, env):
+        speeds[route].append(result["train_samples_per_second"])
+        peaks[route].append(peak)
+        perplexity[route] = (
+            result["start_metrics"].get("perplexity"),
+            result["metrics"].get("perplexity"),
+        )
     return {
         "command": " ".join(["toolkit", "finetune", *SMOLLM2_LORA]),
         "threads": os.cpu_count(),
@@ -770,6 +762,17 @@ def bench_smollm2(repeat: int) -> dict:
         "median": {route: statistics.median(values) for route, values in speeds.items()},
         "median_peak_rss_mb": {route: statistics.median(v) for route, v in peaks.items()},
     }
+
+
+def _alternating(section: str, routes: dict, repeat: int, runs: Path, env: dict):
+    """Run two finetune routes `repeat` times, the order alternated each round, each into a
+    fresh `runs / route`; yields (route, the JSON it printed, its peak RSS MB)."""
+    for index in range(repeat):
+        for route in list(routes)[index % 2 :] + list(routes)[: index % 2]:
+            log(f"{section}: {route}, round {index + 1}/{repeat}")
+            shutil.rmtree(runs / route, ignore_errors=True)
+            result, peak = _run_measured([*routes[route], "--output-dir", str(runs / route)], env)
+            yield route, result, peak
 
 
 def _run_measured(command: list[str], env: dict) -> tuple[dict, float]:

@@ -343,6 +343,20 @@ def tiny_gpt2_lm_with_tokenizer(toy_corpus_txt, tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="module")
+def browser():
+    """A headless Chromium for the page tests (tests/chromium.py); skipped, with how to install
+    one, when there is none."""
+    from chromium import INSTALL_HINT, Browser, find_browser
+
+    executable = find_browser()
+    if executable is None:
+        pytest.skip(f"no Chromium-family browser found: {INSTALL_HINT}")
+    browser = Browser(executable)
+    yield browser
+    browser.close()
+
+
 def assert_rejected_before_torch(argv: list[str], message: str) -> None:
     """`toolkit ARGV` exits 1 with one error line starting `error: MESSAGE`, and neither torch
     nor transformers is imported on the way (a bad value is rejected in a fraction of a second)."""

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from chromium import INSTALL_HINT, Browser, find_browser
 from click.testing import CliRunner
 from safetensors.numpy import load_file
 
@@ -47,16 +46,6 @@ def run_dir(toy_sentiment_csv, tiny_bert_with_tokenizer, tmp_path_factory) -> Pa
         )
     )
     return out
-
-
-@pytest.fixture(scope="module")
-def browser():
-    executable = find_browser()
-    if executable is None:
-        pytest.skip(f"no Chromium-family browser found: {INSTALL_HINT}")
-    browser = Browser(executable)
-    yield browser
-    browser.close()
 
 
 @pytest.fixture(scope="module")

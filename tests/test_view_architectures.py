@@ -152,18 +152,6 @@ def test_attention_maps_are_the_models_own_eager_probabilities(tracked_run):
     assert (maps["a"] - maps["b"]).abs().max() > 1e-4  # fine-tuning moved the attention
 
 
-@pytest.fixture(scope="module")
-def browser():
-    from chromium import INSTALL_HINT, Browser, find_browser
-
-    executable = find_browser()
-    if executable is None:
-        pytest.skip(f"no Chromium-family browser found: {INSTALL_HINT}")
-    browser = Browser(executable)
-    yield browser
-    browser.close()
-
-
 def _cells(page, name: str) -> dict[tuple[int, int], float]:
     """(layer, column) -> value of a heatmap's cells, as the page draws them."""
     cells = page.evaluate(
