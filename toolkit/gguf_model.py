@@ -39,7 +39,10 @@ def load_gguf_model(
     file does not hold (a classifier's `score`) keeps its fresh initialisation, as
     `from_pretrained` leaves it."""
     import torch
+    from rich.progress import Progress
     from transformers import AutoModelForCausalLM
+
+    from toolkit.progress import stderr_console
 
     checkpoint = GGUFCheckpoint(path)
     unplaced = [name for name in checkpoint.names() if not name.startswith(("model.", "lm_head."))]
@@ -49,15 +52,20 @@ def load_gguf_model(
             f"{checkpoint.architecture} model has no place for: this GGUF is not supported"
         )
     config = gguf_model_config(path, **overrides)
-    model = (model_class or AutoModelForCausalLM).from_config(
-        config, attn_implementation=attn_implementation, dtype=torch.float32
-    )
-    expected = model.state_dict()
-    state = {
-        name: torch.from_numpy(checkpoint.get(name))
-        for name in checkpoint.names()
-        if name in expected  # a causal LM's output projection, where the model is a classifier
-    }
+    # seconds for a real file (SmolLM2-135M: about 9): a transient bar on a terminal's stderr
+    with Progress(console=stderr_console(), transient=True) as progress:
+        task = progress.add_task(f"building the {checkpoint.architecture} model", total=None)
+        model = (model_class or AutoModelForCausalLM).from_config(
+            config, attn_implementation=attn_implementation, dtype=torch.float32
+        )
+        expected = model.state_dict()
+        # a causal LM's output projection is left out where the model is a classifier
+        names = [name for name in checkpoint.names() if name in expected]
+        progress.update(task, description=f"dequantizing {path.name}", total=len(names))
+        state = {}
+        for name in names:
+            state[name] = torch.from_numpy(checkpoint.get(name))
+            progress.advance(task)
     for name, tensor in state.items():
         if tensor.shape != expected[name].shape:
             raise ToolkitError(
