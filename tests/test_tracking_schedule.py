@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_classification_run
 
 import toolkit
 from toolkit.attention import WEIGHT_ROLES, attention_from_state_dict
 from toolkit.safetensors_format import read_header
 from toolkit.training import tracking
-from toolkit.training.recipe import FinetuneConfig
 from toolkit.training.tracking import (
     SKIPPED,
     ShiftTracker,
@@ -214,21 +214,6 @@ def test_an_evaluated_or_last_step_waits_for_the_writer_instead_of_skipping(
     assert {snapshot_name(s) for s in (0, 1, 2, 8)} == {p.name for p in tmp_path.glob("step_*")}
 
 
-def _tiny_run(csv, model, out, **settings):
-    return toolkit.finetune(
-        FinetuneConfig(
-            model=str(model),
-            dataset=str(csv),
-            output_dir=str(out),
-            max_length=16,
-            batch_size=16,
-            learning_rate=2e-3,
-            warmup_ratio=0.0,
-            **settings,
-        )
-    )
-
-
 def _snapshot_files(run: Path) -> list[str]:
     return sorted(p.name for p in (run / "shift").glob("step_*.safetensors"))
 
@@ -236,7 +221,7 @@ def _snapshot_files(run: Path) -> list[str]:
 def test_a_tiny_run_writes_the_scheduled_snapshots_and_times_record(
     toy_sentiment_csv, tiny_bert_with_tokenizer, tmp_path
 ):
-    result = _tiny_run(
+    result = tiny_classification_run(
         toy_sentiment_csv, tiny_bert_with_tokenizer, tmp_path / "run", max_steps=10, track_every=1
     )
     trajectory = json.loads((tmp_path / "run" / "shift" / "trajectory.json").read_text())
@@ -273,7 +258,7 @@ def test_a_failing_snapshot_write_warns_once_and_the_run_goes_on(
     run = tmp_path / "run"
     # evaluated every tracked step: each snapshot waits for the one before (none is skipped
     # because the writer was busy, whatever the machine's load), so steps 2 and 4 both fail
-    result = _tiny_run(
+    result = tiny_classification_run(
         toy_sentiment_csv, tiny_bert_with_tokenizer, run, max_steps=6, track_every=2, eval_every=2
     )
     assert result.steps == 6 and (run / "final").is_dir()
