@@ -157,6 +157,31 @@ def test_in_memory_tensors_are_snapshots_not_views(tiny_gpt2):
     np.testing.assert_array_equal(snapshot.b0, before[1])
 
 
+def test_a_tracking_snapshot_reads_its_own_copy_without_copying_again(tiny_gpt2):
+    """`snapshot_source` clones the parameters once (the training thread's only work for a
+    snapshot); the writer then reads that clone in place (no second copy per tensor), and the
+    model's later in-place updates reach neither."""
+    import torch
+    from transformers import AutoModel
+
+    from toolkit.attention import attention_from_state_dict
+    from toolkit.training.tracking import snapshot_source
+
+    model = AutoModel.from_pretrained(tiny_gpt2)
+    config = model.config.to_dict()
+    live = attention_from_state_dict(model.state_dict(), config)
+    source = snapshot_source(live, model.state_dict(), config, "step 1")
+    name = live.prefix + live.family.layer_names(0, config)["w0"]
+    clone = source.checkpoint._state_dict[name]
+    assert np.shares_memory(source.checkpoint.get(name), clone.numpy())
+    assert not np.shares_memory(live.checkpoint.get(name), model.state_dict()[name].numpy())
+    before = source.layer(0).w0.copy()
+    with torch.no_grad():
+        model.h[0].attn.c_proj.weight.add_(1.0)
+    np.testing.assert_array_equal(source.layer(0).w0, before)
+    np.testing.assert_array_equal(live.layer(0).w0, before + np.float32(1.0))
+
+
 # --- extract keeps a half-precision checkpoint's storage ---------------------------------------
 
 

@@ -267,11 +267,12 @@ def _from_checkpoint(source: ModelSource, family: Family, checkpoint) -> Attenti
 
 
 def attention_from_state_dict(
-    state_dict: dict, config: dict, name: str = "<in-memory model>"
+    state_dict: dict, config: dict, name: str = "<in-memory model>", frozen: bool = False
 ) -> AttentionModel:
     """The standard tensors of an in-memory model: `state_dict` name -> torch tensor, `config`
-    as in config.json (`model.config.to_dict()`). Used to track a model while it trains."""
-    checkpoint = Checkpoint.from_state_dict(state_dict, name)
+    as in config.json (`model.config.to_dict()`). Used to track a model while it trains.
+    `frozen`: the tensors are private copies (see `Checkpoint.from_state_dict`)."""
+    checkpoint = Checkpoint.from_state_dict(state_dict, name, frozen)
     source = ModelSource(name=name, path=Path(name), config=config)
     return _from_checkpoint(source, family_for_checkpoint(config, checkpoint.names()), checkpoint)
 

@@ -35,6 +35,7 @@ class Checkpoint:
     def __init__(self, path: Path, allow_pickle: bool = False):
         self.path = Path(path)
         self._state_dict: dict | None = None
+        self._frozen = False
         self._located: dict[str, tuple[Path, TensorInfo]] = {}
         self.metadata: dict[str, str] = {}
         if self.path.is_file():
@@ -68,11 +69,16 @@ class Checkpoint:
             )
 
     @classmethod
-    def from_state_dict(cls, state_dict: dict, label: str = "<in-memory model>") -> Checkpoint:
-        """Wrap an in-memory state dict (name -> torch tensor), e.g. a model being trained."""
+    def from_state_dict(
+        cls, state_dict: dict, label: str = "<in-memory model>", frozen: bool = False
+    ) -> Checkpoint:
+        """Wrap an in-memory state dict (name -> torch tensor), e.g. a model being trained.
+        `frozen`: its tensors are private copies nothing changes (a tracking snapshot's), so
+        `get` may return views of them instead of copies."""
         checkpoint = cls.__new__(cls)
         checkpoint.path = Path(label)
         checkpoint._state_dict = state_dict
+        checkpoint._frozen = frozen
         checkpoint._located = {}
         checkpoint.metadata = {}
         return checkpoint
@@ -133,17 +139,19 @@ class Checkpoint:
         return self._located[name][1].dtype
 
     def get(self, name: str, half: bool = False) -> np.ndarray:
-        """One tensor as a float32 numpy array that owns its memory. `half`: a BF16 or F16
+        """One tensor as a float32 numpy array that owns its memory (of a frozen state dict:
+        may be a view of its tensor). `half`: a BF16 or F16
         tensor as stored instead (raw bits as uint16 for BF16, float16 for F16), bit-exact."""
         if name not in self:
             raise ToolkitError(
                 f"tensor {name} is missing from {self.path}: the checkpoint is incomplete"
             )
         if self._state_dict is not None:
-            # A copy, never a view: the live parameters of a model in training change in place.
-            # numpy copies in one thread; torch's copy waits for its worker threads, which on a
-            # busy machine costs a scheduler time slice per tensor.
-            return np.array(self._state_dict[name].detach().float().cpu().numpy())
+            # A copy, never a view, unless frozen: the live parameters of a model in training
+            # change in place. numpy copies in one thread; torch's copy waits for its worker
+            # threads, which on a busy machine costs a scheduler time slice per tensor.
+            array = self._state_dict[name].detach().float().cpu().numpy()
+            return array if self._frozen else np.array(array)
         file, info = self._located[name]
         try:
             if half and info.dtype in HALF_DTYPES:

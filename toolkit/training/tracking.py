@@ -454,4 +454,4 @@ def snapshot_source(attention, state_dict: dict, model_config: dict, name: str):
         for layer in attention.layer_indices
         for tensor in attention.family.layer_names(layer, attention.config).values()
     }
-    return attention_from_state_dict(raw, model_config, name)
+    return attention_from_state_dict(raw, model_config, name, frozen=True)
