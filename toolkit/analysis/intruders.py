@@ -21,7 +21,8 @@ way; when `leading_rows_hold_the_maximum` (a |cos| bound on the vectors left out
 hold every maximum, that is exact. Otherwise the rest of the basis comes from a float32
 eigendecomposition of W_a^T W_a: float32 is enough, because a |cos| moves by at most the error
 of the vectors (~1e-6, against the float64 SVD's). tests/test_intruders.py checks both routes'
-counts and max_similarity (to 1e-5 absolute) against float64 SVDs.
+counts and max_similarity (to 1e-5 absolute) against float64 SVDs. A tracked run's snapshots
+against step 0 (`trajectory_intruders`) go the same way, step 0 decomposed once.
 """
 
 from __future__ import annotations
@@ -118,27 +119,64 @@ def trajectory_intruders(
     snapshots: (step, file name in `shift_dir`) in step order, the first being step 0, as a
     trajectory's shift points list them.
     """
-    from toolkit.attention import WEIGHT_ROLES, load_attention
-
     check_intruder_settings(k, epsilon)
-    shift_dir = Path(shift_dir)
-    start = load_attention(shift_dir / snapshots[0][1])
-    start_basis = {
-        (layer.index, role): _output_basis(layer.full(role))
-        for layer in start.layers()
-        for role in WEIGHT_ROLES
-    }
-    result = []
-    for step, name in snapshots[1:]:
-        now = load_attention(shift_dir / name)
-        counts = {role: [] for role in WEIGHT_ROLES}
-        for layer in now.layers():
-            for role in WEIGHT_ROLES:
-                top = _output_basis(layer.full(role))[:k]
-                found = count_intruders(start_basis[layer.index, role], top, epsilon)
-                counts[role].append(found.count)
-        result.append(SnapshotIntruders(step, counts))
-    return result
+    start = _StartBases(Path(shift_dir), snapshots[0][1], k)
+    return [start.intruders(step, name, epsilon) for step, name in snapshots[1:]]
+
+
+class _StartBases:
+    """Step 0's right singular vectors per matrix, decomposed as `compare` does (see the module
+    docstring): its 32 leading ones (float64 Ritz vectors) for every matrix, all of them only
+    for a matrix whose check needs more; each snapshot's top-k the same way. A bert-base run's
+    7 snapshots took 45 s as float64 SVDs of every matrix, 8.3 s this way; its first and last
+    (`run_intruders` when the last has none) 12.6 s, 2.5 s."""
+
+    def __init__(self, shift_dir: Path, start_name: str, k: int):
+        from toolkit.attention import load_attention
+
+        self.shift_dir, self.k = shift_dir, k
+        self.start = load_attention(shift_dir / start_name)
+        self._bases: dict[tuple[int, str], np.ndarray] = {}  # (layer, role) -> rows [m, d_out]
+
+    def intruders(self, step: int, name: str, epsilon: float) -> SnapshotIntruders:
+        """The intruder counts of snapshot `name` (file in the shift folder) against step 0."""
+        import scipy.linalg  # noqa: F401  (loaded first: threadpool_limits sees loaded libraries only)
+        from threadpoolctl import threadpool_limits
+
+        from toolkit.attention import WEIGHT_ROLES, load_attention
+
+        # one BLAS thread, as compare's workers: numpy and scipy each bring an OpenBLAS whose
+        # threads spin after every call, and alternating the two (scipy's eigh, numpy's qr)
+        # made a 768 x 32 qr 23 ms instead of 0.4 on 2 cores
+        with threadpool_limits(1):
+            counts = {role: [] for role in WEIGHT_ROLES}
+            for layer in load_attention(self.shift_dir / name).layers():
+                start_layer = None
+                for role in WEIGHT_ROLES:
+                    start_layer = self._count(layer, role, start_layer, counts, epsilon)
+        return SnapshotIntruders(step, counts)
+
+    def _count(self, layer, role: str, start_layer, counts: dict, epsilon: float):
+        """Append `layer`'s `role` count to `counts`; returns step 0's layer if it was read."""
+        from toolkit.analysis.spectra import (
+            right_singular_basis,
+            singular_directions,
+            top_singular_vectors,
+        )
+
+        key = (layer.index, role)
+        if key not in self._bases:
+            start_layer = start_layer or self.start.layer(layer.index)
+            self._bases[key] = singular_directions(
+                start_layer.full(role).astype(np.float64), self.k
+            )[0]
+        top = top_singular_vectors(layer.full(role).astype(np.float64), self.k, 2 * self.k)[1].T
+        if not leading_rows_hold_the_maximum(self._bases[key], top):  # [k, d_out] rows
+            start_layer = start_layer or self.start.layer(layer.index)
+            full = start_layer.full(role).astype(np.float64)
+            self._bases[key] = right_singular_basis(full, self._bases[key])
+        counts[role].append(count_intruders(self._bases[key], top, epsilon).count)
+        return start_layer
 
 
 def run_intruders(
@@ -149,9 +187,10 @@ def run_intruders(
     The last snapshot is checked first: a run that ends without intruders costs one snapshot's
     decompositions, not one per snapshot.
     """
-    if (
-        len(snapshots) < 2
-        or not trajectory_intruders(shift_dir, [snapshots[0], snapshots[-1]])[0].total
-    ):
+    if len(snapshots) < 2:
         return []
-    return trajectory_intruders(shift_dir, snapshots)
+    start = _StartBases(Path(shift_dir), snapshots[0][1], DEFAULT_K)
+    last = start.intruders(*snapshots[-1], DEFAULT_EPSILON)
+    if not last.total:
+        return []
+    return [start.intruders(*point, DEFAULT_EPSILON) for point in snapshots[1:-1]] + [last]
