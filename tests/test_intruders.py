@@ -158,3 +158,49 @@ def test_training_report_counts_intruders_over_the_snapshots(tiny_bert, tmp_path
     lines = _intruder_section(tmp_path, run_intruders(shift, snapshots))
     assert "| 5 | 0 | 0 | " + str(expected) + " | 0 |" in lines
     assert (tmp_path / "intruders_by_step.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_snapshot_counts_match_numpy_whether_or_not_step_0s_leading_vectors_suffice(
+    tiny_bert, tmp_path
+):
+    """Step 0 decomposed once, to its leading Ritz vectors (32 of d_model 48): a snapshot near
+    it (small noise) is checked against those alone; one whose layer-1 wq is replaced by a
+    random matrix has top vectors unlike them, so its check needs step 0's whole basis. Every
+    count, both layers and roles, equals the long-way numpy count of the same files."""
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    from toolkit.analysis.intruders import trajectory_intruders
+    from toolkit.analysis.spectra import singular_directions
+    from toolkit.analysis.summary import extract
+    from toolkit.attention import WEIGHT_ROLES, load_attention
+
+    shift = tmp_path / "shift"
+    shift.mkdir()
+    extract(str(tiny_bert), str(shift / "step_000000.safetensors"))
+    with safe_open(str(shift / "step_000000.safetensors"), "np") as f:
+        metadata, start = f.metadata(), {name: f.get_tensor(name) for name in f.keys()}
+    rng = np.random.default_rng(7)
+    near = {n: t + 1e-3 * rng.standard_normal(t.shape).astype(np.float32) for n, t in start.items()}
+    far = dict(near)
+    far["layers.1.wq"] = rng.standard_normal(start["layers.1.wq"].shape).astype(np.float32)
+    save_file(near, str(shift / "step_000004.safetensors"), metadata=metadata)
+    save_file(far, str(shift / "step_000008.safetensors"), metadata=metadata)
+    snapshots = [(step, f"step_{step:06d}.safetensors") for step in (0, 4, 8)]
+    a = load_attention(shift / snapshots[0][1])
+    leading = singular_directions(a.layer(1).full("wq").astype(np.float64), 10)[0]
+    assert leading.shape[0] < 48  # the Ritz route, not a full SVD
+
+    found = trajectory_intruders(shift, snapshots)
+    assert found[1].counts["wq"][1] >= 1  # the random matrix brings intruders
+    for point, (_, name) in zip(found, snapshots[1:], strict=True):
+        b = load_attention(shift / name)
+        for layer in range(2):
+            for role in WEIGHT_ROLES:
+                expected = _numpy_count(
+                    a.layer(layer).full(role).astype(np.float64),
+                    b.layer(layer).full(role).astype(np.float64),
+                    10,
+                    0.5,
+                )
+                assert point.counts[role][layer] == expected, (point.step, layer, role)
