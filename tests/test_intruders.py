@@ -131,7 +131,7 @@ def test_training_report_counts_intruders_over_the_snapshots(tiny_bert, tmp_path
     from safetensors import safe_open
     from safetensors.numpy import save_file
 
-    from toolkit.analysis.intruders import run_intruders
+    from toolkit.analysis.snapshot_intruders import run_intruders
     from toolkit.analysis.summary import extract
     from toolkit.render.training_report import _intruder_section
 
@@ -170,7 +170,7 @@ def test_snapshot_counts_match_numpy_whether_or_not_step_0s_leading_vectors_suff
     from safetensors import safe_open
     from safetensors.numpy import save_file
 
-    from toolkit.analysis.intruders import trajectory_intruders
+    from toolkit.analysis.snapshot_intruders import trajectory_intruders
     from toolkit.analysis.spectra import singular_directions
     from toolkit.analysis.summary import extract
     from toolkit.attention import WEIGHT_ROLES, load_attention

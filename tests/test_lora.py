@@ -220,7 +220,7 @@ def test_lora_run_killed_and_resumed_equals_an_uninterrupted_one(toy_corpus_txt,
 def test_trajectory_intruders_match_a_numpy_count_on_the_snapshots(lora_run):
     from test_intruders import _numpy_count
 
-    from toolkit.analysis.intruders import trajectory_intruders
+    from toolkit.analysis.snapshot_intruders import trajectory_intruders
 
     out, _ = lora_run
     shift = json.loads((out / "shift" / "trajectory.json").read_text())["shift"]

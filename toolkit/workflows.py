@@ -35,7 +35,7 @@ def finetune_with_report(config: FinetuneConfig | dict) -> FinetuneResult:
 def write_finetune_report(result: FinetuneResult) -> Path:
     """Compare the run's step-0 snapshot with its final model and write DIR/report.md."""
     from toolkit.analysis.compare import compare
-    from toolkit.analysis.intruders import run_intruders
+    from toolkit.analysis.snapshot_intruders import run_intruders
     from toolkit.fileio import write_json
     from toolkit.render.training_report import write_training_report
     from toolkit.training.tracking import snapshot_name

@@ -14,7 +14,7 @@ from toolkit.fileio import write_atomic
 
 if TYPE_CHECKING:
     from toolkit.analysis.compare import Comparison
-    from toolkit.analysis.intruders import SnapshotIntruders
+    from toolkit.analysis.snapshot_intruders import SnapshotIntruders
     from toolkit.training.loop import FinetuneResult
     from toolkit.training.tracking import Trajectory
 
@@ -38,7 +38,7 @@ def write_training_report(
 
     `start_vs_end`: the step-0 snapshot compared with the final model (its figures go into
     DIR/compare/); None when tracking was off. `intruders`: each snapshot's intruder dimensions
-    against step 0 (`analysis.intruders.run_intruders`), shown when there are any.
+    against step 0 (`analysis.snapshot_intruders.run_intruders`), shown when there are any.
     """
     lines = [
         f"# Fine-tuning report: {result.model} on {result.dataset}",
@@ -172,8 +172,8 @@ def _snapshots_sentence(trajectory: Trajectory) -> str:
 
 
 def _intruder_section(run_dir: Path, found: list[SnapshotIntruders]) -> list[str]:
-    """Intruder dimensions of each snapshot against step 0 (`analysis.intruders.run_intruders`:
-    empty unless the run ends with some)."""
+    """Intruder dimensions of each snapshot against step 0
+    (`analysis.snapshot_intruders.run_intruders`: empty unless the run ends with some)."""
     from toolkit.analysis.intruders import DEFAULT_EPSILON, DEFAULT_K
 
     if not found:
