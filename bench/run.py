@@ -616,20 +616,14 @@ def bench_tracking(repeat: int) -> dict:
     }
     speeds = {route: [] for route in routes}
     shares, snapshots, skipped = [], [], []
-    for index in range(repeat):
-        for route in list(routes)[index % 2 :] + list(routes)[: index % 2]:
-            log(f"tracking: {route}, round {index + 1}/{repeat}")
-            shutil.rmtree(runs / route, ignore_errors=True)
-            result = run_json([*routes[route], "--output-dir", str(runs / route)], env)
-            speeds[route].append(result["train_samples_per_second"])
-            if route == "every_step":
-                # the timed updates (all but the first): their samples over samples/s
-                timed = (result["steps"] - 1) * FINETUNE_RECIPE["batch_size"]
-                shares.append(
-                    result["tracking_seconds"] / (timed / result["train_samples_per_second"])
-                )
-                snapshots.append(len(list((runs / route / "shift").glob("step_*.safetensors"))))
-                skipped.append(result["skipped_snapshots"])
+    for route, result, _ in _alternating("tracking", routes, repeat, runs, env):
+        speeds[route].append(result["train_samples_per_second"])
+        if route == "every_step":
+            # the timed updates (all but the first): their samples over samples/s
+            timed = (result["steps"] - 1) * FINETUNE_RECIPE["batch_size"]
+            shares.append(result["tracking_seconds"] / (timed / result["train_samples_per_second"]))
+            snapshots.append(len(list((runs / route / "shift").glob("step_*.safetensors"))))
+            skipped.append(result["skipped_snapshots"])
     return {
         "settings": {**FINETUNE_RECIPE, "track_every": 1},
         "threads": os.cpu_count(),

@@ -359,19 +359,14 @@ def browser():
 
 def tiny_classification_run(csv, model, out, report: bool = False, **settings):
     """`toolkit.finetune` (with `report`: `finetune_with_report`) of a tiny classifier on a toy
-    CSV: 16 tokens, batches of 16, a learning rate that moves tiny weights in a few steps."""
+    CSV: 16 tokens, batches of 16, a learning rate that moves tiny weights in a few steps
+    (`settings` may override these)."""
     import toolkit
     from toolkit.training.recipe import FinetuneConfig
 
+    defaults = {"max_length": 16, "batch_size": 16, "learning_rate": 2e-3, "warmup_ratio": 0.0}
     config = FinetuneConfig(
-        model=str(model),
-        dataset=str(csv),
-        output_dir=str(out),
-        max_length=16,
-        batch_size=16,
-        learning_rate=2e-3,
-        warmup_ratio=0.0,
-        **settings,
+        model=str(model), dataset=str(csv), output_dir=str(out), **{**defaults, **settings}
     )
     return (toolkit.finetune_with_report if report else toolkit.finetune)(config)
 

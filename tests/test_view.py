@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import tiny_classification_run
 from safetensors.numpy import load_file
 
 import toolkit
@@ -31,19 +32,15 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def run_dir(toy_sentiment_csv, tiny_bert_with_tokenizer, tmp_path_factory) -> Path:
     """4 steps of the tiny BERT classifier, snapshots at 0, 2 and 4; the report writes view.html."""
     out = tmp_path_factory.mktemp("view") / "run"
-    toolkit.finetune_with_report(
-        toolkit.FinetuneConfig(
-            model=str(tiny_bert_with_tokenizer),
-            dataset=str(toy_sentiment_csv),
-            output_dir=str(out),
-            max_length=16,
-            batch_size=16,
-            learning_rate=5e-3,
-            warmup_ratio=0.0,
-            max_steps=4,
-            track_every=2,
-            eval_every=2,
-        )
+    tiny_classification_run(
+        toy_sentiment_csv,
+        tiny_bert_with_tokenizer,
+        out,
+        report=True,
+        learning_rate=5e-3,
+        max_steps=4,
+        track_every=2,
+        eval_every=2,
     )
     return out
 

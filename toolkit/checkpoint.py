@@ -139,9 +139,9 @@ class Checkpoint:
         return self._located[name][1].dtype
 
     def get(self, name: str, half: bool = False) -> np.ndarray:
-        """One tensor as a float32 numpy array that owns its memory (of a frozen state dict:
-        may be a view of its tensor). `half`: a BF16 or F16
-        tensor as stored instead (raw bits as uint16 for BF16, float16 for F16), bit-exact."""
+        """One tensor as a float32 numpy array that owns its memory (from a frozen state dict,
+        possibly a view of its tensor). `half`: a BF16 or F16 tensor as stored instead (raw bits
+        as uint16 for BF16, float16 for F16), bit-exact."""
         if name not in self:
             raise ToolkitError(
                 f"tensor {name} is missing from {self.path}: the checkpoint is incomplete"

@@ -513,12 +513,10 @@ PRESENTERS: dict[str, Callable[..., list[Block]]] = {
 
 def lesson_blocks(results: dict[str, object], lang: str) -> list[Block]:
     """All lessons' blocks, in the order given; one line for a lesson that does not apply."""
-    return [
-        block
-        for name, result in results.items()
-        for block in (
-            [Paragraph(say(lang, "not_applicable", name=name, reason=result.reason))]
-            if isinstance(result, NotApplicable)
-            else PRESENTERS[name](result, lang)
-        )
-    ]
+    return [block for name, result in results.items() for block in _blocks(name, result, lang)]
+
+
+def _blocks(name: str, result: object, lang: str) -> list[Block]:
+    if isinstance(result, NotApplicable):
+        return [Paragraph(say(lang, "not_applicable", name=name, reason=result.reason))]
+    return PRESENTERS[name](result, lang)
