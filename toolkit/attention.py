@@ -31,7 +31,7 @@ from toolkit.families import (
     family_for_config,
     is_registered,
 )
-from toolkit.safetensors_format import widened
+from toolkit.safetensors_format import BlockBuffers, widened
 from toolkit.sources import ModelSource, resolve_source
 
 WEIGHT_ROLES = ("wq", "wk", "wv", "w0")
@@ -113,21 +113,25 @@ class AttentionModel:
     def name(self) -> str:
         return self.source.name
 
-    def layer(self, index: int, half: bool = False) -> AttentionLayer:
+    def layer(self, index: int, half: bool = False, mapped: bool = False) -> AttentionLayer:
         """One layer's standard tensors, float32. `half`: tensors stored in BF16 or F16 come as
         stored (uint16 bits for BF16, float16; see `storage_dtype`), for a bit-exact copy; the
-        families' conversions only split and transpose, so no value changes."""
+        families' conversions only split and transpose, so no value changes. `mapped`: read-only
+        views of the checkpoint file's pages where no conversion is needed (`Checkpoint.get`),
+        for a caller that copies them once (extract's layout)."""
         if index not in self.layer_indices:
             raise ToolkitError(self._layer_range_message(index))
         if self.source.is_standard_file:
             roles = WEIGHT_ROLES + self.bias_roles
             tensors = {
-                role: self.checkpoint.get(standard_name(index, role), half) for role in roles
+                role: self.checkpoint.get(standard_name(index, role), half, mapped)
+                for role in roles
             }
         else:
             names = self.family.layer_names(index, self.config)
             raw = {
-                role: self.checkpoint.get(self.prefix + name, half) for role, name in names.items()
+                role: self.checkpoint.get(self.prefix + name, half, mapped)
+                for role, name in names.items()
             }
             tensors = self._converted(index, raw)
         return AttentionLayer(index=index, **tensors)
@@ -373,11 +377,15 @@ def write_laid_out(
     layers: Sequence[int] | None = None,
     dtype: str = "source",
     readers: int = READERS,
+    buffers: BlockBuffers | None = None,
 ) -> tuple[int, str]:
     """Write the standard tensors of `layers` (default all) as a safetensors file, atomically,
-    laying each layer out straight into the file's memory-mapped pages (at most `readers` layers
-    read at a time, each on its thread: a background writer beside training takes one). Returns
-    (bytes of tensor data, storage dtype: "F32", "BF16" or "F16").
+    at most `readers` layers at a time, each on its thread (a background writer beside training
+    takes one): each layer is laid out per head from views of the checkpoint's mapped pages into
+    a page-aligned buffer that goes to the disk by direct I/O (`safetensors_format.write_direct`;
+    `buffers`: kept between files), or, on a file system without direct I/O, straight into the
+    new file's memory-mapped pages. Returns (bytes of tensor data, storage dtype: "F32", "BF16"
+    or "F16").
 
     dtype "source": in the checkpoint's own storage when all its attention tensors share a half
     precision (BF16 or F16: bit-exact, half the bytes), else float32; "float32": always float32
@@ -387,10 +395,9 @@ def write_laid_out(
     if dtype not in EXTRACT_DTYPES:
         raise ToolkitError(f"dtype {dtype!r} is not one of {', '.join(EXTRACT_DTYPES)}")
     selected = model.select_layers(layers)
+    roles = standard_shapes(model.dims, model.bias_roles)
     shapes = {
-        standard_name(index, role): shape
-        for index in selected
-        for role, shape in standard_shapes(model.dims, model.bias_roles).items()
+        standard_name(index, role): shape for index in selected for role, shape in roles.items()
     }
 
     storage = model.storage_dtype() if dtype == "source" else "F32"
@@ -398,7 +405,8 @@ def write_laid_out(
 
     def copy_layer(index: int, views: dict[str, np.ndarray], release) -> None:
         names = []
-        for role, tensor in model.layer(index, half).tensors().items():
+        # views of the checkpoint file's pages: the layout is the one copy made of them
+        for role, tensor in model.layer(index, half, mapped=True).tensors().items():
             names.append(standard_name(index, role))
             view = views[names[-1]]
             if tensor.shape != view.shape or (half and tensor.dtype != view.dtype):
@@ -406,7 +414,7 @@ def write_laid_out(
                     f"layer {index} {role}: {tensor.dtype} {tensor.shape} does not "
                     f"fit the file's {view.dtype} {view.shape}"
                 )
-            copy_into(view, tensor)  # the per-head layout, written into the file's pages
+            copy_into(view, tensor)  # the per-head layout
         release(names)
 
     def fill(views: dict[str, np.ndarray], release) -> None:
@@ -418,10 +426,21 @@ def write_laid_out(
 
     from toolkit.fileio import write_atomic
     from toolkit.layout import copy_into
-    from toolkit.safetensors_format import write_mapped
+    from toolkit.safetensors_format import write_direct, write_mapped
 
     metadata = standard_metadata(model)
-    write_atomic(path, lambda tmp: write_mapped(tmp, shapes, metadata, storage, fill))
+    groups = [[standard_name(index, role) for role in roles] for index in selected]
+
+    def write(tmp: Path) -> None:
+        # straight from the layout buffers to the disk where the file system allows it, else
+        # into the file's mapped pages
+        def lay_out(group: int, views: dict[str, np.ndarray]) -> None:
+            copy_layer(selected[group], views, lambda names: None)
+
+        if not write_direct(tmp, shapes, metadata, storage, groups, lay_out, readers, buffers):
+            write_mapped(tmp, shapes, metadata, storage, fill)
+
+    write_atomic(path, write)
     return sum(math.prod(shape) * (2 if half else 4) for shape in shapes.values()), storage
 
 

@@ -19,6 +19,7 @@ from toolkit.safetensors_format import (
     HALF_DTYPES,
     FormatError,
     TensorInfo,
+    mapped_tensor,
     read_header,
     read_tensor,
 )
@@ -138,10 +139,12 @@ class Checkpoint:
             return "F32"
         return self._located[name][1].dtype
 
-    def get(self, name: str, half: bool = False) -> np.ndarray:
+    def get(self, name: str, half: bool = False, mapped: bool = False) -> np.ndarray:
         """One tensor as a float32 numpy array that owns its memory (from a frozen state dict,
         possibly a view of its tensor). `half`: a BF16 or F16 tensor as stored instead (raw bits
-        as uint16 for BF16, float16 for F16), bit-exact."""
+        as uint16 for BF16, float16 for F16), bit-exact. `mapped`: a tensor of a file that is
+        already in that form comes as a read-only view of the file's mapped pages (see
+        `safetensors_format.mapped_tensor`), for a reader that only copies it once."""
         if name not in self:
             raise ToolkitError(
                 f"tensor {name} is missing from {self.path}: the checkpoint is incomplete"
@@ -154,6 +157,9 @@ class Checkpoint:
             return array if self._frozen else np.array(array)
         file, info = self._located[name]
         try:
+            as_stored = info.dtype == "F32" or (half and info.dtype in HALF_DTYPES)
+            if mapped and as_stored:
+                return mapped_tensor(file, info)
             if half and info.dtype in HALF_DTYPES:
                 return read_tensor(file, info, widen=False)
             return read_tensor(file, info).astype(np.float32, copy=False)

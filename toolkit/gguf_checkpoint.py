@@ -103,7 +103,7 @@ class GGUFCheckpoint:
         """Always "F32": GGUF tensors (quantized or not) are dequantized to float32."""
         return "F32"
 
-    def get(self, name: str, half: bool = False) -> np.ndarray:
+    def get(self, name: str, half: bool = False, mapped: bool = False) -> np.ndarray:
         """One tensor, dequantized to float32, as transformers holds it: llama.cpp's q/k row
         permutation and Gemma's norm offset undone (`half` is accepted for the Checkpoint
         interface: the result is float32)."""

@@ -10,11 +10,16 @@ JSON (name -> dtype, shape, data_offsets; "__metadata__" -> str -> str), then th
 
 from __future__ import annotations
 
+import errno
+import itertools
 import json
 import math
+import mmap
 import os
 import struct
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,6 +118,26 @@ def read_tensor(path: Path, info: TensorInfo, widen: bool = True) -> np.ndarray:
     return widened(array, info.dtype)
 
 
+def mapped_tensor(path: Path, info: TensorInfo) -> np.ndarray:
+    """One tensor as stored (BF16 as uint16 bits), a read-only view of the file's pages mapped
+    into memory: no copy, and no fresh memory to fault in. The mapping lasts as long as the
+    array (or a view of it) does, so its pages leave the process with it."""
+    if info.dtype not in NUMPY_DTYPES:
+        raise FormatError(f"dtype {info.dtype} is not supported")
+    dtype = np.dtype(NUMPY_DTYPES[info.dtype])
+    if info.end == info.start:  # nothing to map
+        empty = np.empty(info.shape, dtype=dtype)
+        empty.flags.writeable = False
+        return empty
+    first = info.start // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY
+    with open(path, "rb") as handle:
+        mapped = mmap.mmap(handle.fileno(), info.end - first, access=mmap.ACCESS_READ, offset=first)
+    count = (info.end - info.start) // dtype.itemsize
+    return np.frombuffer(mapped, dtype=dtype, count=count, offset=info.start - first).reshape(
+        info.shape
+    )
+
+
 def widened(array: np.ndarray, dtype: str) -> np.ndarray:
     """A tensor as stored in safetensors `dtype` -> float32 (floating dtypes) or as it is."""
     if dtype == "BF16":  # the top half of a float32: one casting shift, no temporary
@@ -123,9 +148,10 @@ def widened(array: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def _header(
-    shapes: dict[str, tuple[int, ...]], metadata: dict[str, str], dtype: str
+    shapes: dict[str, tuple[int, ...]], metadata: dict[str, str], dtype: str, align: int = 8
 ) -> tuple[np.dtype, dict, bytes]:
-    """(storage dtype, header, encoded header padded to 8 bytes) of a file of `shapes`."""
+    """(storage dtype, header, encoded header) of a file of `shapes`; the header is padded with
+    spaces (as safetensors' own writer does) so that the data starts at a multiple of `align`."""
     storage = np.dtype("<f4") if dtype == "F32" else np.dtype(HALF_DTYPES[dtype]).newbyteorder("<")
     header: dict = {"__metadata__": metadata}
     offset = 0
@@ -138,7 +164,7 @@ def _header(
         }
         offset += nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)  # data starts 8-byte aligned
+    encoded += b" " * (-(8 + len(encoded)) % align)
     return storage, header, encoded
 
 
@@ -195,6 +221,143 @@ def write_mapped(
             mapped.close()  # the pages stay in the page cache, written back later
         except BufferError:  # a view still held somewhere: unmapped when it is collected
             pass
+
+
+DIRECT_BLOCK = 4096  # direct I/O: file offsets, lengths and buffer addresses multiples of this
+
+
+class BlockBuffers:
+    """Page-aligned buffers for `write_direct`, kept between files: a tracking run writes a
+    snapshot every so often, and buffers it touched once cost no page faults the next time."""
+
+    def __init__(self) -> None:
+        self._free: list[mmap.mmap] = []
+
+    def take(self, nbytes: int) -> mmap.mmap:
+        for index, buffer in enumerate(self._free):
+            if len(buffer) >= nbytes:
+                return self._free.pop(index)
+        if self._free:  # too small for this file's groups: dropped, not kept beside a new one
+            self._free.pop().close()
+        return mmap.mmap(-1, -(-nbytes // DIRECT_BLOCK) * DIRECT_BLOCK)
+
+    def give(self, buffer: mmap.mmap) -> None:
+        self._free.append(buffer)
+
+
+def write_direct(
+    path: Path,
+    shapes: dict[str, tuple[int, ...]],
+    metadata: dict[str, str],
+    dtype: str,
+    groups: Sequence[Sequence[str]],
+    lay_out: Callable[[int, dict[str, np.ndarray]], None],
+    threads: int = 1,
+    buffers: BlockBuffers | None = None,
+) -> bool:
+    """Write a file of `shapes` in `dtype` ("F32", "BF16", "F16") with direct I/O: `groups`
+    (consecutive runs of the names of `shapes`, in order: a layer's tensors) are laid out by
+    `lay_out(group index, views)` (name -> writable array of that tensor's shape and storage
+    dtype) into page-aligned buffers, on `threads` threads, and written in file order straight
+    from those buffers to the disk. No page cache: nothing is zero-filled or copied by the
+    kernel, and the machine's memory holds `threads + 1` groups at most. The header is padded so
+    that the data starts on a block; the bytes of a block two groups share are carried from
+    one group's buffer into the next. Returns False, having written nothing that counts, where
+    the platform or file system has no direct I/O (tmpfs, macOS): use `write_mapped` there."""
+    direct = getattr(os, "O_DIRECT", 0)
+    if not direct:
+        return False
+    storage, header, encoded = _header(shapes, metadata, dtype, align=DIRECT_BLOCK)
+    data_start = 8 + len(encoded)
+    ranges = [
+        (header[names[0]]["data_offsets"][0], header[names[-1]]["data_offsets"][1])
+        for names in groups
+    ]
+    if [name for names in groups for name in names] != list(shapes) or any(
+        end != begin for (_, end), (begin, _) in itertools.pairwise(ranges)
+    ):
+        raise ValueError("groups must cover the names of shapes, in order")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | direct, 0o666)
+    except OSError as err:
+        if err.errno == errno.EINVAL:
+            return False
+        raise
+    buffers = buffers or BlockBuffers()
+    try:
+        first = buffers.take(data_start)
+        try:
+            first[:data_start] = struct.pack("<Q", len(encoded)) + encoded
+            try:
+                _write_all(fd, memoryview(first)[:data_start], 0)
+            except OSError as err:
+                if err.errno == errno.EINVAL:  # opened, but direct writes refused
+                    return False
+                raise
+        finally:
+            buffers.give(first)
+
+        def lay_group(index: int, buffer: mmap.mmap) -> None:
+            group_begin = ranges[index][0]
+            lead = group_begin % DIRECT_BLOCK
+            data = np.frombuffer(buffer, dtype=np.uint8)
+            views = {}
+            for name in groups[index]:
+                begin, end = header[name]["data_offsets"]
+                low = lead + begin - group_begin
+                views[name] = data[low : low + end - begin].view(storage).reshape(shapes[name])
+            try:
+                lay_out(index, views)
+            finally:
+                del data, views  # the buffer is reused: no view of it may outlive the group
+
+        carry = b""  # the file's bytes from the last block boundary to the next group's start
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            pending: deque = deque()
+            upcoming = iter(range(len(groups)))
+
+            def submit_next() -> None:
+                index = next(upcoming, None)
+                if index is not None:
+                    begin, end = ranges[index]
+                    buffer = buffers.take(begin % DIRECT_BLOCK + end - begin + DIRECT_BLOCK)
+                    pending.append((index, buffer, pool.submit(lay_group, index, buffer)))
+
+            for _ in range(threads + 1):
+                submit_next()
+            while pending:
+                index, buffer, laid = pending.popleft()
+                try:
+                    laid.result()
+                    begin, end = ranges[index]
+                    lead = begin % DIRECT_BLOCK
+                    buffer[:lead] = carry
+                    filled = lead + end - begin
+                    whole = filled // DIRECT_BLOCK * DIRECT_BLOCK
+                    _write_all(fd, memoryview(buffer)[:whole], data_start + begin - lead)
+                    carry = buffer[whole:filled]
+                finally:
+                    buffers.give(buffer)
+                submit_next()
+        if carry:  # the last block, zero-padded, then the file cut to its length
+            last = buffers.take(DIRECT_BLOCK)
+            try:
+                last[: len(carry)] = carry
+                last[len(carry) : DIRECT_BLOCK] = bytes(DIRECT_BLOCK - len(carry))
+                total = ranges[-1][1] if ranges else 0
+                _write_all(fd, memoryview(last)[:DIRECT_BLOCK], data_start + total - len(carry))
+            finally:
+                buffers.give(last)
+            os.ftruncate(fd, data_start + total)
+    finally:
+        os.close(fd)
+    return True
+
+
+def _write_all(fd: int, data: memoryview, offset: int) -> None:
+    while len(data):  # a write may stop short of what was asked
+        written = os.pwrite(fd, data, offset)
+        data, offset = data[written:], offset + written
 
 
 def write_stream(

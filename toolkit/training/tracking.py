@@ -51,7 +51,7 @@ from toolkit.attention import (
 from toolkit.errors import ToolkitError
 from toolkit.fileio import write_json
 from toolkit.progress import stderr_console
-from toolkit.safetensors_format import widened
+from toolkit.safetensors_format import BlockBuffers, widened
 
 TRAJECTORY_FILE = "trajectory.json"
 HALF_PRECISION = {"bfloat16": "BF16", "float16": "F16"}  # torch dtype name -> safetensors dtype
@@ -200,6 +200,8 @@ class ShiftTracker:
         self.seconds = 0.0
         self.skipped = 0
         self._writer = ThreadPoolExecutor(max_workers=1)
+        self._write_buffers = BlockBuffers()  # the writer's, reused by every snapshot
+        self._copies: dict = {}  # the parameters' copy a snapshot is written from, reused
         self._pending: Future | None = None
         self._warned = False
         self._measure_pool: ThreadPoolExecutor | None = None
@@ -225,7 +227,7 @@ class ShiftTracker:
         tracker = cls(shift_dir, model_config, start, schedule, dtype)
         layer_change, head_change = tracker._relative_change(start, trajectory.n_layers)
         point = ShiftPoint(0, None, {}, layer_change, head_change, snapshot_name(0))
-        snapshot = snapshot_source(attention, state_dict, model_config, name)
+        snapshot = snapshot_source(attention, state_dict, model_config, name, tracker._copies)
         tracker._append_point(trajectory, point, lambda: snapshot)
         return tracker
 
@@ -265,7 +267,8 @@ class ShiftTracker:
         point = ShiftPoint(step, loss, metrics, layer_change, head_change, None)
         snapshot = None
         if self._snapshot_wanted(point):
-            source = snapshot_source(attention, state_dict, self.model_config, name)
+            # the writer is idle (`_snapshot_wanted`): the last snapshot's copy is free
+            source = snapshot_source(attention, state_dict, self.model_config, name, self._copies)
             snapshot = lambda: source  # noqa: E731
         return self._append_point(trajectory, point, snapshot)
 
@@ -378,7 +381,11 @@ class ShiftTracker:
         if self.dtype == "F32" or source.storage_dtype() == self.dtype:
             # one thread: the writer must not take the cores the training step is using
             write_laid_out(
-                path, source, dtype="float32" if self.dtype == "F32" else "source", readers=1
+                path,
+                source,
+                dtype="float32" if self.dtype == "F32" else "source",
+                readers=1,
+                buffers=self._write_buffers,
             )
             return
         tensors = standard_tensor_dict(list(source.layers()))
@@ -445,13 +452,26 @@ def _live_weights(attention, state_dict: dict, copy: bool = False) -> dict[str, 
     return weights
 
 
-def snapshot_source(attention, state_dict: dict, model_config: dict, name: str):
+def snapshot_source(
+    attention, state_dict: dict, model_config: dict, name: str, copies: dict | None = None
+):
     """The AttentionModel of a copy of `attention`'s parameters in `state_dict`, their own dtype
     and layout: one memcpy per tensor is all the training thread does for a snapshot (the writer
-    reads the copy while the next steps move the parameters, and lays it out per head)."""
-    raw = {
-        attention.prefix + tensor: state_dict[attention.prefix + tensor].detach().clone()
-        for layer in attention.layer_indices
-        for tensor in attention.family.layer_names(layer, attention.config).values()
-    }
+    reads the copy while the next steps move the parameters, and lays it out per head).
+    `copies`: the tensors of an earlier copy that nothing reads any more, copied into and kept
+    (fresh memory costs the training thread page faults, and freeing it interrupts the other
+    cores' threads to flush their address translations)."""
+    raw = {}
+    for layer in attention.layer_indices:
+        for tensor in attention.family.layer_names(layer, attention.config).values():
+            key = attention.prefix + tensor
+            live = state_dict[key].detach()
+            copy = None if copies is None else copies.get(key)
+            if copy is None or copy.shape != live.shape or copy.dtype != live.dtype:
+                copy = live.clone()
+                if copies is not None:
+                    copies[key] = copy
+            else:
+                copy.copy_(live)
+            raw[key] = copy
     return attention_from_state_dict(raw, model_config, name, frozen=True)
