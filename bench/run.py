@@ -277,10 +277,12 @@ def extraction_table(results: dict) -> list[str]:
         "*extract* = the same plus writing the per-head tensors to a safetensors file, each route "
         "in the checkpoint's own dtype (llama-1b, pythia-1.4b: bfloat16; the others float32). "
         "`toolkit inspect` reads and reduces two layers at a time, on two threads; `toolkit "
-        "extract` lays the tensors out straight into the memory-mapped output file on two "
-        "threads, copying each transposed per-head view in blocks of 16 columns "
-        "(`toolkit/layout.py`) and releasing each finished layer's pages from the process (they "
-        "stay in the page cache).",
+        "extract` lays two layers out at a time, on two threads, from views of the checkpoint's "
+        "mapped pages into page-aligned buffers, copying each transposed per-head view in blocks "
+        "of 16 columns (`toolkit/layout.py`), and writes each buffer to the disk by direct I/O, "
+        "in file order, while the next layers are laid out (no page cache to zero-fill and copy "
+        "into; on a file system without direct I/O, straight into the memory-mapped output "
+        "file).",
         "",
         f"`toolkit --help`: {results['help']['wall_s']:.2f} s. Interpreter baseline (python + "
         f"toolkit.cli + numpy + safetensors imported): {base['wall_s']:.2f} s, "
