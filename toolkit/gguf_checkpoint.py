@@ -106,7 +106,7 @@ class GGUFCheckpoint:
     def get(self, name: str, half: bool = False, mapped: bool = False) -> np.ndarray:
         """One tensor, dequantized to float32, as transformers holds it: llama.cpp's q/k row
         permutation and Gemma's norm offset undone (`half` is accepted for the Checkpoint
-        interface: the result is float32)."""
+        interface: the result is float32, and `mapped` too: a dequantized tensor is a new array)."""
         if name not in self:
             raise ToolkitError(f"tensor {name} is missing from {self.path}: the file is incomplete")
         gguf_name = self._names[name]

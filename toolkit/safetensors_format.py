@@ -263,7 +263,8 @@ def write_direct(
     kernel, and the machine's memory holds `threads + 1` groups at most. The header is padded so
     that the data starts on a block; the bytes of a block two groups share are carried from
     one group's buffer into the next. Returns False, having written nothing that counts, where
-    the platform or file system has no direct I/O (tmpfs, macOS): use `write_mapped` there."""
+    the platform or file system has no direct I/O (macOS; some file systems): use `write_mapped`
+    there."""
     direct = getattr(os, "O_DIRECT", 0)
     if not direct:
         return False
@@ -329,29 +330,34 @@ def write_direct(
                 index, buffer, laid = pending.popleft()
                 try:
                     laid.result()
-                    begin, end = ranges[index]
-                    lead = begin % DIRECT_BLOCK
-                    buffer[:lead] = carry
-                    filled = lead + end - begin
-                    whole = filled // DIRECT_BLOCK * DIRECT_BLOCK
-                    _write_all(fd, memoryview(buffer)[:whole], data_start + begin - lead)
-                    carry = buffer[whole:filled]
+                    carry = _write_group(fd, buffer, carry, data_start, ranges[index], not pending)
                 finally:
                     buffers.give(buffer)
                 submit_next()
-        if carry:  # the last block, zero-padded, then the file cut to its length
-            last = buffers.take(DIRECT_BLOCK)
-            try:
-                last[: len(carry)] = carry
-                last[len(carry) : DIRECT_BLOCK] = bytes(DIRECT_BLOCK - len(carry))
-                total = ranges[-1][1] if ranges else 0
-                _write_all(fd, memoryview(last)[:DIRECT_BLOCK], data_start + total - len(carry))
-            finally:
-                buffers.give(last)
-            os.ftruncate(fd, data_start + total)
+        if ranges and ranges[-1][1] % DIRECT_BLOCK:  # the last block was written padded
+            os.ftruncate(fd, data_start + ranges[-1][1])
     finally:
         os.close(fd)
     return True
+
+
+def _write_group(
+    fd: int, buffer: mmap.mmap, carry: bytes, data_start: int, span: tuple[int, int], last: bool
+) -> bytes:
+    """Write one laid-out group (its data `span` of the file, laid out in `buffer` after a lead
+    of `begin % DIRECT_BLOCK` bytes) up to its last whole block, the previous group's `carry`
+    filling the lead; returns the bytes past that block, carried into the next group. The
+    `last` group's partial block is zero-padded and written too (the file is cut after)."""
+    begin, end = span
+    lead = begin % DIRECT_BLOCK
+    buffer[:lead] = carry
+    filled = lead + end - begin
+    whole = filled // DIRECT_BLOCK * DIRECT_BLOCK
+    if last and whole < filled:
+        whole += DIRECT_BLOCK  # the buffer has a spare block for this
+        buffer[filled:whole] = bytes(whole - filled)
+    _write_all(fd, memoryview(buffer)[:whole], data_start + begin - lead)
+    return buffer[whole:filled]
 
 
 def _write_all(fd: int, data: memoryview, offset: int) -> None:
