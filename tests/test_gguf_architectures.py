@@ -250,6 +250,35 @@ def test_model_built_from_the_gguf_computes_the_source_models_logits(architectur
     torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("architecture", ["llama", "gemma"])
+def test_a_head_the_gguf_lacks_gets_the_models_own_initialisation(architecture, tmp_path):
+    """The model is built without initialising the weights the file overwrites; a classifier's
+    `score`, which the file does not hold, is still drawn as the architecture draws it:
+    normal(0, initializer_range), from the seeded generator (not left as empty memory)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    model = _tiny_model(architecture)
+    path = _write_gguf(model, architecture, tmp_path / "model.gguf")
+
+    def head(seed):
+        torch.manual_seed(seed)
+        built = load_gguf_model(path, AutoModelForSequenceClassification, num_labels=40)
+        return built, built.score.weight.detach().clone()
+
+    built, first = head(0)
+    std = built.config.initializer_range
+    # 40 x 64 draws: the sample's mean and spread within a few standard errors of the law's
+    assert abs(first.mean().item()) < 4 * std / 51
+    assert 0.9 * std < first.std().item() < 1.1 * std
+    torch.testing.assert_close(head(0)[1], first, rtol=0, atol=0)  # the seed decides it
+    assert not torch.equal(head(1)[1], first)
+    base = dict(model.model.named_parameters())
+    for name, tensor in built.model.named_parameters():  # the file's weights, not redrawn
+        if not (architecture == "gemma" and name.endswith("norm.weight")):
+            torch.testing.assert_close(tensor, base[name], rtol=0, atol=0, msg=name)
+
+
 @pytest.mark.parametrize("architecture", ["llama", "qwen2"])
 def test_model_built_from_the_gguf_equals_transformers_gguf_load(architecture, tmp_path):
     """Where transformers' own GGUF loader rebuilds the model right, both routes hold the same

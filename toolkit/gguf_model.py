@@ -52,12 +52,14 @@ def load_gguf_model(
             f"{checkpoint.architecture} model has no place for: this GGUF is not supported"
         )
     config = gguf_model_config(path, **overrides)
-    # seconds for a real file (SmolLM2-135M: about 9): a transient bar on a terminal's stderr
+    # seconds for a real file (SmolLM2-135M: about 4): a transient bar on a terminal's stderr
     with Progress(console=stderr_console(), transient=True) as progress:
         task = progress.add_task(f"building the {checkpoint.architecture} model", total=None)
-        model = (model_class or AutoModelForCausalLM).from_config(
-            config, attn_implementation=attn_implementation, dtype=torch.float32
-        )
+        # no random initialisation of weights the file overwrites (a second of SmolLM2's load)
+        with _no_init_weights():
+            model = (model_class or AutoModelForCausalLM).from_config(
+                config, attn_implementation=attn_implementation, dtype=torch.float32
+            )
         expected = model.state_dict()
         # a causal LM's output projection is left out where the model is a classifier
         names = [name for name in checkpoint.names() if name in expected]
@@ -73,9 +75,21 @@ def load_gguf_model(
                 f"{tuple(expected[name].shape)}: the file is inconsistent"
             )
     missing, _ = model.load_state_dict(state, strict=False)
-    model.tie_weights()  # the output projection, where the file writes none
     base = model.base_model_prefix + "."  # a head outside it (lm_head, score) may be fresh
     lacking = [name for name in missing if name.startswith(base)]
     if lacking:
         raise ToolkitError(f"tensor {lacking[0]} is missing from {path}: the file is incomplete")
+    # a head the file lacks gets the model's own initialisation, as from_pretrained gives it
+    for owner in dict.fromkeys(name.rpartition(".")[0] for name in missing):
+        model._init_weights(model.get_submodule(owner))
+    model.tie_weights()  # the output projection, where the file writes none
     return model
+
+
+def _no_init_weights():
+    """transformers' context that skips weight initialisation (it moved in transformers 5)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
