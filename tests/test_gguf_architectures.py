@@ -5,6 +5,7 @@ goes through gguf's name tables), and read back by the toolkit."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -120,6 +121,15 @@ def _write_gguf(
         writer.add_sliding_window(config.sliding_window)
         writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
         writer.add_final_logit_softcapping(config.final_logit_softcapping)
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type") == "longrope":  # Phi-3 128k: the factors as tensors
+        writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+        scale = config.max_position_embeddings / rope["original_max_position_embeddings"]
+        original = rope["original_max_position_embeddings"]
+        writer.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(original)))
+        for key in ("long_factor", "short_factor"):
+            name = f"rope_factors_{key.split('_')[0]}.weight"
+            writer.add_tensor(name, np.array(rope[key], dtype=np.float32))
     if tokens is not None:
         writer.add_tokenizer_model("gpt2")
         writer.add_token_list(tokens)
@@ -320,19 +330,215 @@ def test_verify_runs_a_gemma_gguf_on_texts_through_its_own_tokenizer(tmp_path):
 
 
 def test_a_tensor_the_model_has_no_place_for_is_one_line(tmp_path):
-    """Llama 3's rope_freqs (a rotary scaling the config would not carry): refused, not dropped
-    as transformers' loader drops it."""
+    """A tensor no transformers Qwen2 has (a llama.cpp name of another architecture):
+    refused, not dropped as transformers' loader drops it."""
     path = _write_gguf(
-        _tiny_model("llama"),
-        "llama",
+        _tiny_model("qwen2"),
+        "qwen2",
         tmp_path / "model.gguf",
-        extra={"rope_freqs.weight": np.ones(8, dtype=np.float32)},
+        extra={"token_types.weight": np.zeros((2, 64), dtype=np.float32)},
     )
     result = CliRunner().invoke(main, ["verify", str(path)])
     assert result.exit_code == 1, result.output
     assert "Traceback" not in result.output
     (line,) = result.output.strip().splitlines()
-    assert "rope_freqs.weight" in line and "not supported" in line
+    assert "token_types.weight" in line and "not supported" in line
+
+
+def test_phi3_longrope_factors_rebuild_the_source_models_rotary(tmp_path):
+    """Phi-3 128k's LongRoPE, written as llama.cpp's converter writes it (the long and short
+    factors as tensors, the pretraining context and attention factor in the header): the
+    model built from the file computes the source's logits exactly, on a text within the
+    pretraining context (short factors) and one past it (long factors), and verify passes."""
+    import torch
+    import transformers
+
+    rope = {
+        "rope_type": "longrope",
+        "rope_theta": 10000.0,
+        "long_factor": [1.0, 1.2, 1.7, 2.5, 3.4, 4.1, 4.6, 5.0],
+        "short_factor": [1.0, 1.0, 1.05, 1.1, 1.2, 1.3, 1.4, 1.5],
+        "original_max_position_embeddings": 64,
+    }
+    torch.manual_seed(7)
+    config = transformers.Phi3Config(
+        **{**SHAPE, "max_position_embeddings": 256},
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=1,
+        original_max_position_embeddings=64,
+        rope_parameters=dict(rope),  # (the config adds its defaults to the dict it is given)
+    )
+    model = transformers.Phi3ForCausalLM(config).eval()
+    path = _write_gguf(model, "phi3", tmp_path / "model.gguf")
+    read = gguf_config(path)["rope_parameters"]
+    assert {key: read[key] for key in rope} == rope
+    built = load_gguf_model(path).eval()
+    plain = _tiny_model("phi3")  # the same architecture with plain rotary: what differs
+    plain.load_state_dict(model.state_dict())
+    generator = torch.Generator().manual_seed(0)
+    for length in (40, 100):  # within the 64 pretraining positions, and past them
+        ids = torch.randint(0, SHAPE["vocab_size"], (1, length), generator=generator)
+        with torch.no_grad():
+            ours, theirs, unscaled = (m(ids).logits for m in (built, model, plain))
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+        assert (unscaled - theirs).abs().max() > 1e-3 * theirs.abs().max()
+    result = CliRunner().invoke(main, ["verify", str(path)])
+    assert result.exit_code == 0, result.output
+
+
+def test_longrope_factors_without_their_context_are_one_line(tmp_path):
+    factors = np.linspace(1, 4, 8, dtype=np.float32)
+    path = _write_gguf(
+        _tiny_model("phi3"),
+        "phi3",
+        tmp_path / "model.gguf",
+        extra={"rope_factors_long.weight": factors, "rope_factors_short.weight": factors},
+    )
+    line = _refused(["extract", str(path)], tmp_path / "out.safetensors")
+    assert "LongRoPE factors but no phi3.rope.scaling.original_context_length" in line
+
+
+# Llama 3.1's rope scaling, shrunk to a 16-wide head: wavelengths between 64/4 and 64/1
+# positions are interpolated (two of the eight here), longer ones divided by 8
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 10000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
+
+
+def _converter_rope_freqs(rope: dict, head_dim: int) -> np.ndarray:
+    """The rope_freqs tensor llama.cpp's convert_hf_to_gguf writes for a llama3 rope scaling
+    (its loop over float32 frequencies, written out again here)."""
+    import math
+
+    import torch
+
+    frequencies = 1.0 / (
+        rope["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    )
+    context, low, high = (
+        rope["original_max_position_embeddings"],
+        rope["low_freq_factor"],
+        rope["high_freq_factor"],
+    )
+    factors = []
+    for frequency in frequencies.tolist():
+        wavelength = 2 * math.pi / frequency
+        if wavelength < context / high:
+            factors.append(1.0)
+        elif wavelength > context / low:
+            factors.append(rope["factor"])
+        else:
+            smooth = (context / wavelength - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / rope["factor"] + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
+def _llama3_model(rope: dict):
+    import torch
+    import transformers
+
+    torch.manual_seed(7)
+    config = transformers.LlamaConfig(
+        **{**SHAPE, "max_position_embeddings": 256},
+        tie_word_embeddings=False,
+        rope_parameters=dict(rope),
+    )
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def test_llama3_rope_freqs_rebuild_the_source_models_rope_scaling(tmp_path):
+    """A Llama 3.1-style GGUF (rope_freqs, no rope_scaling keys): the rope parameters read back
+    from the tensor are the source model's, so the model built from the file computes the
+    source's logits exactly, where the same weights with plain rotary (what transformers' own
+    GGUF loader builds, having dropped rope_freqs) do not; verify passes on the file."""
+    import torch
+    import transformers
+
+    model = _llama3_model(LLAMA3_ROPE)
+    rope_freqs = _converter_rope_freqs(LLAMA3_ROPE, 16)
+    assert ((rope_freqs > 1) & (rope_freqs < 8)).sum() == 2 and rope_freqs.max() == 8
+    path = _write_gguf(
+        model, "llama", tmp_path / "model.gguf", extra={"rope_freqs.weight": rope_freqs}
+    )
+    assert gguf_config(path)["rope_parameters"] == LLAMA3_ROPE
+    ids = torch.randint(0, SHAPE["vocab_size"], (2, 40), generator=torch.Generator().manual_seed(0))
+    plain = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(**{**model.config.to_dict(), "rope_parameters": None})
+    ).eval()
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        ours, theirs, unscaled = (
+            m(ids).logits for m in (load_gguf_model(path).eval(), model, plain)
+        )
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    assert (unscaled - theirs).abs().max() > 1e-3 * theirs.abs().max()
+    result = CliRunner().invoke(main, ["verify", str(path)])
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize(
+    "rope",
+    [
+        {
+            **LLAMA3_ROPE,
+            "factor": 32.0,
+            "high_freq_factor": 2.5,
+            "original_max_position_embeddings": 100,
+        },
+        {**LLAMA3_ROPE, "rope_theta": 500000.0},  # Llama 3's base
+    ],
+)
+def test_llama3_rope_parameters_are_read_back_from_other_settings(rope):
+    """Other factors, bounds and bases than the file test's, including a context length whose
+    bounds fall between frequencies: the parameters come back as set (head_dim 64 and 128 as
+    in Llama 3.2 1B and 3.1 8B)."""
+    from toolkit.gguf_checkpoint import llama3_rope_parameters
+
+    for head_dim in (64, 128):
+        factors = _converter_rope_freqs(rope, head_dim)
+        read = llama3_rope_parameters(factors, rope["rope_theta"], head_dim, "rope_freqs")
+        assert read == rope
+
+
+@pytest.mark.parametrize(
+    "factors, why",
+    [
+        (np.linspace(1, 3, 8)[::-1], "no low/high frequency bounds"),  # falls instead of rising
+        (np.r_[np.ones(7), 8.0], "fewer than two"),  # where the scaling starts is unknowable
+        (np.ones(6), "6 factors for 8 frequencies"),
+    ],
+)
+def test_rope_freqs_that_are_not_llama3s_scaling_are_one_line(factors, why, tmp_path):
+    path = _write_gguf(
+        _tiny_model("llama"),
+        "llama",
+        tmp_path / "model.gguf",
+        extra={"rope_freqs.weight": np.asarray(factors, dtype=np.float32)},
+    )
+    line = _refused(["extract", str(path)], tmp_path / "out.safetensors")
+    assert "rope_freqs.weight is not Llama 3's rotary scaling" in line and why in line
+
+
+def test_rope_freqs_of_ones_are_plain_rotary(tmp_path):
+    """rope_freqs all 1 (no scaling): the model is the source's, plain rotary."""
+    import torch
+
+    model = _tiny_model("llama")
+    path = _write_gguf(
+        model, "llama", tmp_path / "model.gguf", extra={"rope_freqs.weight": np.ones(8, np.float32)}
+    )
+    assert gguf_config(path)["rope_parameters"]["rope_type"] == "default"
+    ids = torch.randint(0, SHAPE["vocab_size"], (1, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            load_gguf_model(path)(ids).logits, model(ids).logits, rtol=0, atol=0
+        )
 
 
 def _refused(args: list[str], output) -> str:

@@ -26,6 +26,11 @@ import numpy as np
 from toolkit.errors import ToolkitError
 
 GGUF_MAGIC = b"GGUF"
+# Rotary scalings stored as tensors, which the config carries (`gguf_config`), not the model:
+# Llama 3's per-frequency factors, and Phi-3 128k's LongRoPE factors
+ROPE_FREQS = "rope_freqs.weight"
+LONGROPE = {"long_factor": "rope_factors_long.weight", "short_factor": "rope_factors_short.weight"}
+ROPE_TENSORS = frozenset({ROPE_FREQS, *LONGROPE.values()})
 
 
 @dataclass(frozen=True)
@@ -187,6 +192,13 @@ def gguf_config(path: Path) -> dict:
     rope = {"rope_type": "default", "rope_theta": float(meta.get(f"{arch}.rope.freq_base", 1e4))}
     if meta.get(f"{arch}.rope.scaling.type") == "linear":
         rope = {**rope, "rope_type": "linear", "factor": meta[f"{arch}.rope.scaling.factor"]}
+    head_dim = meta.get(f"{arch}.attention.key_length", d_model // n_heads)
+    if ROPE_FREQS in checkpoint:  # Llama 3.1 and later: the rotary scaling as a tensor
+        rope = llama3_rope_parameters(
+            checkpoint.get(ROPE_FREQS), rope["rope_theta"], head_dim, f"{path}'s {ROPE_FREQS}"
+        )
+    if any(name in checkpoint for name in LONGROPE.values()):
+        rope = _longrope_parameters(checkpoint, rope["rope_theta"])
     config = {
         "model_type": ARCHITECTURES[arch].model_type,
         "architectures": [ARCHITECTURES[arch].model_class],
@@ -194,7 +206,7 @@ def gguf_config(path: Path) -> dict:
         "num_hidden_layers": meta[f"{arch}.block_count"],
         "num_attention_heads": n_heads,
         "num_key_value_heads": meta.get(f"{arch}.attention.head_count_kv", n_heads),
-        "head_dim": meta.get(f"{arch}.attention.key_length", d_model // n_heads),
+        "head_dim": head_dim,
         "intermediate_size": meta[f"{arch}.feed_forward_length"],
         "max_position_embeddings": meta.get(f"{arch}.context_length", 2048),
         "rms_norm_eps": meta.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5),
@@ -211,6 +223,8 @@ def gguf_config(path: Path) -> dict:
     }
     if arch == "llama":
         config["attention_bias"] = "blk.0.attn_q.bias" in checkpoint._tensors
+    if rope["rope_type"] == "longrope":  # Phi3Config keeps it beside the rope parameters too
+        config["original_max_position_embeddings"] = rope["original_max_position_embeddings"]
     if arch == "gemma2":
         # llama.cpp and Gemma2Config: the window on even layers only
         config["layer_types"] = [
@@ -233,6 +247,97 @@ def gguf_config(path: Path) -> dict:
         if f"{arch}.{key}" in meta:
             config[name] = meta[f"{arch}.{key}"]
     return config
+
+
+def _longrope_parameters(checkpoint: GGUFCheckpoint, theta: float) -> dict:
+    """Phi-3 128k's LongRoPE as llama.cpp's converter writes it: the long and short factor
+    lists as two tensors, the pretraining context and attention factor as header keys;
+    transformers' `longrope` parameters are the same numbers."""
+    arch, path = checkpoint.architecture, checkpoint.path
+    original = checkpoint.metadata.get(f"{arch}.rope.scaling.original_context_length")
+    lacking = [name for name in LONGROPE.values() if name not in checkpoint]
+    if lacking or original is None or arch != "phi3":
+        missing = lacking[0] if lacking else f"{arch}.rope.scaling.original_context_length"
+        raise ToolkitError(
+            f"{path} has LongRoPE factors but no {missing}"
+            if arch == "phi3"
+            else f"{path} holds LongRoPE factors, which a {arch} model has no place for"
+        )
+    parameters = {"rope_type": "longrope", "rope_theta": theta}
+    for key, name in LONGROPE.items():
+        # each float32 factor as its shortest decimal (1.2, not 1.2000000476837158), which
+        # rounds back to the same float32 when transformers builds its tensor
+        parameters[key] = [float(str(value)) for value in checkpoint.get(name).reshape(-1)]
+    parameters["original_max_position_embeddings"] = int(original)
+    # the ratio transformers takes when no factor is given, stated so that it does not warn
+    context = checkpoint.metadata.get(f"{arch}.context_length")
+    if context:
+        parameters["factor"] = context / int(original)
+    attention_factor = checkpoint.metadata.get(f"{arch}.rope.scaling.attn_factor")
+    if attention_factor is not None:
+        parameters["attention_factor"] = float(attention_factor)
+    return parameters
+
+
+def llama3_rope_parameters(
+    freq_factors: np.ndarray, theta: float, head_dim: int, what: str
+) -> dict:
+    """transformers' rope parameters ('llama3') of the `rope_freqs` tensor llama.cpp's converter
+    writes in place of Llama 3's rope_scaling: the factor each inverse frequency is divided by,
+    1 below the high-frequency wavelength C/high, `factor` above C/low, and between them
+    1 / ((1 - s)/factor + s) with s = (C/wavelength - low)/(high - low).
+
+    That s is linear in 1/wavelength, so the factors of the smoothly scaled dimensions give its
+    slope and intercept by a least-squares line; with low = 1 (every Llama 3 release's value)
+    they fix C (original_max_position_embeddings) and high. The parameters are kept only if
+    the rule rebuilds every factor of the file; otherwise the file is refused (`what` names
+    the tensor in that line)."""
+    factors = np.asarray(freq_factors, dtype=np.float64).reshape(-1)
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    refusal = f"{what} is not Llama 3's rotary scaling, the only one read from that tensor"
+    if factors.shape != inv_freq.shape or not np.all(np.isfinite(factors)) or factors.min() <= 0:
+        raise ToolkitError(f"{refusal} ({factors.size} factors for {inv_freq.size} frequencies)")
+    factor = float(factors.max())
+    if np.allclose(factors, 1.0, rtol=0, atol=1e-6):  # no scaling at all
+        return {"rope_type": "default", "rope_theta": theta}
+    wavelength = 2 * np.pi / inv_freq
+    smooth = (factors > 1 + 1e-6) & (factors < factor * (1 - 1e-6))
+    if smooth.sum() < 2:
+        raise ToolkitError(
+            f"{refusal}: fewer than two of its factors lie between 1 and {factor:g}, too few to "
+            "recover where the scaling starts and ends"
+        )
+    share = (1 / factors[smooth] - 1 / factor) / (1 - 1 / factor)  # s of each smooth dimension
+    slope, intercept = np.polyfit(1 / wavelength[smooth], share, 1)
+    original, high = (-slope / intercept, 1 - 1 / intercept) if intercept < 0 else (0.0, 0.0)
+    if abs(original - round(original)) < 1e-3 * original:  # a context length: an integer
+        original = round(original)
+    if abs(high - round(high, 3)) < 1e-4 * high:  # the float32 factors' rounding, not a choice
+        high = round(high, 3)
+    parameters = {
+        "rope_type": "llama3",
+        "rope_theta": theta,
+        "factor": factor,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": float(high),
+        "original_max_position_embeddings": original,
+    }
+    if not original > 0 or not np.allclose(
+        _llama3_factors(parameters, wavelength), factors, rtol=1e-5
+    ):
+        raise ToolkitError(f"{refusal}: no low/high frequency bounds rebuild its factors")
+    return parameters
+
+
+def _llama3_factors(parameters: dict, wavelength: np.ndarray) -> np.ndarray:
+    """The factors llama.cpp's converter writes for these Llama 3 rope parameters."""
+    factor, low, high = (parameters[k] for k in ("factor", "low_freq_factor", "high_freq_factor"))
+    context = parameters["original_max_position_embeddings"]
+    share = (context / wavelength - low) / (high - low)
+    between = 1 / ((1 - share) / factor + share)
+    return np.where(
+        wavelength < context / high, 1.0, np.where(wavelength > context / low, factor, between)
+    )
 
 
 # Where gguf's tables list several transformers-style names for one tensor (q_layernorm is

@@ -6,7 +6,8 @@ transformers' own GGUF loader, which rebuilds some of them wrongly: its config m
 `attention.key_length` for qwen3 (head_dim falls back to Qwen3Config's 128) and
 `attn_logit_softcapping` for gemma2 (Gemma2Config's 50 replaces the file's value), keep Phi3Config's
 token ids (32000) whatever the vocabulary, know no gemma at all, and drop tensors they have no
-name for (Phi-3's rope factors, Llama 3's rope_freqs) without a word. Here a tensor the model has
+name for (Phi-3's rope factors, Llama 3's rope_freqs) without a word; here both are read back into
+the config's rope parameters (`gguf_config`). Here a tensor the model has
 no place for, or a model weight the file lacks, stops the load in one line.
 """
 
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from toolkit.errors import ToolkitError
-from toolkit.gguf_checkpoint import GGUFCheckpoint, gguf_config
+from toolkit.gguf_checkpoint import ROPE_TENSORS, GGUFCheckpoint, gguf_config
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
@@ -45,7 +46,11 @@ def load_gguf_model(
     from toolkit.progress import stderr_console
 
     checkpoint = GGUFCheckpoint(path)
-    unplaced = [name for name in checkpoint.names() if not name.startswith(("model.", "lm_head."))]
+    unplaced = [
+        name
+        for name in checkpoint.names()
+        if not name.startswith(("model.", "lm_head.")) and name not in ROPE_TENSORS
+    ]
     if unplaced:
         raise ToolkitError(
             f"{path} holds {', '.join(unplaced[:3])}, which a transformers "
