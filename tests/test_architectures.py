@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from toolkit import extract, load_attention, verify
+from toolkit.render.text import say
 
 pytestmark = pytest.mark.numerics  # CI reruns these under other CPU kernels
 
@@ -761,6 +762,28 @@ def test_explain_all_notes_a_lesson_that_does_not_apply_and_goes_on(built):
     shown = CliRunner().invoke(main, argv).output
     skipped = [line for line in shown.splitlines() if "Skipped:" in line]
     assert len(skipped) == 1 and "ALiBi" in skipped[0]
+    # the report's sentence is the error's, and in Chinese a Chinese one
+    softmax = lessons["softmax"]
+    assert say("en", softmax["key"], **softmax["values"]) == softmax["reason"]
+    chinese = CliRunner().invoke(main, [*argv, "--lang", "zh"]).output
+    skipped = [line for line in chinese.splitlines() if "已跳过" in line]
+    assert len(skipped) == 1 and "ALiBi" in skipped[0] and "bloom" in skipped[0]
+    assert "does not apply" not in chinese
+
+
+def test_every_skip_reason_matches_its_error_in_english(built):
+    """The qkv lesson's refusal on ALBERT and the softmax lesson's on Gemma 2: the English
+    sentence of the report is the one-line error, word for word."""
+    from toolkit.errors import LessonDoesNotApply
+    from toolkit.lessons.qkv import explain_qkv
+    from toolkit.lessons.softmax import explain_softmax
+
+    for lesson, model_type in ((explain_qkv, "albert"), (explain_softmax, "gemma2")):
+        with pytest.raises(LessonDoesNotApply) as raised:
+            lesson(str(built(model_type)))
+        error = raised.value
+        assert error.key and say("en", error.key, **error.values) == str(error)
+        assert say("zh", error.key, **error.values) != str(error)
 
 
 def test_lessons_on_a_multi_query_model_speak_of_one_key_value_head(built):

@@ -15,7 +15,14 @@ class ToolkitError(Exception):
 
 class LessonDoesNotApply(ToolkitError):
     """A lesson whose numbers this model's attention cannot show as the lesson shows them (the
-    softmax lesson's row on an ALiBi model): `explain all` says so in one line and goes on."""
+    softmax lesson's row on an ALiBi model): `explain all` says so in one line and goes on.
+
+    The message is the English line; `key` and `values` name the same sentence in the lessons'
+    prose (`toolkit.render.text`), so that a report in another language says it in that one."""
+
+    def __init__(self, message: str, key: str | None = None, **values):
+        super().__init__(message)
+        self.key, self.values = key, values
 
 
 def first_line(err: BaseException, limit: int = 200) -> str:

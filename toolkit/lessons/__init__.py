@@ -9,7 +9,7 @@ presenter there, and one line in each registry.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from importlib import import_module
 
 from toolkit.errors import LessonDoesNotApply, ToolkitError
@@ -28,8 +28,10 @@ LESSONS: dict[str, str] = {
 class NotApplicable:
     """A lesson `explain all` left out: the model's attention has a feature it cannot show."""
 
-    reason: str
+    reason: str  # in English
     applies: bool = False
+    key: str | None = None  # the reason in the lessons' prose, for the report's language
+    values: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -66,5 +68,5 @@ def explain_all(
         try:
             results[name] = lesson_function(name)(attention=attention, allow_pickle=allow_pickle)
         except LessonDoesNotApply as err:
-            results[name] = NotApplicable(str(err))
+            results[name] = NotApplicable(str(err), key=err.key, values=err.values)
     return results

@@ -230,7 +230,11 @@ def _check_tied_scores_apply(attention: AttentionModel, net) -> None:
         raise LessonDoesNotApply(
             f"the qkv lesson does not apply to this {attention.family.name} model: its loss "
             f"scores the {attention.dims.d_model}-wide hidden states against the token "
-            f"embeddings (tied weights), which are {width} wide here"
+            f"embeddings (tied weights), which are {width} wide here",
+            "skip.qkv_narrow",
+            family=attention.family.name,
+            d_model=attention.dims.d_model,
+            width=width,
         )
 
 

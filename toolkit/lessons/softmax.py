@@ -98,14 +98,17 @@ def explain_softmax(
         raise ToolkitError(
             f"head {head} is out of range: {attention.name} has heads 0-{d.n_heads - 1}"
         )
-    for present, feature in (
-        (attention.family.alibi, "ALiBi position biases"),
-        (attention.family.logit_softcap(attention.config), "soft-capped scores"),
+    name = attention.family.name
+    for present, why, key in (
+        (attention.family.alibi, "add ALiBi position biases to", "skip.softmax_alibi"),
+        (attention.family.logit_softcap(attention.config), "soft-cap", "skip.softmax_cap"),
     ):
         if present:  # the lesson's row is softmax(q . k * scale) alone
             raise LessonDoesNotApply(
-                f"the softmax lesson does not apply to {attention.family.name} models: their "
-                f"scores add {feature} to q . k * scale (verify checks them)"
+                f"the softmax lesson does not apply to {name} models: their scores {why} "
+                "q . k * scale (verify checks them)",
+                key,
+                family=name,
             )
     net = load_model(attention, allow_pickle)
     texts = None if text is None else [text]

@@ -518,5 +518,6 @@ def lesson_blocks(results: dict[str, object], lang: str) -> list[Block]:
 
 def _blocks(name: str, result: object, lang: str) -> list[Block]:
     if isinstance(result, NotApplicable):
-        return [Paragraph(say(lang, "not_applicable", name=name, reason=result.reason))]
+        reason = say(lang, result.key, **result.values) if result.key else result.reason
+        return [Paragraph(say(lang, "not_applicable", reason=reason))]
     return PRESENTERS[name](result, lang)
