@@ -254,15 +254,13 @@ def _longrope_parameters(checkpoint: GGUFCheckpoint, theta: float) -> dict:
     lists as two tensors, the pretraining context and attention factor as header keys;
     transformers' `longrope` parameters are the same numbers."""
     arch, path = checkpoint.architecture, checkpoint.path
-    original = checkpoint.metadata.get(f"{arch}.rope.scaling.original_context_length")
+    if arch != "phi3":
+        raise ToolkitError(f"{path} holds LongRoPE factors, which a {arch} model has no place for")
+    context_key = f"{arch}.rope.scaling.original_context_length"
+    original = checkpoint.metadata.get(context_key)
     lacking = [name for name in LONGROPE.values() if name not in checkpoint]
-    if lacking or original is None or arch != "phi3":
-        missing = lacking[0] if lacking else f"{arch}.rope.scaling.original_context_length"
-        raise ToolkitError(
-            f"{path} has LongRoPE factors but no {missing}"
-            if arch == "phi3"
-            else f"{path} holds LongRoPE factors, which a {arch} model has no place for"
-        )
+    if lacking or original is None:
+        raise ToolkitError(f"{path} has LongRoPE factors but no {(lacking or [context_key])[0]}")
     parameters = {"rope_type": "longrope", "rope_theta": theta}
     for key, name in LONGROPE.items():
         # each float32 factor as its shortest decimal (1.2, not 1.2000000476837158), which

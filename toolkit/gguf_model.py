@@ -6,9 +6,9 @@ transformers' own GGUF loader, which rebuilds some of them wrongly: its config m
 `attention.key_length` for qwen3 (head_dim falls back to Qwen3Config's 128) and
 `attn_logit_softcapping` for gemma2 (Gemma2Config's 50 replaces the file's value), keep Phi3Config's
 token ids (32000) whatever the vocabulary, know no gemma at all, and drop tensors they have no
-name for (Phi-3's rope factors, Llama 3's rope_freqs) without a word; here both are read back into
-the config's rope parameters (`gguf_config`). Here a tensor the model has
-no place for, or a model weight the file lacks, stops the load in one line.
+name for (Phi-3's rope factors, Llama 3's rope_freqs) without a word. Here those two become the
+config's rope parameters (`gguf_config`), and any other tensor the model has no place for, or a
+model weight the file lacks, stops the load in one line.
 """
 
 from __future__ import annotations
