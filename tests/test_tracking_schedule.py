@@ -5,7 +5,6 @@ writer skips (never waits), a failed write warns once and the run goes on."""
 from __future__ import annotations
 
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -299,17 +298,3 @@ def test_cli_refuses_bad_tracking_options_in_one_line(options, message, tmp_path
     assert done.stderr.strip() == message  # one line, no traceback
     assert not (tmp_path / "run").exists()
     assert time.perf_counter() - started < 60  # before the data, the model and training
-
-
-@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's")
-def test_the_snapshot_writer_runs_only_on_idle_cores(tiny_llama, tmp_path):
-    """The writer thread yields to training (SCHED_IDLE); the training thread keeps its own
-    scheduling class."""
-    from transformers import AutoModel
-
-    tracker, _ = _begin(AutoModel.from_pretrained(tiny_llama), tmp_path, SnapshotSchedule(8, 1))
-    try:
-        assert tracker._writer.submit(os.sched_getscheduler, 0).result() == os.SCHED_IDLE
-        assert os.sched_getscheduler(0) != os.SCHED_IDLE
-    finally:
-        tracker.close()

@@ -30,7 +30,6 @@ over as many threads as torch uses (its workers sit idle meanwhile);
 from __future__ import annotations
 
 import dataclasses
-import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -200,7 +199,7 @@ class ShiftTracker:
         self.dtype = dtype  # the snapshots' safetensors dtype: F32, BF16 or F16
         self.seconds = 0.0
         self.skipped = 0
-        self._writer = ThreadPoolExecutor(max_workers=1, initializer=yield_to_training)
+        self._writer = ThreadPoolExecutor(max_workers=1)
         self._write_buffers = BlockBuffers()  # the writer's, reused by every snapshot
         self._copies: dict = {}  # the parameters' copy a snapshot is written from, reused
         self._pending: Future | None = None
@@ -402,17 +401,6 @@ class ShiftTracker:
                 "snapshot",
                 highlight=False,
             )
-
-
-def yield_to_training() -> None:
-    """Run the calling thread (the snapshot writer) only on cores nothing else wants: Linux's
-    SCHED_IDLE, whose thread a waking training thread preempts at once. At normal priority the
-    writer shares a core with one of torch's threads for whole time slices, and the other
-    threads of each parallel region wait for that one. Elsewhere the thread runs as before."""
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except (AttributeError, OSError):  # not Linux, or not allowed
-        pass
 
 
 def snapshot_dtype(parameter_dtype: str, model_config: dict, start: dict[str, np.ndarray]) -> str:
