@@ -261,6 +261,9 @@ def bench_extraction(repeat: int, shapes: list[str] | None = None) -> dict:
             "transformerlens_extract": measure(
                 [PY, str(routes / "transformerlens_route.py"), str(folder), str(out)], repeat, out
             ),
+            # verify's floor: the model's own load and one forward on verify's inputs
+            "toolkit_verify": measure([*TOOLKIT, "verify", str(folder)], repeat),
+            "forward_verify": measure([PY, str(routes / "forward_route.py"), str(folder)], repeat),
         }
         results[name] = row
     return results
@@ -316,6 +319,33 @@ def extraction_table(results: dict) -> list[str]:
                 f"{auto['peak_rss_mb']:.0f} | {lens['peak_rss_mb']:.0f} | "
                 f"{ours['peak_rss_mb'] / budget:.2f} |"
             )
+    return lines + _verify_rows(results)
+
+
+def _verify_rows(results: dict) -> list[str]:
+    """`toolkit verify` against its floor, the model's own load and forward on the same inputs
+    (`routes/forward_route.py`), for the rows that measured it."""
+    rows = [name for name in SHAPES if "toolkit_verify" in results.get(name, {})]
+    if not rows:  # results from before verify was measured here
+        return []
+    lines = [
+        "",
+        "`toolkit verify` (load the model as it does, run it once, recompute every layer's "
+        "attention from the extracted per-head weights and compare) against the model's own "
+        "load and one forward on the same inputs, with the same loader and eager attention "
+        "(`routes/forward_route.py`): the part verify adds is the recomputation.",
+        "",
+        "| model | verify s | load + forward s | verify / load + forward (target <= 2) | "
+        "verify RSS MB | load + forward RSS MB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name in rows:
+        ours, floor = results[name]["toolkit_verify"], results[name]["forward_verify"]
+        lines.append(
+            f"| {name} | {ours['wall_s']:.2f} | {floor['wall_s']:.2f} | "
+            f"{ours['wall_s'] / floor['wall_s']:.2f}x | {ours['peak_rss_mb']:.0f} | "
+            f"{floor['peak_rss_mb']:.0f} |"
+        )
     return lines
 
 

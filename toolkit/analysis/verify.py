@@ -108,7 +108,10 @@ def recompute_layer(
     scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     z = probs @ v  # [batch, heads, tokens, d_head]
-    output = torch.einsum("bhte,hed->btd", z, torch.from_numpy(layer.w0))
+    batch, heads, tokens, d_head = z.shape
+    # sum_i z_i @ w0[i]: each head's [batch * tokens, d_head] rows by its block of W0
+    per_head = z.transpose(0, 1).reshape(heads, batch * tokens, d_head) @ _tensor(layer.w0)
+    output = per_head.sum(0).reshape(batch, tokens, -1)
     return probs, z, output if layer.b0 is None else output + torch.from_numpy(layer.b0)
 
 
@@ -150,9 +153,28 @@ def _project(hidden, layer: AttentionLayer, role: str):
     import torch
 
     weight, bias = getattr(layer, "w" + role), getattr(layer, "b" + role)
-    weight = torch.from_numpy(np.ascontiguousarray(weight))  # [heads, d_model, d_head]
-    projected = torch.einsum("btd,hde->bhte", hidden, weight)
+    batch, tokens, d_model = hidden.shape
+    # every token's row by each head's [d_model, d_head] (one product per head, the batch as
+    # rows: broadcasting a batch dimension over the weight would copy it per batch)
+    rows = hidden.reshape(1, batch * tokens, d_model)
+    projected = (rows @ _tensor(weight)).unflatten(1, (batch, tokens)).transpose(0, 1)
     return projected if bias is None else projected + torch.from_numpy(bias)[None, :, None, :]
+
+
+def _tensor(array: np.ndarray):
+    """A tensor on `array`'s memory, its strides kept: the per-head views of a fused or
+    transposed checkpoint tensor go to the matrix products as they are (BLAS reads a transposed
+    or strided matrix in place; a contiguous copy of each weight cost more than the products).
+    A read-only array (a mapped checkpoint) is shared too: nothing here writes to it."""
+    import warnings
+
+    import torch
+
+    if any(stride < 0 for stride in array.strides):  # torch takes no reversed views
+        array = np.ascontiguousarray(array)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
 
 
 def positional_rotation(attention: AttentionModel, tokens: int, layer: int | None = None):
@@ -212,7 +234,7 @@ def concat_then_w0(layer: AttentionLayer, z):
 
     batch, heads, tokens, d_head = z.shape
     concat = z.transpose(1, 2).reshape(batch, tokens, heads * d_head)
-    output = concat @ torch.from_numpy(np.ascontiguousarray(layer.full("w0")))
+    output = concat @ _tensor(layer.full("w0"))
     return output if layer.b0 is None else output + torch.from_numpy(layer.b0)
 
 
