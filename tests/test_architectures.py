@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -407,11 +408,32 @@ def test_a_config_that_contradicts_its_weights_is_one_line(built, tmp_path, chan
     assert not out.exists() and list(tmp_path.glob("out*")) == []
 
 
-def test_missing_attention_tensors_are_named(built, tmp_path):
+# every command that reads a model, with the file it would write: each refuses in one line,
+# exit 1, and writes nothing
+READING_COMMANDS = {
+    "inspect": lambda model, out: ["inspect", model],
+    "extract": lambda model, out: ["extract", model, "-o", out],
+    "verify": lambda model, out: ["verify", model],
+    "explain": lambda model, out: ["explain", "w0", model, "--markdown", out],
+}
+
+
+def _refused_everywhere(folder: Path, tmp_path: Path, *expected: str) -> None:
     from click.testing import CliRunner
-    from safetensors.numpy import load_file, save_file
 
     from toolkit.cli import main
+
+    for command, arguments in READING_COMMANDS.items():
+        out = tmp_path / f"{command}.out"
+        result = CliRunner().invoke(main, arguments(str(folder), str(out)))
+        assert result.exit_code == 1, (command, result.output)
+        assert all(text in result.output for text in expected), (command, result.output)
+        assert len(result.output.strip().splitlines()) == 1, (command, result.output)
+        assert not out.exists(), command
+
+
+def test_missing_attention_tensors_are_named(built, tmp_path):
+    from safetensors.numpy import load_file, save_file
 
     folder = tmp_path / "model"
     folder.mkdir()
@@ -420,10 +442,7 @@ def test_missing_attention_tensors_are_named(built, tmp_path):
     tensors = load_file(str(source / "model.safetensors"))
     del tensors["layers.1.self_attn.qkv_proj.weight"]
     save_file(tensors, str(folder / "model.safetensors"))
-    result = CliRunner().invoke(main, ["inspect", str(folder)])
-    assert result.exit_code == 1
-    assert "layers.1.self_attn.qkv_proj.weight" in result.output
-    assert len(result.output.strip().splitlines()) == 1
+    _refused_everywhere(folder, tmp_path, "layers.1.self_attn.qkv_proj.weight")
 
 
 @pytest.mark.parametrize("model_type", sorted(MODELS))
@@ -680,15 +699,8 @@ def test_verify_says_when_the_convention_is_wrong(tmp_path):
 
 
 def test_a_model_following_no_pattern_is_refused_in_one_line(tmp_path):
-    from click.testing import CliRunner
-
-    from toolkit.cli import main
-
     folder = _unregistered("persimmon", tmp_path / "persimmon")  # fused query_key_value
-    result = CliRunner().invoke(main, ["inspect", str(folder)])
-    assert result.exit_code == 1
-    assert "'persimmon'" in result.output and "none of the common names" in result.output
-    assert len(result.output.strip().splitlines()) == 1
+    _refused_everywhere(folder, tmp_path, "'persimmon'", "none of the common names")
 
 
 # --- compare and the lessons on the new layouts -------------------------------------------------

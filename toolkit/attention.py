@@ -266,6 +266,13 @@ def _from_checkpoint(source: ModelSource, family: Family, checkpoint) -> Attenti
         )
     prefix = _find_prefix(checkpoint, family, source.config)
     layers = tuple(range(dims.n_layers))
+    for layer in layers:  # names only: every command fails here, before writing anything
+        for name in family.layer_names(layer, source.config).values():
+            if prefix + name not in checkpoint:
+                raise ToolkitError(
+                    f"tensor {prefix + name} is missing from {checkpoint.path}: the checkpoint "
+                    "is incomplete"
+                )
     biases = family.bias_roles(source.config)
     return AttentionModel(source, family, dims, source.config, checkpoint, prefix, layers, biases)
 
