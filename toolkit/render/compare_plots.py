@@ -67,6 +67,7 @@ def _title(comparison: Comparison) -> str:
 def _change_heatmaps(comparison: Comparison, names: tuple[str, ...]):
     """Layer x head heatmaps of the relative change, one panel per matrix or circuit."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     grids = {}
     for name in names:
@@ -82,12 +83,15 @@ def _change_heatmaps(comparison: Comparison, names: tuple[str, ...]):
         )  # [layers, heads]
     top = max(float(np.nanmax(g)) if np.isfinite(g).any() else 0.0 for g in grids.values())
     unchanged = within_noise(0.0, top)
-    columns = 2
+    n_layers = len(comparison.layers)
+    # a deep model's panels side by side, a shallow one's two by two; one colour scale for all
+    columns = len(names) if n_layers > 8 else 2
+    rows = -(-len(names) // columns)
     figure, axes = plt.subplots(
-        -(-len(names) // columns),
+        rows,
         columns,
         squeeze=False,
-        figsize=(5 * columns, 0.45 * len(comparison.layers) * 2 + 2.5),
+        figsize=(4.2 * columns + 1, rows * (0.3 * n_layers + 1.6) + 0.6),
         layout="constrained",
     )
     labels = [str(layer.layer) for layer in comparison.layers]
@@ -107,7 +111,8 @@ def _change_heatmaps(comparison: Comparison, names: tuple[str, ...]):
         axis.set_xlabel("head")
         axis.set_ylabel("layer")
         axis.set_yticks(range(len(labels)), labels)
-        figure.colorbar(image, ax=axis)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # heads are whole numbers
+    figure.colorbar(image, ax=axes, shrink=0.6 if rows == 1 else 0.8, label="relative change")
     figure.suptitle(_title(comparison))
     return figure
 
