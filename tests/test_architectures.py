@@ -45,6 +45,7 @@ BERT_NAMES = (
     "output.dense",
 )
 FALCON_NAMES = ("groups", "h.{}.self_attention", "query_key_value", "dense")
+MPNET_NAMES = ("separate", "encoder.layer.{}.attention", ("attn.q", "attn.k", "attn.v"), "attn.o")
 MODELS = {
     "qwen3": (GQA, LLAMA_NAMES),
     "gemma": (GQA, LLAMA_NAMES),
@@ -149,6 +150,9 @@ MODELS = {
         ENCODER,
         BERT_NAMES,
     ),
+    "mpnet": (ENCODER, MPNET_NAMES),  # a learned relative-position bias in every layer
+    # the encoder buckets with 32 whatever relative_attention_num_buckets says
+    "mpnet:64-buckets": ({**ENCODER, "relative_attention_num_buckets": 64}, MPNET_NAMES),
     "albert": (
         {**ENCODER, "embedding_size": 16},
         (
@@ -180,7 +184,6 @@ MODELS = {
 }
 REFUSED = {
     "deberta-v2": (ENCODER, "disentangled attention"),
-    "mpnet": (ENCODER, "relative-position bias"),
     "falcon:alibi": ({**ENCODER, "alibi": True}, "Falcon's ALiBi variant"),
     "albert:groups": ({**ENCODER, "embedding_size": 16, "inner_group_num": 2}, "layer groups"),
 }
@@ -338,6 +341,7 @@ def _without(built, model_type: str, **changes):
         ("gemma2", {"logit_softcap": lambda config: None}),
         ("bloom", {"alibi": False}),
         ("mpt", {"alibi": False}),
+        ("mpnet", {"relative_bias": None}),
         ("qwen3", {"qk_norms": None}),
         ("smollm3", {"rotary_on_layer": lambda config, layer: True}),
         ("granite", {"score_scale": lambda config, layer, dims: dims.d_head**-0.5}),
@@ -355,6 +359,43 @@ def test_verify_fails_with_the_wrong_rotary_pairing(built):
 
     report = _without(built, "cohere", rotary=lambda config: rotary_from_config(config, False))
     assert not report.passed
+
+
+def test_relative_position_buckets_are_mpnets():
+    """Our bucketing against transformers' own, over offsets key - query of both signs, within
+    the exact range, across the log-spaced one and far beyond max_distance, for MPNet's 32
+    buckets and 128 and for other settings of the same scheme."""
+    from transformers.models.mpnet.modeling_mpnet import MPNetEncoder
+
+    from toolkit.analysis.verify import relative_position_buckets
+
+    offsets = torch.arange(-600, 601)
+    for num_buckets, max_distance in ((32, 128), (64, 256), (16, 40)):
+        ours = relative_position_buckets(offsets, num_buckets, max_distance)
+        theirs = MPNetEncoder.relative_position_bucket(offsets, num_buckets, max_distance)
+        assert torch.equal(ours, theirs), (num_buckets, max_distance)
+    buckets = relative_position_buckets(offsets, 32, 128)
+    # every bucket is reached but 16: offset 0 falls in the first half's bucket 0
+    assert set(buckets.tolist()) == set(range(32)) - {16}
+
+
+def test_relative_position_bias_is_the_encoders_own(built):
+    """The bias verify adds, from the checkpoint's table, equals what MPNet's encoder computes
+    for 300 tokens (past max_distance 128 in both directions): [1, heads, query, key]."""
+    from transformers import AutoModel
+
+    from toolkit.analysis.verify import relative_position_bias
+
+    folder = built("mpnet")
+    attention = load_attention(str(folder))
+    ours = relative_position_bias(
+        attention.relative_bias_table(), 300, attention.family.relative_bias
+    )
+    encoder = AutoModel.from_pretrained(folder).encoder
+    with torch.no_grad():
+        theirs = encoder.compute_position_bias(torch.zeros(1, 300, 48))
+    assert ours.shape == (1, 6, 300, 300)
+    assert torch.equal(ours, theirs)
 
 
 def test_gemma2_slides_only_on_its_sliding_layers(built):
@@ -479,6 +520,8 @@ LORA_CASES = {
     "gpt2": (GPT_STYLE, ("blocks", "h.{}.attn", "c_attn", "c_proj"), "wq,wk,wv,w0", "causal-lm"),
     "gpt_bigcode": (*MODELS["gpt_bigcode"], "wq,wk,wv", "causal-lm"),  # multi-query, per group
     "mpt": (*MODELS["mpt"], "w0", "classification"),  # ALiBi, a new head trained beside
+    # a task model's prefix (mpnet.); the relative-position bias table must not move
+    "mpnet": (*MODELS["mpnet"], "wq,wv,w0", "classification"),
     "arcee": (DECODER, LLAMA_NAMES, "wk,w0", "causal-lm"),  # unregistered: by convention
 }
 CONV1D_TYPES = {"gpt2"}  # weight stored [in, out]
@@ -716,10 +759,11 @@ def test_compare_with_itself_is_zero_in_every_head(built, model_type):
         assert layer.head_relative_change() == [0.0] * result.a.n_heads
 
 
-@pytest.mark.parametrize("model_type", ["qwen3", "bloom", "gemma2", "smollm3"])
+@pytest.mark.parametrize("model_type", ["qwen3", "bloom", "gemma2", "smollm3", "mpnet"])
 def test_w0_lesson_sums_heads_to_the_models_own_output(built, model_type):
     """The lesson's sum_i z_i @ w0[i] + b0 equals the attention block output the model itself
-    computed, with the q/k norms, ALiBi, soft-cap and NoPE layers each model has."""
+    computed, with the q/k norms, ALiBi, soft-cap, NoPE layers and relative-position bias each
+    model has."""
     from toolkit.lessons.w0 import explain_w0
 
     for layer in (0, 1):
@@ -734,7 +778,10 @@ def test_softmax_lesson_uses_the_q_k_norms(built):
     assert lesson.max_abs_diff_vs_model <= 1e-5  # probabilities <= 1: float32 rounding ~1e-7
 
 
-@pytest.mark.parametrize(("model_type", "feature"), [("bloom", "ALiBi"), ("gemma2", "soft-cap")])
+@pytest.mark.parametrize(
+    ("model_type", "feature"),
+    [("bloom", "ALiBi"), ("gemma2", "soft-cap"), ("mpnet", "relative-position bias")],
+)
 def test_softmax_lesson_refuses_scores_it_does_not_show(built, model_type, feature):
     from click.testing import CliRunner
 
@@ -784,13 +831,14 @@ def test_explain_all_notes_a_lesson_that_does_not_apply_and_goes_on(built):
 
 
 def test_every_skip_reason_matches_its_error_in_english(built):
-    """The qkv lesson's refusal on ALBERT and the softmax lesson's on Gemma 2: the English
-    sentence of the report is the one-line error, word for word."""
+    """The qkv lesson's refusal on ALBERT and the softmax lesson's on Gemma 2 and MPNet: the
+    English sentence of the report is the one-line error, word for word."""
     from toolkit.errors import LessonDoesNotApply
     from toolkit.lessons.qkv import explain_qkv
     from toolkit.lessons.softmax import explain_softmax
 
-    for lesson, model_type in ((explain_qkv, "albert"), (explain_softmax, "gemma2")):
+    cases = ((explain_qkv, "albert"), (explain_softmax, "gemma2"), (explain_softmax, "mpnet"))
+    for lesson, model_type in cases:
         with pytest.raises(LessonDoesNotApply) as raised:
             lesson(str(built(model_type)))
         error = raised.value

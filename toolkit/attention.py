@@ -198,6 +198,22 @@ class AttentionModel:
         """The positional scheme and its parameters (rope theta, scaling, partial rotary)."""
         return self.family.positions(self.config)
 
+    def relative_bias_table(self) -> np.ndarray:
+        """The learned relative-position bias [buckets, n_heads], float32, of a family that has
+        one (MPNet): a model-wide tensor, so not among a layer's standard tensors."""
+        relative_bias = self.family.relative_bias
+        if self.source.is_standard_file:
+            raise ToolkitError(
+                "the relative-position bias is not in a standard-tensor file: pass the model folder"
+            )
+        table = self.checkpoint.get(self.prefix + relative_bias.table)
+        if table.shape[0] < relative_bias.num_buckets or table.shape[1] != self.dims.n_heads:
+            raise ToolkitError(
+                f"{self.name}'s {relative_bias.table} is {list(table.shape)}, not "
+                f"[{relative_bias.num_buckets} buckets or more, {self.dims.n_heads} heads]"
+            )
+        return table
+
     def total_parameters(self) -> int | None:
         """Values in the whole checkpoint (headers only); None for a standard-tensor file."""
         if self.source.is_standard_file:

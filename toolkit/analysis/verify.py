@@ -7,8 +7,9 @@ where w0[i] is the d_head-row block of W0 that belongs to head i. Rotary models 
 rotated by position (full, partial or GPT-J-interleaved; none on NoPE layers); grouped-query
 models repeat each key/value head for its group of query heads; causal and sliding-window masks
 are the model's own. Where the family has them, q and k go through the model's own q/k norm
-modules (their weights are not among the standard tensors), ALiBi biases are added to the scores
-and Gemma 2's soft-cap is applied before the mask.
+modules (their weights are not among the standard tensors), ALiBi biases or a learned
+relative-position bias (MPNet's table, read from the checkpoint) are added to the scores and
+Gemma 2's soft-cap is applied before the mask.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 
 from toolkit.attention import AttentionLayer, AttentionModel, load_attention
 from toolkit.errors import ToolkitError
+from toolkit.families.base import RelativeBias
 from toolkit.runtime import captured_blocks, load_model, make_inputs
 
 # The verdict's bound on max |recomputed - model| / max |model| per layer and quantity: float32
@@ -75,7 +77,8 @@ class ScoreDetails:
     qk_norms: tuple | None = None  # (q norm, k norm): the model's own norm modules
     qk_norm_over_heads: bool = False  # one norm over all heads' values (OLMo 2)
     qk_norm_heads_first: bool = False  # the norm takes [batch, heads, tokens, d_head] (StableLM)
-    additive_bias: object = None  # [batch, heads, 1, tokens] added to the scores (ALiBi)
+    # [batch or 1, heads, 1 or tokens, tokens] added to the scores (ALiBi, relative bias)
+    additive_bias: object = None
     softcap: float | None = None  # scores -> softcap * tanh(scores / softcap) (Gemma 2)
 
 
@@ -92,7 +95,7 @@ def recompute_layer(
     hidden: [batch, tokens, d_model] input of the attention block.
     mask: [batch, 1 or heads, tokens, tokens] bool, True where a query may attend to a key.
     rotation: (cos, sin, interleaved) for rotary models (`positional_rotation`), or None.
-    details: q/k norms, ALiBi and soft-capping where the model has them.
+    details: q/k norms, an additive bias and soft-capping where the model has them.
     Returns (probs [batch, heads, tokens, tokens], z [batch, heads, tokens, d_head], output
     [batch, tokens, d_model]).
     """
@@ -194,15 +197,29 @@ def positional_rotation(attention: AttentionModel, tokens: int, layer: int | Non
 
 
 def score_details(attention: AttentionModel, net, index: int, padding) -> ScoreDetails:
-    """Layer `index`'s q/k norms (the model's modules), ALiBi bias and soft-cap."""
+    """Layer `index`'s q/k norms (the model's modules), additive bias (ALiBi or a learned
+    relative-position bias) and soft-cap."""
     family = attention.family
     return ScoreDetails(
         qk_norms=None if family.qk_norms is None else family.qk_norms(net, index),
         qk_norm_over_heads=family.qk_norm_over_heads,
         qk_norm_heads_first=family.qk_norm_heads_first,
-        additive_bias=alibi_bias(attention.dims.n_heads, padding) if family.alibi else None,
+        additive_bias=additive_bias(attention, padding),
         softcap=family.logit_softcap(attention.config),
     )
+
+
+def additive_bias(attention: AttentionModel, padding):
+    """What the family adds to every layer's scores: ALiBi [batch, heads, 1, tokens], a learned
+    relative-position bias [1, heads, tokens, tokens], or None."""
+    family = attention.family
+    if family.alibi:
+        return alibi_bias(attention.dims.n_heads, padding)
+    if family.relative_bias is not None:
+        return relative_position_bias(
+            attention.relative_bias_table(), padding.shape[1], family.relative_bias
+        )
+    return None
 
 
 def alibi_bias(n_heads: int, padding):
@@ -220,6 +237,42 @@ def alibi_bias(n_heads: int, padding):
     key_positions = (padding.cumsum(-1) - 1).clamp(min=0)  # [batch, tokens]
     bias = slopes[None, :, None] * key_positions[:, None, :].double()
     return bias[:, :, None, :].float()
+
+
+def relative_position_bias(table: np.ndarray, tokens: int, relative_bias: RelativeBias):
+    """table[bucket(k - q), head] as [1, heads, tokens, tokens], table [buckets, heads].
+
+    As MPNet's encoder computes it: positions 0..tokens-1 in every sequence whatever its padding
+    (the encoder is given no position ids), so one bias serves the whole batch."""
+    import torch
+
+    positions = torch.arange(tokens)
+    offsets = positions[None, :] - positions[:, None]  # [query, key]: key - query
+    buckets = relative_position_buckets(
+        offsets, relative_bias.num_buckets, relative_bias.max_distance
+    )
+    bias = torch.from_numpy(table)[buckets]  # [query, key, heads]
+    return bias.permute(2, 0, 1)[None]
+
+
+def relative_position_buckets(offsets, num_buckets: int, max_distance: int):
+    """The bucket of each offset key - query (a long tensor), T5's scheme as MPNet uses it.
+
+    Keys at or before the query take buckets 0..half-1, keys after it half..num_buckets-1
+    (half = num_buckets / 2). Within a half, distances below exact = half / 2 have a bucket
+    each; longer ones share log-spaced buckets, exact + floor(log(d / exact) /
+    log(max_distance / exact) * (half - exact)), the last of which holds every distance from
+    max_distance on."""
+    import torch
+
+    half = num_buckets // 2
+    exact = half // 2
+    distance = offsets.abs()
+    # log2 in float64: its ratios at powers of two are exact, so boundaries floor as integers
+    octaves = torch.log2(distance.clamp(min=1).double() / exact) / math.log2(max_distance / exact)
+    far = exact + (octaves * (half - exact)).floor().long()
+    within_half = torch.where(distance < exact, distance, far.clamp(max=half - 1))
+    return within_half + half * (offsets > 0).long()
 
 
 def layer_mask(attention: AttentionModel, index: int, padding):

@@ -7,7 +7,7 @@ import dataclasses
 from collections.abc import Iterable
 
 from toolkit.errors import ToolkitError
-from toolkit.families.base import ALL_BIASES, Dimensions, Family
+from toolkit.families.base import ALL_BIASES, Dimensions, Family, RelativeBias
 from toolkit.families.pattern import (
     FOUR_GROUPS_QVK,
     PER_GROUP,
@@ -152,7 +152,9 @@ RELATIVE_BIAS = Pattern(
     "separate q/k/v/o with a learned relative-position bias",
     Projections("encoder.layer.{layer}.attention", "attn.q", "attn.k", "attn.v", "attn.o"),
     causal=False,
-    positions="relative",
+    positions="learned absolute + relative bias",
+    # MPNet's encoder buckets with 32 and 128 whatever relative_attention_num_buckets says
+    relative_bias=RelativeBias("encoder.relative_attention_bias.weight", 32, 128),
 )
 
 # --- architectures: one line each ----------------------------------------------------------
@@ -239,12 +241,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         refused="DeBERTa's disentangled attention (content-to-position and position-to-content "
         "scores)",
     ),
-    Architecture(
-        "mpnet",
-        ("mpnet",),
-        RELATIVE_BIAS,
-        refused="MPNet's learned relative-position bias (bucketed, added to every layer's scores)",
-    ),
+    Architecture("mpnet", ("mpnet",), RELATIVE_BIAS, biases_always()),
 )
 FAMILIES: tuple[Family, ...] = tuple(family(architecture) for architecture in ARCHITECTURES)
 

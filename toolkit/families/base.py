@@ -29,8 +29,8 @@ Everything downstream works on that layout only. An adapter (`Family`) supplies:
 - `positions(config)`: the positional scheme and its parameters, for metadata and inspect.
 - `hook_modules(model, layer)`: (module whose input is the attention block's input, module whose
   output is the block's output before dropout and residual), on the model `AutoModel` builds.
-- `pattern`, `alibi`, `logit_softcap(config)`, `rotary_on_layer(config, layer)`,
-  `qk_norms(model, layer)`, `qk_norm_over_heads`: the score details verify recomputes
+- `pattern`, `alibi`, `relative_bias`, `logit_softcap(config)`, `rotary_on_layer(config,
+  layer)`, `qk_norms(model, layer)`, `qk_norm_over_heads`: the score details verify recomputes
   (`toolkit.families.pattern` describes them).
 - `refused`: the feature that makes the family's attention impossible to recompute from the
   standard tensors; every command stops with it.
@@ -93,6 +93,22 @@ class Rotary:
 
 
 @dataclass(frozen=True)
+class RelativeBias:
+    """A learned relative-position bias (MPNet, after T5): every layer adds
+    table[bucket(key - query), head] to its scores.
+
+    table: the checkpoint name (without the model prefix) of the [buckets, n_heads] table.
+    num_buckets: half for keys before the query, half for keys after it; in each half the first
+    half of the buckets are exact offsets and the rest log-spaced up to max_distance, beyond
+    which offsets share the last bucket.
+    """
+
+    table: str
+    num_buckets: int = 32
+    max_distance: int = 128
+
+
+@dataclass(frozen=True)
 class Family:
     """One model family's adapter (the contract is in the module docstring)."""
 
@@ -113,6 +129,7 @@ class Family:
     # the defaults above describe BERT and GPT-2: every bias, full attention, learned positions
     pattern: str = ""  # the attention pattern this family follows (`toolkit.families.pattern`)
     alibi: bool = False  # a per-head linear bias on key positions (BLOOM, MPT) is added
+    relative_bias: RelativeBias | None = None  # a learned bias by relative position (MPNet)
     logit_softcap: Callable[[dict], float | None] = lambda config: None
     rotary_on_layer: Callable[[dict, int], bool] = lambda config, layer: True
     # (q norm, k norm) modules of a layer on the model AutoModel builds, or None

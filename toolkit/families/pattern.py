@@ -2,10 +2,11 @@
 stored, and how its scores are computed, as data shared by every architecture that follows it.
 
 A `Pattern` names the storage (separate q/k/v/o, one fused [q; k; v] block, fused per head
-[h, 3, d_head], Conv1D or nn.Linear) and the score details (positions, q/k norms); an
-architecture is a registry line: model types, a pattern, and the config rules that differ
-(which biases exist, how many key/value heads). `family(...)` turns that description into the
-`Family` contract of `toolkit.families.base`, so nothing downstream knows about patterns.
+[h, 3, d_head], Conv1D or nn.Linear) and the score details (positions, a learned
+relative-position bias, q/k norms); an architecture is a registry line: model types, a pattern,
+and the config rules that differ (which biases exist, how many key/value heads). `family(...)`
+turns that description into the `Family` contract of `toolkit.families.base`, so nothing
+downstream knows about patterns.
 
 Config rules read a `config.json` dict only: the names transformers' configs use for the same
 quantity (`num_attention_heads`, `n_head`, `attention_heads`, ...) are tried in order.
@@ -24,6 +25,7 @@ from toolkit.families.base import (
     Dimensions,
     Family,
     NameMap,
+    RelativeBias,
     split_bias,
     split_heads_in,
     split_heads_out,
@@ -68,7 +70,9 @@ class Pattern:
     name: str
     projections: Projections
     causal: bool = True
-    positions: str = "rotary"  # "rotary", "learned absolute", "sinusoidal", "alibi"
+    # "rotary", "learned absolute", "sinusoidal", "alibi", "learned absolute + relative bias"
+    positions: str = "rotary"
+    relative_bias: RelativeBias | None = None  # the table every layer's scores add (MPNet)
     rotary_interleaved: bool = False  # GPT-J: pairs (2j, 2j+1) instead of (j, j + r/2)
     qk_norm: tuple[str, str] | None = None  # q and k norm modules inside the block
     qk_norm_over_heads: bool = False  # OLMo 2: one norm over all heads' h*d_head values
@@ -304,6 +308,9 @@ def positions_for(pattern: Pattern):
             described = {"scheme": pattern.positions}
             if pattern.positions == "learned absolute" and config.get("model_type") == "opt":
                 described["offset"] = 2  # OPT's position ids start at 2
+            if pattern.relative_bias is not None:
+                described["buckets"] = pattern.relative_bias.num_buckets
+                described["max_distance"] = pattern.relative_bias.max_distance
             return described
         from toolkit.families.rotary import rope_settings
 
@@ -360,6 +367,7 @@ def family(architecture: Architecture) -> Family:
         conv1d=projections.conv1d,
         pattern=pattern.name,
         alibi=pattern.positions == "alibi",
+        relative_bias=pattern.relative_bias,
         logit_softcap=logit_softcap,
         rotary_on_layer=rotary_on_every_layer,
         qk_norms=qk_norms_for(pattern) if pattern.qk_norm else None,

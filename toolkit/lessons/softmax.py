@@ -101,6 +101,11 @@ def explain_softmax(
     name = attention.family.name
     for present, why, key in (
         (attention.family.alibi, "add ALiBi position biases to", "skip.softmax_alibi"),
+        (
+            attention.family.relative_bias is not None,
+            "add a learned relative-position bias to",
+            "skip.softmax_relative_bias",
+        ),
         (attention.family.logit_softcap(attention.config), "soft-cap", "skip.softmax_cap"),
     ):
         if present:  # the lesson's row is softmax(q . k * scale) alone

@@ -22,6 +22,7 @@ TEXT: dict[str, dict[str, str]] = {
         "role": "matrix",
         "not_applicable": "Skipped: {reason}.",
         "skip.softmax_alibi": "the softmax lesson does not apply to {family} models: their scores add ALiBi position biases to q . k * scale (verify checks them)",
+        "skip.softmax_relative_bias": "the softmax lesson does not apply to {family} models: their scores add a learned relative-position bias to q . k * scale (verify checks them)",
         "skip.softmax_cap": "the softmax lesson does not apply to {family} models: their scores soft-cap q . k * scale (verify checks them)",
         "skip.qkv_narrow": "the qkv lesson does not apply to this {family} model: its loss scores the {d_model}-wide hidden states against the token embeddings (tied weights), which are {width} wide here",
         # w0
@@ -302,6 +303,7 @@ TEXT: dict[str, dict[str, str]] = {
         "role": "矩阵",
         "not_applicable": "已跳过：{reason}。",
         "skip.softmax_alibi": "softmax 一课不适用于 {family} 模型：它们的注意力分数在 q . k * scale 之上还加了 ALiBi 位置偏置（verify 会检查它们）",
+        "skip.softmax_relative_bias": "softmax 一课不适用于 {family} 模型：它们的注意力分数在 q . k * scale 之上还加了学习得到的相对位置偏置（verify 会检查它们）",
         "skip.softmax_cap": "softmax 一课不适用于 {family} 模型：它们的注意力分数对 q . k * scale 做了软截断（soft-capping，verify 会检查它们）",
         "skip.qkv_narrow": "qkv 一课不适用于这个 {family} 模型：它的损失把 {d_model} 维的隐藏状态与词元嵌入（权重共享）打分，而这里的嵌入只有 {width} 维",
         "w0.title": "问题一：为什么只有一个 W0，而不是每个头一个输出矩阵？",
