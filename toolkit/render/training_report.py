@@ -212,12 +212,19 @@ def _plot_intruders(path: Path, found: list) -> str:
     return _save(figure, path)
 
 
+LEGEND_LAYERS = 8  # up to this many layers are named in a legend, more by a colour bar
+
+
 def _plot_shift(path: Path, trajectory: Trajectory) -> str:
     """One panel per weight: relative change of each layer against the step."""
     plt = _pyplot()
     steps = [p.step for p in trajectory.shift]
     figure, axes = plt.subplots(
-        1, len(WEIGHT_ROLES), figsize=(4 * len(WEIGHT_ROLES), 3.4), sharey=True
+        1,
+        len(WEIGHT_ROLES),
+        figsize=(4 * len(WEIGHT_ROLES), 3.4),
+        sharey=True,
+        layout="constrained",
     )
     colors = plt.cm.viridis(
         [i / max(trajectory.n_layers - 1, 1) for i in range(trajectory.n_layers)]
@@ -233,7 +240,14 @@ def _plot_shift(path: Path, trajectory: Trajectory) -> str:
         axis.set_title(role)
         axis.set_xlabel("step")
     axes[0].set_ylabel("||W_t - W_start|| / ||W_start||")
-    axes[-1].legend(fontsize="small")
+    if trajectory.n_layers <= LEGEND_LAYERS:
+        axes[-1].legend(fontsize="small")
+    else:  # a legend of every layer would be taller than the panels: a colour bar of depth
+        from matplotlib.cm import ScalarMappable
+        from matplotlib.colors import Normalize
+
+        depth = ScalarMappable(Normalize(0, trajectory.n_layers - 1), plt.cm.viridis)
+        figure.colorbar(depth, ax=axes, label="layer", shrink=0.9)
     return _save(figure, path)
 
 

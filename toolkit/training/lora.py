@@ -14,6 +14,7 @@ trained; the adapter alone is saved in PEFT format beside it (`save_adapter`).
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 from toolkit.errors import ToolkitError
@@ -92,7 +93,13 @@ def wrap_with_lora(model, config: FinetuneConfig):
         fan_in_fan_out=family.conv1d,  # Conv1D stores [in, out], the transpose of nn.Linear
         task_type=task_type,
     )
-    return get_peft_model(model, lora)
+    with warnings.catch_warnings():
+        # peft asks the model `is_gradient_checkpointing`, which transformers 5 deprecates: a
+        # warning to peft's authors, not to the user of a LoRA run
+        warnings.filterwarnings(
+            "ignore", message=".*is_gradient_checkpointing", category=FutureWarning
+        )
+        return get_peft_model(model, lora)
 
 
 def is_lora_model(model) -> bool:
