@@ -13,9 +13,10 @@ A transcript in README.md is a console block between two markers:
 later command can read what an earlier one wrote, e.g. a fine-tuning run), and rewrites the blocks
 in place. `<!-- transcript slow: ... -->` marks a command of a minute or more (fine-tuning) or one
 that reads a slow command's output; `--fast` reruns only the others and keeps the recorded output
-of slow ones. tests/test_readme.py reruns the fast ones and checks the README still shows their
-output format. `<!-- transcript slow, first N lines: ... -->` shows only the first N lines of a long
-output and says how many more the command prints.
+of slow ones; `--only TEXT` reruns only those whose command contains TEXT. tests/test_readme.py
+reruns the fast ones and checks the README still shows their output format.
+`<!-- transcript slow, first N lines: ... -->` shows only the first N lines of a long output and
+says how many more the command prints.
 """
 
 from __future__ import annotations
@@ -128,12 +129,20 @@ def rewrite(text: str, bodies: dict[int, str]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fast", action="store_true", help="keep the slow transcripts as they are")
+    parser.add_argument(
+        "--only",
+        metavar="TEXT",
+        help="rerun only the transcripts whose command contains TEXT (in README order, in one "
+        "scratch folder: a run and the commands that read it), keeping the others as they are",
+    )
     options = parser.parse_args()
     text = README.read_text()
     bodies = {}
     with tempfile.TemporaryDirectory(prefix="readme-transcripts-") as workdir:
         for index, transcript in enumerate(find_transcripts(text)):
             if options.fast and transcript.slow:
+                continue
+            if options.only and options.only not in transcript.command:
                 continue
             print(f"running: {transcript.command}", file=sys.stderr, flush=True)
             try:
