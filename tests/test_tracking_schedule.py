@@ -147,13 +147,13 @@ def test_a_snapshot_due_while_the_writer_is_busy_is_skipped_not_waited_for(
     tracker, trajectory = _begin(model, tmp_path, SnapshotSchedule(8, 1))
     tracker.flush()
     release = threading.Event()
-    real_write = tracking.write_image  # the writer's I/O (float32 snapshots)
+    real_write = tracking.write_laid_out
 
     def slow_write(*args, **kwargs):
         release.wait(60)  # a disk that takes long; the test releases it
         real_write(*args, **kwargs)
 
-    monkeypatch.setattr(tracking, "write_image", slow_write)
+    monkeypatch.setattr(tracking, "write_laid_out", slow_write)
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.mul_(1.01)  # every weight 1% larger: a relative change of 0.01
@@ -178,43 +178,6 @@ def test_a_snapshot_due_while_the_writer_is_busy_is_skipped_not_waited_for(
     assert tracker.seconds > 0
 
 
-def test_a_float32_snapshot_is_laid_out_before_record_returns(tiny_llama, tmp_path, monkeypatch):
-    """The writer thread only writes: `record` returns with step 1's snapshot laid out, so the
-    next update, made before the writer runs, does not reach the file, which is byte for byte
-    what `write_laid_out` (extract's route) writes from a copy of the step-1 parameters."""
-    from transformers import AutoModel
-
-    from toolkit.attention import write_laid_out
-
-    model = AutoModel.from_pretrained(tiny_llama)
-    tracker, trajectory = _begin(model, tmp_path, SnapshotSchedule(8, 1))
-    tracker.flush()
-    release = threading.Event()
-    real_write = tracking.write_image
-
-    def held_write(*args, **kwargs):
-        release.wait(60)  # the writer holds until the parameters have moved on
-        real_write(*args, **kwargs)
-
-    monkeypatch.setattr(tracking, "write_image", held_write)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.mul_(1.01)
-    at_step_1 = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    tracker.record(trajectory, 1, model.state_dict(), 0.5, {})
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(1.0)  # step 2's update, before step 1's snapshot is written
-    release.set()
-    tracker.close()
-    expected = tmp_path / "expected.safetensors"
-    config = model.config.to_dict()
-    write_laid_out(
-        expected, attention_from_state_dict(at_step_1, config, "m at step 1"), None, "float32"
-    )
-    assert (tmp_path / snapshot_name(1)).read_bytes() == expected.read_bytes()
-
-
 def test_an_evaluated_or_last_step_waits_for_the_writer_instead_of_skipping(
     tiny_llama, tmp_path, monkeypatch
 ):
@@ -225,7 +188,7 @@ def test_an_evaluated_or_last_step_waits_for_the_writer_instead_of_skipping(
     model = AutoModel.from_pretrained(tiny_llama)
     tracker, trajectory = _begin(model, tmp_path, SnapshotSchedule(8, 1))
     tracker.flush()
-    real_write = tracking.write_image  # the writer's I/O (float32 snapshots)
+    real_write = tracking.write_laid_out
     started = threading.Event()
 
     def slow_write(*args, **kwargs):
@@ -233,7 +196,7 @@ def test_an_evaluated_or_last_step_waits_for_the_writer_instead_of_skipping(
         time.sleep(0.5)  # a slow disk: still writing when the next steps are recorded
         real_write(*args, **kwargs)
 
-    monkeypatch.setattr(tracking, "write_image", slow_write)
+    monkeypatch.setattr(tracking, "write_laid_out", slow_write)
     tracker.record(trajectory, 1, model.state_dict(), 0.5, {})  # snapshot due: the slow write
     assert started.wait(10)
     tracker.record(trajectory, 2, model.state_dict(), 0.5, {"accuracy": 0.5})  # evaluated
@@ -279,12 +242,11 @@ def test_a_failing_snapshot_write_warns_once_and_the_run_goes_on(
 ):
     """A real failing write: the file size limit (RLIMIT_FSIZE; Python ignores SIGXFSZ, so the
     write fails with EFBIG) lowered to 1 KB while steps 2 and 4's snapshots are written."""
-    real_write = tracking.write_image  # the writer's I/O (float32 snapshots)
+    real_write = tracking.write_laid_out
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
 
     def write_into_a_full_disk(path, *args, **kwargs):
-        # the file is written under a temporary name beside it, then renamed
-        if not any(snapshot_name(s) in Path(path).name for s in (2, 4)):
+        if Path(path).name not in (snapshot_name(2), snapshot_name(4)):
             return real_write(path, *args, **kwargs)
         resource.setrlimit(resource.RLIMIT_FSIZE, (1024, hard))
         try:
@@ -292,7 +254,7 @@ def test_a_failing_snapshot_write_warns_once_and_the_run_goes_on(
         finally:
             resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 
-    monkeypatch.setattr(tracking, "write_image", write_into_a_full_disk)
+    monkeypatch.setattr(tracking, "write_laid_out", write_into_a_full_disk)
     run = tmp_path / "run"
     # evaluated every tracked step: each snapshot waits for the one before (none is skipped
     # because the writer was busy, whatever the machine's load), so steps 2 and 4 both fail

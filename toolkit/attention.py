@@ -415,12 +415,30 @@ def write_laid_out(
     (files numpy's safetensors loader reads: it has no bfloat16)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    selected, shapes, storage, groups = _standard_file(model, layers, dtype)
+    if dtype not in EXTRACT_DTYPES:
+        raise ToolkitError(f"dtype {dtype!r} is not one of {', '.join(EXTRACT_DTYPES)}")
+    selected = model.select_layers(layers)
+    roles = standard_shapes(model.dims, model.bias_roles)
+    shapes = {
+        standard_name(index, role): shape for index in selected for role, shape in roles.items()
+    }
+
+    storage = model.storage_dtype() if dtype == "source" else "F32"
     half = storage != "F32"
 
     def copy_layer(index: int, views: dict[str, np.ndarray], release) -> None:
-        _copy_layer(model, index, half, views)
-        release(groups[selected.index(index)])  # this layer's pages only
+        names = []
+        # views of the checkpoint file's pages: the layout is the one copy made of them
+        for role, tensor in model.layer(index, half, mapped=True).tensors().items():
+            names.append(standard_name(index, role))
+            view = views[names[-1]]
+            if tensor.shape != view.shape or (half and tensor.dtype != view.dtype):
+                raise ToolkitError(
+                    f"layer {index} {role}: {tensor.dtype} {tensor.shape} does not "
+                    f"fit the file's {view.dtype} {view.shape}"
+                )
+            copy_into(view, tensor)  # the per-head layout
+        release(names)
 
     def fill(views: dict[str, np.ndarray], release) -> None:
         # Layers on READERS threads: reading and numpy copies release the GIL, and the layout
@@ -430,67 +448,23 @@ def write_laid_out(
                 done.result()
 
     from toolkit.fileio import write_atomic
+    from toolkit.layout import copy_into
     from toolkit.safetensors_format import write_direct, write_mapped
 
     metadata = standard_metadata(model)
+    groups = [[standard_name(index, role) for role in roles] for index in selected]
 
     def write(tmp: Path) -> None:
         # straight from the layout buffers to the disk where the file system allows it, else
         # into the file's mapped pages
         def lay_out(group: int, views: dict[str, np.ndarray]) -> None:
-            _copy_layer(model, selected[group], half, views)
+            copy_layer(selected[group], views, lambda names: None)
 
         if not write_direct(tmp, shapes, metadata, storage, groups, lay_out, readers, buffers):
             write_mapped(tmp, shapes, metadata, storage, fill)
 
     write_atomic(path, write)
     return sum(math.prod(shape) * (2 if half else 4) for shape in shapes.values()), storage
-
-
-def lay_out_standard(
-    model: AttentionModel, dtype: str = "source", pool=None, buffers: BlockBuffers | None = None
-):
-    """The file `write_laid_out(path, model, dtype=dtype)` writes, laid out whole in memory
-    (`safetensors_format.FileImage`, written by `write_image`): the layers on `pool`'s threads,
-    from views of `model`'s tensors. A training run lays a snapshot out this way on its own
-    thread, while its torch threads are idle, so that its writer thread only does I/O."""
-    from toolkit.safetensors_format import lay_out_image
-
-    selected, shapes, storage, groups = _standard_file(model, None, dtype)
-
-    def lay_out(group: int, views: dict[str, np.ndarray]) -> None:
-        _copy_layer(model, selected[group], storage != "F32", views)
-
-    return lay_out_image(shapes, standard_metadata(model), storage, groups, lay_out, pool, buffers)
-
-
-def _standard_file(model: AttentionModel, layers: Sequence[int] | None, dtype: str):
-    """(layers, name -> shape, storage dtype, each layer's names) of a standard-tensor file."""
-    if dtype not in EXTRACT_DTYPES:
-        raise ToolkitError(f"dtype {dtype!r} is not one of {', '.join(EXTRACT_DTYPES)}")
-    selected = model.select_layers(layers)
-    roles = standard_shapes(model.dims, model.bias_roles)
-    shapes = {
-        standard_name(index, role): shape for index in selected for role, shape in roles.items()
-    }
-    storage = model.storage_dtype() if dtype == "source" else "F32"
-    groups = [[standard_name(index, role) for role in roles] for index in selected]
-    return selected, shapes, storage, groups
-
-
-def _copy_layer(model: AttentionModel, index: int, half: bool, views: dict[str, np.ndarray]):
-    """Lay layer `index` out per head into `views` (standard name -> array of the file)."""
-    from toolkit.layout import copy_into
-
-    # views of the checkpoint's pages (or a state dict's tensors): the layout is the one copy
-    for role, tensor in model.layer(index, half, mapped=True).tensors().items():
-        view = views[standard_name(index, role)]
-        if tensor.shape != view.shape or (half and tensor.dtype != view.dtype):
-            raise ToolkitError(
-                f"layer {index} {role}: {tensor.dtype} {tensor.shape} does not "
-                f"fit the file's {view.dtype} {view.shape}"
-            )
-        copy_into(view, tensor)  # the per-head layout
 
 
 def write_standard_tensors(

@@ -19,7 +19,7 @@ import os
 import struct
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -336,117 +336,6 @@ def write_direct(
                 submit_next()
         if ranges and ranges[-1][1] % DIRECT_BLOCK:  # the last block was written padded
             os.ftruncate(fd, data_start + ranges[-1][1])
-    finally:
-        os.close(fd)
-    return True
-
-
-@dataclass
-class FileImage:
-    """A whole safetensors file laid out in memory, ready to be written: its `nbytes` bytes at
-    the start of a page-aligned `buffer` (taken from `buffers`, given back by `write_image`)."""
-
-    buffer: mmap.mmap
-    nbytes: int
-    buffers: BlockBuffers
-
-
-def lay_out_image(
-    shapes: dict[str, tuple[int, ...]],
-    metadata: dict[str, str],
-    dtype: str,
-    groups: Sequence[Sequence[str]],
-    lay_out: Callable[[int, dict[str, np.ndarray]], None],
-    pool: Executor | None = None,
-    buffers: BlockBuffers | None = None,
-) -> FileImage:
-    """A file of `shapes` in `dtype` ("F32", "BF16", "F16"), laid out whole in one page-aligned
-    buffer: the header (padded so that the data starts on a block, as `write_direct` writes it)
-    and each group's tensors, which `lay_out(group index, views)` copies into views of the
-    buffer (on `pool`'s threads when given). The bytes are those `write_direct` writes; laying
-    them out here and writing them later (`write_image`, from another thread) leaves the writer
-    nothing to do but the I/O."""
-    storage, header, encoded = _header(shapes, metadata, dtype, align=DIRECT_BLOCK)
-    data_start = 8 + len(encoded)
-    if [name for names in groups for name in names] != list(shapes):
-        raise ValueError("groups must cover the names of shapes, in order")
-    total = data_start + sum(
-        end - begin for begin, end in (header[n]["data_offsets"] for n in shapes)
-    )
-    buffers = buffers or BlockBuffers()
-    buffer = buffers.take(total)
-    buffer[:data_start] = struct.pack("<Q", len(encoded)) + encoded
-
-    def lay_group(index: int) -> None:
-        data = np.frombuffer(buffer, dtype=np.uint8)
-        views = {}
-        for name in groups[index]:
-            begin, end = header[name]["data_offsets"]
-            views[name] = data[data_start + begin : data_start + end].view(storage)
-            views[name] = views[name].reshape(shapes[name])
-        try:
-            lay_out(index, views)
-        finally:
-            del data, views  # the buffer is reused: no view of it may outlive the layout
-
-    try:
-        for done in [(pool or _INLINE).submit(lay_group, index) for index in range(len(groups))]:
-            done.result()
-    except BaseException:
-        buffers.give(buffer)
-        raise
-    return FileImage(buffer, total, buffers)
-
-
-class _Inline:
-    """An executor that runs each call at once, on the calling thread."""
-
-    def submit(self, function, *arguments) -> Future:
-        done: Future = Future()
-        try:
-            done.set_result(function(*arguments))
-        except BaseException as err:  # handed to whoever asks for the result, as a pool does
-            done.set_exception(err)
-        return done
-
-
-_INLINE = _Inline()
-
-
-def write_image(path: Path, image: FileImage) -> None:
-    """Write `image` to `path` by direct I/O (whole blocks, the file cut to its size after),
-    or with a plain write where the file system refuses direct I/O; its buffer is given back
-    either way."""
-    view = memoryview(image.buffer)
-    try:
-        if not _write_image_direct(path, view, image.nbytes):
-            with open(path, "wb") as handle:
-                handle.write(view[: image.nbytes])
-    finally:
-        view.release()
-        image.buffers.give(image.buffer)
-
-
-def _write_image_direct(path: Path, view: memoryview, nbytes: int) -> bool:
-    direct = getattr(os, "O_DIRECT", 0)
-    if not direct:
-        return False
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | direct, 0o666)
-    except OSError as err:
-        if err.errno == errno.EINVAL:
-            return False
-        raise
-    try:
-        whole = -(-nbytes // DIRECT_BLOCK) * DIRECT_BLOCK  # the buffer has these bytes
-        try:
-            _write_all(fd, view[:whole], 0)
-        except OSError as err:
-            if err.errno == errno.EINVAL:  # opened, but direct writes refused
-                return False
-            raise
-        if whole != nbytes:  # the last block was written padded
-            os.ftruncate(fd, nbytes)
     finally:
         os.close(fd)
     return True

@@ -15,12 +15,9 @@ tracked steps whose count is a power of two (1, 2, 4, 8, ... times `track_every`
 every `snapshot_every` steps if asked, and the last step. They are stored in the model's 16-bit
 dtype when its step-0 weights are exact in it (a bf16 model or checkpoint), float32 otherwise.
 
-For a float32 snapshot the training thread lays the parameters out per head, on torch's threads
-(idle between steps), straight into the file's bytes in a reused page-aligned buffer (one pass
-over the data, about what copying them would cost); one background thread writes that buffer by
-direct I/O and then the trajectory, atomically, and so takes no core from the next steps' torch
-threads. (A 16-bit snapshot: the training thread copies the raw parameters, the writer converts
-and lays them out.) Training never waits for the writer: a snapshot due
+For a snapshot the training thread only copies the raw attention parameters (one memcpy each);
+one background thread lays them out per head straight into the file's mapped pages (one pass over
+the data) and writes the trajectory, atomically. Training never waits for it: a snapshot due
 while the previous one is still being written is skipped and counted (an evaluated step's and
 the last step's wait for it instead: training has stopped there), and a write that fails (a
 full disk) warns once.
@@ -45,7 +42,6 @@ from toolkit.attention import (
     WEIGHT_ROLES,
     attention_from_state_dict,
     head_frobenius,
-    lay_out_standard,
     load_attention,
     standard_name,
     standard_tensor_dict,
@@ -53,9 +49,9 @@ from toolkit.attention import (
     write_standard_tensors,
 )
 from toolkit.errors import ToolkitError
-from toolkit.fileio import write_atomic, write_json
+from toolkit.fileio import write_json
 from toolkit.progress import stderr_console
-from toolkit.safetensors_format import BlockBuffers, FileImage, widened, write_image
+from toolkit.safetensors_format import BlockBuffers, widened
 
 TRAJECTORY_FILE = "trajectory.json"
 HALF_PRECISION = {"bfloat16": "BF16", "float16": "F16"}  # torch dtype name -> safetensors dtype
@@ -231,7 +227,7 @@ class ShiftTracker:
         tracker = cls(shift_dir, model_config, start, schedule, dtype)
         layer_change, head_change = tracker._relative_change(start, trajectory.n_layers)
         point = ShiftPoint(0, None, {}, layer_change, head_change, snapshot_name(0))
-        snapshot = tracker._prepare_snapshot(attention, state_dict, name)
+        snapshot = snapshot_source(attention, state_dict, model_config, name, tracker._copies)
         tracker._append_point(trajectory, point, lambda: snapshot)
         return tracker
 
@@ -271,21 +267,10 @@ class ShiftTracker:
         point = ShiftPoint(step, loss, metrics, layer_change, head_change, None)
         snapshot = None
         if self._snapshot_wanted(point):
-            # the writer is idle (`_snapshot_wanted`): its buffers and the last copy are free
-            prepared = self._prepare_snapshot(attention, state_dict, name)
-            snapshot = lambda: prepared  # noqa: E731
+            # the writer is idle (`_snapshot_wanted`): the last snapshot's copy is free
+            source = snapshot_source(attention, state_dict, self.model_config, name, self._copies)
+            snapshot = lambda: source  # noqa: E731
         return self._append_point(trajectory, point, snapshot)
-
-    def _prepare_snapshot(self, attention, state_dict: dict, name: str):
-        """What the writer needs for a snapshot of the parameters now, made before training goes
-        on: float32 snapshots are laid out per head here, on torch's idle threads, straight from
-        the parameters into the file's bytes (`FileImage`), so that the writer only writes them
-        (its copies would otherwise take a core from the next steps' torch threads); others are
-        a copy of the raw parameters, which the writer converts and lays out."""
-        if self.dtype != "F32":
-            return snapshot_source(attention, state_dict, self.model_config, name, self._copies)
-        live = attention_from_state_dict(state_dict, self.model_config, name, frozen=True)
-        return lay_out_standard(live, "float32", self._measurers(), self._write_buffers)
 
     def flush(self) -> None:
         """Wait until every snapshot and trajectory so far is on disk."""
@@ -390,13 +375,9 @@ class ShiftTracker:
             self._warn(f"{TRAJECTORY_FILE} not updated at step {point.step}: {err.strerror}")
 
     def _write_snapshot(self, source, path: Path) -> None:
-        """Write a laid-out file (`FileImage`) as it is; lay an AttentionModel's heads out into
-        page-aligned buffers written by direct I/O (one pass over the data) when it is stored in
-        the snapshots' dtype or they are float32; else (a float32 model whose checkpoint is
-        16-bit) convert each tensor and stream it."""
-        if isinstance(source, FileImage):
-            write_atomic(path, lambda tmp: write_image(tmp, source))
-            return
+        """Lay `source`'s heads out straight into the file's mapped pages (one pass over the
+        data) when it is stored in the snapshots' dtype or they are float32; else (a float32
+        model whose checkpoint is 16-bit) convert each tensor and stream it."""
         if self.dtype == "F32" or source.storage_dtype() == self.dtype:
             # one thread: the writer must not take the cores the training step is using
             write_laid_out(
