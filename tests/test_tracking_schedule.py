@@ -178,6 +178,45 @@ def test_a_snapshot_due_while_the_writer_is_busy_is_skipped_not_waited_for(
     assert tracker.seconds > 0
 
 
+def test_a_snapshot_holds_the_weights_of_its_step_whenever_the_writer_runs(
+    tiny_llama, tmp_path, monkeypatch
+):
+    """`record` returns with step 1's weights copied, so the next update, made before the
+    writer runs, does not reach the file, which is byte for byte what `write_laid_out`
+    (extract's route) writes from a copy of the step-1 parameters."""
+    from transformers import AutoModel
+
+    from toolkit.attention import write_laid_out as extract_route
+
+    model = AutoModel.from_pretrained(tiny_llama)
+    tracker, trajectory = _begin(model, tmp_path, SnapshotSchedule(8, 1))
+    tracker.flush()
+    release = threading.Event()
+    real_write = tracking.write_laid_out
+
+    def held_write(*args, **kwargs):
+        release.wait(60)  # the writer holds until the parameters have moved on
+        real_write(*args, **kwargs)
+
+    monkeypatch.setattr(tracking, "write_laid_out", held_write)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(1.01)
+    at_step_1 = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    tracker.record(trajectory, 1, model.state_dict(), 0.5, {})
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(1.0)  # step 2's update, before step 1's snapshot is written
+    release.set()
+    tracker.close()
+    expected = tmp_path / "expected.safetensors"
+    config = model.config.to_dict()
+    extract_route(
+        expected, attention_from_state_dict(at_step_1, config, "m at step 1"), None, "float32"
+    )
+    assert (tmp_path / snapshot_name(1)).read_bytes() == expected.read_bytes()
+
+
 def test_an_evaluated_or_last_step_waits_for_the_writer_instead_of_skipping(
     tiny_llama, tmp_path, monkeypatch
 ):
