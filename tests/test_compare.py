@@ -614,6 +614,15 @@ def test_cli_json_and_plots(tiny_bert, bert_one_head_moved, tmp_path):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
 
 
+def test_cli_table_leaves_stderr_empty_when_it_is_not_a_terminal(tiny_bert, bert_one_head_moved):
+    """The transient progress bar shows on a terminal only: into a log it left a blank line
+    before the table."""
+    result = run("compare", str(tiny_bert), str(bert_one_head_moved[0]))
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr == ""
+    assert result.stdout.startswith("A ")
+
+
 def test_cli_table_and_structural_plots(tiny_bert, tiny_gpt2, tmp_path):
     result = run("compare", str(tiny_bert), str(tiny_gpt2), "--plot", str(tmp_path / "p"))
     assert result.exit_code == 0, result.stderr

@@ -603,14 +603,12 @@ def explain_lora(model, lang, as_json, markdown, **options):
 @_lesson_output_options
 def explain_all(model, revision, allow_pickle, skip, lang, as_json, markdown):
     """Every lesson with its defaults, as one report (pretrained and lora fine-tune: minutes)."""
-    from rich.progress import Progress
-
     from toolkit.lessons import LESSONS
     from toolkit.lessons import explain_all as run_all
-    from toolkit.progress import stderr_console
+    from toolkit.progress import transient_progress
 
     _check_markdown(markdown)
-    with Progress(console=stderr_console(), transient=True) as progress:
+    with transient_progress() as progress:
         names = [name for name in LESSONS if name not in skip]
         task = progress.add_task("lessons", total=len(names))
 

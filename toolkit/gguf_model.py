@@ -40,10 +40,9 @@ def load_gguf_model(
     file does not hold (a classifier's `score`) keeps its fresh initialisation, as
     `from_pretrained` leaves it."""
     import torch
-    from rich.progress import Progress
     from transformers import AutoModelForCausalLM
 
-    from toolkit.progress import stderr_console
+    from toolkit.progress import transient_progress
 
     checkpoint = GGUFCheckpoint(path)
     unplaced = [
@@ -58,7 +57,7 @@ def load_gguf_model(
         )
     config = gguf_model_config(path, **overrides)
     # seconds for a real file (SmolLM2-135M: about 4): a transient bar on a terminal's stderr
-    with Progress(console=stderr_console(), transient=True) as progress:
+    with transient_progress() as progress:
         task = progress.add_task(f"building the {checkpoint.architecture} model", total=None)
         # no random initialisation of weights the file overwrites (a second of SmolLM2's load)
         with _no_init_weights():

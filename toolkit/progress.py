@@ -29,3 +29,12 @@ def stderr_console() -> Console:
     """The one rich console on stderr for progress bars: a bar started while another is live (the
     fine-tuning runs inside `explain all`) then nests under it instead of fighting over the line."""
     return console(stderr=True)
+
+
+def transient_progress(*columns, console: Console | None = None):
+    """A rich Progress on stderr that clears itself when done; disabled where stderr is not a
+    terminal (a log or a pipe), where it would only leave a blank line behind."""
+    from rich.progress import Progress
+
+    console = console or stderr_console()
+    return Progress(*columns, console=console, transient=True, disable=not console.is_terminal)

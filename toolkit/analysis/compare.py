@@ -276,7 +276,11 @@ def _layer_workers(
 def _track(items: list[int], show: bool, description: str):
     if not show:
         return items
-    from rich.console import Console
-    from rich.progress import track
+    return _tracked(items, description)
 
-    return track(items, description=description, console=Console(stderr=True), transient=True)
+
+def _tracked(items: list[int], description: str):
+    from toolkit.progress import transient_progress
+
+    with transient_progress() as progress:
+        yield from progress.track(items, description=description)
