@@ -605,7 +605,8 @@ def finetune_table(results: dict) -> list[str]:
         f"tracking the attention every {s['track_every']} steps, (b) `toolkit finetune "
         "--track-every 0`, (c) the transformers `Trainer` (same rows, tokenization, collator and "
         "settings). Timed: from the end of the first update (a warm-up) to the end of the last, "
-        "tracking and its last snapshot write included, the final evaluation excluded; samples/s "
+        "tracking included; the final evaluation, and the last snapshot and final model written "
+        "together after the last update, excluded; samples/s "
         "over the updates in between. Routes run in turn, the order rotated each round; medians of "
         f"{len(results['samples_per_second']['trainer'])} rounds.",
         "",
@@ -648,8 +649,10 @@ def bench_tracking(repeat: int) -> dict:
     }
     speeds = {route: [] for route in routes}
     shares, snapshots, skipped = [], [], []
-    for route, result, _ in _alternating("tracking", routes, repeat, runs, env):
+    walls = {route: [] for route in routes}
+    for route, result, _, wall in _alternating("tracking", routes, repeat, runs, env):
         speeds[route].append(result["train_samples_per_second"])
+        walls[route].append(wall)
         if route == "every_step":
             # the timed updates (all but the first): their samples over samples/s
             timed = (result["steps"] - 1) * FINETUNE_RECIPE["batch_size"]
@@ -661,6 +664,7 @@ def bench_tracking(repeat: int) -> dict:
         "threads": os.cpu_count(),
         "samples_per_second": speeds,
         "median": {route: statistics.median(values) for route, values in speeds.items()},
+        "wall_seconds": walls,
         "tracking_share": statistics.median(shares),
         # each round's two runs are adjacent: their ratio cancels the machine's slower drifts
         "round_ratios": [
@@ -685,16 +689,27 @@ def tracking_table(results: dict) -> list[str]:
         "training-thread share is `tracking_seconds` (the time `record()` took on the training "
         "thread) over the timed updates' time. Routes alternate; medians of "
         f"{len(results['samples_per_second']['untracked'])} rounds; the ratio of the medians, "
-        "and the median of each round's ratio (its two runs adjacent), with the rounds' range.",
+        "and the median of each round's ratio (its two runs adjacent), with the rounds' range. "
+        "Wall seconds: the whole command (start-up, data, final evaluation and writes included), "
+        "medians.",
         "",
         "| tracked every step samples/s | untracked samples/s | ratio of medians (target >= "
         "0.97) | median of the rounds' ratios [range] | training thread in tracking (target <= "
-        "3%) | snapshot files | skipped |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "3%) | snapshot files | skipped | wall s tracked / untracked |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         f"| {tracked:.2f} | {untracked:.2f} | {tracked / untracked:.3f} | "
         f"{_round_ratios(results)} | {100 * results['tracking_share']:.1f}% | "
-        f"{results['snapshot_files'][-1]} | {results['skipped_snapshots'][-1]} |",
+        f"{results['snapshot_files'][-1]} | {results['skipped_snapshots'][-1]} | "
+        f"{_wall_seconds(results)} |",
     ]
+
+
+def _wall_seconds(results: dict) -> str:
+    walls = results.get("wall_seconds")
+    if not walls:  # results from before the commands' wall time was kept
+        return "n/a"
+    tracked, untracked = (statistics.median(walls[r]) for r in ("every_step", "untracked"))
+    return f"{tracked:.1f} / {untracked:.1f} ({tracked / untracked:.3f})"
 
 
 def _round_ratios(results: dict) -> str:
@@ -729,7 +744,7 @@ def bench_lora(repeat: int) -> dict:
     speeds = {route: [] for route in routes}
     peaks = {route: [] for route in routes}
     trainable = {}
-    for route, result, peak in _alternating("lora", routes, repeat, runs, env):
+    for route, result, peak, _ in _alternating("lora", routes, repeat, runs, env):
         speeds[route].append(result["train_samples_per_second"])
         peaks[route].append(peak)
         trainable[route] = result["trainable_parameters"]
@@ -786,7 +801,7 @@ def bench_smollm2(repeat: int) -> dict:
     speeds = {route: [] for route in routes}
     peaks = {route: [] for route in routes}
     perplexity = {}
-    for route, result, peak in _alternating("smollm2", routes, repeat, runs, env):
+    for route, result, peak, _ in _alternating("smollm2", routes, repeat, runs, env):
         speeds[route].append(result["train_samples_per_second"])
         peaks[route].append(peak)
         perplexity[route] = (
@@ -806,13 +821,15 @@ def bench_smollm2(repeat: int) -> dict:
 
 def _alternating(section: str, routes: dict, repeat: int, runs: Path, env: dict):
     """Run two finetune routes `repeat` times, the order alternated each round, each into a
-    fresh `runs / route`; yields (route, the JSON it printed, its peak RSS MB)."""
+    fresh `runs / route`; yields (route, the JSON it printed, its peak RSS MB, its wall
+    seconds: the whole command, start-up and final writes included)."""
     for index in range(repeat):
         for route in list(routes)[index % 2 :] + list(routes)[: index % 2]:
             log(f"{section}: {route}, round {index + 1}/{repeat}")
             shutil.rmtree(runs / route, ignore_errors=True)
+            started = time.perf_counter()
             result, peak = _run_measured([*routes[route], "--output-dir", str(runs / route)], env)
-            yield route, result, peak
+            yield route, result, peak, time.perf_counter() - started
 
 
 def _run_measured(command: list[str], env: dict) -> tuple[dict, float]:

@@ -18,7 +18,7 @@ import torch
 from conftest import tiny_classification_run
 
 import toolkit
-from toolkit.attention import WEIGHT_ROLES, attention_from_state_dict
+from toolkit.attention import WEIGHT_ROLES, attention_from_state_dict, load_attention
 from toolkit.safetensors_format import read_header
 from toolkit.training import tracking
 from toolkit.training.tracking import (
@@ -274,6 +274,63 @@ def test_a_tiny_run_writes_the_scheduled_snapshots_and_times_record(
         snapshot_name(s) for s in written
     ]
     assert 0 < result.tracking_seconds < result.seconds
+
+
+def test_the_last_snapshot_is_written_while_final_is_saved_and_the_trajectory_comes_after(
+    toy_sentiment_csv, tiny_bert_with_tokenizer, tmp_path, monkeypatch
+):
+    """The last snapshot's write (slowed to 1 s) is still running when final/ is being saved:
+    the throughput clock stopped with the last update, and the trajectory.json left on disk is
+    the run's final one (the writer's own copy, written with the snapshot, comes before it)."""
+    from safetensors.torch import load_file
+
+    import toolkit.training.loop as loop
+
+    real_write, real_save = tracking.write_laid_out, loop.save_final
+    last = snapshot_name(8)
+    events = []
+
+    def slow_write(path, *args, **kwargs):
+        if Path(path).name == last:
+            events.append("last snapshot started")
+            time.sleep(1.0)
+        real_write(path, *args, **kwargs)
+        if Path(path).name == last:
+            events.append("last snapshot written")
+
+    def save(*args, **kwargs):
+        events.append("final saving")
+        real_save(*args, **kwargs)
+
+    monkeypatch.setattr(tracking, "write_laid_out", slow_write)
+    monkeypatch.setattr(loop, "save_final", save)
+    run = tmp_path / "run"
+    # counted in epochs (4 updates each), so the run keeps its best evaluation: the trajectory
+    # gets its best_step only once the last snapshot is queued
+    result = tiny_classification_run(
+        toy_sentiment_csv,
+        tiny_bert_with_tokenizer,
+        run,
+        epochs=2,
+        max_train_samples=64,
+        track_every=1,
+        early_stopping_patience=0,
+    )
+    assert result.steps == 8 and result.best_step is not None
+    assert events == ["last snapshot started", "final saving", "last snapshot written"]
+    on_disk = json.loads((run / "shift" / "trajectory.json").read_text())
+    assert on_disk == json.loads(json.dumps(result.trajectory_record.to_dict()))
+    assert on_disk["best_step"] == result.best_step
+    assert on_disk["shift"][-1]["snapshot"] == last
+    # the timed updates (steps 2-8, 16 rows each) ran before the slow write: under its 1 s
+    assert 7 * 16 / result.train_samples_per_second < 1.0
+    # and the snapshot holds the final weights all the same
+    final = load_file(run / "final" / "model.safetensors")
+    snapshot = load_attention(run / "shift" / last)
+    query = final["bert.encoder.layer.0.attention.self.query.weight"]  # [out, in]
+    n_heads = snapshot.dims.n_heads
+    expected = query.T.reshape(query.shape[1], n_heads, -1).permute(1, 0, 2)  # [h, d_model, d_head]
+    np.testing.assert_array_equal(snapshot.layer(0).wq, expected.numpy())
 
 
 def test_a_failing_snapshot_write_warns_once_and_the_run_goes_on(

@@ -541,9 +541,11 @@ def _train(run: PreparedRun) -> tuple[int, StepClock]:
                         run.checkpointing.run(step, run.tracking)
                 if step == total_steps:
                     return step, clock
+    except BaseException:
+        run.tracking.close()  # the snapshot being written, if any, is finished
+        raise
     finally:
         progress.stop()
-        run.tracking.close()  # waits for the last snapshot write: part of the timed training
     return step, clock
 
 
@@ -590,9 +592,19 @@ def _micro_step(run: PreparedRun, batch, micro_losses: list):
 
 
 def _finish(run: PreparedRun, step: int, clock: StepClock, seconds: float) -> FinetuneResult:
-    """Write DIR/final (and the LoRA adapter) and the trajectory; return the run's result."""
+    """Write DIR/final (and the LoRA adapter) while the last snapshot is being written, then the
+    trajectory; return the run's result."""
+    try:
+        return _write_results(run, step, clock, seconds)
+    finally:
+        run.tracking.close()
+
+
+def _write_results(run: PreparedRun, step: int, clock: StepClock, seconds: float):
     config, accelerator, trajectory = run.config, run.accelerator, run.trajectory
     run_dir, shift_dir = run.run_dir, run.run_dir / "shift"
+    # the clock stops with the last update and its record(): the last snapshot, a once-a-run
+    # write like final/, is written by the tracker's thread while final/ is saved
     samples_per_second, tokens_per_second, mfu = clock.throughput(accelerator, run.model)
     final_step = run.best.step if run.best.step is not None else step
     trajectory.best_step = run.best.step
@@ -655,6 +667,7 @@ def _finish(run: PreparedRun, step: int, clock: StepClock, seconds: float) -> Fi
         save_final(base_model(unwrapped), run.tokenizer, state_dict, run_dir / "final")
         if result.adapter_dir:
             save_adapter(unwrapped, run.tokenizer, Path(result.adapter_dir))
+        run.tracking.close()  # its last write of the trajectory comes before the final one
         write_json(shift_dir / TRAJECTORY_FILE, trajectory.to_dict())
         if run.baselines:
             write_json(run_dir / BASELINES_FILE, run.baselines)
