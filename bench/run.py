@@ -690,8 +690,9 @@ def tracking_table(results: dict) -> list[str]:
         "thread) over the timed updates' time. Routes alternate; medians of "
         f"{len(results['samples_per_second']['untracked'])} rounds; the ratio of the medians, "
         "and the median of each round's ratio (its two runs adjacent), with the rounds' range. "
-        "Wall seconds: the whole command (start-up, data, final evaluation and writes included), "
-        "medians.",
+        "Wall seconds: the whole command, medians (start-up, data, the final evaluation, final/ "
+        "and the report included: a tracked run's report also compares its first and last "
+        "snapshots and counts intruder dimensions over them).",
         "",
         "| tracked every step samples/s | untracked samples/s | ratio of medians (target >= "
         "0.97) | median of the rounds' ratios [range] | training thread in tracking (target <= "
