@@ -138,6 +138,19 @@ def test_float32_model_snapshots_stay_float32(tiny_llama, tmp_path):
     assert read_header(tmp_path / snapshot_name(0)).tensors["layers.0.wq"].dtype == "F32"
 
 
+def _held_writes(monkeypatch) -> threading.Event:
+    """Make the tracker's snapshot writes wait (up to 60 s) until the returned event is set."""
+    release = threading.Event()
+    real_write = tracking.write_laid_out
+
+    def held_write(*args, **kwargs):
+        release.wait(60)
+        real_write(*args, **kwargs)
+
+    monkeypatch.setattr(tracking, "write_laid_out", held_write)
+    return release
+
+
 def test_a_snapshot_due_while_the_writer_is_busy_is_skipped_not_waited_for(
     tiny_llama, tmp_path, monkeypatch
 ):
@@ -146,14 +159,7 @@ def test_a_snapshot_due_while_the_writer_is_busy_is_skipped_not_waited_for(
     model = AutoModel.from_pretrained(tiny_llama)
     tracker, trajectory = _begin(model, tmp_path, SnapshotSchedule(8, 1))
     tracker.flush()
-    release = threading.Event()
-    real_write = tracking.write_laid_out
-
-    def slow_write(*args, **kwargs):
-        release.wait(60)  # a disk that takes long; the test releases it
-        real_write(*args, **kwargs)
-
-    monkeypatch.setattr(tracking, "write_laid_out", slow_write)
+    release = _held_writes(monkeypatch)  # a disk that takes long; the test releases it
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.mul_(1.01)  # every weight 1% larger: a relative change of 0.01
@@ -191,14 +197,7 @@ def test_a_snapshot_holds_the_weights_of_its_step_whenever_the_writer_runs(
     model = AutoModel.from_pretrained(tiny_llama)
     tracker, trajectory = _begin(model, tmp_path, SnapshotSchedule(8, 1))
     tracker.flush()
-    release = threading.Event()
-    real_write = tracking.write_laid_out
-
-    def held_write(*args, **kwargs):
-        release.wait(60)  # the writer holds until the parameters have moved on
-        real_write(*args, **kwargs)
-
-    monkeypatch.setattr(tracking, "write_laid_out", held_write)
+    release = _held_writes(monkeypatch)  # the writer holds until the parameters have moved on
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.mul_(1.01)
