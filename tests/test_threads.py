@@ -25,6 +25,59 @@ def test_runnable_count_is_read_from_proc_loadavg_format():
     assert runnable_in("0.52 0.60 0.61 3/456 7890\n") == 3
 
 
+def _others_running() -> int:
+    """Threads of other processes in state R, counted from each one's /proc stat (another
+    route than /proc/loadavg)."""
+    import os
+    from pathlib import Path
+
+    count = 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        if int(pid) == os.getpid():
+            continue
+        try:
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                stat = (task / "stat").read_text()
+                count += stat[stat.rindex(")") + 2] == "R"
+        except OSError:  # the process or thread ended meanwhile
+            continue
+    return count
+
+
+def test_the_load_sample_leaves_out_this_process_own_busy_threads():
+    """A thread of this process busy in numpy (the GIL released, so it stays runnable) is not
+    another process's: the CLI counted OpenBLAS's spinning workers so and gave torch 1 thread
+    of 2 on an idle machine."""
+    import statistics
+    import threading
+
+    import numpy as np
+
+    from toolkit.threads import other_runnable, own_runnable
+
+    stop = threading.Event()
+
+    def busy():
+        block = np.random.default_rng(0).random(2_000_000)
+        while not stop.is_set():
+            np.sort(block)  # ~0.1 s without the GIL
+
+    helper = threading.Thread(target=busy)
+    helper.start()
+    try:
+        before = [_others_running() for _ in range(5)]
+        counted = other_runnable()
+        after = [_others_running() for _ in range(5)]
+        busy_here = max(own_runnable() for _ in range(5))
+    finally:
+        stop.set()
+        helper.join()
+    assert busy_here >= 2  # the helper is seen running beside the asking thread
+    # the other processes' count, sampled around it (0 on a quiet machine, where the helper
+    # made it 1 before)
+    assert counted <= statistics.median_high(before + after)
+
+
 @pytest.fixture
 def clean_env(monkeypatch):
     for name in (

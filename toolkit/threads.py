@@ -32,16 +32,32 @@ def usable_cores() -> int:
 def other_runnable(samples: int = 5, interval: float = 0.01) -> int:
     """How many threads of other processes want a core now: the median of a few instants.
 
-    The kernel's count of runnable threads (/proc/loadavg), less this process. Not the load
-    average: it lags a new job by a minute and still counts a job that ended, such as this
-    user's previous command.
+    The kernel's count of runnable threads (/proc/loadavg), less this process's own: not only
+    the thread asking but any other it runs (numpy's OpenBLAS workers spin for a while after
+    numpy's import, so the CLI counted one of its own threads as another process's and gave
+    torch 1 thread of 2 on an idle machine). Not the load average: it lags a new job by a
+    minute and still counts a job that ended, such as this user's previous command.
     """
     counts = []
     for index in range(samples):
         if index:
             time.sleep(interval)
-        counts.append(runnable_in(Path("/proc/loadavg").read_text()) - 1)
+        everyone = runnable_in(Path("/proc/loadavg").read_text())
+        counts.append(everyone - own_runnable())
     return max(0, statistics.median_low(counts))
+
+
+def own_runnable() -> int:
+    """This process's threads running or waiting for a core now (state R in
+    /proc/self/task/*/stat), at least 1: the thread asking."""
+    running = 0
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+        running += stat[stat.rindex(")") + 2] == "R"  # the state follows the (name)
+    return max(1, running)
 
 
 def runnable_in(loadavg: str) -> int:
