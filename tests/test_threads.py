@@ -78,6 +78,26 @@ def test_the_load_sample_leaves_out_this_process_own_busy_threads():
     assert counted <= statistics.median_high(before + after)
 
 
+def test_without_proc_or_cpu_affinity_every_core_is_used(monkeypatch):
+    """macOS has neither /proc nor os.sched_getaffinity: the policy takes every core there
+    instead of stopping every torch command with a traceback."""
+    import os
+    from pathlib import Path
+
+    from toolkit import threads
+
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+    real_is_file = Path.is_file
+    monkeypatch.setattr(
+        Path, "is_file", lambda path: False if str(path).startswith("/proc") else real_is_file(path)
+    )
+    assert threads.usable_cores() == os.cpu_count()
+    assert threads.other_runnable() == 0
+    assert threads.choose_threads(threads.usable_cores(), threads.other_runnable()) == (
+        os.cpu_count()
+    )
+
+
 @pytest.fixture
 def clean_env(monkeypatch):
     for name in (

@@ -25,7 +25,10 @@ AUTOMATIC = "TOOLKIT_THREADS_AUTOMATIC"  # set when the policy, not the user, ch
 
 
 def usable_cores() -> int:
-    """Cores this process may run on (its CPU affinity, which containers and taskset narrow)."""
+    """Cores this process may run on (its CPU affinity, which containers and taskset narrow);
+    where the platform has no affinity call (macOS), every core."""
+    if not hasattr(os, "sched_getaffinity"):
+        return os.cpu_count() or 1
     return len(os.sched_getaffinity(0))
 
 
@@ -38,11 +41,14 @@ def other_runnable(samples: int = 5, interval: float = 0.01) -> int:
     torch 1 thread of 2 on an idle machine). Not the load average: it lags a new job by a
     minute and still counts a job that ended, such as this user's previous command.
     """
+    loadavg = Path("/proc/loadavg")
+    if not loadavg.is_file():  # no /proc (macOS): nothing to read the load from, assume none
+        return 0
     counts = []
     for index in range(samples):
         if index:
             time.sleep(interval)
-        everyone = runnable_in(Path("/proc/loadavg").read_text())
+        everyone = runnable_in(loadavg.read_text())
         counts.append(everyone - own_runnable())
     return max(0, statistics.median_low(counts))
 
