@@ -31,10 +31,10 @@ def stderr_console() -> Console:
     return console(stderr=True)
 
 
-def transient_progress(*columns, console: Console | None = None):
+def transient_progress():
     """A rich Progress on stderr that clears itself when done; disabled where stderr is not a
     terminal (a log or a pipe), where it would only leave a blank line behind."""
     from rich.progress import Progress
 
-    console = console or stderr_console()
-    return Progress(*columns, console=console, transient=True, disable=not console.is_terminal)
+    console = stderr_console()
+    return Progress(console=console, transient=True, disable=not console.is_terminal)

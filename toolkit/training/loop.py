@@ -173,8 +173,11 @@ def finetune(config: FinetuneConfig | dict) -> FinetuneResult:
     config = check_config(FinetuneConfig(**config) if isinstance(config, dict) else config)
     started = time.perf_counter()
     run = _prepare(config)
-    step, clock = _train(run)
-    return _finish(run, step, clock, time.perf_counter() - started)
+    try:
+        step, clock = _train(run)
+        return _finish(run, step, clock, time.perf_counter() - started)
+    finally:
+        run.tracking.close()  # the last snapshot's write is over, whatever stopped the run
 
 
 @dataclass
@@ -541,9 +544,6 @@ def _train(run: PreparedRun) -> tuple[int, StepClock]:
                         run.checkpointing.run(step, run.tracking)
                 if step == total_steps:
                     return step, clock
-    except BaseException:
-        run.tracking.close()  # the snapshot being written, if any, is finished
-        raise
     finally:
         progress.stop()
     return step, clock
@@ -594,13 +594,6 @@ def _micro_step(run: PreparedRun, batch, micro_losses: list):
 def _finish(run: PreparedRun, step: int, clock: StepClock, seconds: float) -> FinetuneResult:
     """Write DIR/final (and the LoRA adapter) while the last snapshot is being written, then the
     trajectory; return the run's result."""
-    try:
-        return _write_results(run, step, clock, seconds)
-    finally:
-        run.tracking.close()
-
-
-def _write_results(run: PreparedRun, step: int, clock: StepClock, seconds: float):
     config, accelerator, trajectory = run.config, run.accelerator, run.trajectory
     run_dir, shift_dir = run.run_dir, run.run_dir / "shift"
     # the clock stops with the last update and its record(): the last snapshot, a once-a-run
